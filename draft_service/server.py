@@ -1,0 +1,77 @@
+"""DraftService over gRPC: converts messages at the edge and calls :class:`BeamDrafter`."""
+
+from __future__ import annotations
+
+import argparse
+import uuid
+
+from draft_service.drafter import BeamDrafter
+from specdec import config
+from specdec.errors import check_range, check_token_ids, InvalidRequest
+from specdec.kv_cache import SessionStore
+from specdec.rpc import model_info_pb, rpc_method, start_server
+from specdec.service_info import ModelDescription
+from specdec.serving import announce, load_for_service, serve_until_signalled, setup_logging
+from specdec.v1 import common_pb2, draft_pb2, draft_pb2_grpc
+
+SERVICE_NAME = draft_pb2.DESCRIPTOR.services_by_name["DraftService"].full_name
+
+
+class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
+    def __init__(self, drafter: BeamDrafter, info: ModelDescription, settings: config.DraftSettings) -> None:
+        self.drafter = drafter
+        self.info = info
+        self.settings = settings
+
+    @rpc_method
+    def DraftBeams(self, request, context):
+        width = check_range("beam_width", request.beam_width, 1, self.settings.max_beam_width)
+        depth = check_range("beam_depth", request.beam_depth, 1, self.settings.max_beam_depth)
+        context_ids = check_token_ids("context_token_ids", request.context_token_ids, self.info.vocab_size)
+        if self.info.max_context and len(context_ids) + depth > self.info.max_context:
+            raise InvalidRequest(
+                f"context_token_ids ({len(context_ids)} tokens) plus beam_depth {depth} exceeds the model's context of {self.info.max_context}"
+            )
+        session_id = request.session_id or f"oneshot-{uuid.uuid4()}"
+        try:
+            outcome = self.drafter.propose(session_id, context_ids, width, depth)
+        finally:
+            if not request.session_id:
+                self.drafter.store.release(session_id)
+        return draft_pb2.DraftBeamsResponse(
+            beams=[draft_pb2.DraftBeam(token_ids=b.tokens, logprob=b.logprob) for b in outcome.beams],
+            reused_tokens=outcome.reused_tokens,
+            fed_tokens=outcome.fed_tokens,
+            compute_ms=outcome.forward_s * 1e3,
+        )
+
+    @rpc_method
+    def GetInfo(self, request, context):
+        return model_info_pb(self.info, self.drafter.store)
+
+    @rpc_method
+    def ReleaseSession(self, request, context):
+        return common_pb2.ReleaseSessionResponse(released=self.drafter.store.release(request.session_id))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="specdec serve draft", description="Run a draft service (one small model).")
+    config.add_arguments(parser, config.DraftSettings)
+    settings = config.from_args(config.DraftSettings, parser.parse_args(argv))
+    setup_logging()
+    model, _, info = load_for_service("draft", settings.draft_model, settings)
+    store = SessionStore(settings.max_sessions, settings.kv_cache_mb << 20)
+    servicer = DraftServicer(BeamDrafter(model, store), info, settings)
+    server, port, health = start_server(
+        lambda s: draft_pb2_grpc.add_DraftServiceServicer_to_server(servicer, s),
+        [SERVICE_NAME],
+        settings.host,
+        settings.port,
+        settings.max_message_mb,
+    )
+    announce("draft", settings.host, port)
+    serve_until_signalled(server, health)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""A local cluster: the verify service, one draft service per draft model and the orchestrator,
+each a separate process on loopback, started in order and checked through grpc.health.v1.
+
+Used by ``specdec cluster up``, ``specdec generate --local``, the benchmarks and the integration
+tests, so all of them exercise real processes talking real gRPC.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from specdec.config import ClusterSettings
+from specdec.rpc import wait_until_serving
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    # Children must not outlive a launcher that is killed outright (SIGKILL skips our cleanup).
+    try:
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+@dataclass
+class Process:
+    name: str
+    address: str
+    popen: subprocess.Popen
+    log_path: Path | None
+
+    def log_tail(self, lines: int = 30) -> str:
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+
+@dataclass
+class LocalCluster:
+    settings: ClusterSettings
+    quiet: bool = True  # children's output to log files instead of this terminal
+    env: dict[str, str] = field(default_factory=dict)
+    processes: list[Process] = field(default_factory=list)
+    orchestrator_address: str = ""
+    draft_addresses: list[str] = field(default_factory=list)
+    verify_address: str = ""
+
+    def __enter__(self) -> "LocalCluster":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def start(self) -> str:
+        s = self.settings
+        self._logs = Path(tempfile.mkdtemp(prefix="specdec-cluster-"))
+        try:
+            verify_port = free_port()
+            self.verify_address = f"127.0.0.1:{verify_port}"
+            self._spawn("verify", "verify_service", verify_port,
+                        ["--target-model", s.target_model, "--device", s.verify_device, "--dtype", s.dtype])
+            devices = s.draft_devices if len(s.draft_devices) == len(s.draft_models) else s.draft_devices[:1] * len(s.draft_models)
+            for i, (model, device) in enumerate(zip(s.draft_models, devices)):
+                port = free_port()
+                self.draft_addresses.append(f"127.0.0.1:{port}")
+                self._spawn(f"draft-{i}", "draft_service", port,
+                            ["--draft-model", model, "--device", device, "--dtype", s.dtype])
+            for process in self.processes:
+                self._wait(process)
+            port = s.port or free_port()
+            speculation = [
+                "--mode", s.mode, "--draft-length", str(s.draft_length), "--beam-width", str(s.beam_width),
+                "--beam-depth", str(s.beam_depth), "--max-tree-nodes", str(s.max_tree_nodes),
+                "--max-new-tokens", str(s.max_new_tokens), "--max-new-tokens-limit", str(s.max_new_tokens_limit),
+            ]
+            orchestrator = self._spawn("orchestrator", "orchestrator", port, [
+                "--target-model", s.target_model, "--verify-address", self.verify_address,
+                "--draft-addresses", ",".join(self.draft_addresses), "--log-dir", s.log_dir, *speculation,
+            ])
+            self._wait(orchestrator)
+        except BaseException:
+            self.stop()
+            raise
+        self.orchestrator_address = orchestrator.address
+        return self.orchestrator_address
+
+    def _spawn(self, name: str, module: str, port: int, args: list[str]) -> Process:
+        log_path = self._logs / f"{name}.log" if self.quiet else None
+        out = open(log_path, "w") if log_path else None
+        popen = subprocess.Popen(
+            [sys.executable, "-m", module, "--host", "127.0.0.1", "--port", str(port), *args],
+            stdout=out or sys.stderr,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **self.env},
+            preexec_fn=_die_with_parent,
+        )
+        if out:
+            out.close()
+        process = Process(name, f"127.0.0.1:{port}", popen, log_path)
+        self.processes.append(process)
+        return process
+
+    def _wait(self, process: Process) -> None:
+        try:
+            wait_until_serving(process.address, self.settings.startup_timeout_s, alive=lambda: process.popen.poll() is None)
+        except (RuntimeError, TimeoutError) as exc:
+            raise RuntimeError(f"{process.name} did not start: {exc}\n{process.log_tail()}") from None
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        for process in reversed(self.processes):
+            if process.popen.poll() is None:
+                process.popen.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for process in self.processes:
+            try:
+                process.popen.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                process.popen.kill()
+                process.popen.wait()
+        self.processes.clear()
+
+    def process(self, name: str) -> Process:
+        return next(p for p in self.processes if p.name == name)

@@ -1,0 +1,291 @@
+"""GenerationService, the public gRPC API: converts messages at the edge and runs the controller.
+
+At start-up it asks the verify service and every draft service for their model info and refuses a
+draft (or its own tokenizer) whose tokenizer fingerprint differs from the target's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+import uuid
+from pathlib import Path
+
+from orchestrator.clients import GrpcDraftClient, GrpcVerifyClient, check_fingerprints
+from orchestrator.controller import (
+    AUTOREGRESSIVE,
+    SEQUENTIAL,
+    TREE,
+    GenerationRequest,
+    GenerationResult,
+    Limits,
+    RoundRecord,
+    SpeculativeController,
+)
+from specdec import config
+from specdec.errors import InvalidRequest
+from specdec.rpc import rpc_method, start_server
+from specdec.serving import announce, serve_until_signalled, setup_logging
+from specdec.v1 import common_pb2, generation_pb2, generation_pb2_grpc
+
+log = logging.getLogger("specdec.orchestrator")
+SERVICE_NAME = generation_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name
+MODE_OF_ENUM = {
+    generation_pb2.DECODING_MODE_AUTOREGRESSIVE: AUTOREGRESSIVE,
+    generation_pb2.DECODING_MODE_SEQUENTIAL: SEQUENTIAL,
+    generation_pb2.DECODING_MODE_TREE: TREE,
+}
+FINISH_ENUM = {"length": generation_pb2.FINISH_REASON_LENGTH, "stop": generation_pb2.FINISH_REASON_STOP}
+
+
+class TextStream:
+    """Incremental detokenisation: each call returns the text the new tokens completed."""
+
+    def __init__(self, render) -> None:
+        self.render = render  # tokens -> visible text (stop strings cut)
+        self.tokens: list[int] = []
+        self.sent = 0
+
+    def push(self, tokens: list[int]) -> str:
+        self.tokens.extend(tokens)
+        text = self.render(self.tokens)
+        # A trailing replacement character is half a multi-byte character: wait for the rest.
+        ready = len(text.rstrip("\ufffd"))
+        piece, self.sent = text[self.sent : ready], max(self.sent, ready)
+        return piece
+
+    def rest(self, final_text: str) -> str:
+        return final_text[self.sent :]
+
+
+class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
+    def __init__(self, settings: config.OrchestratorSettings, tokenizer, verify_client, draft_clients, target_info) -> None:
+        self.settings = settings
+        self.tokenizer = tokenizer
+        self.target_info = target_info
+        self.log_dir = Path(settings.log_dir) if settings.log_dir else None
+        limits = Limits(
+            vocab_size=target_info.vocab_size,
+            max_context=target_info.max_context,
+            max_new_tokens_limit=settings.max_new_tokens_limit,
+            eos_token_ids=frozenset(target_info.eos_token_ids),
+        )
+        self.controller = SpeculativeController(
+            verify_client,
+            draft_clients,
+            limits,
+            decode=self.decode,
+            draft_timeout_s=settings.draft_timeout_ms / 1e3,
+            verify_timeout_s=settings.verify_timeout_ms / 1e3,
+        )
+
+    def decode(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+    def to_request(self, request) -> GenerationRequest:
+        s, spec = self.settings, request.speculation
+        if request.prompt and request.prompt_token_ids:
+            raise InvalidRequest("set one of prompt and prompt_token_ids, not both")
+        if request.prompt:
+            prompt_ids = self.tokenizer(request.prompt).input_ids
+        elif request.prompt_token_ids:
+            prompt_ids = list(request.prompt_token_ids)
+        else:
+            raise InvalidRequest("prompt is empty: set prompt or prompt_token_ids")
+        if request.mode == generation_pb2.DECODING_MODE_UNSPECIFIED:
+            mode = s.mode
+        elif request.mode in MODE_OF_ENUM:
+            mode = MODE_OF_ENUM[request.mode]
+        else:
+            raise InvalidRequest(f"mode = {request.mode} is not a known DecodingMode")
+        if request.sampling.temperature < 0:
+            raise InvalidRequest(f"sampling.temperature = {request.sampling.temperature} must be >= 0")
+        if request.sampling.temperature > 0:
+            raise InvalidRequest("sampling.temperature > 0: sampling is not supported yet; use 0 (greedy)")
+        for i, stop in enumerate(request.stop):
+            if not stop:
+                raise InvalidRequest(f"stop[{i}] is empty")
+        return GenerationRequest(
+            prompt_ids=prompt_ids,
+            max_new_tokens=request.max_new_tokens or s.max_new_tokens,
+            mode=mode,
+            draft_length=spec.draft_length or s.draft_length,
+            beam_width=spec.beam_width or s.beam_width,
+            beam_depth=spec.beam_depth or s.beam_depth,
+            max_tree_nodes=spec.max_tree_nodes or s.max_tree_nodes,
+            stop=list(request.stop),
+            include_rounds=request.include_rounds,
+        )
+
+    @rpc_method
+    def Generate(self, request, context):
+        req = self.to_request(request)
+        self.controller.check(req)
+        stream = self.controller.stream(req)
+        try:
+            while True:
+                next(stream)
+                if not context.is_active():
+                    stream.close()
+                    return generation_pb2.GenerateResponse()
+        except StopIteration as done:
+            result = done.value
+        self.write_log(req, result)
+        return generation_pb2.GenerateResponse(
+            text=result.text,
+            token_ids=result.token_ids,
+            finish_reason=FINISH_ENUM[result.finish_reason],
+            stats=stats_pb(result),
+            rounds=[round_pb(r) for r in result.rounds] if req.include_rounds else [],
+            token_texts=token_texts(result.token_ids, self.decode),
+        )
+
+    @rpc_method
+    def GenerateStream(self, request, context):
+        req = self.to_request(request)
+        self.controller.check(req)
+        text = TextStream(lambda tokens: self.controller.render_text(tokens, req.stop))
+        stream = self.controller.stream(req)
+        try:
+            while True:
+                record = next(stream)
+                yield generation_pb2.GenerateStreamResponse(
+                    token_ids=record.new_tokens,
+                    text=text.push(record.new_tokens),
+                    round=round_pb(record) if req.include_rounds else None,
+                )
+        except StopIteration as done:
+            result = done.value
+        finally:
+            stream.close()
+        self.write_log(req, result)
+        # The last message: any text held back, and the totals.
+        yield generation_pb2.GenerateStreamResponse(
+            text=text.rest(result.text), finish_reason=FINISH_ENUM[result.finish_reason], stats=stats_pb(result)
+        )
+
+    @rpc_method
+    def GetInfo(self, request, context):
+        info = common_pb2.ModelInfo()
+        info.CopyFrom(self.target_info)
+        info.service = "orchestrator"
+        return info
+
+    def write_log(self, req: GenerationRequest, result: GenerationResult) -> None:
+        if self.log_dir is None:
+            return
+        try:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            path = self.log_dir / f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}.json"
+            path.write_text(json.dumps(run_log(req, result, self.target_info.model), indent=1))
+        except OSError as exc:
+            log.warning("could not write the run log: %s", exc)
+
+
+def token_texts(tokens: list[int], decode) -> list[str]:
+    """The text each token adds; a token that ends inside a multi-byte character adds nothing until it completes."""
+    pieces, sent = [], 0
+    for n in range(1, len(tokens) + 1):
+        text = decode(tokens[:n])
+        ready = len(text.rstrip("\ufffd"))
+        pieces.append(text[sent:ready])
+        sent = max(sent, ready)
+    return pieces
+
+
+def run_log(req: GenerationRequest, result: GenerationResult, target_model: str) -> dict:
+    return {
+        "target_model": target_model,
+        "request": {k: v for k, v in vars(req).items() if k != "prompt_ids"} | {"prompt_tokens": len(req.prompt_ids)},
+        "text": result.text,
+        "token_ids": result.token_ids,
+        "finish_reason": result.finish_reason,
+        "stats": result.stats,
+        "rounds": [
+            {
+                "index": r.index,
+                "proposals": r.proposals,
+                "accepted": r.accepted,
+                "bonus_token": r.bonus_token,
+                "bonus_is_correction": r.bonus_is_correction,
+                "winning_draft": r.winning_draft,
+                "tree_nodes": r.tree_nodes,
+                "branching_factor": r.branching_factor,
+                "draft_ms": r.draft_ms,
+                "verify_ms": r.verify_ms,
+                "fallback": r.fallback,
+                "fallback_reason": r.fallback_reason,
+                "accepted_by_draft": r.accepted_by_draft,
+            }
+            for r in result.rounds
+        ],
+    }
+
+
+def stats_pb(result: GenerationResult) -> generation_pb2.GenerationStats:
+    s = result.stats
+    drafts = [
+        generation_pb2.DraftStats(draft=name, **values) for name, values in s["drafts"].items()
+    ]
+    return generation_pb2.GenerationStats(**{k: v for k, v in s.items() if k != "drafts"}, drafts=drafts)
+
+
+def round_pb(r: RoundRecord) -> generation_pb2.Round:
+    return generation_pb2.Round(
+        index=r.index,
+        proposals=[
+            generation_pb2.DraftProposal(draft=name, beams=[generation_pb2.DraftBeamTokens(token_ids=b) for b in beams])
+            for name, beams in r.proposals.items()
+        ],
+        accepted_token_ids=r.accepted,
+        bonus_token_id=r.bonus_token if r.bonus_token is not None else -1,
+        bonus_is_correction=r.bonus_is_correction,
+        winning_draft=r.winning_draft,
+        tree_nodes=r.tree_nodes,
+        draft_ms=r.draft_ms,
+        verify_ms=r.verify_ms,
+        fallback=r.fallback,
+        fallback_reason=r.fallback_reason,
+    )
+
+
+def build_servicer(settings: config.OrchestratorSettings, startup_timeout_s: float = 600.0) -> GenerationServicer:
+    from transformers import AutoTokenizer
+
+    from specdec.model_store import resolve_model, tokenizer_fingerprint
+
+    verify_client = GrpcVerifyClient(settings.verify_address, settings.max_message_mb)
+    draft_clients = [
+        GrpcDraftClient(address, name=f"draft-{i}", max_message_mb=settings.max_message_mb)
+        for i, address in enumerate(settings.draft_addresses)
+    ]
+    target_info = verify_client.info(timeout_s=startup_timeout_s)
+    draft_infos = {f"{c.name} at {c.address}": c.info(timeout_s=startup_timeout_s) for c in draft_clients}
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(settings.target_model))
+    check_fingerprints(target_info, draft_infos, own=tokenizer_fingerprint(tokenizer))
+    for client, info in zip(draft_clients, draft_infos.values()):
+        client.name = f"{client.name} ({Path(info.model).name})"
+    return GenerationServicer(settings, tokenizer, verify_client, draft_clients, target_info)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="specdec serve orchestrator", description="Run the orchestrator (public API).")
+    config.add_arguments(parser, config.OrchestratorSettings)
+    settings = config.from_args(config.OrchestratorSettings, parser.parse_args(argv))
+    setup_logging()
+    servicer = build_servicer(settings)
+    server, port, health = start_server(
+        lambda s: generation_pb2_grpc.add_GenerationServiceServicer_to_server(servicer, s),
+        [SERVICE_NAME],
+        settings.host,
+        settings.port,
+        settings.max_message_mb,
+    )
+    announce("orchestrator", settings.host, port)
+    serve_until_signalled(server, health)
+
+
+if __name__ == "__main__":
+    main()

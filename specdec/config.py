@@ -1,0 +1,134 @@
+"""Typed settings for every specdec process, read from CLI flags and ``SPECDEC_*`` variables.
+
+One dataclass per process; each field is a flag ``--field-name`` and an environment variable
+``SPECDEC_FIELD_NAME`` (a flag wins over the variable, the variable over the default). The local
+launcher, docker compose and Kubernetes all use these same names.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, get_type_hints
+
+EMBEDDED_TARGET = "qwen2.5-coder-1.5b-instruct"
+EMBEDDED_DRAFT = "qwen2.5-coder-0.5b-instruct"
+MODES = ("autoregressive", "sequential", "tree")
+
+
+def _setting(default: Any, help: str, **extra: Any) -> Any:
+    kwargs = {"default_factory": default} if callable(default) else {"default": default}
+    return field(metadata={"help": help, **extra}, **kwargs)
+
+
+@dataclass
+class ServerSettings:
+    host: str = _setting("127.0.0.1", "address to listen on (0.0.0.0 in containers)")
+    port: int = _setting(0, "port to listen on (0 = pick a free one and print it)")
+    max_message_mb: int = _setting(64, "largest gRPC message accepted or sent, MiB")
+
+
+@dataclass
+class ModelServiceSettings(ServerSettings):
+    device: str = _setting("cpu", "cpu, cuda or cuda:N")
+    dtype: str = _setting("float32", "float32, bfloat16, float16 or auto")
+    max_sessions: int = _setting(64, "KV caches kept at once; least recently used evicted first")
+    kv_cache_mb: int = _setting(4096, "KV-cache memory budget over all sessions, MiB")
+    threads: int = _setting(0, "torch CPU threads (0 = torch's default)")
+
+
+@dataclass
+class VerifySettings(ModelServiceSettings):
+    target_model: str = _setting(EMBEDDED_TARGET, "target model: embedded alias, local path or hub id")
+
+
+@dataclass
+class DraftSettings(ModelServiceSettings):
+    draft_model: str = _setting(EMBEDDED_DRAFT, "draft model: embedded alias, local path or hub id")
+    max_beam_width: int = _setting(8, "largest beam width a request may ask for")
+    max_beam_depth: int = _setting(16, "largest beam depth a request may ask for")
+
+
+@dataclass
+class SpeculationDefaults:
+    mode: str = _setting("tree", "default decoding mode: " + ", ".join(MODES), choices=MODES)
+    draft_length: int = _setting(5, "sequential mode: tokens per draft chain")
+    beam_width: int = _setting(2, "tree mode: beams per draft")
+    beam_depth: int = _setting(5, "tree mode: tokens per beam")
+    max_tree_nodes: int = _setting(64, "cap on the merged token tree's size")
+    max_new_tokens: int = _setting(128, "default max_new_tokens when a request sets none")
+    max_new_tokens_limit: int = _setting(4096, "largest max_new_tokens a request may ask for")
+
+
+@dataclass
+class OrchestratorSettings(ServerSettings, SpeculationDefaults):
+    target_model: str = _setting(EMBEDDED_TARGET, "target model, for its tokenizer (must match the verify service)")
+    verify_address: str = _setting("127.0.0.1:50052", "verify service, host:port")
+    draft_addresses: list[str] = _setting(list, "draft services, comma-separated host:port")
+    draft_timeout_ms: int = _setting(10000, "per-round deadline for each draft; a late draft is skipped")
+    verify_timeout_ms: int = _setting(60000, "deadline for one VerifyTree call")
+    log_dir: str = _setting("logs", "one JSON statistics file per generation goes here ('' = off)")
+
+
+@dataclass
+class ClusterSettings(SpeculationDefaults):
+    target_model: str = _setting(EMBEDDED_TARGET, "target model for the verify service")
+    draft_models: list[str] = _setting(lambda: [EMBEDDED_DRAFT], "draft models, comma-separated, one service each")
+    port: int = _setting(50051, "orchestrator port (drafts and verifier take free ports)")
+    verify_device: str = _setting("cpu", "device of the verify service")
+    draft_devices: list[str] = _setting(lambda: ["cpu"], "devices of the draft services, comma-separated (one, or one each)")
+    dtype: str = _setting("float32", "model dtype for every service")
+    log_dir: str = _setting("logs", "orchestrator statistics directory")
+    startup_timeout_s: int = _setting(600, "how long to wait for every service to report SERVING")
+
+
+def env_name(name: str) -> str:
+    return "SPECDEC_" + name.upper()
+
+
+def _parse(kind: type, raw: str) -> Any:
+    if kind is bool:
+        return raw.strip().lower() in ("1", "true", "yes", "on")
+    if kind == list[str]:
+        return [item.strip() for item in raw.split(",") if item.strip()]
+    return kind(raw)
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
+    """Add one flag per field of ``cls``; defaults come from the environment, then the dataclass."""
+    hints = get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        kind = hints[f.name]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        raw = os.environ.get(env_name(f.name))
+        if raw is not None:
+            default = _parse(kind, raw)
+        parser.add_argument(
+            "--" + f.name.replace("_", "-"),
+            dest=f.name,
+            type=(lambda s, k=kind: _parse(k, s)),
+            default=default,
+            choices=f.metadata.get("choices"),
+            help=f"{f.metadata.get('help', '')} [{env_name(f.name)}; default: {_show(default)}]",
+        )
+
+
+def from_args(cls: type, namespace: argparse.Namespace):
+    values = {f.name: getattr(namespace, f.name) for f in dataclasses.fields(cls) if hasattr(namespace, f.name)}
+    return cls(**values)
+
+
+def from_env(cls: type, **overrides: Any):
+    """Settings from the environment and defaults only (for tests and embedding)."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, cls)
+    settings = from_args(cls, parser.parse_args([]))
+    return dataclasses.replace(settings, **overrides)
+
+
+def _show(value: Any) -> str:
+    return ",".join(value) if isinstance(value, list) else str(value)

@@ -1,0 +1,70 @@
+"""One forward pass of a causal LM over a session's cache, with tree attention.
+
+Both services run their model through :func:`tree_forward`: the verify service to score the
+pending context tokens plus a whole token tree in one pass, the draft service to prefill and then
+grow its beams level by level. The mask and positions come from :mod:`specdec.tree`; the cache
+layout and its bookkeeping from :mod:`specdec.kv_cache`.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+from specdec.kv_cache import SessionKV
+from specdec.tree import tree_attention_mask, tree_positions
+
+
+@torch.inference_mode()
+def tree_forward(
+    model,
+    session: SessionKV,
+    pending: list[int],
+    new_tokens: list[int] = (),
+    new_parents: list[int] = (),
+    logits_to_keep: int = 1,
+) -> torch.Tensor:
+    """Feed ``pending`` sequential context tokens, then ``new_tokens`` as tree nodes appended to the
+    session's tail (``new_parents`` index the whole tail, -1 = child of the last prefix token).
+
+    Returns float32 logits ``[logits_to_keep, vocab]`` for the last positions fed, and records the
+    fed tokens in the session so the next :meth:`SessionKV.sync` knows what the cache holds.
+    """
+    new_tokens, new_parents = list(new_tokens), list(new_parents)
+    if pending and session.tail_tokens:
+        raise ValueError("sequential tokens cannot follow tree nodes in the cache")
+    prefix_len, cached_len = len(session.prefix_tokens), session.cached_len
+    q = len(pending) + len(new_tokens)
+    device = model.device
+    input_ids = torch.tensor([pending + new_tokens], dtype=torch.long, device=device)
+    cache_position = torch.arange(cached_len, cached_len + q, dtype=torch.long, device=device)
+    if new_tokens:
+        tail_parents = session.tail_parents + new_parents
+        mask = tree_attention_mask(prefix_len, len(pending), tail_parents, len(new_tokens)).to(device)
+        position_ids = tree_positions(prefix_len + len(pending), len(pending), tail_parents, len(new_tokens)).to(device)
+    else:
+        # Plain causal extension: let the model build its own (faster, is_causal) mask.
+        mask, position_ids = None, cache_position[None]
+    out = model(
+        input_ids=input_ids,
+        attention_mask=mask,
+        position_ids=position_ids,
+        cache_position=cache_position,
+        use_cache=True,
+        logits_to_keep=logits_to_keep,
+        **{_cache_kwarg(model): session.cache},
+    )
+    session.cache = out.past_key_values
+    session.extend_prefix(pending)
+    session.extend_tail(new_tokens, new_parents)
+    return out.logits[0].float()
+
+
+def _cache_kwarg(model) -> str:
+    """transformers renamed ``past_key_values`` to ``cache``; use whichever this version takes."""
+    name = getattr(model, "_specdec_cache_kwarg", None)
+    if name is None:
+        name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        model._specdec_cache_kwarg = name
+    return name

@@ -1,0 +1,42 @@
+"""Errors the services raise on purpose; the gRPC edge maps each to its status code.
+
+Kept free of gRPC so the algorithm modules can raise them; ``specdec.rpc`` does the mapping.
+"""
+
+from __future__ import annotations
+
+
+class SpecdecError(Exception):
+    """Base class; the edge turns unknown exceptions into INTERNAL."""
+
+
+class InvalidRequest(SpecdecError, ValueError):
+    """Bad input (INVALID_ARGUMENT). The message names the field."""
+
+
+class Overloaded(SpecdecError):
+    """A queue or cache is full (RESOURCE_EXHAUSTED)."""
+
+
+class NotReady(SpecdecError):
+    """A dependency is missing or mismatched (FAILED_PRECONDITION)."""
+
+
+class Unavailable(SpecdecError):
+    """A transient fault worth retrying (UNAVAILABLE)."""
+
+
+def check_token_ids(field: str, token_ids, vocab_size: int, *, allow_empty: bool = False) -> list[int]:
+    ids = list(token_ids)
+    if not ids and not allow_empty:
+        raise InvalidRequest(f"{field} is empty")
+    for i, token in enumerate(ids):
+        if not 0 <= token < vocab_size:
+            raise InvalidRequest(f"{field}[{i}] = {token} is outside the vocabulary [0, {vocab_size})")
+    return ids
+
+
+def check_range(field: str, value: int, low: int, high: int) -> int:
+    if not low <= value <= high:
+        raise InvalidRequest(f"{field} = {value} is out of range [{low}, {high}]")
+    return value

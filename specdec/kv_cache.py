@@ -1,0 +1,167 @@
+"""KV-cache bookkeeping per session, shared by the draft and verify services.
+
+Requests are stateless-correct: each carries the full context. A service keeps, per session, a
+``transformers`` DynamicCache laid out as ``[prefix | tail]``: ``prefix`` holds the KV of real
+context tokens in sequence; ``tail`` holds the KV of the token tree explored in the last round
+(draft beams, or the tree the target verified), in tree order.
+
+When the next request arrives, :meth:`SessionKV.sync` keeps what the new context can reuse: the
+tail nodes along the accepted path are moved into the prefix (gather/compact along the sequence
+axis) and rejected branches are dropped; then the cache is cropped to the longest common prefix
+with the new context. At least one context token is always left to feed, because the logits at
+the context end are not cached. A mismatch (eviction, restart, another replica) costs a prefill,
+never correctness.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+
+def common_prefix_len(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def _layers(cache: DynamicCache):
+    return [layer for layer in cache.layers if getattr(layer, "is_initialized", False) and layer.keys is not None]
+
+
+def cache_select(cache: DynamicCache, keep: torch.Tensor) -> None:
+    """Keep only the sequence positions ``keep`` (1D long tensor) in every layer, in that order."""
+    for layer in _layers(cache):
+        layer.keys = layer.keys.index_select(-2, keep.to(layer.keys.device))
+        layer.values = layer.values.index_select(-2, keep.to(layer.values.device))
+
+
+def cache_crop(cache: DynamicCache, length: int) -> None:
+    """Keep the first ``length`` sequence positions in every layer."""
+    for layer in _layers(cache):
+        layer.keys = layer.keys[..., :length, :]
+        layer.values = layer.values[..., :length, :]
+
+
+def cache_nbytes(cache: DynamicCache) -> int:
+    return sum(layer.keys.nbytes + layer.values.nbytes for layer in _layers(cache))
+
+
+@dataclass
+class SessionKV:
+    """One session's cache and the tokens its entries stand for."""
+
+    session_id: str
+    cache: DynamicCache = field(default_factory=DynamicCache)
+    prefix_tokens: list[int] = field(default_factory=list)  # [P], sequential context tokens in the cache
+    tail_tokens: list[int] = field(default_factory=list)  # [T], tree nodes cached after the prefix
+    tail_parents: list[int] = field(default_factory=list)  # [T], -1 = child of the last prefix token
+    last_used: float = field(default_factory=time.monotonic)
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def cached_len(self) -> int:
+        return len(self.prefix_tokens) + len(self.tail_tokens)
+
+    @property
+    def nbytes(self) -> int:
+        return cache_nbytes(self.cache)
+
+    def sync(self, context: list[int]) -> int:
+        """Make the cache a prefix of ``context`` minus at least its last token; returns the reused length.
+
+        After this the tail is empty and ``prefix_tokens == context[:reused]``.
+        """
+        prefix_len = len(self.prefix_tokens)
+        reused = common_prefix_len(self.prefix_tokens, context)
+        if reused == prefix_len and self.tail_tokens:
+            accepted = self._tail_path(context[prefix_len:])
+            if accepted:
+                keep = torch.tensor(list(range(prefix_len)) + [prefix_len + i for i in accepted], dtype=torch.long)
+                cache_select(self.cache, keep)
+                self.prefix_tokens = self.prefix_tokens + [self.tail_tokens[i] for i in accepted]
+                reused = len(self.prefix_tokens)
+        self.tail_tokens, self.tail_parents = [], []
+        reused = min(reused, len(context) - 1)
+        cache_crop(self.cache, reused)
+        del self.prefix_tokens[reused:]
+        self.last_used = time.monotonic()
+        return reused
+
+    def _tail_path(self, continuation: list[int]) -> list[int]:
+        """Tail nodes along ``continuation``, root first, as far as the tail goes."""
+        children = {(p, t): i for i, (t, p) in enumerate(zip(self.tail_tokens, self.tail_parents))}
+        path, node = [], -1
+        for token in continuation:
+            node = children.get((node, token))
+            if node is None:
+                break
+            path.append(node)
+        return path
+
+    def extend_prefix(self, tokens: list[int]) -> None:
+        """Record sequential tokens just fed into the cache (the tail must be empty)."""
+        if tokens:
+            assert not self.tail_tokens, "sequential tokens go before any tree nodes"
+            self.prefix_tokens.extend(tokens)
+
+    def extend_tail(self, tokens: list[int], parents: list[int]) -> None:
+        """Record tree nodes just fed into the cache (parents index the whole tail)."""
+        self.tail_tokens.extend(tokens)
+        self.tail_parents.extend(parents)
+
+
+class SessionStore:
+    """Sessions bounded by count and by KV memory, evicted least recently used first."""
+
+    def __init__(self, max_sessions: int = 64, max_bytes: int = 8 << 30) -> None:
+        self.max_sessions = max_sessions
+        self.max_bytes = max_bytes
+        self._sessions: OrderedDict[str, SessionKV] = OrderedDict()
+        self._lock = threading.Lock()
+        self.evictions = 0
+
+    def get(self, session_id: str) -> SessionKV:
+        """The session's cache, created empty on a miss; marks it most recently used."""
+        with self._lock:
+            session = self._sessions.get(session_id)
+            if session is None:
+                session = self._sessions[session_id] = SessionKV(session_id)
+            self._sessions.move_to_end(session_id)
+            return session
+
+    def peek(self, session_id: str) -> SessionKV | None:
+        with self._lock:
+            return self._sessions.get(session_id)
+
+    def release(self, session_id: str) -> bool:
+        with self._lock:
+            return self._sessions.pop(session_id, None) is not None
+
+    def enforce_limits(self, keep: str | None = None) -> None:
+        """Evict least recently used sessions (never ``keep``) until within both budgets."""
+        with self._lock:
+            total = sum(s.nbytes for s in self._sessions.values())
+            for session_id in list(self._sessions):
+                over_count = len(self._sessions) > self.max_sessions
+                if not over_count and total <= self.max_bytes:
+                    break
+                if session_id == keep:
+                    continue
+                total -= self._sessions.pop(session_id).nbytes
+                self.evictions += 1
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._sessions)
+
+    def cached_tokens(self) -> int:
+        with self._lock:
+            return sum(s.cached_len for s in self._sessions.values())

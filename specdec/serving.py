@@ -1,0 +1,43 @@
+"""Process start-up shared by the model services: logging, threads, model loading, signals."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+
+log = logging.getLogger("specdec")
+
+
+def setup_logging(level: str = "INFO") -> None:
+    logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+
+def load_for_service(service: str, name: str, settings):
+    """Load a model and its tokenizer for a service; returns (model, tokenizer, description)."""
+    import torch
+
+    from specdec.model_store import load_model
+    from specdec.service_info import describe_model
+
+    if settings.threads > 0:
+        torch.set_num_threads(settings.threads)
+    log.info("%s: loading %s on %s (%s)", service, name, settings.device, settings.dtype)
+    model, tokenizer = load_model(name, device=settings.device, dtype=settings.dtype)
+    return model, tokenizer, describe_model(service, name, model, tokenizer)
+
+
+def serve_until_signalled(server, health_servicer, grace_s: float = 5.0) -> None:
+    """Block until SIGINT/SIGTERM; then report NOT_SERVING, finish in-flight calls, stop."""
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    health_servicer.enter_graceful_shutdown()
+    server.stop(grace_s).wait()
+
+
+def announce(service: str, host: str, port: int) -> None:
+    # Launchers read this line to learn the bound port when port 0 was asked for.
+    print(f"specdec {service} listening on {host}:{port}", flush=True)

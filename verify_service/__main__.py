@@ -1,0 +1,3 @@
+from verify_service.server import main
+
+main()

@@ -1,0 +1,86 @@
+"""VerifyService over gRPC: converts messages at the edge and calls :class:`TreeVerifier`."""
+
+from __future__ import annotations
+
+import argparse
+import uuid
+
+from specdec import config
+from specdec.errors import InvalidRequest, check_range, check_token_ids
+from specdec.kv_cache import SessionStore
+from specdec.rpc import model_info_pb, rpc_method, start_server
+from specdec.service_info import ModelDescription
+from specdec.serving import announce, load_for_service, serve_until_signalled, setup_logging
+from specdec.tree import TokenTree
+from specdec.v1 import common_pb2, verify_pb2, verify_pb2_grpc
+from verify_service.verifier import TreeVerifier
+
+SERVICE_NAME = verify_pb2.DESCRIPTOR.services_by_name["VerifyService"].full_name
+MAX_TREE_NODES = 4096
+
+
+class VerifyServicer(verify_pb2_grpc.VerifyServiceServicer):
+    def __init__(self, verifier: TreeVerifier, info: ModelDescription) -> None:
+        self.verifier = verifier
+        self.info = info
+
+    @rpc_method
+    def VerifyTree(self, request, context):
+        vocab = self.info.vocab_size
+        tokens = check_token_ids("tree_token_ids", request.tree_token_ids, vocab, allow_empty=True)
+        parents = list(request.tree_parents)
+        if len(parents) != len(tokens):
+            raise InvalidRequest(f"tree_parents has {len(parents)} entries but tree_token_ids has {len(tokens)}")
+        check_range("tree size", len(tokens), 0, MAX_TREE_NODES)
+        max_context = self.info.max_context or 1 << 30
+        context_ids = check_token_ids("context_token_ids", request.context_token_ids, vocab)
+        tree = TokenTree(tokens=tokens, parents=parents)
+        if len(context_ids) + tree.max_depth() > max_context:
+            raise InvalidRequest(
+                f"context_token_ids ({len(context_ids)} tokens) plus tree depth {tree.max_depth()} exceeds the model's context of {max_context}"
+            )
+        # Without a session id the call is stateless: its cache is dropped right after.
+        session_id = request.session_id or f"oneshot-{uuid.uuid4()}"
+        try:
+            outcome = self.verifier.verify(session_id, context_ids, tree)
+        finally:
+            if not request.session_id:
+                self.verifier.store.release(session_id)
+        return verify_pb2.VerifyTreeResponse(
+            target_token_ids=outcome.target_tokens,
+            reused_tokens=outcome.reused_tokens,
+            fed_tokens=outcome.fed_tokens,
+            cached_tokens=outcome.cached_tokens,
+            compute_ms=outcome.forward_s * 1e3,
+        )
+
+    @rpc_method
+    def GetInfo(self, request, context):
+        return model_info_pb(self.info, self.verifier.store)
+
+    @rpc_method
+    def ReleaseSession(self, request, context):
+        return common_pb2.ReleaseSessionResponse(released=self.verifier.store.release(request.session_id))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="specdec serve verify", description="Run the verify service (target model).")
+    config.add_arguments(parser, config.VerifySettings)
+    settings = config.from_args(config.VerifySettings, parser.parse_args(argv))
+    setup_logging()
+    model, _, info = load_for_service("verify", settings.target_model, settings)
+    store = SessionStore(settings.max_sessions, settings.kv_cache_mb << 20)
+    servicer = VerifyServicer(TreeVerifier(model, store), info)
+    server, port, health = start_server(
+        lambda s: verify_pb2_grpc.add_VerifyServiceServicer_to_server(servicer, s),
+        [SERVICE_NAME],
+        settings.host,
+        settings.port,
+        settings.max_message_mb,
+    )
+    announce("verify", settings.host, port)
+    serve_until_signalled(server, health)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""The target model's side of speculative decoding: check a whole token tree in one forward pass.
+
+:class:`TreeVerifier` is plain Python over a ``transformers`` model (no gRPC; the server in
+``verify_service.server`` converts messages at the edge). For each request it reuses the
+session's cache (accepted path kept, rejected branches dropped, see ``specdec.kv_cache``), feeds
+the context tokens the cache lacks plus every tree node, and returns the target's prediction at the
+context end and after every node: ``n + 1`` entries for a tree of ``n`` nodes.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+
+from specdec.engine import tree_forward
+from specdec.kv_cache import SessionStore
+from specdec.tree import TokenTree, validate_parents
+
+
+@dataclass
+class VerifyOutcome:
+    target_tokens: list[int]  # [n + 1], argmax after the context and after each node
+    reused_tokens: int  # context tokens whose KV came from the cache
+    fed_tokens: int  # tokens in the forward pass (missing context + tree nodes)
+    cached_tokens: int  # cache length after the call (context + tree)
+    logits: torch.Tensor | None = None  # [n + 1, vocab] float32, kept for sampling rules
+    forward_s: float = 0.0
+
+
+class TreeVerifier:
+    def __init__(self, model, store: SessionStore | None = None) -> None:
+        self.model = model
+        self.store = store or SessionStore()
+        # One forward at a time per model: a session's cache is mutated in place, and on a
+        # 2-core CPU or one GPU, concurrent forwards only contend.
+        self._model_lock = threading.Lock()
+
+    def verify(self, session_id: str, context: list[int], tree: TokenTree, keep_logits: bool = False) -> VerifyOutcome:
+        if not context:
+            raise ValueError("context must hold at least one token")
+        validate_parents(tree.parents)
+        session = self.store.get(session_id)
+        with session.lock, self._model_lock:
+            reused = session.sync(context)
+            pending = context[reused:]
+            start = time.perf_counter()
+            logits = tree_forward(self.model, session, pending, tree.tokens, tree.parents, logits_to_keep=len(tree) + 1)
+            forward_s = time.perf_counter() - start
+            outcome = VerifyOutcome(
+                target_tokens=logits.argmax(-1).tolist(),
+                reused_tokens=reused,
+                fed_tokens=len(pending) + len(tree),
+                cached_tokens=session.cached_len,
+                logits=logits if keep_logits else None,
+                forward_s=forward_s,
+            )
+        self.store.enforce_limits(keep=session_id)
+        return outcome
