@@ -36,7 +36,7 @@ class DraftOutcome:
 class BeamDrafter:
     def __init__(self, model, store: SessionStore | None = None) -> None:
         self.model = model
-        self.store = store or SessionStore()
+        self.store = store if store is not None else SessionStore()
         self._model_lock = threading.Lock()
 
     def propose(self, session_id: str, context: list[int], beam_width: int, depth: int) -> DraftOutcome:

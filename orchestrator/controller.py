@@ -182,6 +182,11 @@ class SpeculativeController:
         check_range("max_new_tokens", req.max_new_tokens, 1, lim.max_new_tokens_limit)
         if lim.max_context and len(req.prompt_ids) >= lim.max_context:
             raise InvalidRequest(f"prompt has {len(req.prompt_ids)} tokens; the model's context is {lim.max_context}")
+        if lim.max_context and len(req.prompt_ids) + req.max_new_tokens > lim.max_context:
+            # Refused up front: the verify service would reject the context mid-generation.
+            raise InvalidRequest(
+                f"max_new_tokens = {req.max_new_tokens} plus the prompt's {len(req.prompt_ids)} tokens exceeds the model's context of {lim.max_context}"
+            )
         if req.mode not in (AUTOREGRESSIVE, SEQUENTIAL, TREE):
             raise InvalidRequest(f"mode {req.mode!r} is not one of autoregressive, sequential, tree")
         check_range("speculation.draft_length", req.draft_length, 1, lim.max_draft_length)
@@ -228,6 +233,8 @@ class SpeculativeController:
                 accepted_nodes, bonus = greedy_accept(tree, target_tokens)
                 accepted = [tree.tokens[i] for i in accepted_nodes]
                 new_tokens, stopped = self._truncate(accepted + [bonus], output, remaining, req.stop)
+                # A stop inside the accepted path cuts it: the round accepted only what reached the output.
+                accepted_nodes, accepted = accepted_nodes[: len(new_tokens)], accepted[: len(new_tokens)]
                 output.extend(new_tokens)
                 if not first_token_ms and output:
                     first_token_ms = (time.perf_counter() - start) * 1e3
@@ -237,7 +244,7 @@ class SpeculativeController:
                 winner, by_draft = self._credit(tree, accepted_nodes, proposals, tallies)
                 # A correction: some draft proposed a token at the bonus position and the target disagreed.
                 at_bonus = accepted_nodes[-1] if accepted_nodes else -1
-                correction = any(p == at_bonus for p in tree.parents)
+                correction = len(new_tokens) > len(accepted) and any(p == at_bonus for p in tree.parents)
                 record = RoundRecord(
                     index=len(rounds),
                     proposals=proposals,

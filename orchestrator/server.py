@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -25,7 +26,7 @@ from orchestrator.controller import (
     SpeculativeController,
 )
 from specdec import config
-from specdec.errors import InvalidRequest
+from specdec.errors import InvalidRequest, NotReady
 from specdec.rpc import rpc_method, start_server
 from specdec.serving import announce, serve_until_signalled, setup_logging
 from specdec.v1 import common_pb2, generation_pb2, generation_pb2_grpc
@@ -43,8 +44,9 @@ FINISH_ENUM = {"length": generation_pb2.FINISH_REASON_LENGTH, "stop": generation
 class TextStream:
     """Incremental detokenisation: each call returns the text the new tokens completed."""
 
-    def __init__(self, render) -> None:
+    def __init__(self, render, stop: list[str] = ()) -> None:
         self.render = render  # tokens -> visible text (stop strings cut)
+        self.stop = [s for s in stop if s]
         self.tokens: list[int] = []
         self.sent = 0
 
@@ -53,6 +55,8 @@ class TextStream:
         text = self.render(self.tokens)
         # A trailing replacement character is half a multi-byte character: wait for the rest.
         ready = len(text.rstrip("\ufffd"))
+        # Text that may be the start of a stop string waits too: the next round may complete it.
+        ready -= max((k for s in self.stop for k in range(1, len(s)) if text[:ready].endswith(s[:k])), default=0)
         piece, self.sent = text[self.sent : ready], max(self.sent, ready)
         return piece
 
@@ -146,7 +150,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
     def GenerateStream(self, request, context):
         req = self.to_request(request)
         self.controller.check(req)
-        text = TextStream(lambda tokens: self.controller.render_text(tokens, req.stop))
+        text = TextStream(lambda tokens: self.controller.render_text(tokens, req.stop), req.stop)
         stream = self.controller.stream(req)
         try:
             while True:
@@ -275,7 +279,12 @@ def main(argv: list[str] | None = None) -> None:
     config.add_arguments(parser, config.OrchestratorSettings)
     settings = config.from_args(config.OrchestratorSettings, parser.parse_args(argv))
     setup_logging()
-    servicer = build_servicer(settings)
+    try:
+        servicer = build_servicer(settings)
+    except NotReady as exc:
+        # A refused configuration is the operator's to fix: say why plainly, no traceback.
+        print(f"specdec orchestrator: cannot start: {exc}", file=sys.stderr, flush=True)
+        sys.exit(1)
     server, port, health = start_server(
         lambda s: generation_pb2_grpc.add_GenerationServiceServicer_to_server(servicer, s),
         [SERVICE_NAME],

@@ -11,7 +11,7 @@ from specdec.kv_cache import SessionStore
 from specdec.rpc import model_info_pb, rpc_method, start_server
 from specdec.service_info import ModelDescription
 from specdec.serving import announce, load_for_service, serve_until_signalled, setup_logging
-from specdec.tree import TokenTree
+from specdec.tree import TokenTree, validate_parents
 from specdec.v1 import common_pb2, verify_pb2, verify_pb2_grpc
 from verify_service.verifier import TreeVerifier
 
@@ -32,6 +32,7 @@ class VerifyServicer(verify_pb2_grpc.VerifyServiceServicer):
         if len(parents) != len(tokens):
             raise InvalidRequest(f"tree_parents has {len(parents)} entries but tree_token_ids has {len(tokens)}")
         check_range("tree size", len(tokens), 0, MAX_TREE_NODES)
+        validate_parents(parents)  # before anything walks the tree: a bad parent index would crash it
         max_context = self.info.max_context or 1 << 30
         context_ids = check_token_ids("context_token_ids", request.context_token_ids, vocab)
         tree = TokenTree(tokens=tokens, parents=parents)

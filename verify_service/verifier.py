@@ -33,7 +33,7 @@ class VerifyOutcome:
 class TreeVerifier:
     def __init__(self, model, store: SessionStore | None = None) -> None:
         self.model = model
-        self.store = store or SessionStore()
+        self.store = store if store is not None else SessionStore()
         # One forward at a time per model: a session's cache is mutated in place, and on a
         # 2-core CPU or one GPU, concurrent forwards only contend.
         self._model_lock = threading.Lock()

@@ -1,0 +1,170 @@
+"""The accept/fallback loop with in-process engines: greedy output equals the target's own
+``generate`` for every mode and setting, and statistics add up."""
+
+import time
+
+import pytest
+
+from draft_service.drafter import BeamDrafter
+from orchestrator.controller import GenerationRequest, Limits, SpeculativeController
+from tiny_models import EOS, VOCAB, reference_greedy, tiny_qwen2, truncated_copy
+from verify_service.verifier import TreeVerifier
+
+PROMPTS = [[11, 40, 3, 77, 25, 60, 8], [5], list(range(20, 50))]
+
+
+class LocalDraft:
+    def __init__(self, name, model):
+        self.name, self.drafter = name, BeamDrafter(model)
+
+    def draft(self, session_id, context, beam_width, depth, timeout_s):
+        return [b.tokens for b in self.drafter.propose(session_id, context, beam_width, depth).beams]
+
+    def release(self, session_id):
+        self.drafter.store.release(session_id)
+
+
+class LocalVerify:
+    def __init__(self, model):
+        self.verifier = TreeVerifier(model)
+
+    def verify(self, session_id, context, tree, timeout_s):
+        return self.verifier.verify(session_id, context, tree).target_tokens
+
+    def release(self, session_id):
+        self.verifier.store.release(session_id)
+
+
+class BrokenDraft:
+    name = "broken"
+
+    def draft(self, *args):
+        raise ConnectionError("draft service went away")
+
+    def release(self, session_id):
+        pass
+
+
+class SlowDraft(LocalDraft):
+    def draft(self, *args):
+        time.sleep(0.5)
+        return super().draft(*args)
+
+
+@pytest.fixture(scope="module")
+def target():
+    return tiny_qwen2(seed=0, layers=3, eos_token_id=EOS)
+
+
+@pytest.fixture(scope="module")
+def drafts(target):
+    return {
+        "self": target,  # agrees with the target everywhere: exercises full acceptance
+        "truncated": truncated_copy(target, 1),  # agrees sometimes
+        "stranger": tiny_qwen2(seed=7, layers=1),  # rarely agrees: exercises corrections
+    }
+
+
+def controller(target, draft_clients, **kwargs):
+    limits = Limits(vocab_size=VOCAB, max_context=512, max_new_tokens_limit=1000, eos_token_ids=frozenset({EOS}))
+    return SpeculativeController(LocalVerify(target), draft_clients, limits, decode=lambda ids: "".join(map(chr, [65 + i % 26 for i in ids])), **kwargs)
+
+
+def request(prompt, mode, max_new_tokens=24, draft_length=5, beam_width=2, beam_depth=4, max_tree_nodes=64, **kwargs):
+    return GenerationRequest(prompt, max_new_tokens, mode, draft_length, beam_width, beam_depth, max_tree_nodes, **kwargs)
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+@pytest.mark.parametrize("draft_names", [["truncated"], ["self"], ["stranger"], ["truncated", "stranger"], ["self", "stranger"]])
+@pytest.mark.parametrize(
+    "mode, settings",
+    [
+        ("autoregressive", {}),
+        ("sequential", {"draft_length": 1}),
+        ("sequential", {"draft_length": 4}),
+        ("sequential", {"draft_length": 9}),
+        ("tree", {"beam_width": 1, "beam_depth": 3}),
+        ("tree", {"beam_width": 3, "beam_depth": 4}),
+        ("tree", {"beam_width": 4, "beam_depth": 2, "max_tree_nodes": 5}),
+    ],
+)
+def test_lossless_greedy(target, drafts, prompt, draft_names, mode, settings):
+    c = controller(target, [LocalDraft(n, drafts[n]) for n in draft_names])
+    result = c.generate(request(prompt, mode, **settings))
+    assert result.token_ids == reference_greedy(target, prompt, 24)
+
+
+@pytest.mark.parametrize("max_new_tokens", [1, 2, 3, 7])
+@pytest.mark.parametrize("mode", ["sequential", "tree"])
+def test_budget_is_exact(target, drafts, mode, max_new_tokens):
+    c = controller(target, [LocalDraft("self", drafts["self"])])
+    result = c.generate(request(PROMPTS[0], mode, max_new_tokens=max_new_tokens))
+    assert result.token_ids == reference_greedy(target, PROMPTS[0], max_new_tokens)
+    assert result.finish_reason == "length"
+
+
+def test_stops_at_eos_like_generate():
+    target = tiny_qwen2(seed=0, layers=3, eos_token_id=EOS)
+    reference = reference_greedy(target, PROMPTS[0], 40)
+    # Make the target's 6th greedy token the end-of-sequence token.
+    eos = reference[5]
+    target.generation_config.eos_token_id = eos
+    limits = Limits(vocab_size=VOCAB, max_context=512, max_new_tokens_limit=100, eos_token_ids=frozenset({eos}))
+    c = SpeculativeController(LocalVerify(target), [LocalDraft("self", target)], limits, decode=str)
+    result = c.generate(request(PROMPTS[0], "tree", max_new_tokens=40))
+    assert result.token_ids == reference_greedy(target, PROMPTS[0], 40) == reference[:6]
+    assert result.finish_reason == "stop"
+
+
+def test_stats_add_up(target, drafts):
+    c = controller(target, [LocalDraft("truncated", drafts["truncated"]), LocalDraft("self", drafts["self"])])
+    result = c.generate(request(PROMPTS[0], "tree", max_new_tokens=30, beam_width=2, beam_depth=4))
+    s = result.stats
+    assert s["tokens_generated"] == len(result.token_ids) == 30
+    assert s["rounds"] == s["verification_calls"] == len(result.rounds)
+    assert s["mean_accepted_per_round"] == pytest.approx(30 / s["rounds"])
+    assert s["draft_tokens_accepted"] == sum(len(r.accepted) for r in result.rounds)
+    assert sum(len(r.new_tokens) for r in result.rounds) == 30
+    assert s["bonus_tokens"] <= s["rounds"]
+    assert s["tree_nodes_total"] == sum(r.tree_nodes for r in result.rounds)
+    # The target as its own draft is accepted in full: fewer rounds than tokens.
+    assert s["drafts"]["self"]["acceptance_rate"] > 0.9
+    assert s["rounds"] < 30
+    assert s["draft_ms"] + s["verify_ms"] + s["other_ms"] == pytest.approx(s["total_ms"], rel=1e-6)
+
+
+def test_failing_and_late_drafts_fall_back_with_identical_output(target, drafts):
+    c = controller(target, [BrokenDraft(), SlowDraft("slow", drafts["self"])], draft_timeout_s=0.1)
+    result = c.generate(request(PROMPTS[0], "sequential", max_new_tokens=6))
+    assert result.token_ids == reference_greedy(target, PROMPTS[0], 6)
+    assert all(r.fallback for r in result.rounds)
+    assert "went away" in result.rounds[0].fallback_reason and "deadline" in result.rounds[0].fallback_reason
+
+
+def test_one_failing_draft_does_not_stop_the_others(target, drafts):
+    c = controller(target, [BrokenDraft(), LocalDraft("self", drafts["self"])])
+    result = c.generate(request(PROMPTS[0], "tree", max_new_tokens=12))
+    assert result.token_ids == reference_greedy(target, PROMPTS[0], 12)
+    assert not any(r.fallback for r in result.rounds)
+    assert {r.winning_draft for r in result.rounds} == {"self"}
+
+
+def test_stop_string_cuts_output(target, drafts):
+    c = controller(target, [LocalDraft("self", drafts["self"])])
+    full = c.generate(request(PROMPTS[0], "tree", max_new_tokens=20))
+    stop = c.render_text(full.token_ids[4:6], [])
+    result = c.generate(request(PROMPTS[0], "tree", max_new_tokens=20, stop=[stop]))
+    assert result.finish_reason == "stop"
+    assert result.token_ids == full.token_ids[: len(result.token_ids)]
+    assert stop not in result.text and full.text.startswith(result.text)
+
+
+def test_sessions_are_released_everywhere(target, drafts):
+    verify, draft = LocalVerify(target), LocalDraft("self", drafts["self"])
+    limits = Limits(vocab_size=VOCAB, max_context=512, max_new_tokens_limit=100, eos_token_ids=frozenset())
+    c = SpeculativeController(verify, [draft], limits, decode=str)
+    c.generate(request(PROMPTS[0], "tree", max_new_tokens=10))
+    deadline = time.monotonic() + 5
+    while (len(verify.verifier.store) or len(draft.drafter.store)) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(verify.verifier.store) == 0 and len(draft.drafter.store) == 0
