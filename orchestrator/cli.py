@@ -128,7 +128,12 @@ def colored_text(reply) -> str:
         colours += [GREEN] * len(r.accepted_token_ids)
         if r.bonus_token_id >= 0:
             colours.append(RED if r.bonus_is_correction else "")
-    return "".join(f"{c}{piece}{RESET}" if c else piece for piece, c in zip(reply.token_texts, colours))
+    # token_texts join to the untruncated text; cut them where reply.text ends (before a stop string).
+    pieces, room = [], len(reply.text)
+    for piece in reply.token_texts:
+        pieces.append(piece[:room])
+        room -= len(pieces[-1])
+    return "".join(f"{c}{piece}{RESET}" if c and piece else piece for piece, c in zip(pieces, colours))
 
 
 def print_verbose(prompt: str, reply) -> None:

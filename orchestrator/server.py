@@ -113,7 +113,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
                 raise InvalidRequest(f"stop[{i}] is empty")
         return GenerationRequest(
             prompt_ids=prompt_ids,
-            max_new_tokens=request.max_new_tokens or s.max_new_tokens,
+            max_new_tokens=request.max_new_tokens or self.default_max_new_tokens(len(prompt_ids)),
             mode=mode,
             draft_length=spec.draft_length or s.draft_length,
             beam_width=spec.beam_width or s.beam_width,
@@ -122,6 +122,11 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             stop=list(request.stop),
             include_rounds=request.include_rounds,
         )
+
+    def default_max_new_tokens(self, prompt_len: int) -> int:
+        """The server default, shortened to fit the model's context (an explicit value is never cut)."""
+        room = self.target_info.max_context - prompt_len if self.target_info.max_context else self.settings.max_new_tokens
+        return max(1, min(self.settings.max_new_tokens, room))
 
     @rpc_method
     def Generate(self, request, context):

@@ -148,7 +148,7 @@ def all_bad_requests(grpc_stubs, session_id: str) -> None:
             assert_invalid(stub.DraftBeams, draft_request(**fields, session_id=session_id), *named)
 
 
-def test_session_in_progress_survives_bad_requests(grpc_stubs, reference, tiny_cluster):
+def test_session_in_progress_survives_bad_requests(grpc_stubs, reference):
     verify_stub, draft_stub = grpc_stubs["verify"], grpc_stubs["drafts"][0]
     tokenizer = tiny_tokenizer()
     prompt_ids = tokenizer("class Stack:").input_ids

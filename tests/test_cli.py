@@ -226,3 +226,14 @@ def alive(processes: list[psutil.Process]) -> list[psutil.Process]:
         except psutil.NoSuchProcess:
             pass
     return running
+
+
+def test_generate_verbose_with_stop_string(tiny_cluster):
+    prompt = "def hello(x):"
+    address = tiny_cluster.orchestrator_address
+    full = grpc_generate(address, prompt, 30).text
+    stop = full[10:13]
+    run = specdec("generate", "--verbose", "--orchestrator", address, "--prompt", prompt, "--mode", "tree",
+                  "--max-tokens", "30", "--stop", stop)
+    assert run.returncode == 0, run.stderr
+    assert ANSI.sub("", run.stdout.splitlines()[0]) == prompt + full[: full.find(stop)]

@@ -401,21 +401,25 @@ def test_verify_tree_reuses_kv_across_rounds(grpc_stubs, reference, tokenizer):
     try:
         context = run_verify_rounds(stub, reference, prompt_ids, [2, 0, 3, 1, 4], session)
         done = len(context) - len(prompt_ids)
-        # After a release the next call is a cache miss, and still gives identical tokens.
-        released = stub.ReleaseSession(common_pb2.ReleaseSessionRequest(session_id=session), timeout=RPC_TIMEOUT_S)
-        assert released.released
         truth = reference(prompt_ids, done + 8)[done:]
         tokens, parents = tree_around(truth, 2)
+        warm = verify(stub, context, tokens, parents, session)
+        assert warm.reused_tokens == len(context) - 1  # all but the bonus token just appended
+        # After a release the same call is a cache miss, and still gives identical tokens.
+        released = stub.ReleaseSession(common_pb2.ReleaseSessionRequest(session_id=session), timeout=RPC_TIMEOUT_S)
+        assert released.released
         cold = verify(stub, context, tokens, parents, session)
         assert cold.reused_tokens == 0 and cold.fed_tokens == len(context) + len(tokens)
         assert cold.cached_tokens == len(context) + len(tokens)
+        assert list(cold.target_token_ids) == list(warm.target_token_ids)
         stateless = verify(stub, context, tokens, parents, session_id="")
-        assert list(cold.target_token_ids) == list(stateless.target_token_ids)
+        assert list(stateless.target_token_ids) == list(warm.target_token_ids)
         assert cold.target_token_ids[0] == truth[0]
-        # Same request again on the warm session: everything but the last context token is reused.
-        warm = verify(stub, context, tokens, parents, session)
-        assert warm.reused_tokens == len(context) - 1
-        assert list(warm.target_token_ids) == list(cold.target_token_ids)
+        # The same request once more: its tree is cached but none of it is on the context, so only
+        # the context is reused and the tree is fed again.
+        again = verify(stub, context, tokens, parents, session)
+        assert again.reused_tokens == len(context) - 1
+        assert list(again.target_token_ids) == list(warm.target_token_ids)
     finally:
         stub.ReleaseSession(common_pb2.ReleaseSessionRequest(session_id=session), timeout=RPC_TIMEOUT_S)
     assert not stub.ReleaseSession(common_pb2.ReleaseSessionRequest(session_id=session), timeout=RPC_TIMEOUT_S).released
