@@ -8,7 +8,7 @@ PROTOS := $(wildcard protos/specdec/v1/*.proto)
 STUBS  := specdec/v1/.generated
 DEMO_PROMPT ?= def quicksort(arr):
 
-.PHONY: setup protos models demo test test-fast bench clean
+.PHONY: setup protos models demo test test-fast bench clean up down compose-cli
 
 setup: $(VENV)/.installed $(STUBS)
 
@@ -31,14 +31,37 @@ models: setup
 demo: setup models
 	$(BIN)/specdec generate --local --prompt "$(DEMO_PROMPT)" --mode tree --beam-width 3 --beam-depth 4 --max-tokens 64 --verbose
 
-test: setup
+test: setup compose-cli
 	$(BIN)/python -m pytest -q
 
-test-fast: setup
+test-fast: setup compose-cli
 	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: setup models
 	$(BIN)/specdec bench --quick
+
+# tests/test_deploy.py checks the compose file as a real compose implementation renders it
+# (offline, no Docker engine needed). Where there is none, Debian's docker-compose is installed
+# (as root, with apt-get); otherwise those checks skip and say why.
+compose-cli:
+	@docker compose version >/dev/null 2>&1 || command -v docker-compose >/dev/null || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends docker-compose) >/dev/null 2>&1 ; } || \
+	  echo "note: no docker compose here; tests/test_deploy.py skips its compose checks"
+
+# The docker compose cluster (compose/docker-compose.yml, settings in compose/.env): one GPU per
+# model service, Jaeger and Prometheus. `make up PROFILE=cpu` runs the embedded pair on CPU.
+# Compose v2 (`docker compose`) where installed, else the standalone `docker-compose`.
+COMPOSE_CLI ?= $(shell docker compose version >/dev/null 2>&1 && echo "docker compose" || echo docker-compose)
+COMPOSE      = $(COMPOSE_CLI) -p specdec -f compose/docker-compose.yml
+PROFILE     ?= gpu
+
+up:
+	$(COMPOSE) --profile $(PROFILE) up -d --build
+	@echo "specdec is starting; '$(COMPOSE) ps' says (healthy) once it serves (the first start downloads weights)"
+
+down:
+	$(COMPOSE) --profile gpu --profile cpu down
 
 clean:
 	rm -rf $(VENV) specdec/v1/*_pb2*.py specdec/v1/*_pb2*.pyi $(STUBS) *.egg-info

@@ -1,0 +1,686 @@
+"""Deployment: the docker compose cluster, the container image and the Kubernetes manifests.
+
+The compose file is checked as a real compose implementation renders it: `docker compose config`
+(Compose v2) or Debian's `docker-compose config` (v1.29). Both work offline with no Docker engine,
+and resolve anchors, merge keys, `.env` interpolation and profiles exactly as `make up` does.
+`make test` installs Debian's docker-compose where neither is present; with neither, those tests
+skip and say so.
+
+The Kubernetes manifests are rendered by `kubectl kustomize` and also by the small resolver in
+this file (resources, generated ConfigMaps, images, labels and the patches the gpu overlay uses),
+so the same checks run where kubectl is missing; where both exist they must agree.
+
+The last test builds the image with the Docker SDK and runs the cpu profile for real, generating
+through the orchestrator and finding the trace in Jaeger; it needs a Docker engine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import get_type_hints
+from urllib.parse import urlparse
+
+import pytest
+import yaml
+
+from specdec import config, model_store
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPOSE_DIR = ROOT / "compose"
+COMPOSE_FILE = COMPOSE_DIR / "docker-compose.yml"
+ENV_EXAMPLE = COMPOSE_DIR / "env.example"
+DOCKERFILE = COMPOSE_DIR / "Dockerfile"
+K8S = COMPOSE_DIR / "k8s"
+
+GPU_MODEL_SERVICES = ("verify", "draft-0", "draft-1")
+METRICS_PORT = 9464
+MODEL_MOUNT = "/models"
+SETTINGS_OF_ROLE = {
+    "verify": config.VerifySettings,
+    "draft": config.DraftSettings,
+    "orchestrator": config.OrchestratorSettings,
+}
+# Read by specdec/model_store.py rather than parsed as a flag.
+EXTRA_SETTINGS = {"SPECDEC_MODEL_DIR"}
+# Per-service compose wiring with no launcher equivalent (see compose/env.example).
+WIRING_RE = re.compile(r"^(VERIFY|DRAFT_\d+)_(GPU|MODEL)$")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def settings_names(cls: type) -> set[str]:
+    return {config.env_name(f.name) for f in dataclasses.fields(cls)}
+
+
+def known_settings() -> set[str]:
+    """Every SPECDEC_* variable some specdec process reads."""
+    classes = [c for c in vars(config).values() if isinstance(c, type) and dataclasses.is_dataclass(c)]
+    return set().union(*(settings_names(c) for c in classes)) | EXTRA_SETTINGS
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    values = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            name, sep, value = line.partition("=")
+            assert sep, f"{path.name}: not NAME=value: {line!r}"
+            values[name.strip()] = value.strip()
+    return values
+
+
+def duration_s(text: str) -> float:
+    """Go-style durations as compose renders them: 30m, 30m0s, 1h0m0s, 15s, 500ms."""
+    units = {"h": 3600, "m": 60, "s": 1, "ms": 1e-3, "us": 1e-6, "ns": 1e-9}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|us|ns|h|m|s)", str(text))
+    assert parts and "".join(n + u for n, u in parts) == str(text), f"not a duration: {text!r}"
+    return sum(float(n) * units[u] for n, u in parts)
+
+
+def compose_cli() -> list[str] | None:
+    docker = shutil.which("docker")
+    if docker and subprocess.run([docker, "compose", "version"], capture_output=True).returncode == 0:
+        return [docker, "compose"]
+    standalone = shutil.which("docker-compose")
+    return [standalone] if standalone else None
+
+
+def compose_env() -> dict[str, str]:
+    """This process's environment less anything that would override the env file under test."""
+    documented = set(read_env_file(ENV_EXAMPLE))
+    return {k: v for k, v in os.environ.items()
+            if k not in documented and not k.startswith(("SPECDEC_", "OTEL_", "COMPOSE_"))}
+
+
+def render_compose(env_file: Path) -> dict:
+    cli = compose_cli()
+    if cli is None:
+        pytest.skip("no compose implementation found (neither `docker compose` nor `docker-compose`); "
+                    "`make test` installs Debian's docker-compose when run as root")
+    cmd = [*cli, "-f", str(COMPOSE_FILE), "--env-file", str(env_file), "--profile", "gpu", "--profile", "cpu", "config"]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=compose_env(), timeout=120)
+    assert res.returncode == 0, f"{' '.join(cmd)} failed:\n{res.stderr}"
+    return yaml.safe_load(res.stdout)
+
+
+def role(service: dict) -> str | None:
+    """verify, draft or orchestrator for a `specdec serve ...` container, else None."""
+    command = service.get("command") or []
+    return command[1] if command[:1] == ["serve"] and len(command) > 1 else None
+
+
+def environment(service: dict) -> dict[str, str]:
+    env = service.get("environment") or {}
+    if isinstance(env, list):
+        env = dict(item.partition("=")[::2] for item in env)
+    return {k: "" if v is None else str(v) for k, v in env.items()}
+
+
+def gpu_devices(service: dict) -> list[dict]:
+    return (((service.get("deploy") or {}).get("resources") or {}).get("reservations") or {}).get("devices") or []
+
+
+def dns_names(name: str, service: dict) -> set[str]:
+    """The names a service answers to on the compose network: its own and its aliases."""
+    names = {name}
+    for net in (service.get("networks") or {}).values():
+        names |= set((net or {}).get("aliases") or [])
+    return names
+
+
+def mounts(service: dict) -> set[tuple[str, str]]:
+    found = set()
+    for volume in service.get("volumes") or []:
+        if isinstance(volume, str):
+            source, target = volume.split(":")[:2]
+        else:
+            source, target = volume.get("source"), volume["target"]
+        found.add((source, target))
+    return found
+
+
+def published_ports(service: dict) -> set[tuple[int, int]]:
+    found = set()
+    for port in service.get("ports") or []:
+        if isinstance(port, dict):
+            found.add((int(port["published"]), int(port["target"])))
+        else:
+            published, target = str(port).rsplit(":", 2)[-2:]
+            found.add((int(published), int(target)))
+    return found
+
+
+def depends_on(service: dict) -> dict[str, str]:
+    deps = service.get("depends_on") or {}
+    if isinstance(deps, list):
+        return {name: "service_started" for name in deps}
+    return {name: (spec or {}).get("condition", "service_started") for name, spec in deps.items()}
+
+
+def host_port(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host, int(port)
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    """The compose file as rendered with the documented settings (compose/env.example)."""
+    return render_compose(ENV_EXAMPLE)
+
+
+@pytest.fixture(scope="module")
+def services(compose) -> dict[str, dict]:
+    return compose["services"]
+
+
+def in_profile(services: dict, profile: str) -> dict[str, dict]:
+    return {n: s for n, s in services.items() if profile in (s.get("profiles") or [])}
+
+
+# --------------------------------------------------------------------------- docker compose
+
+
+def test_compose_defaults_are_the_documented_settings(compose, tmp_path):
+    empty = tmp_path / "empty.env"
+    empty.write_text("")
+    assert render_compose(empty) == compose, (
+        "the ${VAR:-default} defaults in compose/docker-compose.yml differ from compose/env.example")
+
+
+def test_env_example_names_only_settings_the_services_read(services):
+    documented = read_env_file(ENV_EXAMPLE)
+    referenced = set(re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)", COMPOSE_FILE.read_text()))
+    assert set(documented) == referenced, "compose/env.example must document exactly the variables the compose file reads"
+    known = known_settings()
+    fields = {}  # the services' settings, to check each documented value parses as its setting would
+    for cls in SETTINGS_OF_ROLE.values():
+        fields.update({config.env_name(f.name): (cls, f) for f in dataclasses.fields(cls)})
+    for name, value in documented.items():
+        if name.startswith("SPECDEC_"):
+            assert name in known, f"{name} is not a setting in specdec/config.py"
+            assert name in fields, f"{name} is a launcher setting that no service reads"
+            cls, f = fields[name]
+            if get_type_hints(cls)[f.name] is int:
+                int(value)
+            if f.metadata.get("choices"):
+                assert value in f.metadata["choices"], f"{name}={value}: one of {f.metadata['choices']}"
+        elif name.startswith(("OTEL_", "HF_")):
+            continue
+        else:
+            match = WIRING_RE.match(name)
+            service = match and match.group(1).lower().replace("_", "-")
+            assert service in services, f"{name}: not a SPECDEC_/OTEL_/HF_ name nor a per-service setting (VERIFY_GPU, DRAFT_0_MODEL, ...)"
+
+
+def test_each_model_service_reserves_its_own_gpu(services):
+    ids = {}
+    for name in GPU_MODEL_SERVICES:
+        devices = gpu_devices(services[name])
+        assert len(devices) == 1, f"{name}: one device reservation"
+        device = devices[0]
+        assert device.get("driver") == "nvidia" and "gpu" in device.get("capabilities", [])
+        assert len(device.get("device_ids", [])) == 1, f"{name}: exactly one GPU id"
+        ids[name] = str(device["device_ids"][0])
+        assert environment(services[name])["SPECDEC_DEVICE"] == "cuda"
+        assert services[name].get("profiles") == ["gpu"]
+    assert len(set(ids.values())) == len(ids), f"GPU ids must be distinct: {ids}"
+    documented = read_env_file(ENV_EXAMPLE)
+    assert ids == {"verify": documented["VERIFY_GPU"], "draft-0": documented["DRAFT_0_GPU"],
+                   "draft-1": documented["DRAFT_1_GPU"]}
+    others = [n for n, s in services.items() if gpu_devices(s) and n not in GPU_MODEL_SERVICES]
+    assert not others, f"only the model services take GPUs, not {others}"
+
+
+def test_every_serving_service_has_a_grpc_health_check(services):
+    serving = {n: s for n, s in services.items() if role(s)}
+    assert {role(s) for s in serving.values()} == set(SETTINGS_OF_ROLE)
+    for name, service in serving.items():
+        check = service.get("healthcheck") or {}
+        assert not check.get("disable"), name
+        test = check.get("test") or []
+        assert test[:3] == ["CMD", "python", "-c"] and "grpc_health.v1" in test[3], f"{name}: grpc.health.v1 via Python"
+        assert "SPECDEC_PORT" in environment(service), f"{name}: the health check reads SPECDEC_PORT"
+        # Model loading (and on GPUs the first download) must fit in the start period.
+        assert duration_s(check["start_period"]) >= 600, f"{name}: start_period {check['start_period']}"
+        assert duration_s(check["timeout"]) < duration_s(check["interval"])
+
+
+def test_health_check_command_answers_like_grpc_health(services):
+    from grpc_health.v1 import health_pb2
+
+    from specdec.rpc import start_server
+
+    code = services["verify"]["healthcheck"]["test"][3]
+    server, port, health = start_server(lambda s: None, [], "127.0.0.1", 0)
+
+    def probe() -> int:
+        env = {**os.environ, "SPECDEC_PORT": str(port)}
+        return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, timeout=60).returncode
+
+    try:
+        assert probe() == 0
+        health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        assert probe() != 0
+    finally:
+        server.stop(0).wait()
+    assert probe() != 0  # nothing listening
+
+
+def addressed_service(address: str, candidates: dict[str, dict]) -> tuple[str, dict]:
+    """The one service that host:port reaches, by name or alias and its SPECDEC_PORT."""
+    host, port = host_port(address)
+    found = [(n, s) for n, s in candidates.items() if host in dns_names(n, s)]
+    assert len(found) == 1, f"{address} names no single service of {sorted(candidates)}"
+    assert int(environment(found[0][1])["SPECDEC_PORT"]) == port, f"{address}: wrong port"
+    return found[0]
+
+
+def test_orchestrators_wait_for_healthy_drafts_and_verifier(services):
+    orchestrators = {n: s for n, s in services.items() if role(s) == "orchestrator"}
+    assert set(orchestrators) == {"orchestrator", "orchestrator-cpu"}
+    for name, orch in orchestrators.items():
+        (profile,) = orch["profiles"]
+        models = {n: s for n, s in in_profile(services, profile).items() if role(s) in ("verify", "draft")}
+        deps = depends_on(orch)
+        for model in models:
+            assert deps.get(model) == "service_healthy", f"{name} must wait for {model} to be healthy"
+        env = environment(orch)
+        verifier = addressed_service(env["SPECDEC_VERIFY_ADDRESS"], models)
+        assert role(verifier[1]) == "verify"
+        drafts = [addressed_service(a, models) for a in env["SPECDEC_DRAFT_ADDRESSES"].split(",")]
+        assert all(role(s) == "draft" for _, s in drafts)
+        assert {n for n, _ in drafts} == {n for n, s in models.items() if role(s) == "draft"}, f"{name}: every draft"
+        assert env["SPECDEC_TARGET_MODEL"] == environment(verifier[1])["SPECDEC_TARGET_MODEL"]
+        port = int(env["SPECDEC_PORT"])
+        assert (port, port) in published_ports(orch), f"{name}: the public port is published"
+
+
+def test_every_service_sends_traces_to_jaeger(services):
+    jaeger = services["jaeger"]
+    assert re.fullmatch(r"jaegertracing/jaeger:2\.\d+\.\d+", jaeger["image"]), jaeger["image"]
+    assert {(16686, 16686), (4317, 4317)} <= published_ports(jaeger)
+    for profile in ("gpu", "cpu"):
+        names = []
+        for name, service in in_profile(services, profile).items():
+            if not role(service):
+                continue
+            env = environment(service)
+            endpoint = urlparse(env.get("OTEL_EXPORTER_OTLP_ENDPOINT", ""))
+            assert (endpoint.hostname, endpoint.port) == ("jaeger", 4317), f"{name}: OTLP to jaeger:4317"
+            assert env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") == "grpc"
+            assert env.get("OTEL_TRACES_EXPORTER") == "otlp"
+            assert env.get("OTEL_TRACES_SAMPLER")
+            names.append(env["OTEL_SERVICE_NAME"])
+        assert len(names) == len(set(names)), f"{profile}: one OTEL_SERVICE_NAME per service: {names}"
+
+
+def test_cpu_profile_runs_the_embedded_pair_without_gpus(services):
+    cpu, gpu = in_profile(services, "cpu"), in_profile(services, "gpu")
+    assert not set(cpu) & set(gpu), "no service is in both profiles"
+    assert not any(gpu_devices(s) for s in cpu.values())
+    assert all(s["build"]["args"]["VARIANT"] == "cpu" and s["image"].endswith(":cpu") for s in cpu.values())
+    assert all(s["build"]["args"]["VARIANT"] == "cuda" and s["image"].endswith(":cuda") for s in gpu.values())
+    fetchers = [n for n, s in cpu.items() if s.get("command") == ["models", "fetch"]]
+    assert fetchers == ["models"]
+    assert cpu["models"].get("restart", "no") in ("no", "on-failure")
+    serving = {n: s for n, s in cpu.items() if role(s)}
+    for name, service in serving.items():
+        env = environment(service)
+        assert env.get("SPECDEC_DEVICE", "cpu") == "cpu" or role(service) == "orchestrator"
+        assert env.get("SPECDEC_DTYPE", "float32") == "float32"
+        models = {env.get("SPECDEC_TARGET_MODEL"), env.get("SPECDEC_DRAFT_MODEL")} - {None}
+        assert models <= {config.EMBEDDED_TARGET, config.EMBEDDED_DRAFT}, f"{name}: the embedded pair"
+        if role(service) != "orchestrator":
+            assert depends_on(service).get("models") == "service_completed_successfully", name
+    # The cpu services answer to the gpu names, so addresses and Prometheus targets are shared.
+    cpu_names = set().union(*(dns_names(n, s) for n, s in serving.items()))
+    assert {"verify", "draft-0", "orchestrator"} <= cpu_names
+
+
+def test_models_persist_in_a_named_volume(compose, services):
+    assert "models" in (compose.get("volumes") or {})
+    for name, service in services.items():
+        if service.get("image", "").startswith("specdec:"):
+            assert ("models", MODEL_MOUNT) in mounts(service), f"{name}: the model volume at {MODEL_MOUNT}"
+    dockerfile = DOCKERFILE.read_text()
+    for variable in ("HF_HOME", "SPECDEC_MODEL_DIR"):
+        value = re.search(rf"\b{variable}=(\S+)", dockerfile)
+        assert value and value.group(1).startswith(MODEL_MOUNT + "/"), f"the image puts {variable} under {MODEL_MOUNT}"
+    assert "SPECDEC_MODEL_DIR" in inspect.getsource(model_store)
+
+
+def test_services_set_only_their_own_settings(services):
+    for name, service in services.items():
+        if not role(service):
+            continue
+        allowed = settings_names(SETTINGS_OF_ROLE[role(service)]) | EXTRA_SETTINGS
+        unknown = {k for k in environment(service) if k.startswith("SPECDEC_")} - allowed
+        assert not unknown, f"{name} ({role(service)}) does not read {sorted(unknown)}"
+        assert environment(service)["SPECDEC_METRICS_PORT"] == str(METRICS_PORT)
+
+
+def test_prometheus_scrapes_every_service(services):
+    prometheus = services["prometheus"]
+    assert any(target == "/etc/prometheus/prometheus.yml" and source.endswith("compose/prometheus.yml")
+               for source, target in mounts(prometheus))
+    scraped = set()
+    for job in yaml.safe_load((COMPOSE_DIR / "prometheus.yml").read_text())["scrape_configs"]:
+        for sd in job.get("dns_sd_configs", []):
+            scraped |= {(name, int(sd["port"])) for name in sd["names"]}
+        for static in job.get("static_configs", []):
+            scraped |= {host_port(t) for t in static["targets"]}
+    promtool = shutil.which("promtool")  # Prometheus' own checker, where installed
+    if promtool:
+        res = subprocess.run([promtool, "check", "config", str(COMPOSE_DIR / "prometheus.yml")], capture_output=True, text=True)
+        assert res.returncode == 0, res.stdout + res.stderr
+    all_names = set().union(*(dns_names(n, s) for n, s in services.items()))
+    assert {name for name, _ in scraped} <= all_names, "every scrape target is a compose service"
+    for name, service in services.items():
+        if role(service):
+            port = int(environment(service)["SPECDEC_METRICS_PORT"])
+            assert {(n, port) for n in dns_names(name, service)} & scraped, f"Prometheus does not scrape {name}"
+
+
+# --------------------------------------------------------------------------- image and make targets
+
+
+def test_dockerfile_builds_a_cuda_and_a_cpu_variant_without_weights():
+    text = DOCKERFILE.read_text()
+    stages = re.findall(r"^FROM\s+(\S+)(?:\s+AS\s+(\S+))?", text, re.MULTILINE | re.IGNORECASE)
+    assert len(stages) >= 4, "multi-stage: bases, build, runtime"
+    named = {alias: image for image, alias in stages if alias}
+    assert named["base-cpu"].startswith("python:3.11-slim")
+    assert re.search(r"^ARG CUDA_IMAGE=nvidia/cuda:\S+", text, re.MULTILINE)
+    assert named["build"] == named["runtime"] == "base-${VARIANT}"
+    assert re.search(r"^ARG VARIANT=cuda$", text, re.MULTILINE)
+    torch_version = re.search(r"TORCH_SPEC \?= torch==(\S+)", (ROOT / "Makefile").read_text()).group(1)
+    assert re.search(rf"^ARG TORCH_VERSION={re.escape(torch_version)}$", text, re.MULTILINE), "the same torch as `make setup`"
+    assert "https://download.pytorch.org/whl/cpu" in text and "https://download.pytorch.org/whl/cu" in text
+    assert "grpc_tools.protoc" in text, "stubs are generated in the build"
+    runtime = text.split("AS runtime", 1)[1]
+    user = re.findall(r"^USER\s+(\S+)", runtime, re.MULTILINE)
+    assert user and user[-1] not in ("0", "root"), "runs as a non-root user"
+    assert re.search(r'^ENTRYPOINT \["specdec"\]$', runtime, re.MULTILINE)
+    assert not re.search(r"^COPY\s+\.\s", text, re.MULTILINE), "only sources are copied, never the whole context"
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    for path in (".venv", "logs", "bench_results", ".pytest_cache", "specdec/v1/*_pb2*.py"):
+        assert path in ignored, f".dockerignore: {path}"
+
+
+def test_make_up_and_down_wrap_the_compose_file():
+    if not shutil.which("make"):
+        pytest.skip("make is not installed")
+
+    def dry_run(*args: str) -> str:
+        return subprocess.run(["make", "-n", *args, "COMPOSE_CLI=docker compose"], cwd=ROOT,
+                              capture_output=True, text=True, check=True).stdout
+
+    up = dry_run("up")
+    assert "docker compose -p specdec -f compose/docker-compose.yml --profile gpu up" in up
+    assert "--profile cpu up" in dry_run("up", "PROFILE=cpu")
+    down = dry_run("down")
+    assert "--profile gpu --profile cpu down" in down
+
+
+# --------------------------------------------------------------------------- Kubernetes
+
+HASH_SUFFIX = re.compile(r"-[a-z0-9]{10}$")
+
+
+def kubectl_render(path: Path) -> list[dict]:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not installed; the Python renderer covers these checks")
+    res = subprocess.run([kubectl, "kustomize", str(path)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    return [d for d in yaml.safe_load_all(res.stdout) if d]
+
+
+def python_render(path: Path) -> list[dict]:
+    """Resolve a kustomization the way kustomize does, for the features these manifests use."""
+    spec = yaml.safe_load((path / "kustomization.yaml").read_text())
+    docs: list[dict] = []
+    for resource in spec.get("resources", []):
+        target = path / resource
+        docs += python_render(target) if target.is_dir() else [d for d in yaml.safe_load_all(target.read_text()) if d]
+    for generator in spec.get("configMapGenerator", []):
+        data = {}
+        for env_file in generator.get("envs", []):
+            data.update(read_env_file(path / env_file))
+        data.update(dict(item.split("=", 1) for item in generator.get("literals", [])))
+        if generator.get("behavior") == "merge":
+            (existing,) = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == generator["name"]]
+            existing["data"].update(data)
+        else:
+            docs.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": generator["name"]}, "data": data})
+    for patch in spec.get("patches", []):
+        body = yaml.safe_load((path / patch["path"]).read_text())
+        body.pop("metadata", None)
+        for doc in docs:
+            if doc["kind"] == patch["target"]["kind"] and selects(patch["target"].get("labelSelector", ""), doc):
+                strategic_merge(doc, {k: v for k, v in body.items() if k not in ("apiVersion", "kind")})
+    for doc in docs:
+        if spec.get("namespace") and doc["kind"] != "Namespace":
+            doc["metadata"]["namespace"] = spec["namespace"]
+        for label in spec.get("labels", []):
+            doc["metadata"].setdefault("labels", {}).update(label["pairs"])
+        for image in spec.get("images", []):
+            for container in pod_containers(doc):
+                if container["image"].split(":")[0] == image["name"]:
+                    container["image"] = f"{image.get('newName', image['name'])}:{image['newTag']}"
+    return docs
+
+
+def selects(selector: str, doc: dict) -> bool:
+    labels = doc["metadata"].get("labels", {})
+    for term in filter(None, (t.strip() for t in re.split(r",(?![^()]*\))", selector))):
+        if match := re.fullmatch(r"(\S+)\s+in\s+\((.*)\)", term):
+            if labels.get(match.group(1)) not in {v.strip() for v in match.group(2).split(",")}:
+                return False
+        else:
+            key, _, value = term.partition("=")
+            if labels.get(key.strip()) != value.strip():
+                return False
+    return True
+
+
+def strategic_merge(target: dict, patch: dict) -> None:
+    """Maps merge; lists of named objects merge by name ($patch: delete removes one); others replace."""
+    for key, value in patch.items():
+        if isinstance(value, dict) and isinstance(target.get(key), dict):
+            strategic_merge(target[key], value)
+        elif isinstance(value, list) and value and all(isinstance(v, dict) and "name" in v for v in value):
+            current = target.setdefault(key, [])
+            for item in value:
+                existing = next((c for c in current if c.get("name") == item["name"]), None)
+                if item.get("$patch") == "delete":
+                    if existing is not None:
+                        current.remove(existing)
+                elif existing is not None:
+                    strategic_merge(existing, item)
+                else:
+                    current.append(item)
+        else:
+            target[key] = value
+
+
+def pod_containers(doc: dict, init: bool = True) -> list[dict]:
+    if doc["kind"] != "Deployment":
+        return []
+    pod = doc["spec"]["template"]["spec"]
+    return pod["containers"] + (pod.get("initContainers") or [] if init else [])
+
+
+def container_env(container: dict, configmaps: dict[str, dict]) -> dict[str, str]:
+    """A container's environment with ConfigMap references resolved (each must exist)."""
+    env = {}
+    for source in container.get("envFrom", []):
+        env.update(configmaps[source["configMapRef"]["name"]]["data"])
+    for item in container.get("env", []):
+        if "value" in item:
+            env[item["name"]] = str(item["value"])
+        else:
+            ref = item["valueFrom"]["configMapKeyRef"]
+            env[item["name"]] = configmaps[ref["name"]]["data"][ref["key"]]
+    return env
+
+
+def expand(args: list[str], env: dict[str, str]) -> list[str]:
+    """Kubernetes' $(VAR) substitution in container args."""
+    return [re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], a) for a in args]
+
+
+def check_manifests(docs: list[dict], gpu: bool) -> None:
+    by_kind: dict[str, dict[str, dict]] = {}
+    for doc in docs:
+        by_kind.setdefault(doc["kind"], {})[doc["metadata"]["name"]] = doc
+    assert list(by_kind["Namespace"]) == ["specdec"]
+    assert all(d["metadata"].get("namespace") == "specdec" for d in docs if d["kind"] != "Namespace")
+    configmaps, services = by_kind["ConfigMap"], by_kind["Service"]
+    deployments = {n: d for n, d in by_kind["Deployment"].items()
+                   if d["spec"]["template"]["spec"]["containers"][0]["image"].startswith("specdec")}
+
+    def service_for(deployment: dict, port: int) -> str:
+        labels = deployment["spec"]["template"]["metadata"]["labels"]
+        found = [n for n, s in services.items()
+                 if s["spec"]["selector"].items() <= labels.items() and any(p["port"] == port for p in s["spec"]["ports"])]
+        assert len(found) == 1, f"{deployment['metadata']['name']}: one Service on port {port}, found {found}"
+        return found[0]
+
+    envs, roles, addresses = {}, {}, {}
+    for name, deployment in deployments.items():
+        pod = deployment["spec"]["template"]["spec"]
+        (container,) = pod["containers"]
+        roles[name] = deployment["metadata"]["labels"]["app.kubernetes.io/component"]
+        assert container["args"] == ["serve", roles[name]]
+        assert container["image"] == f"specdec:{'cuda' if gpu else 'cpu'}"
+        env = envs[name] = container_env(container, configmaps)
+        port = int(env["SPECDEC_PORT"])
+        assert any(p["containerPort"] == port and p["name"] == "grpc" for p in container["ports"])
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert container[probe]["grpc"]["port"] == port, f"{name}: native gRPC {probe} on {port}"
+        assert int(env["SPECDEC_METRICS_PORT"]) == METRICS_PORT
+        assert {k for k in env if k.startswith("SPECDEC_")} <= known_settings(), name
+        endpoint = urlparse(env["OTEL_EXPORTER_OTLP_ENDPOINT"])
+        assert endpoint.hostname in services and any(p["port"] == endpoint.port for p in services[endpoint.hostname]["spec"]["ports"])
+        assert {"name": "models", "mountPath": MODEL_MOUNT} in container["volumeMounts"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        limits = container.get("resources", {}).get("limits", {})
+        requests = container.get("resources", {}).get("requests", {})
+        if gpu and roles[name] in ("verify", "draft"):
+            assert int(limits.get("nvidia.com/gpu", 0)) == 1, f"{name}: one GPU"
+        else:
+            assert "nvidia.com/gpu" not in limits and "nvidia.com/gpu" not in requests, f"{name}: no GPU"
+        addresses[name] = f"{service_for(deployment, port)}:{port}"
+        model = env.get("SPECDEC_DRAFT_MODEL") or env["SPECDEC_TARGET_MODEL"]
+        fetchers = pod.get("initContainers") or []
+        if gpu:
+            assert model.startswith("Qwen/") and not fetchers, f"{name}: hub models, nothing to fetch"
+        else:
+            assert model in (config.EMBEDDED_TARGET, config.EMBEDDED_DRAFT)
+            (fetch,) = fetchers
+            assert expand(fetch["args"], container_env(fetch, configmaps)) == ["models", "fetch", model], (
+                f"{name} fetches its own model first")
+
+    assert sorted(roles.values()) == sorted(["verify", "orchestrator"] + ["draft"] * (2 if gpu else 1))
+    assert {n for n, r in roles.items() if r == "draft"} == ({"draft-0", "draft-1"} if gpu else {"draft-0"})
+    orchestrator = envs["orchestrator"]
+    assert orchestrator["SPECDEC_VERIFY_ADDRESS"] == addresses["verify"]
+    assert sorted(orchestrator["SPECDEC_DRAFT_ADDRESSES"].split(",")) == sorted(
+        addresses[n] for n, r in roles.items() if r == "draft")
+    assert orchestrator["SPECDEC_TARGET_MODEL"] == envs["verify"]["SPECDEC_TARGET_MODEL"]
+    names = [e["OTEL_SERVICE_NAME"] for e in envs.values()]
+    assert len(set(names)) == len(names)
+
+
+@pytest.mark.parametrize("renderer", [kubectl_render, python_render], ids=["kubectl", "python"])
+@pytest.mark.parametrize("overlay, gpu", [("base", False), ("overlays/gpu", True)])
+def test_kubernetes_manifests(renderer, overlay, gpu):
+    check_manifests(renderer(K8S / overlay), gpu)
+
+
+@pytest.mark.parametrize("overlay", ["base", "overlays/gpu"])
+def test_python_renderer_agrees_with_kubectl(overlay):
+    def normalized(docs):
+        # kustomize names generated ConfigMaps name-<hash> and rewrites the references.
+        text = json.dumps(sorted(docs, key=lambda d: (d["kind"], d["metadata"]["name"])), sort_keys=True)
+        return json.loads(re.sub(r'"(specdec-[a-z]+)-[a-z0-9]{10}"', r'"\1"', text))
+
+    assert normalized(python_render(K8S / overlay)) == normalized(kubectl_render(K8S / overlay))
+
+
+# --------------------------------------------------------------------------- the real thing
+
+
+def _docker_client():
+    docker = pytest.importorskip("docker", reason="the docker SDK is not installed")
+    try:
+        client = docker.from_env(timeout=10)
+        client.ping()
+    except Exception:  # noqa: BLE001 - any failure here means there is no engine to use
+        pytest.skip("no Docker engine reachable")
+    return client
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3 * 3600)
+def test_cpu_profile_generates_and_traces_in_docker():
+    client = _docker_client()
+    cli = compose_cli()
+    if cli is None:
+        pytest.skip("no compose implementation found")
+    import grpc
+
+    from specdec.v1 import generation_pb2, generation_pb2_grpc
+
+    client.images.build(path=str(ROOT), dockerfile="compose/Dockerfile", tag="specdec:cpu",
+                        buildargs={"VARIANT": "cpu"}, rm=True)
+    project = "specdec-test"
+    base = [*cli, "-p", project, "-f", str(COMPOSE_FILE), "--env-file", str(ENV_EXAMPLE), "--profile", "cpu"]
+    env = compose_env()
+    subprocess.run([*base, "up", "-d", "--no-build"], cwd=ROOT, env=env, check=True, timeout=600)
+    try:
+        deadline = time.monotonic() + 2 * 3600  # the first run fetches and converts ~1.6 GB of models
+        while True:
+            containers = {c.labels["com.docker.compose.service"]: c for c in client.containers.list(
+                all=True, filters={"label": f"com.docker.compose.project={project}"})}
+            fetch = containers.get("models")
+            if fetch is not None and fetch.status == "exited":
+                assert fetch.attrs["State"]["ExitCode"] == 0, fetch.logs()[-4000:].decode(errors="replace")
+            orch = containers.get("orchestrator-cpu")
+            if orch is not None and orch.attrs["State"].get("Health", {}).get("Status") == "healthy":
+                break
+            assert time.monotonic() < deadline, "the cpu profile did not become healthy"
+            time.sleep(10)
+
+        port = read_env_file(ENV_EXAMPLE)["SPECDEC_PORT"]
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = generation_pb2_grpc.GenerationServiceStub(channel)
+            reply = stub.Generate(generation_pb2.GenerateRequest(prompt="def add(a, b):", max_new_tokens=8), timeout=900)
+        assert reply.token_ids
+
+        # One trace with spans from the orchestrator, the verifier and the draft.
+        deadline = time.monotonic() + 120
+        while True:
+            url = "http://127.0.0.1:16686/api/traces?service=specdec-orchestrator&limit=20"
+            with urllib.request.urlopen(url, timeout=10) as response:
+                traces = json.load(response).get("data") or []
+            services_seen = [{p["serviceName"] for p in t["processes"].values()} for t in traces]
+            if any({"specdec-orchestrator", "specdec-verify", "specdec-draft-0"} <= s for s in services_seen):
+                break
+            assert time.monotonic() < deadline, f"no complete trace in Jaeger: {services_seen}"
+            time.sleep(3)
+    finally:
+        # The model volume stays, so a later run skips the download (`down -v` would remove it).
+        subprocess.run([*base, "down"], cwd=ROOT, env=env, timeout=600)
