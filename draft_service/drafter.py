@@ -15,8 +15,10 @@ from dataclasses import dataclass
 
 import torch
 
+from specdec import telemetry
 from specdec.engine import tree_forward
 from specdec.kv_cache import SessionStore
+from specdec.sampling import SamplingParams, draft_distribution, sample
 
 
 @dataclass
@@ -27,10 +29,15 @@ class Beam:
 
 @dataclass
 class DraftOutcome:
-    beams: list[Beam]  # best first
+    beams: list[Beam]  # best first (sampling: in the order drawn)
     reused_tokens: int
     fed_tokens: int
     forward_s: float
+    # Sampling only: each distinct distribution drawn from, as sent (float16) and as used (float64),
+    # and for each beam, the index of the distribution each of its tokens was drawn from.
+    sent_distributions: list[torch.Tensor] | None = None
+    distributions: list[torch.Tensor] | None = None
+    distribution_index: list[list[int]] | None = None
 
 
 class BeamDrafter:
@@ -44,11 +51,16 @@ class BeamDrafter:
             raise ValueError("context must hold at least one token")
         session = self.store.get(session_id)
         with session.lock, self._model_lock:
-            reused = session.sync(context)
+            with telemetry.span("specdec.cache.sync") as span:
+                reused = session.sync(context)
+                span.set_attribute("specdec.context_tokens", len(context))
+                span.set_attribute("specdec.reused_tokens", reused)
             pending = context[reused:]
             start = time.perf_counter()
             fed = len(pending)
-            logprobs = torch.log_softmax(tree_forward(self.model, session, pending), -1)  # [1, vocab]
+            with telemetry.span("specdec.forward") as span:
+                logprobs = torch.log_softmax(tree_forward(self.model, session, pending), -1)  # [1, vocab]
+                span.set_attribute("specdec.fed_tokens", len(pending))
             # A frontier entry: (tail index of its last node or -1, cumulative logprob, tokens).
             frontier: list[tuple[int, float, list[int]]] = [(-1, 0.0, [])]
             for level in range(depth):
@@ -63,7 +75,10 @@ class BeamDrafter:
                 base = len(session.tail_tokens)
                 tokens = [path[-1] for _, _, path in next_frontier]
                 parents = [parent for parent, _, _ in next_frontier]
-                logits = tree_forward(self.model, session, [], tokens, parents, logits_to_keep=len(tokens))
+                with telemetry.span("specdec.forward") as span:
+                    logits = tree_forward(self.model, session, [], tokens, parents, logits_to_keep=len(tokens))
+                    span.set_attribute("specdec.fed_tokens", len(tokens))
+                    span.set_attribute("specdec.beam.level", level + 1)
                 logprobs = torch.log_softmax(logits, -1)
                 fed += len(tokens)
                 frontier = [(base + k, s, path) for k, (_, s, path) in enumerate(next_frontier)]
@@ -71,3 +86,63 @@ class BeamDrafter:
         self.store.enforce_limits(keep=session_id)
         beams = [Beam(tokens=path, logprob=score) for _, score, path in frontier if path]
         return DraftOutcome(beams=beams, reused_tokens=reused, fed_tokens=fed, forward_s=forward_s)
+
+    def sample_chains(
+        self, session_id: str, context: list[int], chains: int, depth: int, sampling: SamplingParams, seed: int
+    ) -> DraftOutcome:
+        """Draw ``chains`` independent chains of ``depth`` tokens from the draft's warped distribution.
+
+        Under sampling the acceptance rule needs independent draws with known distributions, so
+        this replaces beam search. Chains that agree so far share a cache node (and a distribution);
+        each chain still draws its own next token.
+        """
+        if not context:
+            raise ValueError("context must hold at least one token")
+        generator = torch.Generator().manual_seed(seed)
+        session = self.store.get(session_id)
+        with session.lock, self._model_lock:
+            reused = session.sync(context)
+            pending = context[reused:]
+            start = time.perf_counter()
+            q, q16 = draft_distribution(tree_forward(self.model, session, pending)[-1], sampling)
+            sent, used = [q16], [q]
+            dist_of_node = {-1: 0}  # tail node (-1: the context end) -> its distribution's index
+            node_of = {}  # (parent tail node, token) -> tail node
+            at = [-1] * chains  # each chain's current tail node
+            paths: list[list[int]] = [[] for _ in range(chains)]
+            index: list[list[int]] = [[] for _ in range(chains)]
+            fed = len(pending)
+            for level in range(depth):
+                for c in range(chains):
+                    d = dist_of_node[at[c]]
+                    paths[c].append(sample(used[d], generator))
+                    index[c].append(d)
+                if level == depth - 1:
+                    break
+                new = []  # (parent, token) pairs not in the cache yet, in first-drawn order
+                for c in range(chains):
+                    key = (at[c], paths[c][-1])
+                    if key not in node_of and key not in new:
+                        new.append(key)
+                base = len(session.tail_tokens)
+                if new:
+                    logits = tree_forward(self.model, session, [], [t for _, t in new], [p for p, _ in new], logits_to_keep=len(new))
+                    fed += len(new)
+                    for k, key in enumerate(new):
+                        node_of[key] = base + k
+                        q, q16 = draft_distribution(logits[k], sampling)
+                        dist_of_node[base + k] = len(sent)
+                        sent.append(q16)
+                        used.append(q)
+                at = [node_of[(at[c], paths[c][-1])] for c in range(chains)]
+            forward_s = time.perf_counter() - start
+        self.store.enforce_limits(keep=session_id)
+        return DraftOutcome(
+            beams=[Beam(tokens=path, logprob=0.0) for path in paths],
+            reused_tokens=reused,
+            fed_tokens=fed,
+            forward_s=forward_s,
+            sent_distributions=sent,
+            distributions=used,
+            distribution_index=index,
+        )

@@ -9,7 +9,8 @@ from draft_service.drafter import BeamDrafter
 from specdec import config
 from specdec.errors import check_range, check_token_ids, InvalidRequest
 from specdec.kv_cache import SessionStore
-from specdec.rpc import model_info_pb, rpc_method, start_server
+from specdec.rpc import distribution_pb, model_info_pb, rpc_method, sampling_params, start_server
+from specdec.rpc_telemetry import start_telemetry
 from specdec.service_info import ModelDescription
 from specdec.serving import announce, load_for_service, serve_until_signalled, setup_logging
 from specdec.v1 import common_pb2, draft_pb2, draft_pb2_grpc
@@ -18,10 +19,11 @@ SERVICE_NAME = draft_pb2.DESCRIPTOR.services_by_name["DraftService"].full_name
 
 
 class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
-    def __init__(self, drafter: BeamDrafter, info: ModelDescription, settings: config.DraftSettings) -> None:
+    def __init__(self, drafter: BeamDrafter, info: ModelDescription, settings: config.DraftSettings, metrics=None) -> None:
         self.drafter = drafter
         self.info = info
         self.settings = settings
+        self.metrics = metrics  # specdec.metrics.ModelServiceMetrics, or None when metrics are off
 
     @rpc_method
     def DraftBeams(self, request, context):
@@ -32,14 +34,26 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
             raise InvalidRequest(
                 f"context_token_ids ({len(context_ids)} tokens) plus beam_depth {depth} exceeds the model's context of {self.info.max_context}"
             )
+        sampling = sampling_params(request)
         session_id = request.session_id or f"oneshot-{uuid.uuid4()}"
         try:
-            outcome = self.drafter.propose(session_id, context_ids, width, depth)
+            if sampling.greedy:
+                outcome = self.drafter.propose(session_id, context_ids, width, depth)
+            else:
+                outcome = self.drafter.sample_chains(session_id, context_ids, width, depth, sampling, request.seed)
         finally:
             if not request.session_id:
                 self.drafter.store.release(session_id)
+        if self.metrics is not None:
+            self.metrics.reused_tokens.labels("DraftBeams").inc(outcome.reused_tokens)
+            self.metrics.fed_tokens.labels("DraftBeams").inc(outcome.fed_tokens)
+        index = outcome.distribution_index or [[] for _ in outcome.beams]
         return draft_pb2.DraftBeamsResponse(
-            beams=[draft_pb2.DraftBeam(token_ids=b.tokens, logprob=b.logprob) for b in outcome.beams],
+            beams=[
+                draft_pb2.DraftBeam(token_ids=b.tokens, logprob=b.logprob, distribution_index=i)
+                for b, i in zip(outcome.beams, index)
+            ],
+            distributions=[distribution_pb(q16, common_pb2.Distribution.PRECISION_FLOAT16) for q16 in outcome.sent_distributions or []],
             reused_tokens=outcome.reused_tokens,
             fed_tokens=outcome.fed_tokens,
             compute_ms=outcome.forward_s * 1e3,
@@ -61,13 +75,15 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging()
     model, _, info = load_for_service("draft", settings.draft_model, settings)
     store = SessionStore(settings.max_sessions, settings.kv_cache_mb << 20)
-    servicer = DraftServicer(BeamDrafter(model, store), info, settings)
+    interceptors, metrics = start_telemetry("draft", settings, store, {"specdec.model": settings.draft_model})
+    servicer = DraftServicer(BeamDrafter(model, store), info, settings, metrics)
     server, port, health = start_server(
         lambda s: draft_pb2_grpc.add_DraftServiceServicer_to_server(servicer, s),
         [SERVICE_NAME],
         settings.host,
         settings.port,
         settings.max_message_mb,
+        interceptors=interceptors,
     )
     announce("draft", settings.host, port)
     serve_until_signalled(server, health)

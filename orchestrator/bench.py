@@ -14,7 +14,9 @@ the same number of new tokens, from the same prompt token ids (the target tokeni
 - ``specdec-autoregressive``, ``specdec-sequential``, ``specdec-tree``: ``Generate`` over gRPC on a
   :class:`~orchestrator.cluster.LocalCluster`, so the numbers include real processes and real gRPC.
 
-Timing is wall time per prompt around one generation, after one uncounted warm-up per method.
+Timing is wall time per prompt around one generation, after one uncounted warm-up per method;
+each run also records the machine's 1-minute load average, because other work on the same cores
+stretches wall times (and, with spinning worker threads, CPU times too) and must be visible next to them.
 On a small CPU machine two methods running at once would slow each other down, so they never
 overlap: the in-process models do all their runs first and are freed (which also keeps memory in
 bounds: the target is ~7 GB in float32) before the cluster starts, and the cluster's processes are
@@ -150,15 +152,23 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def load_prompts(path: Path) -> list[Prompt]:
+    if not path.is_file():
+        raise BenchError(f"no prompts file at {path}")
     prompts = []
     for n, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
+        if not line.strip():
+            continue
+        try:
             item = json.loads(line)
-            if item.get("class") not in ("code", "prose") or not item.get("prompt") or not item.get("id"):
-                raise ValueError(f"{path}:{n}: need an id, a class (code or prose) and a prompt")
-            prompts.append(Prompt(item["id"], item["class"], item["prompt"]))
+        except json.JSONDecodeError as exc:
+            raise BenchError(f"{path}:{n}: not JSON: {exc}") from None
+        if not isinstance(item, dict) or item.get("class") not in ("code", "prose") or not item.get("prompt") or not item.get("id"):
+            raise BenchError(f'{path}:{n}: need {{"id": ..., "class": "code" or "prose", "prompt": ...}}')
+        prompts.append(Prompt(item["id"], item["class"], item["prompt"]))
+    if len({p.id for p in prompts}) != len(prompts):
+        raise BenchError(f"{path}: prompt ids must be unique")
     if not prompts:
-        raise ValueError(f"{path} holds no prompts")
+        raise BenchError(f"{path} holds no prompts")
     return prompts
 
 
@@ -216,6 +226,7 @@ class Runner:
                     "tokens": len(tokens),
                     "seconds": seconds,
                     "tokens_per_s": len(tokens) / seconds,
+                    "load_average_1m": os.getloadavg()[0],
                     "token_ids": tokens,
                     **self.check(method, prompt, tokens),
                     "stats": stats,
@@ -345,6 +356,7 @@ def summarise(runs: list[dict], methods: list[Method], classes: list[str]) -> li
                 "new_tokens": sum(r["tokens"] for r in mine),
                 "seconds": sum(r["seconds"] for r in mine),
                 "tokens_per_s": statistics.median(statistics.median(v) for v in by_prompt.values()),
+                "max_load_average_1m": max(r["load_average_1m"] for r in mine),
                 # Accepted draft tokens + bonus per verify round, pooled over the runs.
                 "mean_accepted_per_round": sum(r["tokens"] for r in mine) / rounds if rounds else None,
                 "lossless": all(r["matches_target"] for r in mine),
@@ -359,13 +371,13 @@ def summarise(runs: list[dict], methods: list[Method], classes: list[str]) -> li
 
 def format_table(rows: list[dict], cls: str, prompts: int, max_new_tokens: int) -> str:
     lines = [f"\n{cls} ({prompts} prompt{'s' if prompts != 1 else ''}, up to {max_new_tokens} new tokens each; * = best of its mode)",
-             f"{'method':<24} {'settings':<22} {'tok/s':>7} {'speedup':>8} {'tok/round':>10}  lossless"]
+             f"{'method':<24} {'settings':<22} {'tok/s':>7} {'speedup':>8} {'tok/round':>10} {'max load':>9}  lossless"]
     for r in (r for r in rows if r["class"] == cls):
         method = Method(r["mode"], json.loads(r["settings"]))
         per_round = f"{r['mean_accepted_per_round']:.2f}" if r["mean_accepted_per_round"] is not None else "-"
         best = "*" if r["best_of_mode"] and sum(x["class"] == cls and x["mode"] == r["mode"] for x in rows) > 1 else " "
         lines.append(f"{best}{method.name:<23} {method.settings_text:<22} {r['tokens_per_s']:>7.2f} "
-                     f"{r['speedup']:>7.2f}x {per_round:>10}  {'ok' if r['lossless'] else 'MISMATCH'}")
+                     f"{r['speedup']:>7.2f}x {per_round:>10} {r['max_load_average_1m']:>9.1f}  {'ok' if r['lossless'] else 'MISMATCH'}")
     return "\n".join(lines)
 
 
@@ -428,13 +440,13 @@ def bench(args: argparse.Namespace) -> int:
 
     transformers.logging.set_verbosity_error()  # keep generate's advice off the progress bar
     started, wall_start = time.strftime("%Y%m%dT%H%M%S"), time.perf_counter()
+    prompts = load_prompts(args.prompts)
+    methods = methods_for(args)
     load_start = os.getloadavg()
     if load_start[0] > 0.5 * (os.cpu_count() or 1):
         # Other work on the same cores slows every method unevenly; say so next to the numbers.
         print(f"specdec bench: warning: load average {load_start[0]:.1f} on {os.cpu_count()} cores; "
               "timings will be noisy", file=sys.stderr)
-    prompts = load_prompts(args.prompts)
-    methods = methods_for(args)
     classes = list(dict.fromkeys(p.cls for p in prompts)) + [ALL_CLASSES]
     # One tokenisation, sent as ids to every method, so all of them see exactly the same input.
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(args.target_model))
@@ -487,6 +499,10 @@ def bench(args: argparse.Namespace) -> int:
             print(f"  {row['label']:<40} {row['tokens_per_s']:6.2f} tok/s  {row['speedup']:.2f}x")
     if assisted:
         print("\nassisted: transformers defaults " + ", ".join(f"{k}={v}" for k, v in assisted.items()))
+    loads = [r["load_average_1m"] for r in runner.runs]
+    print(f"\nmax load: the highest 1-minute load average seen after a run. Over all runs: "
+          f"median {statistics.median(loads):.1f}, max {max(loads):.1f}, on {os.cpu_count()} cores"
+          + ("; above the core count, other work was likely competing and stretching wall times" if max(loads) > (os.cpu_count() or 1) else ""))
     if runner.mismatches:
         print(f"\nlossless check FAILED: {len(runner.mismatches)} run(s) differ from target-only:")
         for line in runner.mismatches:

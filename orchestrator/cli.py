@@ -1,4 +1,5 @@
-"""The ``specdec`` command: generate, run a local cluster, fetch models, serve one service, benchmark."""
+"""The ``specdec`` command: generate, run a local cluster, fetch models, serve one service, benchmark,
+analyse traces."""
 
 from __future__ import annotations
 
@@ -60,6 +61,10 @@ def main(argv: list[str] | None = None) -> int:
 
     # Listed for help only: main() hands `bench` and its flags to orchestrator.bench (see: specdec bench --help).
     commands.add_parser("bench", help="benchmark specdec against target-only and assisted generation")
+
+    from orchestrator import traces
+
+    traces.add_parser(commands)
 
     args = parser.parse_args(argv)
     try:

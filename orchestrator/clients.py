@@ -4,9 +4,11 @@ VerifyClient: plain lists in, plain lists out."""
 from __future__ import annotations
 
 import grpc
+import torch
 
 from specdec.errors import NotReady
-from specdec.rpc import channel_options
+from specdec.rpc import channel_options, distribution_from_pb
+from specdec.rpc_telemetry import traced_channel
 from specdec.tree import TokenTree
 from specdec.v1 import common_pb2, draft_pb2, draft_pb2_grpc, verify_pb2, verify_pb2_grpc
 
@@ -18,7 +20,7 @@ class _Client:
 
     def __init__(self, address: str, max_message_mb: int = 64) -> None:
         self.address = address
-        self.channel = grpc.insecure_channel(address, options=channel_options(max_message_mb))
+        self.channel = traced_channel(grpc.insecure_channel(address, options=channel_options(max_message_mb)), address)
         self.stub = self.stub_class(self.channel)
 
     def info(self, timeout_s: float = 10.0) -> common_pb2.ModelInfo:
@@ -47,6 +49,21 @@ class GrpcDraftClient(_Client):
         )
         return [list(beam.token_ids) for beam in reply.beams]
 
+    def draft_sampled(self, session_id, context, chains, depth, timeout_s, sampling, seed, vocab_size):
+        """Sampled chains and, for each chain token, the exact distribution it was drawn from."""
+        reply = self.stub.DraftBeams(
+            draft_pb2.DraftBeamsRequest(
+                session_id=session_id, context_token_ids=context, beam_width=chains, beam_depth=depth,
+                temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k, seed=seed,
+            ),
+            timeout=timeout_s,
+        )
+        dists = [distribution_from_pb(d, vocab_size) for d in reply.distributions]
+        return (
+            [list(beam.token_ids) for beam in reply.beams],
+            [[dists[i] for i in beam.distribution_index] for beam in reply.beams],
+        )
+
 
 class GrpcVerifyClient(_Client):
     stub_class = verify_pb2_grpc.VerifyServiceStub
@@ -62,6 +79,17 @@ class GrpcVerifyClient(_Client):
             timeout=timeout_s,
         )
         return list(reply.target_token_ids)
+
+    def verify_sampled(self, session_id, context, tree: TokenTree, timeout_s: float, sampling, vocab_size: int):
+        """The target's warped distributions at the context end and after each node: ``[n + 1, vocab]``."""
+        reply = self.stub.VerifyTree(
+            verify_pb2.VerifyTreeRequest(
+                session_id=session_id, context_token_ids=context, tree_token_ids=tree.tokens, tree_parents=tree.parents,
+                temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
+            ),
+            timeout=timeout_s,
+        )
+        return torch.stack([distribution_from_pb(d, vocab_size) for d in reply.target_distributions])
 
 
 def check_fingerprints(target: common_pb2.ModelInfo, drafts: dict[str, common_pb2.ModelInfo], own: str | None = None) -> None:

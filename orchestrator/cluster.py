@@ -7,7 +7,6 @@ tests, so all of them exercise real processes talking real gRPC.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import socket
@@ -28,12 +27,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _die_with_parent() -> None:
-    # Children must not outlive a launcher that is killed outright (SIGKILL skips our cleanup).
-    try:
-        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
+# Children must not outlive a launcher that is killed outright (SIGKILL skips our cleanup), so each
+# asks for SIGTERM when its parent dies (PR_SET_PDEATHSIG) before running its service module. The
+# child does it itself rather than in a preexec_fn: a preexec_fn forces a plain fork(), and a fork
+# while this process has gRPC threads running (health checks, an OTLP receiver in a test) can kill
+# the child in gRPC's fork handlers before it ever runs.
+_CHILD_BOOT = """
+import ctypes, os, runpy, signal, sys
+try:
+    ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)
+except OSError:
+    pass
+if os.getppid() != int(sys.argv.pop(1)):
+    sys.exit(1)  # the launcher died before the request took effect
+runpy.run_module(sys.argv.pop(1), run_name="__main__", alter_sys=True)
+"""
 
 
 @dataclass
@@ -42,6 +50,7 @@ class Process:
     address: str
     popen: subprocess.Popen
     log_path: Path | None
+    metrics_address: str = ""  # host:port of its Prometheus /metrics, when metrics are on
 
     def log_tail(self, lines: int = 30) -> str:
         if self.log_path is None or not self.log_path.exists():
@@ -73,13 +82,13 @@ class LocalCluster:
             verify_port = free_port()
             self.verify_address = f"127.0.0.1:{verify_port}"
             self._spawn("verify", "verify_service", verify_port,
-                        ["--target-model", s.target_model, "--device", s.verify_device, "--dtype", s.dtype])
+                        ["--target-model", s.target_model, "--device", s.verify_device, "--dtype", s.dtype], metrics_offset=1)
             devices = s.draft_devices if len(s.draft_devices) == len(s.draft_models) else s.draft_devices[:1] * len(s.draft_models)
             for i, (model, device) in enumerate(zip(s.draft_models, devices)):
                 port = free_port()
                 self.draft_addresses.append(f"127.0.0.1:{port}")
                 self._spawn(f"draft-{i}", "draft_service", port,
-                            ["--draft-model", model, "--device", device, "--dtype", s.dtype])
+                            ["--draft-model", model, "--device", device, "--dtype", s.dtype], metrics_offset=2 + i)
             for process in self.processes:
                 self._wait(process)
             port = s.port or free_port()
@@ -91,7 +100,7 @@ class LocalCluster:
             orchestrator = self._spawn("orchestrator", "orchestrator", port, [
                 "--target-model", s.target_model, "--verify-address", self.verify_address,
                 "--draft-addresses", ",".join(self.draft_addresses), "--log-dir", s.log_dir, *speculation,
-            ])
+            ], metrics_offset=0)
             self._wait(orchestrator)
         except BaseException:
             self.stop()
@@ -99,19 +108,22 @@ class LocalCluster:
         self.orchestrator_address = orchestrator.address
         return self.orchestrator_address
 
-    def _spawn(self, name: str, module: str, port: int, args: list[str]) -> Process:
+    def _spawn(self, name: str, module: str, port: int, args: list[str], metrics_offset: int = 0) -> Process:
+        s = self.settings
+        # Every service appends to the one trace file; metrics ports follow each other from metrics_port.
+        metrics_port = s.metrics_port + metrics_offset if s.metrics_port else 0
+        args = [*args, "--trace-file", s.trace_file, "--metrics-port", str(metrics_port)]
         log_path = self._logs / f"{name}.log" if self.quiet else None
         out = open(log_path, "w") if log_path else None
         popen = subprocess.Popen(
-            [sys.executable, "-m", module, "--host", "127.0.0.1", "--port", str(port), *args],
+            [sys.executable, "-c", _CHILD_BOOT, str(os.getpid()), module, "--host", "127.0.0.1", "--port", str(port), *args],
             stdout=out or sys.stderr,
             stderr=subprocess.STDOUT,
             env={**os.environ, **self.env},
-            preexec_fn=_die_with_parent,
         )
         if out:
             out.close()
-        process = Process(name, f"127.0.0.1:{port}", popen, log_path)
+        process = Process(name, f"127.0.0.1:{port}", popen, log_path, f"127.0.0.1:{metrics_port}" if metrics_port else "")
         self.processes.append(process)
         return process
 

@@ -19,6 +19,7 @@ the service, in-process engines in tests, the same loop either way.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import time
 import uuid
@@ -26,7 +27,11 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Protocol
 
+from orchestrator.instrumentation import GenerationInstrumentation
+import torch
+
 from specdec.errors import InvalidRequest, Unavailable, check_range
+from specdec.sampling import Candidate, SamplingParams, accept_sampled_tree
 from specdec.tree import TokenTree, TokenTrie, greedy_accept
 
 log = logging.getLogger("specdec.orchestrator")
@@ -43,9 +48,18 @@ class DraftClient(Protocol):
     def release(self, session_id: str) -> None: ...
 
 
+class SamplingDraftClient(DraftClient, Protocol):
+    def draft_sampled(self, session_id, context, chains, depth, timeout_s, sampling, seed, vocab_size):
+        """``(chains, dists)``: independent sampled chains, and for each chain token the exact
+        distribution (``[vocab]`` tensor) the draft drew it from."""
+
+
 class VerifyClient(Protocol):
     def verify(self, session_id: str, context: list[int], tree: TokenTree, timeout_s: float) -> list[int]:
         """The target's token at the context end and after each node: ``len(tree) + 1`` entries."""
+
+    def verify_sampled(self, session_id, context, tree, timeout_s, sampling, vocab_size) -> torch.Tensor:
+        """The target's warped distributions at the context end and after each node: ``[n + 1, vocab]``."""
 
     def release(self, session_id: str) -> None: ...
 
@@ -61,6 +75,7 @@ class GenerationRequest:
     max_tree_nodes: int
     stop: list[str] = field(default_factory=list)
     include_rounds: bool = False
+    sampling: SamplingParams = field(default_factory=SamplingParams)  # temperature 0: greedy
 
 
 @dataclass
@@ -162,6 +177,7 @@ class SpeculativeController:
         decode: Callable[[list[int]], str],
         draft_timeout_s: float = 10.0,
         verify_timeout_s: float = 60.0,
+        instrumentation: GenerationInstrumentation | None = None,
     ) -> None:
         self.verifier = verifier
         self.drafts = drafts
@@ -170,6 +186,7 @@ class SpeculativeController:
         self.draft_timeout_s = draft_timeout_s
         self.verify_timeout_s = verify_timeout_s
         self._pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="draft-call")
+        self.instrumentation = instrumentation or GenerationInstrumentation()  # round spans and metrics
 
     def check(self, req: GenerationRequest) -> None:
         """Raise InvalidRequest naming the field for anything the loop cannot serve."""
@@ -202,8 +219,11 @@ class SpeculativeController:
             except StopIteration as done:
                 return done.value
 
-    def stream(self, req: GenerationRequest) -> Iterator[RoundRecord]:
-        """Yield each round as it completes; the generator's return value is the result."""
+    def stream(self, req: GenerationRequest, trace_parent=None) -> Iterator[RoundRecord]:
+        """Yield each round as it completes; the generator's return value is the result.
+
+        ``trace_parent``: the OpenTelemetry context of the generation's span, parent of the round spans.
+        """
         self.check(req)
         session_id = f"gen-{uuid.uuid4()}"
         start = time.perf_counter()
@@ -211,6 +231,10 @@ class SpeculativeController:
         rounds: list[RoundRecord] = []
         tallies = {d.name: DraftTally() for d in self.drafts} if req.mode != AUTOREGRESSIVE else {}
         finish, first_token_ms, draft_ms, verify_ms = "length", 0.0, 0.0, 0.0
+        sampling = req.sampling if not req.sampling.greedy else None
+        # One generator per request drives every random choice (draft seeds, accept coins, bonus
+        # draws): a fixed seed replays the same output on the same cluster configuration.
+        generator = torch.Generator().manual_seed(req.sampling.seed or int.from_bytes(uuid.uuid4().bytes[:7], "big"))
         try:
             while len(output) < req.max_new_tokens:
                 context = req.prompt_ids + output
@@ -221,47 +245,61 @@ class SpeculativeController:
                     depth = min(depth, self.limits.max_context - len(context) - 1)
                 width = req.beam_width if req.mode == TREE else 1
 
-                t0 = time.perf_counter()
-                proposals, fallback_reason = self._propose(req.mode, session_id, context, width, depth)
-                t1 = time.perf_counter()
-                tree = self._merge(proposals, req.max_tree_nodes)
-                target_tokens = self.verifier.verify(session_id, context, tree, self.verify_timeout_s)
-                t2 = time.perf_counter()
-                if len(target_tokens) != len(tree) + 1:
-                    raise Unavailable(f"verify service returned {len(target_tokens)} tokens for a tree of {len(tree)}")
+                # The round's trace span (current while it runs) and metrics; nothing when both are off.
+                with self.instrumentation.round(trace_parent, len(rounds), req.mode) as observed:
+                    t0 = time.perf_counter()
+                    proposals, fallback_reason, dists = self._propose(
+                        req.mode, session_id, context, width, depth, sampling, generator
+                    )
+                    t1 = time.perf_counter()
+                    if sampling is None:
+                        tree = self._merge(proposals, req.max_tree_nodes)
+                        target = self.verifier.verify(session_id, context, tree, self.verify_timeout_s)
+                    else:
+                        tree, candidates = self._merge_sampled(proposals, dists, req.max_tree_nodes)
+                        target = self.verifier.verify_sampled(
+                            session_id, context, tree, self.verify_timeout_s, sampling, self.limits.vocab_size
+                        )
+                    t2 = time.perf_counter()
+                    if len(target) != len(tree) + 1:
+                        raise Unavailable(f"verify service returned {len(target)} predictions for a tree of {len(tree)}")
 
-                accepted_nodes, bonus = greedy_accept(tree, target_tokens)
-                accepted = [tree.tokens[i] for i in accepted_nodes]
-                new_tokens, stopped = self._truncate(accepted + [bonus], output, remaining, req.stop)
-                # A stop inside the accepted path cuts it: the round accepted only what reached the output.
-                accepted_nodes, accepted = accepted_nodes[: len(new_tokens)], accepted[: len(new_tokens)]
-                output.extend(new_tokens)
-                if not first_token_ms and output:
-                    first_token_ms = (time.perf_counter() - start) * 1e3
-                draft_ms += (t1 - t0) * 1e3
-                verify_ms += (t2 - t1) * 1e3
+                    if sampling is None:
+                        accepted_nodes, bonus = greedy_accept(tree, target)
+                    else:
+                        accepted_nodes, bonus = accept_sampled_tree(tree.tokens, target, candidates, generator)
+                    accepted = [tree.tokens[i] for i in accepted_nodes]
+                    new_tokens, stopped = self._truncate(accepted + [bonus], output, remaining, req.stop)
+                    # A stop inside the accepted path cuts it: the round accepted only what reached the output.
+                    accepted_nodes, accepted = accepted_nodes[: len(new_tokens)], accepted[: len(new_tokens)]
+                    output.extend(new_tokens)
+                    if not first_token_ms and output:
+                        first_token_ms = (time.perf_counter() - start) * 1e3
+                    draft_ms += (t1 - t0) * 1e3
+                    verify_ms += (t2 - t1) * 1e3
 
-                winner, by_draft = self._credit(tree, accepted_nodes, proposals, tallies)
-                # A correction: some draft proposed a token at the bonus position and the target disagreed.
-                at_bonus = accepted_nodes[-1] if accepted_nodes else -1
-                correction = len(new_tokens) > len(accepted) and any(p == at_bonus for p in tree.parents)
-                record = RoundRecord(
-                    index=len(rounds),
-                    proposals=proposals,
-                    accepted=accepted,
-                    bonus_token=bonus if len(new_tokens) > len(accepted) else None,
-                    bonus_is_correction=correction,
-                    winning_draft=winner,
-                    tree_nodes=len(tree),
-                    branching_factor=tree.branching_factor(),
-                    draft_ms=(t1 - t0) * 1e3,
-                    verify_ms=(t2 - t1) * 1e3,
-                    fallback=req.mode != AUTOREGRESSIVE and not proposals,
-                    fallback_reason=fallback_reason,
-                    new_tokens=new_tokens,
-                    accepted_by_draft=by_draft,
-                )
-                rounds.append(record)
+                    winner, by_draft = self._credit(tree, accepted_nodes, proposals, tallies)
+                    # A correction: some draft proposed a token at the bonus position and the target disagreed.
+                    at_bonus = accepted_nodes[-1] if accepted_nodes else -1
+                    correction = len(new_tokens) > len(accepted) and any(p == at_bonus for p in tree.parents)
+                    record = RoundRecord(
+                        index=len(rounds),
+                        proposals=proposals,
+                        accepted=accepted,
+                        bonus_token=bonus if len(new_tokens) > len(accepted) else None,
+                        bonus_is_correction=correction,
+                        winning_draft=winner,
+                        tree_nodes=len(tree),
+                        branching_factor=tree.branching_factor(),
+                        draft_ms=(t1 - t0) * 1e3,
+                        verify_ms=(t2 - t1) * 1e3,
+                        fallback=req.mode != AUTOREGRESSIVE and not proposals,
+                        fallback_reason=fallback_reason,
+                        new_tokens=new_tokens,
+                        accepted_by_draft=by_draft,
+                    )
+                    rounds.append(record)
+                    observed.record = record
                 yield record
                 if stopped:
                     finish = "stop"
@@ -282,33 +320,50 @@ class SpeculativeController:
             time_to_first_token_ms=first_token_ms,
         )
 
-    def _propose(self, mode: str, session_id: str, context: list[int], width: int, depth: int):
-        """Ask every draft at once; returns ({draft: beams}, fallback reason or "")."""
+    def _propose(self, mode: str, session_id: str, context: list[int], width: int, depth: int, sampling, generator):
+        """Ask every draft at once; returns ({draft: beams}, fallback reason or "", {draft: per-beam
+        per-token distributions} under sampling)."""
         if mode == AUTOREGRESSIVE:
-            return {}, ""
+            return {}, "", {}
         if not self.drafts:
-            return {}, "no draft services configured"
+            return {}, "no draft services configured", {}
         if depth <= 0:
-            return {}, "token budget leaves no room to draft"
-        calls = {
-            self._pool.submit(d.draft, session_id, context, width, depth, self.draft_timeout_s): d for d in self.drafts
-        }
+            return {}, "token budget leaves no room to draft", {}
+        # Each call runs in a copy of this thread's context, so its trace span is the round's child.
+        if sampling is None:
+            calls = {
+                self._pool.submit(contextvars.copy_context().run, d.draft, session_id, context, width, depth, self.draft_timeout_s): d
+                for d in self.drafts
+            }
+        else:
+            seeds = torch.randint(1 << 62, (len(self.drafts),), generator=generator).tolist()
+            calls = {
+                self._pool.submit(
+                    contextvars.copy_context().run, d.draft_sampled, session_id, context, width, depth,
+                    self.draft_timeout_s, sampling, seed, self.limits.vocab_size,
+                ): d
+                for d, seed in zip(self.drafts, seeds)
+            }
         done, late = wait(calls, timeout=self.draft_timeout_s)
-        proposals, failures = {}, []
+        proposals, failures, dists = {}, [], {}
         for future in calls:
             draft = calls[future]
             if future in late:
                 failures.append(f"{draft.name}: missed the {self.draft_timeout_s * 1e3:.0f} ms deadline")
                 continue
             try:
-                beams = [b[:depth] for b in future.result() if b]
+                result = future.result()
             except Exception as exc:  # noqa: BLE001 - a failing draft costs speed, never the generation
                 log.warning("draft %s failed: %s", draft.name, exc)
                 failures.append(f"{draft.name}: {exc}")
                 continue
-            if beams:
-                proposals[draft.name] = beams
-        return proposals, "; ".join(failures) if not proposals else ""
+            beams, beam_dists = result if sampling is not None else (result, None)
+            keep = [i for i, b in enumerate(beams) if b]
+            if keep:
+                proposals[draft.name] = [beams[i][:depth] for i in keep]
+                if beam_dists is not None:
+                    dists[draft.name] = [beam_dists[i][:depth] for i in keep]
+        return proposals, "; ".join(failures) if not proposals else "", dists
 
     def _merge(self, proposals: dict[str, list[list[int]]], max_nodes: int) -> TokenTree:
         """One trie of every draft's beams; each draft's best beam goes in first, so a node cap trims
@@ -326,6 +381,32 @@ class SpeculativeController:
                     valid = next((i for i, t in enumerate(path) if not 0 <= t < vocab), len(path))
                     trie.insert(path[:valid], source)
         return trie.tree
+
+    def _merge_sampled(self, proposals, dists, max_nodes: int) -> tuple[TokenTree, dict[int, list[Candidate]]]:
+        """The trie of sampled chains, and each node's candidates for the acceptance rule.
+
+        Every chain token is a candidate at its parent node, duplicates included (they are separate
+        draws). The size cap counts chain tokens in a fixed order, never looking at their values:
+        cutting a draw because of its own value would bias what is accepted.
+        """
+        trie, candidates = TokenTrie(), {}
+        names = list(proposals)
+        budget = max_nodes
+        for rank in range(max((len(b) for b in proposals.values()), default=0)):
+            for source, name in enumerate(names):
+                if rank >= len(proposals[name]):
+                    continue
+                path, path_dists = proposals[name][rank][:budget], dists[name][rank]
+                budget -= len(path)
+                node = -1
+                for depth, token in enumerate(path):
+                    if not 0 <= token < self.limits.vocab_size:
+                        break
+                    trie.insert(path[: depth + 1], source)
+                    child = trie.child(node, token)
+                    candidates.setdefault(node, []).append(Candidate(child, path_dists[depth]))
+                    node = child
+        return trie.tree, candidates
 
     def _credit(self, tree: TokenTree, accepted_nodes: list[int], proposals, tallies):
         """Update per-draft tallies; returns (winning draft name, accepted count per draft)."""

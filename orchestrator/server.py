@@ -7,6 +7,7 @@ draft (or its own tokenizer) whose tokenizer fingerprint differs from the target
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -15,6 +16,7 @@ import uuid
 from pathlib import Path
 
 from orchestrator.clients import GrpcDraftClient, GrpcVerifyClient, check_fingerprints
+from orchestrator.instrumentation import GenerationInstrumentation
 from orchestrator.controller import (
     AUTOREGRESSIVE,
     SEQUENTIAL,
@@ -27,7 +29,8 @@ from orchestrator.controller import (
 )
 from specdec import config
 from specdec.errors import InvalidRequest, NotReady
-from specdec.rpc import rpc_method, start_server
+from specdec.rpc import rpc_method, sampling_params, start_server
+from specdec.rpc_telemetry import start_telemetry
 from specdec.serving import announce, serve_until_signalled, setup_logging
 from specdec.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 
@@ -65,7 +68,8 @@ class TextStream:
 
 
 class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
-    def __init__(self, settings: config.OrchestratorSettings, tokenizer, verify_client, draft_clients, target_info) -> None:
+    def __init__(self, settings: config.OrchestratorSettings, tokenizer, verify_client, draft_clients, target_info,
+                 metrics=None) -> None:
         self.settings = settings
         self.tokenizer = tokenizer
         self.target_info = target_info
@@ -76,6 +80,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             max_new_tokens_limit=settings.max_new_tokens_limit,
             eos_token_ids=frozenset(target_info.eos_token_ids),
         )
+        # The generation's trace and the metrics (specdec.metrics.OrchestratorMetrics, or None when off).
+        self.instrumentation = GenerationInstrumentation(target_info.model, metrics)
         self.controller = SpeculativeController(
             verify_client,
             draft_clients,
@@ -83,6 +89,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             decode=self.decode,
             draft_timeout_s=settings.draft_timeout_ms / 1e3,
             verify_timeout_s=settings.verify_timeout_ms / 1e3,
+            instrumentation=self.instrumentation,
         )
 
     def decode(self, tokens: list[int]) -> str:
@@ -104,10 +111,10 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             mode = MODE_OF_ENUM[request.mode]
         else:
             raise InvalidRequest(f"mode = {request.mode} is not a known DecodingMode")
-        if request.sampling.temperature < 0:
-            raise InvalidRequest(f"sampling.temperature = {request.sampling.temperature} must be >= 0")
-        if request.sampling.temperature > 0:
-            raise InvalidRequest("sampling.temperature > 0: sampling is not supported yet; use 0 (greedy)")
+        try:
+            sampling = sampling_params(request.sampling, seed=request.sampling.seed)
+        except InvalidRequest as exc:
+            raise InvalidRequest(f"sampling.{exc}") from None
         for i, stop in enumerate(request.stop):
             if not stop:
                 raise InvalidRequest(f"stop[{i}] is empty")
@@ -121,6 +128,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             max_tree_nodes=spec.max_tree_nodes or s.max_tree_nodes,
             stop=list(request.stop),
             include_rounds=request.include_rounds,
+            sampling=sampling,
         )
 
     def default_max_new_tokens(self, prompt_len: int) -> int:
@@ -130,17 +138,21 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
 
     @rpc_method
     def Generate(self, request, context):
-        req = self.to_request(request)
-        self.controller.check(req)
-        stream = self.controller.stream(req)
-        try:
-            while True:
-                next(stream)
-                if not context.is_active():
-                    stream.close()
-                    return generation_pb2.GenerateResponse()
-        except StopIteration as done:
-            result = done.value
+        with self.instrumentation.generation("Generate", context) as observed:
+            req = self.to_request(request)
+            self.controller.check(req)
+            observed.set_request(req, request.sampling.temperature)
+            stream = self.controller.stream(req, observed.trace_parent)
+            try:
+                while True:
+                    next(stream)
+                    if not context.is_active():
+                        stream.close()
+                        observed.cancelled()
+                        return generation_pb2.GenerateResponse()
+            except StopIteration as done:
+                result = done.value
+            observed.finish(result)
         self.write_log(req, result)
         return generation_pb2.GenerateResponse(
             text=result.text,
@@ -153,22 +165,26 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
 
     @rpc_method
     def GenerateStream(self, request, context):
-        req = self.to_request(request)
-        self.controller.check(req)
-        text = TextStream(lambda tokens: self.controller.render_text(tokens, req.stop), req.stop)
-        stream = self.controller.stream(req)
-        try:
-            while True:
-                record = next(stream)
-                yield generation_pb2.GenerateStreamResponse(
-                    token_ids=record.new_tokens,
-                    text=text.push(record.new_tokens),
-                    round=round_pb(record) if req.include_rounds else None,
-                )
-        except StopIteration as done:
-            result = done.value
-        finally:
-            stream.close()
+        # The generation span is not made current here: this generator yields inside it.
+        with self.instrumentation.generation("GenerateStream", context) as observed:
+            req = self.to_request(request)
+            self.controller.check(req)
+            observed.set_request(req, request.sampling.temperature)
+            text = TextStream(lambda tokens: self.controller.render_text(tokens, req.stop), req.stop)
+            stream = self.controller.stream(req, observed.trace_parent)
+            try:
+                while True:
+                    record = next(stream)
+                    yield generation_pb2.GenerateStreamResponse(
+                        token_ids=record.new_tokens,
+                        text=text.push(record.new_tokens),
+                        round=round_pb(record) if req.include_rounds else None,
+                    )
+            except StopIteration as done:
+                result = done.value
+            finally:
+                stream.close()
+            observed.finish(result)
         self.write_log(req, result)
         # The last message: any text held back, and the totals.
         yield generation_pb2.GenerateStreamResponse(
@@ -207,7 +223,7 @@ def token_texts(tokens: list[int], decode) -> list[str]:
 def run_log(req: GenerationRequest, result: GenerationResult, target_model: str) -> dict:
     return {
         "target_model": target_model,
-        "request": {k: v for k, v in vars(req).items() if k != "prompt_ids"} | {"prompt_tokens": len(req.prompt_ids)},
+        "request": {k: v for k, v in dataclasses.asdict(req).items() if k != "prompt_ids"} | {"prompt_tokens": len(req.prompt_ids)},
         "text": result.text,
         "token_ids": result.token_ids,
         "finish_reason": result.finish_reason,
@@ -260,7 +276,7 @@ def round_pb(r: RoundRecord) -> generation_pb2.Round:
     )
 
 
-def build_servicer(settings: config.OrchestratorSettings, startup_timeout_s: float = 600.0) -> GenerationServicer:
+def build_servicer(settings: config.OrchestratorSettings, startup_timeout_s: float = 600.0, metrics=None) -> GenerationServicer:
     from transformers import AutoTokenizer
 
     from specdec.model_store import resolve_model, tokenizer_fingerprint
@@ -276,7 +292,7 @@ def build_servicer(settings: config.OrchestratorSettings, startup_timeout_s: flo
     check_fingerprints(target_info, draft_infos, own=tokenizer_fingerprint(tokenizer))
     for client, info in zip(draft_clients, draft_infos.values()):
         client.name = f"{client.name} ({Path(info.model).name})"
-    return GenerationServicer(settings, tokenizer, verify_client, draft_clients, target_info)
+    return GenerationServicer(settings, tokenizer, verify_client, draft_clients, target_info, metrics)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -284,8 +300,10 @@ def main(argv: list[str] | None = None) -> None:
     config.add_arguments(parser, config.OrchestratorSettings)
     settings = config.from_args(config.OrchestratorSettings, parser.parse_args(argv))
     setup_logging()
+    # Before the clients are built: their channels carry trace context only when tracing is on.
+    _, metrics = start_telemetry("orchestrator", settings, attributes={"specdec.model": settings.target_model})
     try:
-        servicer = build_servicer(settings)
+        servicer = build_servicer(settings, metrics=metrics)
     except NotReady as exc:
         # A refused configuration is the operator's to fix: say why plainly, no traceback.
         print(f"specdec orchestrator: cannot start: {exc}", file=sys.stderr, flush=True)

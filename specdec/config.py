@@ -28,6 +28,8 @@ class ServerSettings:
     host: str = _setting("127.0.0.1", "address to listen on (0.0.0.0 in containers)")
     port: int = _setting(0, "port to listen on (0 = pick a free one and print it)")
     max_message_mb: int = _setting(64, "largest gRPC message accepted or sent, MiB")
+    trace_file: str = _setting("", "append every span to this JSON-lines file ('' = off; OTLP export is set by the OTEL_* variables)")
+    metrics_port: int = _setting(0, "serve Prometheus metrics on this port at /metrics (0 = off)")
 
 
 @dataclass
@@ -82,6 +84,8 @@ class ClusterSettings(SpeculationDefaults):
     dtype: str = _setting("float32", "model dtype for every service")
     log_dir: str = _setting("logs", "orchestrator statistics directory")
     startup_timeout_s: int = _setting(600, "how long to wait for every service to report SERVING")
+    trace_file: str = _setting("", "every service appends its spans to this JSON-lines file ('' = off)")
+    metrics_port: int = _setting(0, "first Prometheus metrics port: orchestrator, then verify, then each draft on the next ports (0 = off)")
 
 
 def env_name(name: str) -> str:

@@ -12,6 +12,7 @@ import inspect
 
 import torch
 
+from specdec import telemetry
 from specdec.kv_cache import SessionKV
 from specdec.tree import tree_attention_mask, tree_positions
 
@@ -40,9 +41,12 @@ def tree_forward(
     input_ids = torch.tensor([pending + new_tokens], dtype=torch.long, device=device)
     cache_position = torch.arange(cached_len, cached_len + q, dtype=torch.long, device=device)
     if new_tokens:
-        tail_parents = session.tail_parents + new_parents
-        mask = tree_attention_mask(prefix_len, len(pending), tail_parents, len(new_tokens)).to(device)
-        position_ids = tree_positions(prefix_len + len(pending), len(pending), tail_parents, len(new_tokens)).to(device)
+        with telemetry.span("specdec.tree_mask") as span:
+            tail_parents = session.tail_parents + new_parents
+            mask = tree_attention_mask(prefix_len, len(pending), tail_parents, len(new_tokens)).to(device)
+            position_ids = tree_positions(prefix_len + len(pending), len(pending), tail_parents, len(new_tokens)).to(device)
+            span.set_attribute("specdec.tree.nodes", len(new_tokens))
+            span.set_attribute("specdec.cached_tokens", cached_len)
     else:
         # Plain causal extension: let the model build its own (faster, is_causal) mask.
         mask, position_ids = None, cache_position[None]
@@ -55,7 +59,7 @@ def tree_forward(
         logits_to_keep=logits_to_keep,
         **{_cache_kwarg(model): session.cache},
     )
-    session.cache = out.past_key_values
+    # The DynamicCache was updated in place (reading it back from the output only warns).
     session.extend_prefix(pending)
     session.extend_tail(new_tokens, new_parents)
     return out.logits[0].float()

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
+from specdec import telemetry
+
 
 def common_prefix_len(a: list[int], b: list[int]) -> int:
     n = min(len(a), len(b))
@@ -85,7 +87,10 @@ class SessionKV:
             accepted = self._tail_path(context[prefix_len:])
             if accepted:
                 keep = torch.tensor(list(range(prefix_len)) + [prefix_len + i for i in accepted], dtype=torch.long)
-                cache_select(self.cache, keep)
+                with telemetry.span("specdec.cache.compact") as span:
+                    cache_select(self.cache, keep)
+                    span.set_attribute("specdec.cache.kept_tail_nodes", len(accepted))
+                    span.set_attribute("specdec.cache.dropped_tail_nodes", len(self.tail_tokens) - len(accepted))
                 self.prefix_tokens = self.prefix_tokens + [self.tail_tokens[i] for i in accepted]
                 reused = len(self.prefix_tokens)
         self.tail_tokens, self.tail_parents = [], []
@@ -165,3 +170,7 @@ class SessionStore:
     def cached_tokens(self) -> int:
         with self._lock:
             return sum(s.cached_len for s in self._sessions.values())
+
+    def cached_bytes(self) -> int:
+        with self._lock:
+            return sum(s.nbytes for s in self._sessions.values())

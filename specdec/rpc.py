@@ -81,17 +81,55 @@ def model_info_pb(info: ModelDescription, store) -> common_pb2.ModelInfo:
     )
 
 
+def sampling_params(message, seed: int = 0):
+    """SamplingParams from a request's temperature / top_p / top_k fields, checked."""
+    from specdec.sampling import SamplingParams
+
+    if not message.temperature >= 0:  # also catches NaN
+        raise InvalidRequest(f"temperature = {message.temperature} must be >= 0")
+    if not 0 <= message.top_p <= 1:
+        raise InvalidRequest(f"top_p = {message.top_p} must be in [0, 1]")
+    if message.top_k < 0:
+        raise InvalidRequest(f"top_k = {message.top_k} must be >= 0")
+    return SamplingParams(temperature=message.temperature, top_k=message.top_k, top_p=message.top_p or 1.0, seed=seed)
+
+
+def distribution_pb(probs, precision) -> common_pb2.Distribution:
+    from specdec.sampling import pack
+
+    data, token_ids = pack(probs)
+    return common_pb2.Distribution(precision=precision, probs=data, token_ids=token_ids, vocab_size=len(probs))
+
+
+def distribution_from_pb(message, vocab_size: int):
+    """The exact distribution a service sent (float64 for drafts, float32 for the target)."""
+    import torch
+
+    from specdec.sampling import normalise16, unpack
+
+    if message.vocab_size != vocab_size:
+        raise InvalidRequest(f"a distribution over {message.vocab_size} tokens does not fit the vocabulary of {vocab_size}")
+    if any(not 0 <= t < vocab_size for t in message.token_ids):
+        raise InvalidRequest("a distribution names a token outside the vocabulary")
+    if message.precision == common_pb2.Distribution.PRECISION_FLOAT16:
+        return normalise16(unpack(message.probs, list(message.token_ids), vocab_size, torch.float16))
+    return unpack(message.probs, list(message.token_ids), vocab_size, torch.float32)
+
+
 def channel_options(max_message_mb: int) -> list[tuple[str, int]]:
     limit = max_message_mb << 20
     return [("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)]
 
 
-def start_server(add_servicers, service_names: list[str], host: str, port: int, max_message_mb: int = 64, workers: int = 16):
+def start_server(add_servicers, service_names: list[str], host: str, port: int, max_message_mb: int = 64, workers: int = 16,
+                 interceptors=()):
     """Start a server with the given servicers plus grpc.health.v1 and reflection.
 
     Returns ``(server, bound_port, health_servicer)``; every service is marked SERVING.
     """
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=channel_options(max_message_mb))
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=workers), options=channel_options(max_message_mb), interceptors=list(interceptors)
+    )
     add_servicers(server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -59,6 +59,47 @@ def distribution(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return warp_logits(logits, params).softmax(-1)
 
 
+def draft_distribution(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """The draft's distribution as it is sampled from and as it is sent: ``(q, q16)``.
+
+    The draft samples from ``q = q16 / sum(q16)`` computed in float64, and sends ``q16``; the
+    receiver repeats the same normalisation. Every float16 value is a multiple of 2**-24 and the
+    sum stays below 2, so float64 adds them exactly in any order: both ends hold bit-identical q.
+    """
+    q16 = distribution(logits, params).half()
+    return normalise16(q16), q16
+
+
+def normalise16(q16: torch.Tensor) -> torch.Tensor:
+    q = q16.double()
+    return q / q.sum(-1, keepdim=True)
+
+
+def pack(probs: torch.Tensor) -> tuple[bytes, list[int]]:
+    """Little-endian bytes of a distribution (float16 or float32, as given); sparse (values of the
+    nonzero tokens, and their ids) when that is smaller, e.g. after top-k / top-p."""
+    nonzero = torch.nonzero(probs, as_tuple=True)[0]
+    if 2 * len(nonzero) < len(probs):  # an id costs 4 bytes; sparse wins below about half
+        return probs[nonzero].numpy().astype(probs.numpy().dtype.newbyteorder("<")).tobytes(), nonzero.tolist()
+    return probs.numpy().astype(probs.numpy().dtype.newbyteorder("<")).tobytes(), []
+
+
+def unpack(data: bytes, token_ids: list[int], vocab_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """Inverse of :func:`pack`: the dense distribution, in ``dtype``."""
+    import numpy as np
+
+    values = torch.from_numpy(np.frombuffer(data, dtype=np.dtype(str(dtype).removeprefix("torch.")).newbyteorder("<")).copy())
+    if not token_ids:
+        if len(values) != vocab_size:
+            raise ValueError(f"a dense distribution has {len(values)} values for a vocabulary of {vocab_size}")
+        return values
+    if len(values) != len(token_ids):
+        raise ValueError(f"a sparse distribution has {len(values)} values for {len(token_ids)} token ids")
+    dense = torch.zeros(vocab_size, dtype=dtype)
+    dense[torch.tensor(token_ids, dtype=torch.long)] = values
+    return dense
+
+
 def sample(probs: torch.Tensor, generator: torch.Generator) -> int:
     return int(torch.multinomial(probs, 1, generator=generator))
 

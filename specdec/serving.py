@@ -7,6 +7,8 @@ import signal
 import sys
 import threading
 
+from specdec import telemetry
+
 log = logging.getLogger("specdec")
 
 
@@ -36,6 +38,7 @@ def serve_until_signalled(server, health_servicer, grace_s: float = 5.0) -> None
     stop.wait()
     health_servicer.enter_graceful_shutdown()
     server.stop(grace_s).wait()
+    telemetry.shutdown()  # export the spans still buffered
 
 
 def announce(service: str, host: str, port: int) -> None:

@@ -143,6 +143,10 @@ class TokenTrie:
             node = child
         return len(path)
 
+    def child(self, parent: int, token: int) -> int | None:
+        """The node for ``token`` under ``parent`` (-1 = root), if inserted."""
+        return self._index.get((parent, token))
+
 
 def greedy_accept(tree: TokenTree, target_tokens: list[int]) -> tuple[list[int], int]:
     """Walk the tree along the target's greedy predictions.

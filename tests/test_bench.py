@@ -74,6 +74,7 @@ def test_bench_end_to_end_on_tiny_models(tiny_dirs, tiny_target, tmp_path):
         assert r["token_ids"] == reference[r["prompt_id"]]
         assert r["tokens"] == len(r["token_ids"]) > 0
         assert r["tokens_per_s"] == pytest.approx(r["tokens"] / r["seconds"])
+        assert r["load_average_1m"] >= 0
         if r["method"].startswith("specdec-"):
             assert r["stats"]["mode"] == r["mode"]
             assert r["stats"]["tokens_generated"] == r["tokens"]
@@ -88,6 +89,7 @@ def test_bench_end_to_end_on_tiny_models(tiny_dirs, tiny_target, tmp_path):
         assert row["new_tokens"] == sum(r["tokens"] for r in mine)
         assert row["tokens_per_s"] == pytest.approx(statistics.median(r["tokens_per_s"] for r in mine))
         assert row["speedup"] == pytest.approx(row["tokens_per_s"] / target_tps[row["class"]])
+        assert row["max_load_average_1m"] == max(r["load_average_1m"] for r in mine)
         assert row["lossless"] is True
         if row["method"].startswith("specdec-"):
             rounds = sum(r["stats"]["rounds"] for r in mine)

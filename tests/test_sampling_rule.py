@@ -99,7 +99,7 @@ def speculative_two_tokens(g: torch.Generator, n_drafts: int, chains: int, depth
                     x = int(torch.multinomial(q, 1, generator=g))
                     path.append(x)
                     trie.insert(path, d)
-                    child = trie._index[(node, x)]
+                    child = trie.child(node, x)
                     cands.setdefault(node, []).append(Candidate(child, q))
                     prefix, node = prefix + (x,), child
         tree = trie.tree

@@ -8,7 +8,8 @@ import uuid
 from specdec import config
 from specdec.errors import InvalidRequest, check_range, check_token_ids
 from specdec.kv_cache import SessionStore
-from specdec.rpc import model_info_pb, rpc_method, start_server
+from specdec.rpc import distribution_pb, model_info_pb, rpc_method, sampling_params, start_server
+from specdec.rpc_telemetry import start_telemetry
 from specdec.service_info import ModelDescription
 from specdec.serving import announce, load_for_service, serve_until_signalled, setup_logging
 from specdec.tree import TokenTree, validate_parents
@@ -20,9 +21,10 @@ MAX_TREE_NODES = 4096
 
 
 class VerifyServicer(verify_pb2_grpc.VerifyServiceServicer):
-    def __init__(self, verifier: TreeVerifier, info: ModelDescription) -> None:
+    def __init__(self, verifier: TreeVerifier, info: ModelDescription, metrics=None) -> None:
         self.verifier = verifier
         self.info = info
+        self.metrics = metrics  # specdec.metrics.ModelServiceMetrics, or None when metrics are off
 
     @rpc_method
     def VerifyTree(self, request, context):
@@ -43,12 +45,18 @@ class VerifyServicer(verify_pb2_grpc.VerifyServiceServicer):
         # Without a session id the call is stateless: its cache is dropped right after.
         session_id = request.session_id or f"oneshot-{uuid.uuid4()}"
         try:
-            outcome = self.verifier.verify(session_id, context_ids, tree)
+            outcome = self.verifier.verify(session_id, context_ids, tree, sampling_params(request))
         finally:
             if not request.session_id:
                 self.verifier.store.release(session_id)
+        if self.metrics is not None:
+            self.metrics.reused_tokens.labels("VerifyTree").inc(outcome.reused_tokens)
+            self.metrics.fed_tokens.labels("VerifyTree").inc(outcome.fed_tokens)
         return verify_pb2.VerifyTreeResponse(
             target_token_ids=outcome.target_tokens,
+            target_distributions=[
+                distribution_pb(p, common_pb2.Distribution.PRECISION_FLOAT32) for p in outcome.target_probs
+            ] if outcome.target_probs is not None else [],
             reused_tokens=outcome.reused_tokens,
             fed_tokens=outcome.fed_tokens,
             cached_tokens=outcome.cached_tokens,
@@ -71,13 +79,15 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging()
     model, _, info = load_for_service("verify", settings.target_model, settings)
     store = SessionStore(settings.max_sessions, settings.kv_cache_mb << 20)
-    servicer = VerifyServicer(TreeVerifier(model, store), info)
+    interceptors, metrics = start_telemetry("verify", settings, store, {"specdec.model": settings.target_model})
+    servicer = VerifyServicer(TreeVerifier(model, store), info, metrics)
     server, port, health = start_server(
         lambda s: verify_pb2_grpc.add_VerifyServiceServicer_to_server(servicer, s),
         [SERVICE_NAME],
         settings.host,
         settings.port,
         settings.max_message_mb,
+        interceptors=interceptors,
     )
     announce("verify", settings.host, port)
     serve_until_signalled(server, health)

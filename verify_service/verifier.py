@@ -15,8 +15,10 @@ from dataclasses import dataclass
 
 import torch
 
+from specdec import telemetry
 from specdec.engine import tree_forward
 from specdec.kv_cache import SessionStore
+from specdec.sampling import SamplingParams, distribution
 from specdec.tree import TokenTree, validate_parents
 
 
@@ -26,7 +28,7 @@ class VerifyOutcome:
     reused_tokens: int  # context tokens whose KV came from the cache
     fed_tokens: int  # tokens in the forward pass (missing context + tree nodes)
     cached_tokens: int  # cache length after the call (context + tree)
-    logits: torch.Tensor | None = None  # [n + 1, vocab] float32, kept for sampling rules
+    target_probs: torch.Tensor | None = None  # [n + 1, vocab] float32, the warped distributions (sampling only)
     forward_s: float = 0.0
 
 
@@ -38,23 +40,31 @@ class TreeVerifier:
         # 2-core CPU or one GPU, concurrent forwards only contend.
         self._model_lock = threading.Lock()
 
-    def verify(self, session_id: str, context: list[int], tree: TokenTree, keep_logits: bool = False) -> VerifyOutcome:
+    def verify(self, session_id: str, context: list[int], tree: TokenTree, sampling: SamplingParams | None = None) -> VerifyOutcome:
+        """Score the tree; with ``sampling`` (temperature > 0) also return the target's warped
+        distributions, which the acceptance rule needs."""
         if not context:
             raise ValueError("context must hold at least one token")
         validate_parents(tree.parents)
         session = self.store.get(session_id)
         with session.lock, self._model_lock:
-            reused = session.sync(context)
+            with telemetry.span("specdec.cache.sync") as span:
+                reused = session.sync(context)
+                span.set_attribute("specdec.context_tokens", len(context))
+                span.set_attribute("specdec.reused_tokens", reused)
             pending = context[reused:]
             start = time.perf_counter()
-            logits = tree_forward(self.model, session, pending, tree.tokens, tree.parents, logits_to_keep=len(tree) + 1)
+            with telemetry.span("specdec.forward") as span:
+                logits = tree_forward(self.model, session, pending, tree.tokens, tree.parents, logits_to_keep=len(tree) + 1)
+                span.set_attribute("specdec.fed_tokens", len(pending) + len(tree))
+                span.set_attribute("specdec.tree.nodes", len(tree))
             forward_s = time.perf_counter() - start
             outcome = VerifyOutcome(
                 target_tokens=logits.argmax(-1).tolist(),
                 reused_tokens=reused,
                 fed_tokens=len(pending) + len(tree),
                 cached_tokens=session.cached_len,
-                logits=logits if keep_logits else None,
+                target_probs=distribution(logits, sampling) if sampling and not sampling.greedy else None,
                 forward_s=forward_s,
             )
         self.store.enforce_limits(keep=session_id)

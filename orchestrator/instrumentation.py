@@ -1,0 +1,219 @@
+"""What the orchestrator reports about each generation: its trace and its Prometheus metrics.
+
+The trace of one generation (see DESIGN.md, Telemetry)::
+
+    text_completion {model}                      SERVER, gen_ai.* attributes   (GenerationService)
+    ├── specdec.round                            one per round, specdec.* attributes (controller)
+    │   ├── specdec.v1.DraftService/DraftBeams   CLIENT, one per draft, concurrent
+    │   │   └── specdec.v1.DraftService/DraftBeams   SERVER, in the draft process
+    │   │       ├── specdec.cache.sync (└── specdec.cache.compact)
+    │   │       └── specdec.forward …   (└── specdec.tree_mask)
+    │   └── specdec.v1.VerifyService/VerifyTree  CLIENT
+    │       └── specdec.v1.VerifyService/VerifyTree  SERVER, in the verify process
+    │           ├── specdec.cache.sync (└── specdec.cache.compact)
+    │           └── specdec.forward (└── specdec.tree_mask)
+    └── specdec.round …
+
+The generation span is started here and never made current across a ``yield`` (the streaming
+servicer and the controller are generators): each round span is made current only while the round
+runs, which is when the draft and verify clients inject it into their calls. Prompt and output
+text are never recorded, only token counts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Iterator
+
+import grpc
+from opentelemetry import propagate, trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from specdec import telemetry
+from specdec.metrics import OrchestratorMetrics
+from specdec.rpc import STATUS_OF_ERROR
+
+PROVIDER = "specdec"
+
+
+@dataclass
+class ObservedRound:
+    record: object = None  # the controller's RoundRecord, set when the round completed
+
+
+_NULL_ROUND = contextlib.nullcontext(ObservedRound())  # shared: tracing and metrics off
+
+
+class ObservedGeneration:
+    """Handed to the servicer for one generation: the root span and what the metrics need."""
+
+    def __init__(self, span: trace.Span) -> None:
+        self.span = span
+        # Even an unsampled root is the rounds' parent: they inherit its sampling decision.
+        self.trace_parent = trace.set_span_in_context(span) if span is not trace.INVALID_SPAN else None
+        self.mode = ""
+        self.code = grpc.StatusCode.OK
+
+    def set_request(self, req, temperature: float = 0.0) -> None:
+        self.mode = req.mode
+        if not self.span.is_recording():
+            return
+        self.span.set_attributes({
+            "gen_ai.request.max_tokens": req.max_new_tokens,
+            "gen_ai.request.temperature": float(temperature),
+            "gen_ai.usage.input_tokens": len(req.prompt_ids),
+            "specdec.mode": req.mode,
+            "specdec.request.draft_length": req.draft_length,
+            "specdec.request.beam_width": req.beam_width,
+            "specdec.request.beam_depth": req.beam_depth,
+            "specdec.request.max_tree_nodes": req.max_tree_nodes,
+        })
+
+    def finish(self, result) -> None:
+        if not self.span.is_recording():
+            return
+        self.span.set_attributes({
+            "gen_ai.response.finish_reasons": [result.finish_reason],
+            "gen_ai.usage.input_tokens": result.prompt_tokens,
+            "gen_ai.usage.output_tokens": len(result.token_ids),
+            "specdec.rounds": len(result.rounds),
+            "specdec.draft_tokens.proposed": sum(t.proposed_tokens for t in result.drafts.values()),
+            "specdec.draft_tokens.accepted": sum(len(r.accepted) for r in result.rounds),
+        })
+
+    def cancelled(self) -> None:
+        self.code = grpc.StatusCode.CANCELLED
+
+
+class GenerationInstrumentation:
+    def __init__(self, model: str = "", metrics: OrchestratorMetrics | None = None) -> None:
+        self.model = model
+        self.metrics = metrics
+
+    @contextlib.contextmanager
+    def generation(self, method: str, grpc_context=None) -> Iterator[ObservedGeneration]:
+        """Around one Generate or GenerateStream call: the root span, the request metrics."""
+        start = time.perf_counter()
+        span = trace.INVALID_SPAN
+        if telemetry.enabled():
+            parent = None
+            if grpc_context is not None:
+                # A caller that traces (W3C traceparent in the metadata) gets the generation under its span.
+                parent = propagate.extract({m.key: m.value for m in grpc_context.invocation_metadata() or ()})
+            span = telemetry.tracer().start_span(
+                f"text_completion {self.model}", context=parent, kind=SpanKind.SERVER,
+                attributes={
+                    "gen_ai.operation.name": "text_completion",
+                    "gen_ai.provider.name": PROVIDER,
+                    "gen_ai.request.model": self.model,
+                    "rpc.system": "grpc",
+                    "rpc.service": "specdec.v1.GenerationService",
+                    "rpc.method": method,
+                },
+            )
+        observed = ObservedGeneration(span)
+        if self.metrics is not None:
+            self.metrics.in_flight.labels(method).inc()
+        try:
+            yield observed
+        except BaseException as exc:
+            observed.code = _status_code(exc)
+            if span.is_recording():
+                if isinstance(exc, Exception):
+                    span.record_exception(exc)
+                span.set_status(Status(StatusCode.ERROR, observed.code.name))
+            raise
+        finally:
+            span.set_attribute("rpc.grpc.status_code", observed.code.value[0])
+            span.end()
+            if self.metrics is not None:
+                self.metrics.in_flight.labels(method).dec()
+                self.metrics.request_duration.labels(method).observe(time.perf_counter() - start)
+                self.metrics.requests.labels(method, observed.code.name).inc()
+
+    def round(self, trace_parent, index: int, mode: str):
+        """Around one round of the controller (no ``yield`` inside): ``with ... as observed:``,
+        then ``observed.record = record`` once the round is complete."""
+        if not telemetry.enabled() and self.metrics is None:
+            return _NULL_ROUND
+        return self._round(trace_parent, index, mode)
+
+    @contextlib.contextmanager
+    def _round(self, trace_parent, index: int, mode: str) -> Iterator[ObservedRound]:
+        start = time.perf_counter()
+        span = telemetry.tracer().start_span("specdec.round", context=trace_parent) if telemetry.enabled() else trace.INVALID_SPAN
+        observed = ObservedRound()
+        try:
+            # Current while the round runs: the draft and verify calls become its children.
+            with trace.use_span(span, record_exception=False, set_status_on_exception=False):
+                yield observed
+        except BaseException as exc:
+            if span.is_recording():
+                if isinstance(exc, Exception):
+                    span.record_exception(exc)
+                span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
+            raise
+        finally:
+            record = observed.record
+            if record is not None:
+                if span.is_recording():
+                    span.set_attributes(round_attributes(record, mode))
+                if self.metrics is not None:
+                    self._count_round(record, mode, time.perf_counter() - start)
+            span.end()
+
+    def _count_round(self, record, mode: str, seconds: float) -> None:
+        m = self.metrics
+        m.round_duration.labels(mode).observe(seconds)
+        m.tokens_generated.labels(mode).inc(len(record.new_tokens))
+        m.accepted_tokens.labels(mode).inc(len(record.accepted))
+        m.tree_nodes.labels(mode).inc(record.tree_nodes)
+        if record.bonus_token is not None:
+            m.bonus_tokens.labels(mode).inc()
+        if record.fallback:
+            m.fallback_rounds.labels(mode).inc()
+        proposed = Counter((name, position) for name, beams in record.proposals.items()
+                           for beam in beams for position in range(1, len(beam) + 1))
+        for (name, position), count in proposed.items():
+            m.draft_proposed.labels(name, str(position)).inc(count)
+        # The trie credits a draft with every node along its paths, so what a draft got accepted is
+        # the first accepted_by_draft[name] positions.
+        for name, count in record.accepted_by_draft.items():
+            for position in range(1, count + 1):
+                m.draft_accepted.labels(name, str(position)).inc()
+
+
+def round_attributes(record, mode: str) -> dict:
+    beams = [beam for beams in record.proposals.values() for beam in beams]
+    attributes = {
+        "specdec.round.index": record.index,
+        "specdec.mode": mode,
+        "specdec.drafts": len(record.proposals),
+        "specdec.drafted": sum(len(b) for b in beams),
+        "specdec.draft.depth": max((len(b) for b in beams), default=0),
+        "specdec.accepted": len(record.accepted),
+        "specdec.bonus": int(record.bonus_token is not None),
+        "specdec.bonus.correction": record.bonus_is_correction,
+        "specdec.new_tokens": len(record.new_tokens),
+        "specdec.tree.nodes": record.tree_nodes,
+        "specdec.tree.branching_factor": float(record.branching_factor),
+        "specdec.winning_draft": record.winning_draft,
+        "specdec.fallback": record.fallback,
+    }
+    if record.fallback_reason:
+        attributes["specdec.fallback_reason"] = record.fallback_reason
+    return attributes
+
+
+def _status_code(exc: BaseException) -> grpc.StatusCode:
+    if isinstance(exc, GeneratorExit):
+        return grpc.StatusCode.CANCELLED  # a streaming client that went away
+    for kind, code in STATUS_OF_ERROR.items():
+        if isinstance(exc, kind):
+            return code
+    if isinstance(exc, grpc.RpcError) and hasattr(exc, "code"):
+        return exc.code()
+    return grpc.StatusCode.INTERNAL

@@ -1,0 +1,456 @@
+"""``specdec traces analyze``: where each round's time went, from the spans of real generations.
+
+Reads the JSON-lines span file the services write (``--trace-file`` / ``SPECDEC_TRACE_FILE``), or
+with ``--otlp-json`` an OTLP/JSON export (what an OpenTelemetry collector's or Jaeger v2's file
+exporter writes: ``resourceSpans`` / ``scopeSpans`` / ``spans``, one document or one per line).
+
+For every generation (a ``text_completion`` span) and in aggregate it reports the rounds, the mean
+tokens accepted per round, the acceptance at each draft position, and each round's *critical path*
+split four ways:
+
+- **draft compute**: the server span of the draft call the round waited for longest (the drafts run
+  concurrently, so only the slowest one is on the critical path);
+- **verify compute**: the VerifyTree server span;
+- **transport**: client span minus server span, for that draft call and the verify call: network,
+  (de)serialization, gRPC queues;
+- **orchestrator overhead**: the round's duration minus all of the above (merging the trie,
+  accepting, stop strings, thread hand-offs).
+
+The four add up to the round span's duration. Only durations are compared across processes, never
+timestamps, so clocks on different hosts need not agree.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import statistics
+import sys
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+COMPONENTS = ("draft_ms", "verify_ms", "transport_ms", "overhead_ms")
+LABELS = {"draft_ms": "draft compute", "verify_ms": "verify compute", "transport_ms": "transport", "overhead_ms": "orchestrator"}
+COLOURS = {"draft_ms": "#4c9be8", "verify_ms": "#e8804c", "transport_ms": "#9b9b9b", "overhead_ms": "#6cc06c"}
+DRAFT_METHOD, VERIFY_METHOD = "DraftBeams", "VerifyTree"
+PLOT_REQUESTS = 8  # panels in one image
+OTLP_KINDS = {0: "UNSPECIFIED", 1: "INTERNAL", 2: "SERVER", 3: "CLIENT", 4: "PRODUCER", 5: "CONSUMER"}
+
+
+@dataclass
+class Span:
+    trace_id: str
+    span_id: str
+    parent_id: str | None
+    name: str
+    kind: str  # INTERNAL, SERVER, CLIENT, ...
+    service: str
+    start_ns: int
+    end_ns: int
+    attributes: dict = field(default_factory=dict)
+    resource: dict = field(default_factory=dict)
+
+    @property
+    def duration_ms(self) -> float:
+        return (self.end_ns - self.start_ns) / 1e6
+
+    @property
+    def rpc_method(self) -> str:
+        return self.attributes.get("rpc.method") or self.name.rpartition("/")[2]
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def load_spans(path: str | Path, otlp_json: bool = False) -> list[Span]:
+    text = Path(path).read_text()
+    return parse_otlp_json(text) if otlp_json else parse_jsonl(text)
+
+
+def parse_jsonl(text: str) -> list[Span]:
+    """The services' own trace file: one flat JSON object per span (``specdec.telemetry.span_record``)."""
+    spans = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+            spans.append(Span(
+                trace_id=r["trace_id"], span_id=r["span_id"], parent_id=r.get("parent_span_id") or None,
+                name=r["name"], kind=r.get("kind", "INTERNAL"), service=r.get("service", ""),
+                start_ns=int(r["start_time_unix_nano"]), end_ns=int(r["end_time_unix_nano"]),
+                attributes=r.get("attributes") or {}, resource=r.get("resource") or {},
+            ))
+        except (ValueError, KeyError, TypeError) as exc:
+            # A line cut short (a process killed mid-write) loses that span, not the analysis.
+            print(f"specdec traces: skipping line {number}: {exc}", file=sys.stderr)
+    return spans
+
+
+def parse_otlp_json(text: str) -> list[Span]:
+    """OTLP/JSON: one document, or one per line (the collector's file exporter)."""
+    try:
+        documents = [json.loads(text)]
+    except ValueError:
+        documents = [json.loads(line) for line in text.splitlines() if line.strip()]
+    spans = []
+    for doc in documents:
+        for item in doc if isinstance(doc, list) else [doc]:
+            item = item.get("result", item)  # Jaeger v2's query API wraps the export in "result"
+            for resource_spans in item.get("resourceSpans", []):
+                resource = _otlp_attributes(resource_spans.get("resource", {}).get("attributes", []))
+                service = str(resource.get("service.name", ""))
+                for scope_spans in resource_spans.get("scopeSpans", []) + resource_spans.get("instrumentationLibrarySpans", []):
+                    for s in scope_spans.get("spans", []):
+                        spans.append(Span(
+                            trace_id=_otlp_id(s["traceId"]), span_id=_otlp_id(s["spanId"]),
+                            parent_id=_otlp_id(s.get("parentSpanId", "")) or None, name=s["name"],
+                            kind=_otlp_kind(s.get("kind", 1)), service=service,
+                            start_ns=int(s["startTimeUnixNano"]), end_ns=int(s["endTimeUnixNano"]),
+                            attributes=_otlp_attributes(s.get("attributes", [])), resource=resource,
+                        ))
+    return spans
+
+
+def _otlp_id(value: str) -> str:
+    """OTLP/JSON ids are hex; protobuf's generic JSON mapping writes them base64: accept both."""
+    if not value:
+        return ""
+    try:
+        int(value, 16)
+        if len(value) in (16, 32):
+            return value.lower()
+    except ValueError:
+        pass
+    return base64.b64decode(value).hex()
+
+
+def _otlp_kind(kind) -> str:
+    if isinstance(kind, int):
+        return OTLP_KINDS.get(kind, str(kind))
+    return str(kind).removeprefix("SPAN_KIND_")
+
+
+def _otlp_attributes(items: list[dict]) -> dict:
+    return {a["key"]: _otlp_value(a.get("value", {})) for a in items}
+
+
+def _otlp_value(value: dict):
+    if "intValue" in value:
+        return int(value["intValue"])
+    if "doubleValue" in value:
+        return float(value["doubleValue"])
+    if "boolValue" in value:
+        return bool(value["boolValue"])
+    if "stringValue" in value:
+        return value["stringValue"]
+    if "arrayValue" in value:
+        return [_otlp_value(v) for v in value["arrayValue"].get("values", [])]
+    if "kvlistValue" in value:
+        return _otlp_attributes(value["kvlistValue"].get("values", []))
+    return value.get("bytesValue")
+
+
+# --------------------------------------------------------------------------- analysis
+
+
+@dataclass
+class RoundSplit:
+    index: int
+    duration_ms: float
+    draft_ms: float  # server span of the slowest draft call
+    verify_ms: float  # VerifyTree server span
+    transport_ms: float  # client minus server, both calls
+    overhead_ms: float  # the rest of the round
+    drafted: int
+    accepted: int
+    depth: int  # the longest beam drafted: positions 1..depth could be accepted
+    new_tokens: int
+    fallback: bool
+    slowest_draft: str = ""  # the draft service on the critical path
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def dominant(self) -> str:
+        return max(COMPONENTS, key=lambda c: getattr(self, c))
+
+
+@dataclass
+class RequestAnalysis:
+    trace_id: str
+    name: str
+    mode: str
+    finish_reason: str
+    duration_ms: float
+    input_tokens: int
+    output_tokens: int
+    rounds: list[RoundSplit]
+    outside_rounds_ms: float  # tokenizing, checks, statistics: the generation span minus its rounds
+
+    @property
+    def accepted_per_round(self) -> float:
+        return sum(r.accepted for r in self.rounds) / len(self.rounds) if self.rounds else 0.0
+
+    @property
+    def tokens_per_round(self) -> float:
+        return sum(r.new_tokens for r in self.rounds) / len(self.rounds) if self.rounds else 0.0
+
+
+def analyze(spans: list[Span]) -> list[RequestAnalysis]:
+    """One analysis per generation span found, in the order they started."""
+    children: dict[str, list[Span]] = defaultdict(list)
+    for s in spans:
+        if s.parent_id:
+            children[s.parent_id].append(s)
+    roots = sorted((s for s in spans if s.name.startswith("text_completion")), key=lambda s: s.start_ns)
+    requests = []
+    for root in roots:
+        a = root.attributes
+        round_spans = sorted((s for s in children[root.span_id] if s.name == "specdec.round"),
+                             key=lambda s: (s.attributes.get("specdec.round.index", 0), s.start_ns))
+        rounds = [split_round(r, children) for r in round_spans]
+        finish = a.get("gen_ai.response.finish_reasons") or [""]
+        requests.append(RequestAnalysis(
+            trace_id=root.trace_id,
+            name=root.name,
+            mode=str(a.get("specdec.mode", "")),
+            finish_reason=str(finish[0] if isinstance(finish, list) else finish),
+            duration_ms=root.duration_ms,
+            input_tokens=int(a.get("gen_ai.usage.input_tokens", 0)),
+            output_tokens=int(a.get("gen_ai.usage.output_tokens", sum(r.new_tokens for r in rounds))),
+            rounds=rounds,
+            outside_rounds_ms=max(0.0, root.duration_ms - sum(r.duration_ms for r in rounds)),
+        ))
+    return requests
+
+
+def split_round(round_span: Span, children: dict[str, list[Span]]) -> RoundSplit:
+    a = round_span.attributes
+    calls = [s for s in children[round_span.span_id] if s.kind == "CLIENT"]
+    drafts = [s for s in calls if s.rpc_method == DRAFT_METHOD]
+    verifies = sorted((s for s in calls if s.rpc_method == VERIFY_METHOD), key=lambda s: s.start_ns)
+    notes: list[str] = []
+    verify_start = verifies[0].start_ns if verifies else round_span.end_ns
+
+    draft_compute = draft_transport = 0.0
+    slowest_name = ""
+    if drafts:
+        slowest = max(drafts, key=lambda s: s.end_ns)
+        # The round waits for its drafts until their deadline at most: a draft still running when
+        # verification started is on the critical path only up to then.
+        on_path = (min(slowest.end_ns, verify_start) - slowest.start_ns) / 1e6
+        if slowest.end_ns > verify_start:
+            notes.append("slowest draft missed the deadline")
+        server = _server_span(slowest, children)
+        # Durations only (the draft's clock may differ): the call's transport is taken as split
+        # evenly either side of the server span, so a late draft's compute starts half of it in.
+        request_transport = (slowest.duration_ms - server.duration_ms) / 2 if server else 0.0
+        compute = max(0.0, min(server.duration_ms, on_path - request_transport)) if server else 0.0
+        if server is None:
+            notes.append("no server span for the slowest draft call")
+        slowest_name = _draft_name(server) if server else str(slowest.attributes.get("server.address", ""))
+        draft_compute, draft_transport = compute, max(0.0, on_path - compute)
+
+    verify_compute = verify_transport = 0.0
+    for call in verifies:
+        server = _server_span(call, children)
+        if server is None:
+            notes.append("no server span for the verify call")
+        compute = min(server.duration_ms, call.duration_ms) if server else 0.0
+        verify_compute += compute
+        verify_transport += call.duration_ms - compute
+
+    duration = round_span.duration_ms
+    overhead = duration - draft_compute - draft_transport - verify_compute - verify_transport
+    return RoundSplit(
+        index=int(a.get("specdec.round.index", 0)),
+        duration_ms=duration,
+        draft_ms=draft_compute,
+        verify_ms=verify_compute,
+        transport_ms=draft_transport + verify_transport,
+        overhead_ms=overhead,
+        drafted=int(a.get("specdec.drafted", 0)),
+        accepted=int(a.get("specdec.accepted", 0)),
+        depth=int(a.get("specdec.draft.depth", 0)),
+        new_tokens=int(a.get("specdec.new_tokens", 0)),
+        fallback=bool(a.get("specdec.fallback", False)),
+        slowest_draft=slowest_name,
+        notes=notes,
+    )
+
+
+def _server_span(client: Span, children: dict[str, list[Span]]) -> Span | None:
+    return next((s for s in children[client.span_id] if s.kind == "SERVER"), None)
+
+
+def _draft_name(server: Span) -> str:
+    """The draft's model (a directory's last part) or else its service instance."""
+    model = str(server.resource.get("specdec.model", ""))
+    return model.rstrip("/").rpartition("/")[2] or str(server.resource.get("service.instance.id", server.service))
+
+
+def acceptance_by_position(rounds: list[RoundSplit]) -> dict[int, tuple[int, int]]:
+    """position (1 = first drafted token) -> (rounds that drafted that far, rounds that had it accepted)."""
+    table: dict[int, list[int]] = defaultdict(lambda: [0, 0])
+    for r in rounds:
+        for position in range(1, r.depth + 1):
+            table[position][0] += 1
+            table[position][1] += r.accepted >= position
+    return {p: (d, a) for p, (d, a) in sorted(table.items())}
+
+
+def slowest_rounds(requests: list[RequestAnalysis], count: int = 5) -> list[tuple[RequestAnalysis, RoundSplit]]:
+    pairs = [(req, r) for req in requests for r in req.rounds]
+    return sorted(pairs, key=lambda pair: pair[1].duration_ms, reverse=True)[:count]
+
+
+def summary(requests: list[RequestAnalysis]) -> dict:
+    """Aggregate over every request: totals and shares of each component, acceptance by position."""
+    rounds = [r for req in requests for r in req.rounds]
+    total = sum(r.duration_ms for r in rounds)
+    return {
+        "requests": len(requests),
+        "rounds": len(rounds),
+        "output_tokens": sum(req.output_tokens for req in requests),
+        "accepted_per_round": sum(r.accepted for r in rounds) / len(rounds) if rounds else 0.0,
+        "tokens_per_round": sum(r.new_tokens for r in rounds) / len(rounds) if rounds else 0.0,
+        "round_ms_total": total,
+        "round_ms_median": statistics.median(r.duration_ms for r in rounds) if rounds else 0.0,
+        "components_ms": {c: sum(getattr(r, c) for r in rounds) for c in COMPONENTS},
+        "components_share": {c: (sum(getattr(r, c) for r in rounds) / total if total else 0.0) for c in COMPONENTS},
+        "outside_rounds_ms": sum(req.outside_rounds_ms for req in requests),
+        "acceptance_by_position": {str(p): {"drafted": d, "accepted": a, "rate": a / d if d else 0.0}
+                                   for p, (d, a) in acceptance_by_position(rounds).items()},
+        "fallback_rounds": sum(r.fallback for r in rounds),
+    }
+
+
+# --------------------------------------------------------------------------- reporting
+
+
+def _positions_text(rounds: list[RoundSplit]) -> str:
+    table = acceptance_by_position(rounds)
+    if not table:
+        return "no draft tokens"
+    return "  ".join(f"{p}: {a / d:.2f} ({a}/{d})" for p, (d, a) in table.items())
+
+
+def _dominance(r: RoundSplit) -> str:
+    c = r.dominant
+    share = getattr(r, c) / r.duration_ms if r.duration_ms else 0.0
+    return f"{LABELS[c]} {share:.0%}"
+
+
+def format_report(requests: list[RequestAnalysis], rounds_table: bool = True, top: int = 5) -> str:
+    out: list[str] = []
+    for req in requests:
+        out.append(f"trace {req.trace_id}  {req.name}  mode {req.mode or '?'}  finish {req.finish_reason or '?'}")
+        out.append(
+            f"  {req.output_tokens} tokens in {len(req.rounds)} rounds: {req.tokens_per_round:.2f} tokens/round, "
+            f"{req.accepted_per_round:.2f} accepted draft tokens/round; {req.duration_ms:.1f} ms, "
+            f"{req.outside_rounds_ms:.1f} ms outside rounds"
+        )
+        out.append(f"  acceptance by draft position: {_positions_text(req.rounds)}")
+        if rounds_table and req.rounds:
+            out.append(f"  {'round':>5} {'total ms':>9} {'draft':>8} {'verify':>8} {'transport':>9} {'orch.':>8} "
+                       f"{'drafted':>7} {'accepted':>8}  dominated by")
+            for r in req.rounds:
+                flag = "  (" + "; ".join(r.notes) + ")" if r.notes else ""
+                out.append(f"  {r.index:>5} {r.duration_ms:>9.2f} {r.draft_ms:>8.2f} {r.verify_ms:>8.2f} {r.transport_ms:>9.2f} "
+                           f"{r.overhead_ms:>8.2f} {r.drafted:>7} {r.accepted:>8}  {_dominance(r)}{flag}")
+        out.append("")
+    s = summary(requests)
+    out.append(f"all: {s['requests']} generation{'' if s['requests'] == 1 else 's'}, {s['rounds']} rounds, {s['output_tokens']} tokens; "
+               f"{s['tokens_per_round']:.2f} tokens/round, {s['accepted_per_round']:.2f} accepted draft tokens/round; "
+               f"{s['fallback_rounds']} fallback rounds")
+    if s["rounds"]:
+        out.append(f"  round time {s['round_ms_total']:.1f} ms (median round {s['round_ms_median']:.2f} ms): " + ", ".join(
+            f"{LABELS[c]} {s['components_ms'][c]:.1f} ms ({s['components_share'][c]:.0%})" for c in COMPONENTS))
+        out.append(f"  outside rounds {s['outside_rounds_ms']:.1f} ms")
+        out.append(f"  acceptance by draft position: {_positions_text([r for req in requests for r in req.rounds])}")
+        out.append(f"  slowest rounds:")
+        for req, r in slowest_rounds(requests, top):
+            c = r.dominant
+            where = f" ({r.slowest_draft})" if c == "draft_ms" and r.slowest_draft else ""
+            out.append(f"    trace {req.trace_id[:12]} round {r.index}: {r.duration_ms:.2f} ms, dominated by {LABELS[c]}{where} "
+                       f"{getattr(r, c):.2f} ms ({_dominance(r).rpartition(' ')[2]})")
+    return "\n".join(out)
+
+
+def plot(requests: list[RequestAnalysis], path: str | Path, max_requests: int = PLOT_REQUESTS) -> Path:
+    """Stacked bars per round (draft, verify, transport, orchestrator), one panel per request."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    shown = [req for req in requests if req.rounds][:max_requests]
+    if not shown:
+        raise ValueError("no rounds to plot")
+    fig, axes = plt.subplots(len(shown), 1, figsize=(max(6.0, 0.25 * max(len(r.rounds) for r in shown) + 3), 2.6 * len(shown)),
+                             squeeze=False)
+    for ax, req in zip(axes[:, 0], shown):
+        x = [r.index for r in req.rounds]
+        bottom = [0.0] * len(x)
+        for c in COMPONENTS:
+            values = [max(0.0, getattr(r, c)) for r in req.rounds]
+            ax.bar(x, values, bottom=bottom, color=COLOURS[c], label=LABELS[c], width=0.8)
+            bottom = [b + v for b, v in zip(bottom, values)]
+        ax.set_title(f"{req.trace_id[:12]}  {req.mode}: {req.output_tokens} tokens, {len(req.rounds)} rounds, "
+                     f"{req.tokens_per_round:.2f} tokens/round", fontsize=9)
+        ax.set_xlabel("round")
+        ax.set_ylabel("ms")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", fontsize=8, ncol=len(COMPONENTS), frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / (2.6 * len(shown))))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def to_json(requests: list[RequestAnalysis]) -> dict:
+    return {
+        "requests": [asdict(req) | {"accepted_per_round": req.accepted_per_round, "tokens_per_round": req.tokens_per_round,
+                                     "acceptance_by_position": {str(p): v for p, v in acceptance_by_position(req.rounds).items()}}
+                     for req in requests],
+        "summary": summary(requests),
+    }
+
+
+def add_parser(commands) -> None:
+    traces = commands.add_parser("traces", help="analyse the traces of generations").add_subparsers(dest="action", required=True)
+    analyze_cmd = traces.add_parser("analyze", help="rounds, acceptance and where each round's time went, from a trace file")
+    analyze_cmd.add_argument("file", help="a --trace-file (JSON lines), or with --otlp-json an OTLP/JSON export")
+    analyze_cmd.add_argument("--otlp-json", action="store_true", help="FILE is OTLP/JSON (collector or Jaeger v2 file exporter)")
+    analyze_cmd.add_argument("--plot", metavar="PNG", help="also draw each round's split as stacked bars into this image")
+    analyze_cmd.add_argument("--json", action="store_true", help="print the analysis as one JSON object")
+    analyze_cmd.add_argument("--summary", action="store_true", help="no per-round tables, only each request's summary")
+    analyze_cmd.add_argument("--top", type=int, default=5, help="how many of the slowest rounds to list [default: 5]")
+    analyze_cmd.set_defaults(func=cmd_analyze)
+
+
+def cmd_analyze(args) -> int:
+    try:
+        spans = load_spans(args.file, otlp_json=args.otlp_json)
+    except (OSError, ValueError) as exc:
+        print(f"specdec traces: cannot read {args.file}: {exc}", file=sys.stderr)
+        return 2
+    requests = analyze(spans)
+    if not requests:
+        print(f"specdec traces: no generations (text_completion spans) among the {len(spans)} spans in {args.file}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(to_json(requests), indent=1))
+    else:
+        print(format_report(requests, rounds_table=not args.summary, top=args.top))
+    sys.stdout.flush()
+    if args.plot:
+        with_rounds = sum(1 for req in requests if req.rounds)
+        note = f" (the first {PLOT_REQUESTS} of {with_rounds} generations)" if with_rounds > PLOT_REQUESTS else ""
+        print(f"plot: {plot(requests, args.plot, PLOT_REQUESTS)}{note}", file=sys.stderr)
+    return 0

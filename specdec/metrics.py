@@ -1,0 +1,131 @@
+"""Prometheus metrics of every specdec process, served on ``--metrics-port`` (``SPECDEC_METRICS_PORT``;
+0 = off) at ``/metrics``.
+
+Every service counts its RPCs (``specdec_requests_total``, ``specdec_request_duration_seconds``,
+``specdec_requests_in_flight``); the draft and verify services add their KV caches and the tokens
+their forward passes fed or reused; the orchestrator adds what speculation did, round by round.
+Useful ratios come straight out of the counters, e.g.
+
+- acceptance rate: ``sum(rate(specdec_draft_tokens_accepted_total[5m])) / sum(rate(specdec_draft_tokens_proposed_total[5m]))``
+  (``by (position)`` for the rate at each draft position, ``by (draft)`` per draft service);
+- mean tokens per round (accepted + bonus): ``rate(specdec_tokens_generated_total[5m]) / rate(specdec_round_duration_seconds_count[5m])``;
+- mean accepted draft tokens per round: ``rate(specdec_accepted_tokens_total[5m]) / rate(specdec_round_duration_seconds_count[5m])``.
+
+Each process has its own registry (tests run several in one process), with the standard process
+and Python collectors added.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
+    start_http_server,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+log = logging.getLogger("specdec.metrics")
+# The *_created series (a timestamp per counter and label set) double what is scraped and are not used.
+disable_created_metrics()
+
+# From a cached decoding step on a GPU (~1 ms) to a long CPU generation (minutes).
+DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+
+
+def new_registry() -> CollectorRegistry:
+    registry = CollectorRegistry()
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
+    return registry
+
+
+class ServiceMetrics:
+    """What every service exports: its RPCs by method (short name, e.g. ``DraftBeams``)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else new_registry()
+        r = self.registry
+        self.requests = Counter("specdec_requests", "RPCs finished, by method and gRPC status code", ["method", "code"], registry=r)
+        self.request_duration = Histogram(
+            "specdec_request_duration_seconds", "time to serve one RPC (a whole generation on the orchestrator)",
+            ["method"], buckets=DURATION_BUCKETS, registry=r,
+        )
+        self.in_flight = Gauge(
+            "specdec_requests_in_flight", "RPCs being served or waiting for the model (the queue depth)", ["method"], registry=r
+        )
+
+
+class ModelServiceMetrics(ServiceMetrics):
+    """The draft and verify services: RPCs plus their KV caches and forward passes."""
+
+    def __init__(self, store, registry: CollectorRegistry | None = None) -> None:
+        super().__init__(registry)
+        r = self.registry
+        r.register(SessionStoreCollector(store))
+        self.reused_tokens = Counter(
+            "specdec_cache_reused_tokens", "context tokens whose KV came from the session cache", ["method"], registry=r
+        )
+        self.fed_tokens = Counter(
+            "specdec_forward_tokens", "tokens fed through the model (missing context + tree nodes or beams)", ["method"], registry=r
+        )
+
+
+class OrchestratorMetrics(ServiceMetrics):
+    """The orchestrator: RPCs plus speculation, round by round."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        super().__init__(registry)
+        r = self.registry
+        self.round_duration = Histogram(
+            "specdec_round_duration_seconds", "one round: draft, merge, verify, accept (its _count is the number of rounds)",
+            ["mode"], buckets=DURATION_BUCKETS, registry=r,
+        )
+        self.tokens_generated = Counter("specdec_tokens_generated", "tokens added to outputs", ["mode"], registry=r)
+        self.draft_proposed = Counter(
+            "specdec_draft_tokens_proposed", "draft tokens proposed (every beam's), by draft service and position in the beam (1 = first)",
+            ["draft", "position"], registry=r,
+        )
+        self.draft_accepted = Counter(
+            "specdec_draft_tokens_accepted", "draft tokens the target accepted, by the draft that proposed them and position "
+            "(a token two drafts proposed counts for each)", ["draft", "position"], registry=r,
+        )
+        self.accepted_tokens = Counter(
+            "specdec_accepted_tokens", "draft tokens accepted (each token once, whichever drafts proposed it)", ["mode"], registry=r
+        )
+        self.bonus_tokens = Counter(
+            "specdec_bonus_tokens", "the target's own tokens after the accepted path (one per round unless a stop came first)",
+            ["mode"], registry=r,
+        )
+        self.fallback_rounds = Counter(
+            "specdec_fallback_rounds", "rounds decoded without speculation because every draft failed, was late or had no room",
+            ["mode"], registry=r,
+        )
+        self.tree_nodes = Counter("specdec_tree_nodes", "token-tree nodes sent to the verify service", ["mode"], registry=r)
+
+
+class SessionStoreCollector:
+    """Read at scrape time, so serving requests pays nothing for these."""
+
+    def __init__(self, store) -> None:
+        self.store = store
+
+    def collect(self):
+        yield GaugeMetricFamily("specdec_active_sessions", "sessions holding a KV cache", value=len(self.store))
+        yield GaugeMetricFamily("specdec_kv_cache_tokens", "tokens held in KV caches over all sessions", value=self.store.cached_tokens())
+        yield GaugeMetricFamily("specdec_kv_cache_bytes", "KV-cache memory over all sessions", value=self.store.cached_bytes())
+        yield CounterMetricFamily("specdec_kv_cache_evictions", "sessions evicted to stay within the limits", value=self.store.evictions)
+
+
+def serve_metrics(registry: CollectorRegistry, port: int, host: str = "127.0.0.1") -> None:
+    """Serve ``/metrics`` on ``host:port`` from a daemon thread."""
+    start_http_server(port, addr=host, registry=registry)
+    log.info("metrics on http://%s:%d/metrics", host, port)

@@ -1,0 +1,129 @@
+"""Lossless speculative sampling end to end: the controller with real (tiny) draft and target
+engines produces tokens distributed as the target's own sampling, in every mode, with one or
+several drafts; a fixed seed replays the same output, in process and through the services."""
+
+import itertools
+
+import grpc
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from draft_service.drafter import BeamDrafter
+from orchestrator.controller import GenerationRequest, Limits, SpeculativeController
+from specdec.sampling import SamplingParams, distribution
+from specdec.v1 import generation_pb2, generation_pb2_grpc
+from tiny_models import VOCAB, tiny_qwen2, truncated_copy
+from verify_service.verifier import TreeVerifier
+
+PROMPT = [11, 40, 3, 77, 25]
+PARAMS = SamplingParams(temperature=1.0, top_k=4)  # 4 tokens per step: 16 outcomes for two tokens
+
+
+class LocalDraft:
+    def __init__(self, name, model):
+        self.name, self.drafter = name, BeamDrafter(model)
+
+    def draft_sampled(self, session_id, context, chains, depth, timeout_s, sampling, seed, vocab_size):
+        out = self.drafter.sample_chains(session_id, context, chains, depth, sampling, seed)
+        return [b.tokens for b in out.beams], [[out.distributions[i] for i in idx] for idx in out.distribution_index]
+
+    def release(self, session_id):
+        self.drafter.store.release(session_id)
+
+
+class LocalVerify:
+    def __init__(self, model):
+        self.verifier = TreeVerifier(model)
+
+    def verify_sampled(self, session_id, context, tree, timeout_s, sampling, vocab_size):
+        return self.verifier.verify(session_id, context, tree, sampling).target_probs
+
+    def release(self, session_id):
+        self.verifier.store.release(session_id)
+
+
+@pytest.fixture(scope="module")
+def target():
+    return tiny_qwen2(seed=0, layers=2, sharpness=2.0)
+
+
+def make(target, drafts):
+    limits = Limits(vocab_size=VOCAB, max_context=512, max_new_tokens_limit=100, eos_token_ids=frozenset())
+    return SpeculativeController(LocalVerify(target), drafts, limits, decode=str)
+
+
+def request(mode, seed, max_new_tokens=2, **spec):
+    spec = {"draft_length": 3, "beam_width": 2, "beam_depth": 3, "max_tree_nodes": 64} | spec
+    return GenerationRequest(PROMPT, max_new_tokens, mode, sampling=SamplingParams(PARAMS.temperature, PARAMS.top_k, 1.0, seed), **spec)
+
+
+def exact_two_token_distribution(model) -> dict[tuple[int, int], float]:
+    with torch.inference_mode():
+        first = distribution(model(torch.tensor([PROMPT])).logits[0, -1], PARAMS)
+        joint = {}
+        for a in torch.nonzero(first).flatten().tolist():
+            second = distribution(model(torch.tensor([PROMPT + [a]])).logits[0, -1], PARAMS)
+            for b in torch.nonzero(second).flatten().tolist():
+                joint[(a, b)] = float(first[a] * second[b])
+    return joint
+
+
+@pytest.mark.parametrize(
+    "mode, draft_names, spec",
+    [
+        ("autoregressive", [], {}),
+        ("sequential", ["truncated"], {}),
+        ("sequential", ["truncated", "stranger"], {}),
+        ("tree", ["truncated"], {"beam_width": 3}),
+        ("tree", ["truncated", "stranger"], {"beam_width": 2, "max_tree_nodes": 5}),
+    ],
+)
+def test_sampled_output_follows_the_target(target, mode, draft_names, spec):
+    models = {"truncated": truncated_copy(target, 1), "stranger": tiny_qwen2(seed=9, layers=1, sharpness=2.0)}
+    controller = make(target, [LocalDraft(n, models[n]) for n in draft_names])
+    exact = exact_two_token_distribution(target)
+    samples = 1200
+    counts = dict.fromkeys(exact, 0)
+    accepted = 0
+    for seed in range(1, samples + 1):
+        result = controller.generate(request(mode, seed, **spec))
+        counts[tuple(result.token_ids)] += 1
+        accepted += result.stats["draft_tokens_accepted"]
+    # Significance 0.001 (the seeds are fixed, so the outcome is too).
+    total = sum(exact.values())  # 1 up to float32 rounding; chisquare wants the sums to agree exactly
+    assert chisquare(list(counts.values()), [exact[k] / total * samples for k in counts]).pvalue > 1e-3
+    if draft_names:
+        assert accepted > 0, "the drafts were never accepted: the test would not exercise the rule"
+
+
+def test_fixed_seed_replays_and_seeds_differ(target):
+    controller = make(target, [LocalDraft("truncated", truncated_copy(target, 1))])
+    runs = [controller.generate(request("tree", seed, max_new_tokens=12)).token_ids for seed in (5, 5, 6)]
+    assert runs[0] == runs[1] and runs[0] != runs[2]
+
+
+def test_sampling_through_the_services(tiny_cluster):
+    with grpc.insecure_channel(tiny_cluster.orchestrator_address) as channel:
+        stub = generation_pb2_grpc.GenerationServiceStub(channel)
+
+        def generate(seed, mode=generation_pb2.DECODING_MODE_TREE):
+            return stub.Generate(generation_pb2.GenerateRequest(
+                prompt_token_ids=PROMPT, max_new_tokens=16, mode=mode,
+                sampling=generation_pb2.SamplingParams(temperature=3.0, top_p=0.95, seed=seed)), timeout=60)
+
+        first, again, other = generate(11), generate(11), generate(12)
+        assert list(first.token_ids) == list(again.token_ids) and first.stats.tokens_generated == len(first.token_ids)
+        assert list(first.token_ids) != list(other.token_ids)
+        sequential = generate(11, generation_pb2.DECODING_MODE_SEQUENTIAL)
+        assert sequential.stats.tokens_generated == len(sequential.token_ids) > 0
+        with pytest.raises(grpc.RpcError) as bad:
+            stub.Generate(generation_pb2.GenerateRequest(
+                prompt_token_ids=PROMPT, sampling=generation_pb2.SamplingParams(temperature=1.0, top_p=1.5)), timeout=10)
+        assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "top_p" in bad.value.details()
+
+
+def test_all_outcomes_are_reachable(target):
+    # Guards the chi-square test against an empty support: 16 outcomes, all with real mass.
+    exact = exact_two_token_distribution(target)
+    assert len(exact) == 16 and min(exact.values()) > 1e-3 and abs(sum(exact.values()) - 1) < 1e-5

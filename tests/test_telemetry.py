@@ -1,0 +1,412 @@
+"""Traces and metrics of real generations: the tiny cluster's processes export their spans over
+OTLP/gRPC to a receiver running in this test (the collector protocol's TraceService, from
+opentelemetry-proto) and to a shared JSON-lines trace file, and serve Prometheus metrics.
+
+The checks follow one generation through every process: one trace, one ``specdec.round`` span per
+round the response reports, each draft/verify server span under its round's client span, and
+attributes equal to what the response says happened; then ``specdec traces analyze`` on the trace
+file, and the metric counters against the response statistics.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections import defaultdict
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import pytest
+from google.protobuf.json_format import MessageToDict
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
+
+from orchestrator import traces
+from orchestrator.cluster import LocalCluster, free_port
+from specdec import config
+from specdec.v1 import generation_pb2, generation_pb2_grpc
+
+SPAN_WAIT_S = 20.0
+KIND_SERVER, KIND_CLIENT = 2, 3
+PROMPT = "def telemetry(x):"
+
+
+# --------------------------------------------------------------------------- an OTLP/gRPC receiver
+
+
+class OtlpReceiver(trace_service_pb2_grpc.TraceServiceServicer):
+    """Keeps every span exported to it, flattened to plain dicts."""
+
+    def __init__(self) -> None:
+        self.requests: list[trace_service_pb2.ExportTraceServiceRequest] = []
+        self.lock = threading.Lock()
+
+    def Export(self, request, context):
+        with self.lock:
+            self.requests.append(request)
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+    def spans(self) -> list[dict]:
+        with self.lock:
+            requests = list(self.requests)
+        out = []
+        for request in requests:
+            for resource_spans in request.resource_spans:
+                resource = {a.key: any_value(a.value) for a in resource_spans.resource.attributes}
+                for scope_spans in resource_spans.scope_spans:
+                    for s in scope_spans.spans:
+                        out.append({
+                            "trace_id": s.trace_id.hex(), "span_id": s.span_id.hex(),
+                            "parent_id": s.parent_span_id.hex() or None, "name": s.name, "kind": s.kind,
+                            "service": resource.get("service.name"), "resource": resource,
+                            "start": s.start_time_unix_nano, "end": s.end_time_unix_nano,
+                            "attributes": {a.key: any_value(a.value) for a in s.attributes},
+                        })
+        return out
+
+
+def any_value(value):
+    kind = value.WhichOneof("value")
+    if kind == "array_value":
+        return [any_value(v) for v in value.array_value.values]
+    return getattr(value, kind) if kind else None
+
+
+def port_block(n: int) -> int:
+    """The first of ``n`` consecutive free loopback ports."""
+    for _ in range(50):
+        first = free_port()
+        sockets = []
+        try:
+            for port in range(first, first + n):
+                s = socket.socket()
+                sockets.append(s)
+                s.bind(("127.0.0.1", port))
+            return first
+        except OSError:
+            continue
+        finally:
+            for s in sockets:
+                s.close()
+    raise RuntimeError(f"no block of {n} free ports")
+
+
+@pytest.fixture(scope="module")
+def receiver():
+    servicer = OtlpReceiver()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    servicer.endpoint = f"http://127.0.0.1:{port}"
+    yield servicer
+    server.stop(0)
+
+
+@pytest.fixture(scope="module")
+def traced_cluster(tiny_dirs, receiver, tmp_path_factory):
+    """verify + two drafts + orchestrator exporting over OTLP/gRPC and to one trace file, with metrics."""
+    root = tmp_path_factory.mktemp("telemetry")
+    settings = config.from_env(
+        config.ClusterSettings,
+        target_model=str(tiny_dirs["target"]),
+        draft_models=[str(tiny_dirs["draft"]), str(tiny_dirs["other"])],
+        port=0,
+        log_dir="",
+        startup_timeout_s=120,
+        trace_file=str(root / "spans.jsonl"),
+        metrics_port=port_block(4),
+    )
+    env = {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
+        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "grpc",
+        "OTEL_BSP_SCHEDULE_DELAY": "100",  # export within 0.1 s rather than the default 5 s
+        "OTEL_SERVICE_NAME": "",  # each service's own default name
+        "OTEL_TRACES_SAMPLER": "parentbased_always_on",
+    }
+    with LocalCluster(settings, env=env) as cluster:
+        yield cluster
+
+
+def generate(cluster, max_new_tokens: int, mode=generation_pb2.DECODING_MODE_TREE, **speculation):
+    with grpc.insecure_channel(cluster.orchestrator_address) as channel:
+        return generation_pb2_grpc.GenerationServiceStub(channel).Generate(
+            generation_pb2.GenerateRequest(
+                prompt=PROMPT, max_new_tokens=max_new_tokens, mode=mode, include_rounds=True,
+                speculation=generation_pb2.SpeculationParams(**speculation),
+            ),
+            timeout=60,
+        )
+
+
+def generation_trace(receiver, max_tokens: int, rounds: int) -> tuple[dict, list[dict]]:
+    """The root span of the generation asked for ``max_tokens`` and every span of its trace, once
+    all of its round, client and server spans have arrived."""
+    deadline = time.monotonic() + SPAN_WAIT_S
+    while True:
+        spans = receiver.spans()
+        roots = [s for s in spans if s["name"].startswith("text_completion")
+                 and s["attributes"].get("gen_ai.request.max_tokens") == max_tokens]
+        if len(roots) == 1:
+            trace = [s for s in spans if s["trace_id"] == roots[0]["trace_id"]]
+            if complete(trace, rounds):
+                return roots[0], trace
+        if time.monotonic() > deadline:
+            pytest.fail(f"spans of the generation did not all arrive within {SPAN_WAIT_S} s: "
+                        f"{len(roots)} roots, {len(spans)} spans in all")
+        time.sleep(0.1)
+
+
+def complete(trace: list[dict], rounds: int) -> bool:
+    by_parent = defaultdict(list)
+    for s in trace:
+        by_parent[s["parent_id"]].append(s)
+    round_spans = [s for s in trace if s["name"] == "specdec.round"]
+    clients = [s for s in trace if s["kind"] == KIND_CLIENT]
+    return (len(round_spans) == rounds and bool(clients)
+            and all(any(c["kind"] == KIND_SERVER for c in by_parent[client["span_id"]]) for client in clients))
+
+
+# --------------------------------------------------------------------------- one trace per generation
+
+
+def test_one_connected_trace_per_generation(traced_cluster, receiver):
+    max_tokens = 23  # unique in this module: finds this generation's root span
+    reply = generate(traced_cluster, max_tokens, beam_width=2, beam_depth=4)
+    stats = reply.stats
+    root, trace = generation_trace(receiver, max_tokens, stats.rounds)
+    by_id = {s["span_id"]: s for s in trace}
+    by_parent = defaultdict(list)
+    for s in trace:
+        by_parent[s["parent_id"]].append(s)
+
+    # One trace: every DraftBeams/VerifyTree span any service sent while this generation ran is in it.
+    during = [s for s in receiver.spans() if root["start"] <= s["start"] <= root["end"]
+              and s["attributes"].get("rpc.method") in ("DraftBeams", "VerifyTree")]
+    assert during and {s["trace_id"] for s in during} == {root["trace_id"]}
+    assert all(s["parent_id"] is None or s["parent_id"] in by_id for s in trace if s is not root)
+
+    # Three services, told apart by service.name.
+    assert {s["service"] for s in trace} == {"specdec-orchestrator", "specdec-draft", "specdec-verify"}
+    assert {s["resource"].get("specdec.model") for s in trace if s["service"] == "specdec-draft"} == set(
+        traced_cluster.settings.draft_models)
+
+    # The root: GenAI semantic conventions, and the counts the response reports.
+    model = traced_cluster.settings.target_model
+    assert root["parent_id"] is None and root["kind"] == KIND_SERVER
+    assert root["name"] == f"text_completion {model}"
+    a = root["attributes"]
+    assert a["gen_ai.operation.name"] == "text_completion"
+    assert a["gen_ai.provider.name"] == "specdec"
+    assert a["gen_ai.request.model"] == model
+    assert a["gen_ai.request.max_tokens"] == max_tokens
+    assert a["gen_ai.request.temperature"] == 0.0
+    finish = {generation_pb2.FINISH_REASON_LENGTH: "length", generation_pb2.FINISH_REASON_STOP: "stop"}[reply.finish_reason]
+    assert a["gen_ai.response.finish_reasons"] == [finish]
+    assert a["gen_ai.usage.input_tokens"] == stats.prompt_tokens
+    assert a["gen_ai.usage.output_tokens"] == stats.tokens_generated == len(reply.token_ids)
+    assert a["specdec.mode"] == "tree"
+
+    # Exactly one round span per round of the response, children of the root, with its numbers.
+    round_spans = sorted((s for s in trace if s["name"] == "specdec.round"), key=lambda s: s["attributes"]["specdec.round.index"])
+    assert len(round_spans) == stats.rounds == len(reply.rounds)
+    context_len = stats.prompt_tokens
+    for span, r in zip(round_spans, reply.rounds):
+        ra = span["attributes"]
+        assert span["parent_id"] == root["span_id"]
+        assert ra["specdec.round.index"] == r.index
+        assert ra["specdec.mode"] == "tree"
+        assert ra["specdec.drafted"] == sum(len(b.token_ids) for p in r.proposals for b in p.beams)
+        assert ra["specdec.accepted"] == len(r.accepted_token_ids)
+        assert ra["specdec.bonus"] == int(r.bonus_token_id >= 0)
+        assert ra["specdec.tree.nodes"] == r.tree_nodes
+        assert ra["specdec.winning_draft"] == r.winning_draft
+        assert ra["specdec.fallback"] == r.fallback
+        assert "specdec.tree.branching_factor" in ra
+
+        calls = by_parent[span["span_id"]]
+        assert all(c["kind"] == KIND_CLIENT for c in calls)
+        draft_calls = [c for c in calls if c["attributes"]["rpc.method"] == "DraftBeams"]
+        verify_calls = [c for c in calls if c["attributes"]["rpc.method"] == "VerifyTree"]
+        assert len(draft_calls) == len(r.proposals) and len(verify_calls) == 1
+        for call in calls:
+            # Each server span sits under its client span, in the service the call went to.
+            (server,) = [s for s in by_parent[call["span_id"]]]
+            assert server["kind"] == KIND_SERVER
+            assert server["name"] == call["name"]
+            assert server["attributes"]["rpc.method"] == call["attributes"]["rpc.method"]
+            assert server["service"] == ("specdec-draft" if call in draft_calls else "specdec-verify")
+            assert server["start"] >= call["start"] and server["end"] <= call["end"]
+            assert call["attributes"]["rpc.grpc.status_code"] == server["attributes"]["rpc.grpc.status_code"] == 0
+
+        # Inside the verify service: cache sync (with compaction after a round that accepted
+        # tokens), then one forward over the missing context and the tree.
+        (verify_server,) = by_parent[verify_calls[0]["span_id"]]
+        inner = {s["name"]: s for s in by_parent[verify_server["span_id"]]}
+        assert set(inner) == {"specdec.cache.sync", "specdec.forward"}
+        sync = inner["specdec.cache.sync"]["attributes"]
+        assert sync["specdec.context_tokens"] == context_len
+        reused = sync["specdec.reused_tokens"]
+        assert 0 <= reused < context_len
+        forward = inner["specdec.forward"]["attributes"]
+        assert forward["specdec.tree.nodes"] == r.tree_nodes
+        assert forward["specdec.fed_tokens"] == context_len - reused + r.tree_nodes
+        compactions = [s for s in by_parent[inner["specdec.cache.sync"]["span_id"]] if s["name"] == "specdec.cache.compact"]
+        previous = reply.rounds[r.index - 1] if r.index else None
+        assert len(compactions) == int(bool(previous and previous.accepted_token_ids))
+        masks = [s for s in by_parent[inner["specdec.forward"]["span_id"]] if s["name"] == "specdec.tree_mask"]
+        assert len(masks) == int(r.tree_nodes > 0)
+        for call in draft_calls:
+            (server,) = by_parent[call["span_id"]]
+            names = [s["name"] for s in by_parent[server["span_id"]]]
+            assert names.count("specdec.cache.sync") == 1 and "specdec.forward" in names
+        context_len += len(r.accepted_token_ids) + (r.bonus_token_id >= 0)
+
+    # No text: the prompt appears in no attribute.
+    assert not any(PROMPT in json.dumps(s["attributes"]) for s in trace)
+
+
+def test_trace_file_analysis_adds_up(traced_cluster, receiver, tmp_path):
+    max_tokens = 19
+    reply = generate(traced_cluster, max_tokens, beam_width=3, beam_depth=3)
+    root, _ = generation_trace(receiver, max_tokens, reply.stats.rounds)
+    path = Path(traced_cluster.settings.trace_file)
+    deadline = time.monotonic() + SPAN_WAIT_S
+    while True:
+        # The trace file has its own batch processors: wait until it holds this whole generation too.
+        requests = [r for r in traces.analyze(traces.load_spans(path)) if r.trace_id == root["trace_id"]]
+        if requests and len(requests[0].rounds) == reply.stats.rounds and not any(r.notes for r in requests[0].rounds):
+            break
+        assert time.monotonic() < deadline, "the trace file did not get the whole generation"
+        time.sleep(0.1)
+    (request,) = requests
+    assert request.output_tokens == reply.stats.tokens_generated
+    assert request.tokens_per_round == pytest.approx(reply.stats.mean_accepted_per_round, rel=1e-5)
+    assert request.accepted_per_round == pytest.approx(reply.stats.draft_tokens_accepted / reply.stats.rounds)
+    for split, r in zip(request.rounds, reply.rounds):
+        parts = [split.draft_ms, split.verify_ms, split.transport_ms, split.overhead_ms]
+        assert sum(parts) == pytest.approx(split.duration_ms, abs=1e-3)
+        assert all(p >= 0 for p in parts), split
+        assert split.verify_ms > 0 and split.transport_ms > 0
+        assert (split.draft_ms > 0) == bool(r.proposals)
+        assert split.accepted == len(r.accepted_token_ids)
+        # The round spans the draft and verify calls the response timed, and little else.
+        assert split.duration_ms >= r.draft_ms + r.verify_ms - 0.5
+    positions = traces.acceptance_by_position(request.rounds)
+    assert positions[1][0] == sum(1 for r in reply.rounds if r.proposals)
+    assert positions[1][1] == sum(1 for r in reply.rounds if r.accepted_token_ids)
+
+    # The same spans as the collector would write them (OTLP/JSON, hex ids) give the same analysis.
+    with receiver.lock:
+        exported = [MessageToDict(req) for req in receiver.requests]
+    otlp_file = tmp_path / "otlp.jsonl"
+    otlp_file.write_text("\n".join(json.dumps(hex_ids(doc)) for doc in exported) + "\n")
+    (from_otlp,) = [r for r in traces.analyze(traces.load_spans(otlp_file, otlp_json=True)) if r.trace_id == root["trace_id"]]
+    def numbers(rounds):
+        return [x for s in rounds for x in (s.index, s.duration_ms, s.draft_ms, s.verify_ms, s.transport_ms, s.accepted)]
+
+    assert numbers(from_otlp.rounds) == pytest.approx(numbers(request.rounds))
+
+    # And the command a user runs: the table, the JSON and the plot.
+    plot = tmp_path / "rounds.png"
+    run = subprocess.run([sys.executable, "-m", "orchestrator.cli", "traces", "analyze", str(path), "--plot", str(plot)],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert root["trace_id"] in run.stdout and "slowest rounds" in run.stdout and "dominated by" in run.stdout
+    assert plot.stat().st_size > 1000
+    run = subprocess.run([sys.executable, "-m", "orchestrator.cli", "traces", "analyze", str(otlp_file), "--otlp-json", "--json"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    analysed = {r["trace_id"]: r for r in json.loads(run.stdout)["requests"]}
+    assert len(analysed[root["trace_id"]]["rounds"]) == reply.stats.rounds
+
+
+def hex_ids(doc: dict) -> dict:
+    """protobuf's JSON mapping writes bytes as base64; OTLP/JSON (what collectors write) uses hex."""
+    for resource_spans in doc.get("resourceSpans", []):
+        for scope_spans in resource_spans.get("scopeSpans", []):
+            for span in scope_spans.get("spans", []):
+                for key in ("traceId", "spanId", "parentSpanId"):
+                    if span.get(key):
+                        span[key] = base64.b64decode(span[key]).hex()
+    return doc
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def scrape(address: str) -> dict[tuple[str, tuple], float]:
+    text = urllib.request.urlopen(f"http://{address}/metrics", timeout=10).read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def total(samples: dict, name: str, **labels) -> float:
+    return sum(v for (n, ls), v in samples.items() if n == name and all(dict(ls).get(k) == v2 for k, v2 in labels.items()))
+
+
+def test_metrics_move_by_what_the_response_reports(traced_cluster):
+    processes = {p.name: p for p in traced_cluster.processes}
+    assert all(p.metrics_address for p in processes.values())
+    before = {name: scrape(p.metrics_address) for name, p in processes.items()}
+    reply = generate(traced_cluster, 21, mode=generation_pb2.DECODING_MODE_SEQUENTIAL, draft_length=4)
+    after = {name: scrape(p.metrics_address) for name, p in processes.items()}
+    s = reply.stats
+
+    def moved(process: str, name: str, **labels) -> float:
+        return total(after[process], name, **labels) - total(before[process], name, **labels)
+
+    o = "orchestrator"
+    assert moved(o, "specdec_requests_total", method="Generate", code="OK") == 1
+    assert moved(o, "specdec_request_duration_seconds_count", method="Generate") == 1
+    assert moved(o, "specdec_round_duration_seconds_count", mode="sequential") == s.rounds
+    assert moved(o, "specdec_tokens_generated_total", mode="sequential") == s.tokens_generated
+    assert moved(o, "specdec_accepted_tokens_total", mode="sequential") == s.draft_tokens_accepted
+    assert moved(o, "specdec_bonus_tokens_total", mode="sequential") == s.bonus_tokens
+    assert moved(o, "specdec_tree_nodes_total", mode="sequential") == s.tree_nodes_total
+    # The last round may have no room to draft: the response counts it as a fallback too.
+    assert moved(o, "specdec_fallback_rounds_total") == sum(r.fallback for r in reply.rounds)
+    assert moved(o, "specdec_draft_tokens_proposed_total") == s.draft_tokens_proposed
+    for d in s.drafts:
+        assert moved(o, "specdec_draft_tokens_proposed_total", draft=d.draft) == d.proposed_tokens
+        assert moved(o, "specdec_draft_tokens_accepted_total", draft=d.draft) == d.accepted_tokens
+    # By position: what was drafted at position p is what the rounds' chains reached.
+    for position in range(1, 5):
+        drafted = sum(1 for r in reply.rounds for p in r.proposals for b in p.beams if len(b.token_ids) >= position)
+        assert moved(o, "specdec_draft_tokens_proposed_total", position=str(position)) == drafted
+    assert total(after[o], "specdec_requests_in_flight") == 0
+
+    assert moved("verify", "specdec_requests_total", method="VerifyTree", code="OK") == s.rounds
+    assert moved("verify", "specdec_request_duration_seconds_count", method="VerifyTree") == s.rounds
+    assert moved("verify", "specdec_forward_tokens_total", method="VerifyTree") >= s.tree_nodes_total + s.prompt_tokens
+    for i, d in enumerate(s.drafts):
+        calls = sum(1 for r in reply.rounds if any(p.draft == d.draft for p in r.proposals))
+        assert moved(f"draft-{i}", "specdec_requests_total", method="DraftBeams", code="OK") == calls
+    for name in processes:
+        if name != o:
+            assert ("specdec_kv_cache_tokens", ()) in after[name] and ("specdec_active_sessions", ()) in after[name]
+
+    # The sessions are released when the generation ends: the caches empty out.
+    deadline = time.monotonic() + 10
+    while any(total(scrape(p.metrics_address), "specdec_active_sessions") for n, p in processes.items() if n != o):
+        assert time.monotonic() < deadline, "sessions were not released"
+        time.sleep(0.1)
+    assert all(total(scrape(p.metrics_address), "specdec_kv_cache_tokens") == 0 for n, p in processes.items() if n != o)
+
+
+def test_health_checks_are_not_traced(traced_cluster, receiver):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(traced_cluster.verify_address) as channel:
+        for _ in range(3):
+            health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+    time.sleep(0.5)
+    names = {s["name"] for s in receiver.spans()}
+    assert not any("Health" in n or "GetInfo" in n or "ReleaseSession" in n for n in names), names
