@@ -58,7 +58,7 @@ class SpeculationDefaults:
     mode: str = _setting("tree", "default decoding mode: " + ", ".join(MODES), choices=MODES)
     draft_length: int = _setting(5, "sequential mode: tokens per draft chain")
     beam_width: int = _setting(2, "tree mode: beams per draft")
-    beam_depth: int = _setting(5, "tree mode: tokens per beam")
+    beam_depth: int = _setting(4, "tree mode: tokens per beam")
     max_tree_nodes: int = _setting(64, "cap on the merged token tree's size")
     max_new_tokens: int = _setting(128, "default max_new_tokens when a request sets none")
     max_new_tokens_limit: int = _setting(4096, "largest max_new_tokens a request may ask for")
