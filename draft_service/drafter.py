@@ -51,10 +51,7 @@ class BeamDrafter:
             raise ValueError("context must hold at least one token")
         session = self.store.get(session_id)
         with session.lock, self._model_lock:
-            with telemetry.span("specdec.cache.sync") as span:
-                reused = session.sync(context)
-                span.set_attribute("specdec.context_tokens", len(context))
-                span.set_attribute("specdec.reused_tokens", reused)
+            reused = session.sync(context)
             pending = context[reused:]
             start = time.perf_counter()
             fed = len(pending)

@@ -81,6 +81,13 @@ class SessionKV:
 
         After this the tail is empty and ``prefix_tokens == context[:reused]``.
         """
+        with telemetry.span("specdec.cache.sync") as span:
+            reused = self._sync(context)
+            span.set_attribute("specdec.context_tokens", len(context))
+            span.set_attribute("specdec.reused_tokens", reused)
+        return reused
+
+    def _sync(self, context: list[int]) -> int:
         prefix_len = len(self.prefix_tokens)
         reused = common_prefix_len(self.prefix_tokens, context)
         if reused == prefix_len and self.tail_tokens:

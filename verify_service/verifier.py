@@ -48,10 +48,7 @@ class TreeVerifier:
         validate_parents(tree.parents)
         session = self.store.get(session_id)
         with session.lock, self._model_lock:
-            with telemetry.span("specdec.cache.sync") as span:
-                reused = session.sync(context)
-                span.set_attribute("specdec.context_tokens", len(context))
-                span.set_attribute("specdec.reused_tokens", reused)
+            reused = session.sync(context)
             pending = context[reused:]
             start = time.perf_counter()
             with telemetry.span("specdec.forward") as span:
