@@ -8,11 +8,9 @@ import uuid
 from draft_service.drafter import BeamDrafter
 from specdec import config
 from specdec.errors import check_range, check_token_ids, InvalidRequest
-from specdec.kv_cache import SessionStore
-from specdec.rpc import distribution_pb, model_info_pb, rpc_method, sampling_params, start_server
-from specdec.rpc_telemetry import start_telemetry
+from specdec.rpc import distribution_pb, model_info_pb, rpc_method, sampling_params
 from specdec.service_info import ModelDescription
-from specdec.serving import announce, load_for_service, serve_until_signalled, setup_logging
+from specdec.serving import run_model_service
 from specdec.v1 import common_pb2, draft_pb2, draft_pb2_grpc
 
 SERVICE_NAME = draft_pb2.DESCRIPTOR.services_by_name["DraftService"].full_name
@@ -72,22 +70,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="specdec serve draft", description="Run a draft service (one small model).")
     config.add_arguments(parser, config.DraftSettings)
     settings = config.from_args(config.DraftSettings, parser.parse_args(argv))
-    setup_logging()
-    model, _, info = load_for_service("draft", settings.draft_model, settings)
-    store = SessionStore(settings.max_sessions, settings.kv_cache_mb << 20)
-    interceptors, metrics = start_telemetry("draft", settings, store, {"specdec.model": settings.draft_model})
-    servicer = DraftServicer(BeamDrafter(model, store), info, settings, metrics)
-    server, port, health = start_server(
-        lambda s: draft_pb2_grpc.add_DraftServiceServicer_to_server(servicer, s),
-        [SERVICE_NAME],
-        settings.host,
-        settings.port,
-        settings.max_message_mb,
-        interceptors=interceptors,
+    run_model_service(
+        "draft",
+        settings,
+        settings.draft_model,
+        lambda model, store, info, metrics: DraftServicer(BeamDrafter(model, store), info, settings, metrics),
+        draft_pb2_grpc.add_DraftServiceServicer_to_server,
+        SERVICE_NAME,
     )
-    announce("draft", settings.host, port)
-    serve_until_signalled(server, health)
-
 
 if __name__ == "__main__":
     main()

@@ -7,11 +7,9 @@ import uuid
 
 from specdec import config
 from specdec.errors import InvalidRequest, check_range, check_token_ids
-from specdec.kv_cache import SessionStore
-from specdec.rpc import distribution_pb, model_info_pb, rpc_method, sampling_params, start_server
-from specdec.rpc_telemetry import start_telemetry
+from specdec.rpc import distribution_pb, model_info_pb, rpc_method, sampling_params
 from specdec.service_info import ModelDescription
-from specdec.serving import announce, load_for_service, serve_until_signalled, setup_logging
+from specdec.serving import run_model_service
 from specdec.tree import TokenTree, validate_parents
 from specdec.v1 import common_pb2, verify_pb2, verify_pb2_grpc
 from verify_service.verifier import TreeVerifier
@@ -76,22 +74,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="specdec serve verify", description="Run the verify service (target model).")
     config.add_arguments(parser, config.VerifySettings)
     settings = config.from_args(config.VerifySettings, parser.parse_args(argv))
-    setup_logging()
-    model, _, info = load_for_service("verify", settings.target_model, settings)
-    store = SessionStore(settings.max_sessions, settings.kv_cache_mb << 20)
-    interceptors, metrics = start_telemetry("verify", settings, store, {"specdec.model": settings.target_model})
-    servicer = VerifyServicer(TreeVerifier(model, store), info, metrics)
-    server, port, health = start_server(
-        lambda s: verify_pb2_grpc.add_VerifyServiceServicer_to_server(servicer, s),
-        [SERVICE_NAME],
-        settings.host,
-        settings.port,
-        settings.max_message_mb,
-        interceptors=interceptors,
+    run_model_service(
+        "verify",
+        settings,
+        settings.target_model,
+        lambda model, store, info, metrics: VerifyServicer(TreeVerifier(model, store), info, metrics),
+        verify_pb2_grpc.add_VerifyServiceServicer_to_server,
+        SERVICE_NAME,
     )
-    announce("verify", settings.host, port)
-    serve_until_signalled(server, health)
-
 
 if __name__ == "__main__":
     main()
