@@ -61,7 +61,7 @@ class BeamDrafter:
             # A frontier entry: (tail index of its last node or -1, cumulative logprob, tokens).
             frontier: list[tuple[int, float, list[int]]] = [(-1, 0.0, [])]
             for level in range(depth):
-                scores = torch.tensor([score for _, score, _ in frontier])[:, None] + logprobs  # [beams, vocab]
+                scores = torch.tensor([score for _, score, _ in frontier], device=logprobs.device)[:, None] + logprobs  # [beams, vocab]
                 top = scores.flatten().topk(min(beam_width, scores.numel()))
                 vocab = scores.shape[-1]
                 chosen = [(int(i) // vocab, int(i) % vocab, float(s)) for s, i in zip(top.values, top.indices)]
@@ -101,7 +101,7 @@ class BeamDrafter:
             reused = session.sync(context)
             pending = context[reused:]
             start = time.perf_counter()
-            q, q16 = draft_distribution(tree_forward(self.model, session, pending)[-1], sampling)
+            q, q16 = draft_distribution(tree_forward(self.model, session, pending)[-1].cpu(), sampling)
             sent, used = [q16], [q]
             dist_of_node = {-1: 0}  # tail node (-1: the context end) -> its distribution's index
             node_of = {}  # (parent tail node, token) -> tail node
@@ -123,7 +123,8 @@ class BeamDrafter:
                         new.append(key)
                 base = len(session.tail_tokens)
                 if new:
-                    logits = tree_forward(self.model, session, [], [t for _, t in new], [p for p, _ in new], logits_to_keep=len(new))
+                    # Drawn on the CPU: the seeded generator is a CPU one and the distributions leave as bytes.
+                    logits = tree_forward(self.model, session, [], [t for _, t in new], [p for p, _ in new], logits_to_keep=len(new)).cpu()
                     fed += len(new)
                     for k, key in enumerate(new):
                         node_of[key] = base + k

@@ -61,7 +61,7 @@ class TreeVerifier:
                 reused_tokens=reused,
                 fed_tokens=len(pending) + len(tree),
                 cached_tokens=session.cached_len,
-                target_probs=distribution(logits, sampling) if sampling and not sampling.greedy else None,
+                target_probs=distribution(logits.cpu(), sampling) if sampling and not sampling.greedy else None,
                 forward_s=forward_s,
             )
         self.store.enforce_limits(keep=session_id)
