@@ -12,8 +12,10 @@ Each *round*:
    extra token when the drafts had nothing to offer. So every round yields at least one token and
    greedy output is exactly the target's own.
 
-A draft that fails or misses its deadline is skipped for the round; with none left the round is
-plain decoding (*fallback*). Clients are anything with ``draft``/``verify`` methods: gRPC stubs in
+A draft that fails or misses its deadline is skipped for the round and left out for a backoff
+period (``orchestrator.resilience.DraftHealth``), then asked again; with none left the round is
+plain decoding (*fallback*). The request's deadline bounds every internal call, and a cancelled
+request stops between rounds; either way its sessions are released in every service at once. Clients are anything with ``draft``/``verify`` methods: gRPC stubs in
 the service, in-process engines in tests, the same loop either way.
 """
 
@@ -30,7 +32,8 @@ from typing import Callable, Iterator, Protocol
 from orchestrator.instrumentation import GenerationInstrumentation
 import torch
 
-from specdec.errors import InvalidRequest, Unavailable, check_range
+from orchestrator.resilience import DraftHealth
+from specdec.errors import Cancelled, DeadlineExceeded, InvalidRequest, Unavailable, check_range
 from specdec.sampling import Candidate, SamplingParams, accept_sampled_tree
 from specdec.tree import TokenTree, TokenTrie, greedy_accept
 
@@ -76,6 +79,8 @@ class GenerationRequest:
     stop: list[str] = field(default_factory=list)
     include_rounds: bool = False
     sampling: SamplingParams = field(default_factory=SamplingParams)  # temperature 0: greedy
+    deadline: float | None = None  # time.monotonic() by which the whole generation must end
+    cancelled: Callable[[], bool] | None = None  # true once the client has gone away
 
 
 @dataclass
@@ -186,6 +191,7 @@ class SpeculativeController:
         self.draft_timeout_s = draft_timeout_s
         self.verify_timeout_s = verify_timeout_s
         self._pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="draft-call")
+        self.draft_health = DraftHealth()
         self.instrumentation = instrumentation or GenerationInstrumentation()  # round spans and metrics
 
     def check(self, req: GenerationRequest) -> None:
@@ -244,21 +250,22 @@ class SpeculativeController:
                 if self.limits.max_context:
                     depth = min(depth, self.limits.max_context - len(context) - 1)
                 width = req.beam_width if req.mode == TREE else 1
+                draft_timeout, verify_timeout = self._budget(req, len(rounds))
 
                 # The round's trace span (current while it runs) and metrics; nothing when both are off.
                 with self.instrumentation.round(trace_parent, len(rounds), req.mode) as observed:
                     t0 = time.perf_counter()
                     proposals, fallback_reason, dists = self._propose(
-                        req.mode, session_id, context, width, depth, sampling, generator
+                        req.mode, session_id, context, width, depth, sampling, generator, draft_timeout
                     )
                     t1 = time.perf_counter()
                     if sampling is None:
                         tree = self._merge(proposals, req.max_tree_nodes)
-                        target = self.verifier.verify(session_id, context, tree, self.verify_timeout_s)
+                        target = self.verifier.verify(session_id, context, tree, verify_timeout)
                     else:
                         tree, candidates = self._merge_sampled(proposals, dists, req.max_tree_nodes)
                         target = self.verifier.verify_sampled(
-                            session_id, context, tree, self.verify_timeout_s, sampling, self.limits.vocab_size
+                            session_id, context, tree, verify_timeout, sampling, self.limits.vocab_size
                         )
                     t2 = time.perf_counter()
                     if len(target) != len(tree) + 1:
@@ -320,43 +327,64 @@ class SpeculativeController:
             time_to_first_token_ms=first_token_ms,
         )
 
-    def _propose(self, mode: str, session_id: str, context: list[int], width: int, depth: int, sampling, generator):
-        """Ask every draft at once; returns ({draft: beams}, fallback reason or "", {draft: per-beam
-        per-token distributions} under sampling)."""
+    def _budget(self, req: GenerationRequest, round_index: int) -> tuple[float, float]:
+        """(draft timeout, verify timeout) for this round, within the request's deadline; raises
+        when the client has gone or the deadline has passed."""
+        if req.cancelled is not None and req.cancelled():
+            raise Cancelled(f"the client cancelled the request after {round_index} rounds")
+        if req.deadline is None:
+            return self.draft_timeout_s, self.verify_timeout_s
+        left = req.deadline - time.monotonic()
+        if left <= 0:
+            raise DeadlineExceeded(f"the request's deadline passed after {round_index} rounds")
+        return min(self.draft_timeout_s, left), min(self.verify_timeout_s, left)
+
+    def _propose(self, mode: str, session_id: str, context: list[int], width: int, depth: int, sampling, generator,
+                 timeout_s: float | None = None):
+        """Ask every usable draft at once; returns ({draft: beams}, fallback reason or "", {draft:
+        per-beam per-token distributions} under sampling)."""
         if mode == AUTOREGRESSIVE:
             return {}, "", {}
         if not self.drafts:
             return {}, "no draft services configured", {}
         if depth <= 0:
             return {}, "token budget leaves no room to draft", {}
+        timeout_s = self.draft_timeout_s if timeout_s is None else timeout_s
+        # Seeds are drawn for every draft, usable or not, so a fixed seed gives every draft the same
+        # stream whichever others are down.
+        seeds = torch.randint(1 << 62, (len(self.drafts),), generator=generator).tolist() if sampling is not None else []
+        drafts = [(i, d) for i, d in enumerate(self.drafts) if self.draft_health.usable(d.name)]
+        if not drafts:
+            return {}, "every draft is backing off after failures: " + ", ".join(self.draft_health.down()), {}
         # Each call runs in a copy of this thread's context, so its trace span is the round's child.
         if sampling is None:
             calls = {
-                self._pool.submit(contextvars.copy_context().run, d.draft, session_id, context, width, depth, self.draft_timeout_s): d
-                for d in self.drafts
+                self._pool.submit(contextvars.copy_context().run, d.draft, session_id, context, width, depth, timeout_s): d
+                for _, d in drafts
             }
         else:
-            seeds = torch.randint(1 << 62, (len(self.drafts),), generator=generator).tolist()
             calls = {
                 self._pool.submit(
                     contextvars.copy_context().run, d.draft_sampled, session_id, context, width, depth,
-                    self.draft_timeout_s, sampling, seed, self.limits.vocab_size,
+                    timeout_s, sampling, seeds[i], self.limits.vocab_size,
                 ): d
-                for d, seed in zip(self.drafts, seeds)
+                for i, d in drafts
             }
-        done, late = wait(calls, timeout=self.draft_timeout_s)
+        done, late = wait(calls, timeout=timeout_s)
         proposals, failures, dists = {}, [], {}
         for future in calls:
             draft = calls[future]
             if future in late:
-                failures.append(f"{draft.name}: missed the {self.draft_timeout_s * 1e3:.0f} ms deadline")
+                failures.append(f"{draft.name}: missed the {timeout_s * 1e3:.0f} ms deadline")
+                self.draft_health.failed(draft.name, failures[-1])
                 continue
             try:
                 result = future.result()
             except Exception as exc:  # noqa: BLE001 - a failing draft costs speed, never the generation
-                log.warning("draft %s failed: %s", draft.name, exc)
-                failures.append(f"{draft.name}: {exc}")
+                failures.append(f"{draft.name}: {_describe(exc)}")
+                self.draft_health.failed(draft.name, failures[-1])
                 continue
+            self.draft_health.succeeded(draft.name)
             beams, beam_dists = result if sampling is not None else (result, None)
             keep = [i for i, b in enumerate(beams) if b]
             if keep:
@@ -450,6 +478,12 @@ class SpeculativeController:
         """Free the session's caches everywhere now, without holding up the reply."""
         for client in [self.verifier, *self.drafts]:
             self._pool.submit(_quietly, client.release, session_id)
+
+
+def _describe(exc: BaseException) -> str:
+    if hasattr(exc, "code") and hasattr(exc, "details"):  # a grpc.RpcError
+        return f"{exc.code().name}: {exc.details()}"
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _quietly(fn, *args) -> None:

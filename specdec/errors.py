@@ -26,6 +26,14 @@ class Unavailable(SpecdecError):
     """A transient fault worth retrying (UNAVAILABLE)."""
 
 
+class DeadlineExceeded(SpecdecError):
+    """The request's deadline passed before it finished (DEADLINE_EXCEEDED)."""
+
+
+class Cancelled(SpecdecError):
+    """The client went away; the work was stopped (CANCELLED)."""
+
+
 def check_token_ids(field: str, token_ids, vocab_size: int, *, allow_empty: bool = False) -> list[int]:
     ids = list(token_ids)
     if not ids and not allow_empty:

@@ -131,23 +131,66 @@ class SessionKV:
 
 
 class SessionStore:
-    """Sessions bounded by count and by KV memory, evicted least recently used first."""
+    """Sessions bounded by count and by KV memory, evicted least recently used first, and dropped
+    once unused for ``ttl_s`` seconds (a client that vanished without releasing its session)."""
 
-    def __init__(self, max_sessions: int = 64, max_bytes: int = 8 << 30) -> None:
+    def __init__(self, max_sessions: int = 64, max_bytes: int = 8 << 30, ttl_s: float = 0.0, clock=time.monotonic) -> None:
         self.max_sessions = max_sessions
         self.max_bytes = max_bytes
+        self.ttl_s = ttl_s
+        self.clock = clock
         self._sessions: OrderedDict[str, SessionKV] = OrderedDict()
+        self._used_at: dict[str, float] = {}
         self._lock = threading.Lock()
         self.evictions = 0
+        self.expirations = 0
 
     def get(self, session_id: str) -> SessionKV:
         """The session's cache, created empty on a miss; marks it most recently used."""
         with self._lock:
+            self._expire()
             session = self._sessions.get(session_id)
             if session is None:
                 session = self._sessions[session_id] = SessionKV(session_id)
             self._sessions.move_to_end(session_id)
+            self._used_at[session_id] = self.clock()
             return session
+
+    def expire(self) -> int:
+        """Drop every session unused for longer than the TTL; returns how many."""
+        with self._lock:
+            return self._expire()
+
+    def _expire(self) -> int:
+        if not self.ttl_s:
+            return 0
+        cutoff = self.clock() - self.ttl_s
+        # Least recently used first: stop at the first session still fresh.
+        stale = []
+        for session_id in self._sessions:
+            if self._used_at.get(session_id, cutoff) > cutoff:
+                break
+            stale.append(session_id)
+        for session_id in stale:
+            self._sessions.pop(session_id)
+            self._used_at.pop(session_id, None)
+        self.expirations += len(stale)
+        return len(stale)
+
+    def start_sweeper(self, interval_s: float | None = None) -> threading.Thread | None:
+        """Expire idle sessions in the background too, so memory falls back without new traffic."""
+        if not self.ttl_s:
+            return None
+        interval = interval_s or max(0.05, min(30.0, self.ttl_s / 4))
+        stop = self._stop_sweeper = threading.Event()
+
+        def sweep() -> None:
+            while not stop.wait(interval):
+                self.expire()
+
+        thread = threading.Thread(target=sweep, name="session-sweeper", daemon=True)
+        thread.start()
+        return thread
 
     def peek(self, session_id: str) -> SessionKV | None:
         with self._lock:
@@ -155,6 +198,7 @@ class SessionStore:
 
     def release(self, session_id: str) -> bool:
         with self._lock:
+            self._used_at.pop(session_id, None)
             return self._sessions.pop(session_id, None) is not None
 
     def enforce_limits(self, keep: str | None = None) -> None:
@@ -168,6 +212,7 @@ class SessionStore:
                 if session_id == keep:
                     continue
                 total -= self._sessions.pop(session_id).nbytes
+                self._used_at.pop(session_id, None)
                 self.evictions += 1
 
     def __len__(self) -> int:

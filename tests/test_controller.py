@@ -168,3 +168,58 @@ def test_sessions_are_released_everywhere(target, drafts):
     while (len(verify.verifier.store) or len(draft.drafter.store)) and time.monotonic() < deadline:
         time.sleep(0.01)
     assert len(verify.verifier.store) == 0 and len(draft.drafter.store) == 0
+
+
+class FlakyDraft(LocalDraft):
+    """Fails its first ``fail`` calls, then drafts normally: a draft service restarted."""
+
+    def __init__(self, name, model, fail):
+        super().__init__(name, model)
+        self.fail, self.calls = fail, 0
+
+    def draft(self, *args):
+        self.calls += 1
+        if self.calls <= self.fail:
+            raise ConnectionError("draft service restarting")
+        return super().draft(*args)
+
+
+def test_a_failed_draft_is_left_out_then_brought_back(target, drafts):
+    from orchestrator.resilience import Backoff, DraftHealth
+
+    flaky = FlakyDraft("flaky", drafts["self"], fail=2)
+    c = controller(target, [flaky])
+    c.draft_health = DraftHealth(Backoff(initial_s=0.02, max_s=0.02))
+    result = c.generate(request(PROMPTS[0], "sequential", max_new_tokens=60, draft_length=2))
+    assert result.token_ids == reference_greedy(target, PROMPTS[0], 60)
+    # Left out between failures (fewer calls than rounds), and back: later rounds use its drafts.
+    assert flaky.calls < len(result.rounds)
+    assert result.rounds[-1].proposals and not result.rounds[-1].fallback
+    assert any("backing off" in r.fallback_reason for r in result.rounds)
+
+
+def test_cancelled_request_stops_and_releases_its_sessions(target, drafts):
+    from specdec.errors import Cancelled
+
+    verify, draft = LocalVerify(target), LocalDraft("self", drafts["self"])
+    limits = Limits(vocab_size=VOCAB, max_context=512, max_new_tokens_limit=100, eos_token_ids=frozenset())
+    c = SpeculativeController(verify, [draft], limits, decode=str)
+    rounds = []
+    req = request(PROMPTS[0], "tree", max_new_tokens=60, cancelled=lambda: len(rounds) >= 2)
+    stream = c.stream(req)
+    with pytest.raises(Cancelled):
+        for record in stream:
+            rounds.append(record)
+    assert len(rounds) == 2
+    deadline = time.monotonic() + 5
+    while (len(verify.verifier.store) or len(draft.drafter.store)) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(verify.verifier.store) == 0 and len(draft.drafter.store) == 0
+
+
+def test_passed_deadline_stops_the_generation(target, drafts):
+    from specdec.errors import DeadlineExceeded
+
+    c = controller(target, [LocalDraft("self", drafts["self"])])
+    with pytest.raises(DeadlineExceeded):
+        c.generate(request(PROMPTS[0], "tree", max_new_tokens=10, deadline=time.monotonic() - 1))
