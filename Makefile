@@ -8,7 +8,7 @@ PROTOS := $(wildcard protos/specdec/v1/*.proto)
 STUBS  := specdec/v1/.generated
 DEMO_PROMPT ?= def quicksort(arr):
 
-.PHONY: setup protos models demo test test-fast bench clean up down compose-cli
+.PHONY: setup protos models demo test test-fast bench clean up down compose-cli certs
 
 setup: $(VENV)/.installed $(STUBS)
 
@@ -39,6 +39,13 @@ test-fast: setup compose-cli
 
 bench: setup models
 	$(BIN)/specdec bench --quick
+
+# A development CA, one server certificate for every service (localhost, 127.0.0.1 and the compose
+# service names), a client certificate and a bearer token; once: delete $(CERTS_DIR) to make new ones.
+CERTS_DIR ?= certs
+certs: setup
+	@if [ -f $(CERTS_DIR)/ca.pem ]; then echo "$(CERTS_DIR)/ already holds certificates (delete it to make new ones)"; \
+	  else $(BIN)/specdec certs $(CERTS_DIR); fi
 
 # tests/test_deploy.py checks the compose file as a real compose implementation renders it
 # (offline, no Docker engine needed). Where there is none, Debian's docker-compose is installed

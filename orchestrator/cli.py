@@ -39,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     where.add_argument("--local", action="store_true", help="bring up a local cluster for this call")
     gen.add_argument("--target-model", default=os.environ.get("SPECDEC_TARGET_MODEL", config.EMBEDDED_TARGET), help="with --local")
     gen.add_argument("--draft-models", default=os.environ.get("SPECDEC_DRAFT_MODELS", config.EMBEDDED_DRAFT), help="with --local, comma-separated")
+    config.add_arguments(gen, config.TlsClientSettings)  # for an orchestrator that serves TLS
+    config.add_arguments(gen, config.AuthSettings)  # the bearer token to send
     gen.set_defaults(func=cmd_generate)
 
     cluster = commands.add_parser("cluster", help="run a local cluster").add_subparsers(dest="action", required=True)
@@ -53,6 +55,12 @@ def main(argv: list[str] | None = None) -> int:
     path = models.add_parser("path", help="print a model's local directory")
     path.add_argument("name")
     path.set_defaults(func=cmd_models_path)
+
+    certs = commands.add_parser("certs", help="write a development CA, server and client certificates and a token")
+    certs.add_argument("dir", help="directory to write ca.pem, server.pem/.key, client.pem/.key and token into")
+    certs.add_argument("--name", action="append", default=[], help="another host name or IP the server certificate names (repeatable)")
+    certs.add_argument("--days", type=int, default=365, help="validity [default: 365]")
+    certs.set_defaults(func=cmd_certs)
 
     serve = commands.add_parser("serve", help="run one service in the foreground (what compose runs)")
     serve.add_argument("service", choices=["verify", "draft", "orchestrator"])
@@ -77,6 +85,7 @@ def cmd_generate(args) -> int:
     import grpc
 
     from orchestrator.cluster import LocalCluster
+    from specdec import security
     from specdec.v1 import generation_pb2, generation_pb2_grpc
 
     request = generation_pb2.GenerateRequest(
@@ -90,6 +99,12 @@ def cmd_generate(args) -> int:
         stop=args.stop,
         include_rounds=args.verbose or args.json,
     )
+    try:
+        metadata = security.token_metadata(security.load_token(args))
+        security.channel_credentials(args)  # unreadable files are reported before any cluster starts
+    except security.SecurityConfigError as exc:
+        print(f"specdec: {exc}", file=sys.stderr)
+        return 2
     cluster = None
     address = args.orchestrator
     if args.local:
@@ -101,10 +116,10 @@ def cmd_generate(args) -> int:
         cluster = LocalCluster(settings)
         address = cluster.start()
     try:
-        with grpc.insecure_channel(address) as channel:
+        with security.client_channel(address, args) as channel:
             stub = generation_pb2_grpc.GenerationServiceStub(channel)
             try:
-                reply = stub.Generate(request, timeout=3600)
+                reply = stub.Generate(request, timeout=3600, metadata=metadata)
             except grpc.RpcError as exc:
                 print(f"specdec: {exc.code().name}: {exc.details()}", file=sys.stderr)
                 return 1
@@ -192,6 +207,17 @@ def cmd_models_path(args) -> int:
         return 0
     print(f"specdec: unknown model {args.name!r}; embedded: {', '.join(EMBEDDED_MODELS)}", file=sys.stderr)
     return 2
+
+
+def cmd_certs(args) -> int:
+    from specdec.certs import make_dev_certs
+
+    certs = make_dev_certs(args.dir, tuple(args.name), args.days)
+    print(f"wrote a development CA, certificates and a token to {certs.ca.parent}/ (keys and token readable by you only)")
+    print(f"  servers: --tls-cert {certs.server_cert} --tls-key {certs.server_key} [--tls-client-ca {certs.ca}]")
+    print(f"  clients: --tls-ca {certs.ca} [--tls-client-cert {certs.client_cert} --tls-client-key {certs.client_key}]")
+    print(f"  token:   --auth-token-file {certs.token}")
+    return 0
 
 
 def cmd_serve(args) -> int:

@@ -78,6 +78,9 @@ class LocalCluster:
     def start(self) -> str:
         s = self.settings
         self._logs = Path(tempfile.mkdtemp(prefix="specdec-cluster-"))
+        if s.auth_token:
+            # The token reaches the orchestrator in its environment: a command line is visible to every user.
+            self.env = {**self.env, "SPECDEC_AUTH_TOKEN": s.auth_token}
         try:
             verify_port = free_port()
             self.verify_address = f"127.0.0.1:{verify_port}"
@@ -100,6 +103,9 @@ class LocalCluster:
             orchestrator = self._spawn("orchestrator", "orchestrator", port, [
                 "--target-model", s.target_model, "--verify-address", self.verify_address,
                 "--draft-addresses", ",".join(self.draft_addresses), "--log-dir", s.log_dir, *speculation,
+                # It calls the others as a TLS client and asks its own callers for the bearer token.
+                "--tls-ca", s.tls_ca, "--tls-client-cert", s.tls_client_cert, "--tls-client-key", s.tls_client_key,
+                "--auth-token-file", s.auth_token_file,
             ], metrics_offset=0)
             self._wait(orchestrator)
         except BaseException:
@@ -113,6 +119,10 @@ class LocalCluster:
         # Every service appends to the one trace file; metrics ports follow each other from metrics_port.
         metrics_port = s.metrics_port + metrics_offset if s.metrics_port else 0
         args = [*args, "--trace-file", s.trace_file, "--metrics-port", str(metrics_port)]
+        # Every service presents the one server certificate; the draft and verify services also ask
+        # for a client certificate (the orchestrator's), the public orchestrator for a bearer token.
+        client_ca = "" if module == "orchestrator" else s.tls_client_ca
+        args += ["--tls-cert", s.tls_cert, "--tls-key", s.tls_key, "--tls-client-ca", client_ca]
         log_path = self._logs / f"{name}.log" if self.quiet else None
         out = open(log_path, "w") if log_path else None
         popen = subprocess.Popen(
@@ -129,21 +139,26 @@ class LocalCluster:
 
     def _wait(self, process: Process) -> None:
         try:
-            wait_until_serving(process.address, self.settings.startup_timeout_s, alive=lambda: process.popen.poll() is None)
+            wait_until_serving(process.address, self.settings.startup_timeout_s, alive=lambda: process.popen.poll() is None,
+                               tls=self.settings)
         except (RuntimeError, TimeoutError) as exc:
             raise RuntimeError(f"{process.name} did not start: {exc}\n{process.log_tail()}") from None
 
     def stop(self, grace_s: float = 10.0) -> None:
-        for process in reversed(self.processes):
-            if process.popen.poll() is None:
-                process.popen.send_signal(signal.SIGTERM)
+        """SIGTERM the orchestrator first, so that it finishes its generations while the drafts and
+        the verifier still answer, then the others; whatever outlives ``grace_s`` is killed."""
         deadline = time.monotonic() + grace_s
-        for process in self.processes:
-            try:
-                process.popen.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                process.popen.kill()
-                process.popen.wait()
+        front = [p for p in self.processes if p.name == "orchestrator"]
+        for group in (front, [p for p in self.processes if p not in front]):
+            for process in group:
+                if process.popen.poll() is None:
+                    process.popen.send_signal(signal.SIGTERM)
+            for process in group:
+                try:
+                    process.popen.wait(max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    process.popen.kill()
+                    process.popen.wait()
         self.processes.clear()
 
     def process(self, name: str) -> Process:

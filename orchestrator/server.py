@@ -32,6 +32,7 @@ from specdec.errors import InvalidRequest, NotReady
 from specdec.rpc import rpc_method, sampling_params, start_server
 from specdec.rpc_telemetry import start_telemetry
 from specdec.serving import announce, serve_until_signalled, setup_logging
+from specdec.security import SecurityConfigError, auth_interceptors, describe_server_tls, use_client_tls
 from specdec.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 
 log = logging.getLogger("specdec.orchestrator")
@@ -303,6 +304,12 @@ def main(argv: list[str] | None = None) -> None:
     # Before the clients are built: their channels carry trace context only when tracing is on.
     _, metrics = start_telemetry("orchestrator", settings, attributes={"specdec.model": settings.target_model})
     try:
+        use_client_tls(settings)  # the draft and verify clients built next open their channels with it
+        interceptors = auth_interceptors(settings)
+    except SecurityConfigError as exc:
+        print(f"specdec orchestrator: cannot start: {exc}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    try:
         servicer = build_servicer(settings, metrics=metrics)
     except NotReady as exc:
         # A refused configuration is the operator's to fix: say why plainly, no traceback.
@@ -314,9 +321,12 @@ def main(argv: list[str] | None = None) -> None:
         settings.host,
         settings.port,
         settings.max_message_mb,
+        interceptors=interceptors,
+        tls=settings,
     )
+    log.info("public port: %s; bearer token %s", describe_server_tls(settings), "required" if interceptors else "not asked")
     announce("orchestrator", settings.host, port)
-    serve_until_signalled(server, health)
+    serve_until_signalled(server, health, settings.shutdown_grace_s)
 
 
 if __name__ == "__main__":

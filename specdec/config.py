@@ -24,12 +24,37 @@ def _setting(default: Any, help: str, **extra: Any) -> Any:
 
 
 @dataclass
-class ServerSettings:
+class TlsServerSettings:
+    """What a server presents and whom it lets in (see specdec/security.py)."""
+
+    tls_cert: str = _setting("", "this server's certificate chain, PEM file; with --tls-key turns TLS on ('' = plaintext)")
+    tls_key: str = _setting("", "private key of --tls-cert, PEM file")
+    tls_client_ca: str = _setting("", "CA bundle, PEM file: every client must present a certificate signed by it (mutual TLS; '' = none asked)")
+
+
+@dataclass
+class TlsClientSettings:
+    """How a process calls a TLS server: the CA it trusts and the certificate it presents."""
+
+    tls_ca: str = _setting("", "CA bundle, PEM file, that the servers this process calls must chain to; set turns TLS on for those calls")
+    tls_client_cert: str = _setting("", "certificate chain, PEM file, this process presents to the servers it calls (mutual TLS)")
+    tls_client_key: str = _setting("", "private key of --tls-client-cert, PEM file")
+
+
+@dataclass
+class AuthSettings:
+    auth_token: str = _setting("", "bearer token every GenerationService call must carry ('' = no check; prefer the variable or a file)", secret=True)
+    auth_token_file: str = _setting("", "file holding the bearer token (wins over --auth-token)")
+
+
+@dataclass
+class ServerSettings(TlsServerSettings):
     host: str = _setting("127.0.0.1", "address to listen on (0.0.0.0 in containers)")
     port: int = _setting(0, "port to listen on (0 = pick a free one and print it)")
     max_message_mb: int = _setting(64, "largest gRPC message accepted or sent, MiB")
     trace_file: str = _setting("", "append every span to this JSON-lines file ('' = off; OTLP export is set by the OTEL_* variables)")
     metrics_port: int = _setting(0, "serve Prometheus metrics on this port at /metrics (0 = off)")
+    shutdown_grace_s: float = _setting(30.0, "on SIGTERM: report NOT_SERVING, refuse new calls, and give the calls in flight this long to finish")
 
 
 @dataclass
@@ -65,7 +90,7 @@ class SpeculationDefaults:
 
 
 @dataclass
-class OrchestratorSettings(ServerSettings, SpeculationDefaults):
+class OrchestratorSettings(ServerSettings, SpeculationDefaults, TlsClientSettings, AuthSettings):
     target_model: str = _setting(EMBEDDED_TARGET, "target model, for its tokenizer (must match the verify service)")
     verify_address: str = _setting("127.0.0.1:50052", "verify service, host:port")
     draft_addresses: list[str] = _setting(list, "draft services, comma-separated host:port")
@@ -75,7 +100,7 @@ class OrchestratorSettings(ServerSettings, SpeculationDefaults):
 
 
 @dataclass
-class ClusterSettings(SpeculationDefaults):
+class ClusterSettings(SpeculationDefaults, TlsServerSettings, TlsClientSettings, AuthSettings):
     target_model: str = _setting(EMBEDDED_TARGET, "target model for the verify service")
     draft_models: list[str] = _setting(lambda: [EMBEDDED_DRAFT], "draft models, comma-separated, one service each")
     port: int = _setting(50051, "orchestrator port (drafts and verifier take free ports)")
@@ -86,6 +111,7 @@ class ClusterSettings(SpeculationDefaults):
     startup_timeout_s: int = _setting(600, "how long to wait for every service to report SERVING")
     trace_file: str = _setting("", "every service appends its spans to this JSON-lines file ('' = off)")
     metrics_port: int = _setting(0, "first Prometheus metrics port: orchestrator, then verify, then each draft on the next ports (0 = off)")
+    tls_client_ca: str = _setting("", "CA bundle, PEM file: the draft and verify services require client certificates signed by it (mutual TLS with the orchestrator)")
 
 
 def env_name(name: str) -> str:
@@ -117,7 +143,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, .
             type=(lambda s, k=kind: _parse(k, s)),
             default=default,
             choices=f.metadata.get("choices"),
-            help=f"{f.metadata.get('help', '')} [{env_name(f.name)}; default: {_show(default)}]",
+            help=f"{f.metadata.get('help', '')} [{env_name(f.name)}; default: {_show(default, f.metadata.get('secret', False))}]",
         )
 
 
@@ -134,5 +160,7 @@ def from_env(cls: type, **overrides: Any):
     return dataclasses.replace(settings, **overrides)
 
 
-def _show(value: Any) -> str:
+def _show(value: Any, secret: bool = False) -> str:
+    if secret and value:
+        return "(set, not shown)"  # a secret from the environment must not leak into --help
     return ",".join(value) if isinstance(value, list) else str(value)

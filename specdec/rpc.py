@@ -121,20 +121,88 @@ def channel_options(max_message_mb: int) -> list[tuple[str, int]]:
     return [("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)]
 
 
+UNGATED_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+
+class ServingHealth(health.HealthServicer):
+    """grpc.health.v1 plus the server's :class:`~specdec.serving.Admission`, which graceful
+    shutdown closes when it turns health to NOT_SERVING."""
+
+    def __init__(self, admission) -> None:
+        super().__init__()
+        self.admission = admission
+
+
+class AdmissionInterceptor(grpc.ServerInterceptor):
+    """Counts every call but health checks and reflection while it runs; once the admission is
+    closed (shutting down), refuses new ones with UNAVAILABLE, the code clients retry elsewhere."""
+
+    def __init__(self, admission) -> None:
+        self.admission = admission
+
+    def intercept_service(self, continuation, details):
+        handler = continuation(details)
+        if handler is None or details.method.startswith(UNGATED_SERVICES):
+            return handler
+        admission = self.admission
+
+        def admit(context):
+            if not admission.enter():
+                context.abort(grpc.StatusCode.UNAVAILABLE, "the service is shutting down")
+
+        def unary_reply(inner):
+            def behavior(request, context):
+                admit(context)
+                try:
+                    return inner(request, context)
+                finally:
+                    admission.leave()
+            return behavior
+
+        def streamed_reply(inner):
+            def behavior(request, context):
+                admit(context)
+                try:
+                    yield from inner(request, context)
+                finally:
+                    admission.leave()
+            return behavior
+
+        if handler.unary_unary:
+            make, behavior = grpc.unary_unary_rpc_method_handler, unary_reply(handler.unary_unary)
+        elif handler.unary_stream:
+            make, behavior = grpc.unary_stream_rpc_method_handler, streamed_reply(handler.unary_stream)
+        elif handler.stream_unary:
+            make, behavior = grpc.stream_unary_rpc_method_handler, unary_reply(handler.stream_unary)
+        else:
+            make, behavior = grpc.stream_stream_rpc_method_handler, streamed_reply(handler.stream_stream)
+        return make(behavior, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+
+
 def start_server(add_servicers, service_names: list[str], host: str, port: int, max_message_mb: int = 64, workers: int = 16,
-                 interceptors=()):
+                 interceptors=(), tls=None):
     """Start a server with the given servicers plus grpc.health.v1 and reflection.
 
-    Returns ``(server, bound_port, health_servicer)``; every service is marked SERVING.
+    ``tls``: settings with ``tls_cert``, ``tls_key`` and ``tls_client_ca`` (see
+    :mod:`specdec.security`); ``None`` or unset = plaintext. Returns ``(server, bound_port,
+    health_servicer)``; every service is marked SERVING, and
+    :func:`specdec.serving.serve_until_signalled` shuts the server down gracefully.
     """
+    from specdec.security import server_credentials
+    from specdec.serving import Admission
+
+    credentials = server_credentials(tls) if tls is not None else None
+    admission = Admission()
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=workers), options=channel_options(max_message_mb), interceptors=list(interceptors)
+        futures.ThreadPoolExecutor(max_workers=workers), options=channel_options(max_message_mb),
+        interceptors=[AdmissionInterceptor(admission), *interceptors],
     )
     add_servicers(server)
-    health_servicer = health.HealthServicer()
+    health_servicer = ServingHealth(admission)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    address = f"{host}:{port}"
+    bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     if bound == 0:
         raise RuntimeError(f"could not listen on {host}:{port}")
     server.start()
@@ -143,10 +211,13 @@ def start_server(add_servicers, service_names: list[str], host: str, port: int, 
     return server, bound, health_servicer
 
 
-def wait_until_serving(address: str, timeout_s: float, service: str = "", alive=lambda: True) -> None:
-    """Block until ``address`` reports SERVING on grpc.health.v1; ``alive()`` false aborts early."""
+def wait_until_serving(address: str, timeout_s: float, service: str = "", alive=lambda: True, tls=None) -> None:
+    """Block until ``address`` reports SERVING on grpc.health.v1; ``alive()`` false aborts early.
+    ``tls``: client settings (``tls_ca``, ``tls_client_cert``, ``tls_client_key``) for a TLS server."""
+    from specdec.security import client_channel
+
     deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(address) as channel:
+    with client_channel(address, tls) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             try:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import threading
+import time
 
 from specdec import telemetry
 
@@ -30,15 +32,84 @@ def load_for_service(service: str, name: str, settings):
     return model, tokenizer, describe_model(service, name, model, tokenizer)
 
 
-def serve_until_signalled(server, health_servicer, grace_s: float = 5.0) -> None:
-    """Block until SIGINT/SIGTERM; then report NOT_SERVING, finish in-flight calls, stop."""
-    stop = threading.Event()
+class Admission:
+    """Counts the calls in flight and, once closed, admits no new ones: graceful shutdown."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._in_flight = 0
+        self.closed = False
+
+    def enter(self) -> bool:
+        with self._changed:
+            if self.closed:
+                return False
+            self._in_flight += 1
+            return True
+
+    def leave(self) -> None:
+        with self._changed:
+            self._in_flight -= 1
+            self._changed.notify_all()
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    def close(self) -> None:
+        with self._changed:
+            self.closed = True
+            self._changed.notify_all()
+
+    def wait_idle(self, timeout_s: float, interrupted: threading.Event | None = None) -> bool:
+        """Wait until no call is in flight (True), or the timeout passes or ``interrupted`` is set (False)."""
+        deadline = time.monotonic() + timeout_s
+        with self._changed:
+            while self._in_flight:
+                left = deadline - time.monotonic()
+                if left <= 0 or (interrupted is not None and interrupted.is_set()):
+                    return False
+                self._changed.wait(min(left, 0.2))
+        return True
+
+
+def serve_until_signalled(server, health_servicer, grace_s: float = 30.0) -> None:
+    """Block until SIGINT/SIGTERM, then shut down gracefully: report NOT_SERVING on grpc.health.v1,
+    refuse new calls with UNAVAILABLE, give the calls in flight up to ``grace_s`` to finish (a
+    second signal cuts that short), stop the server and return, so that the process exits 0. Calls
+    still running after the grace period are cancelled; if their handlers do not return at once,
+    the process exits 0 here without waiting for them.
+
+    ``health_servicer`` is the one :func:`specdec.rpc.start_server` returned: it carries the
+    server's :class:`Admission`. Health checks keep answering (NOT_SERVING) until the server stops.
+    """
+    stop, hurry = threading.Event(), threading.Event()
+
+    def on_signal(*_):
+        (hurry if stop.is_set() else stop).set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
+        signal.signal(sig, on_signal)
+    # Python runs signal handlers in the main thread between bytecodes; when the kernel hands the
+    # signal to another thread (gRPC's, torch's), an untimed wait here would never see it.
+    while not stop.wait(0.5):
+        pass
+    admission = health_servicer.admission
     health_servicer.enter_graceful_shutdown()
-    server.stop(grace_s).wait()
+    admission.close()
+    log.info("shutting down: NOT_SERVING, refusing new calls; %d in flight get up to %.0f s", admission.in_flight, grace_s)
+    idle = admission.wait_idle(grace_s, hurry)
+    if not idle:
+        log.warning("shutting down: %d call(s) still in flight are cancelled", admission.in_flight)
+    server.stop(0).wait()
+    log.info("stopped")
     telemetry.shutdown()  # export the spans still buffered
+    if not idle and not admission.wait_idle(2.0):
+        # A handler still busy (a long forward pass) would hold the interpreter's exit, which joins
+        # gRPC's worker threads: the grace period is over, so leave without them.
+        logging.shutdown()
+        sys.stdout.flush()
+        os._exit(0)
 
 
 def announce(service: str, host: str, port: int) -> None:
@@ -56,6 +127,7 @@ def run_model_service(service: str, settings, model_name: str, make_servicer, ad
     from specdec.kv_cache import SessionStore
     from specdec.rpc import start_server
     from specdec.rpc_telemetry import start_telemetry
+    from specdec.security import describe_server_tls
 
     setup_logging()
     model, _, info = load_for_service(service, model_name, settings)
@@ -69,6 +141,8 @@ def run_model_service(service: str, settings, model_name: str, make_servicer, ad
         settings.port,
         settings.max_message_mb,
         interceptors=interceptors,
+        tls=settings,
     )
+    log.info("%s: port speaks %s", service, describe_server_tls(settings))
     announce(service, settings.host, port)
-    serve_until_signalled(server, health)
+    serve_until_signalled(server, health, settings.shutdown_grace_s)
