@@ -94,7 +94,7 @@ def cmd_generate(args) -> int:
         mode={"autoregressive": 1, "sequential": 2, "tree": 3}[args.mode],
         speculation=generation_pb2.SpeculationParams(
             draft_length=args.draft_length, beam_width=args.beam_width, beam_depth=args.beam_depth,
-            max_tree_nodes=args.max_tree_nodes,
+            max_tree_nodes=args.max_tree_nodes, adaptive=args.adaptive,
         ),
         stop=args.stop,
         include_rounds=args.verbose or args.json,

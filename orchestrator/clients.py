@@ -7,7 +7,7 @@ import grpc
 import torch
 
 from specdec.errors import NotReady
-from specdec.rpc import channel_options, distribution_from_pb
+from specdec.rpc import client_options, distribution_from_pb
 from specdec.rpc_telemetry import traced_channel
 from specdec.security import client_channel
 from specdec.tree import TokenTree
@@ -21,7 +21,7 @@ class _Client:
 
     def __init__(self, address: str, max_message_mb: int = 64) -> None:
         self.address = address
-        self.channel = traced_channel(client_channel(address, options=channel_options(max_message_mb)), address)
+        self.channel = traced_channel(client_channel(address, options=client_options(max_message_mb)), address)
         self.stub = self.stub_class(self.channel)
 
     def info(self, timeout_s: float = 10.0) -> common_pb2.ModelInfo:

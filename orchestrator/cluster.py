@@ -51,6 +51,7 @@ class Process:
     popen: subprocess.Popen
     log_path: Path | None
     metrics_address: str = ""  # host:port of its Prometheus /metrics, when metrics are on
+    command: list[str] = field(default_factory=list)  # to start it again on the same port
 
     def log_tail(self, lines: int = 30) -> str:
         if self.log_path is None or not self.log_path.exists():
@@ -66,7 +67,8 @@ class LocalCluster:
     processes: list[Process] = field(default_factory=list)
     orchestrator_address: str = ""
     draft_addresses: list[str] = field(default_factory=list)
-    verify_address: str = ""
+    verify_address: str = ""  # the first verify replica
+    verify_addresses: list[str] = field(default_factory=list)
 
     def __enter__(self) -> "LocalCluster":
         self.start()
@@ -82,10 +84,14 @@ class LocalCluster:
             # The token reaches the orchestrator in its environment: a command line is visible to every user.
             self.env = {**self.env, "SPECDEC_AUTH_TOKEN": s.auth_token}
         try:
-            verify_port = free_port()
-            self.verify_address = f"127.0.0.1:{verify_port}"
-            self._spawn("verify", "verify_service", verify_port,
-                        ["--target-model", s.target_model, "--device", s.verify_device, "--dtype", s.dtype], metrics_offset=1)
+            for r in range(max(1, s.verify_replicas)):
+                verify_port = free_port()
+                self.verify_addresses.append(f"127.0.0.1:{verify_port}")
+                # Extra replicas take metrics ports after the drafts'.
+                self._spawn("verify" if r == 0 else f"verify-{r}", "verify_service", verify_port,
+                            ["--target-model", s.target_model, "--device", s.verify_device, "--dtype", s.dtype],
+                            metrics_offset=1 if r == 0 else 1 + len(s.draft_models) + r)
+            self.verify_address = self.verify_addresses[0]
             devices = s.draft_devices if len(s.draft_devices) == len(s.draft_models) else s.draft_devices[:1] * len(s.draft_models)
             for i, (model, device) in enumerate(zip(s.draft_models, devices)):
                 port = free_port()
@@ -97,11 +103,11 @@ class LocalCluster:
             port = s.port or free_port()
             speculation = [
                 "--mode", s.mode, "--draft-length", str(s.draft_length), "--beam-width", str(s.beam_width),
-                "--beam-depth", str(s.beam_depth), "--max-tree-nodes", str(s.max_tree_nodes),
+                "--beam-depth", str(s.beam_depth), "--max-tree-nodes", str(s.max_tree_nodes), "--adaptive", str(s.adaptive),
                 "--max-new-tokens", str(s.max_new_tokens), "--max-new-tokens-limit", str(s.max_new_tokens_limit),
             ]
             orchestrator = self._spawn("orchestrator", "orchestrator", port, [
-                "--target-model", s.target_model, "--verify-address", self.verify_address,
+                "--target-model", s.target_model, "--verify-address", ",".join(self.verify_addresses),
                 "--draft-addresses", ",".join(self.draft_addresses), "--log-dir", s.log_dir, *speculation,
                 # It calls the others as a TLS client and asks its own callers for the bearer token.
                 "--tls-ca", s.tls_ca, "--tls-client-cert", s.tls_client_cert, "--tls-client-key", s.tls_client_key,
@@ -124,17 +130,37 @@ class LocalCluster:
         client_ca = "" if module == "orchestrator" else s.tls_client_ca
         args += ["--tls-cert", s.tls_cert, "--tls-key", s.tls_key, "--tls-client-ca", client_ca]
         log_path = self._logs / f"{name}.log" if self.quiet else None
-        out = open(log_path, "w") if log_path else None
-        popen = subprocess.Popen(
-            [sys.executable, "-c", _CHILD_BOOT, str(os.getpid()), module, "--host", "127.0.0.1", "--port", str(port), *args],
-            stdout=out or sys.stderr,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, **self.env},
-        )
-        if out:
-            out.close()
-        process = Process(name, f"127.0.0.1:{port}", popen, log_path, f"127.0.0.1:{metrics_port}" if metrics_port else "")
+        command = [sys.executable, "-c", _CHILD_BOOT, str(os.getpid()), module, "--host", "127.0.0.1", "--port", str(port), *args]
+        popen = self._popen(command, log_path, "w")
+        process = Process(name, f"127.0.0.1:{port}", popen, log_path, f"127.0.0.1:{metrics_port}" if metrics_port else "", command)
         self.processes.append(process)
+        return process
+
+    def _popen(self, command: list[str], log_path: Path | None, mode: str) -> subprocess.Popen:
+        out = open(log_path, mode) if log_path else None
+        try:
+            return subprocess.Popen(command, stdout=out or sys.stderr, stderr=subprocess.STDOUT, env={**os.environ, **self.env})
+        finally:
+            if out:
+                out.close()
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Stop one service abruptly (a crash, for fault tests); ``restart`` brings it back."""
+        process = self.process(name)
+        if process.popen.poll() is None:
+            process.popen.send_signal(sig)
+        process.popen.wait()
+
+    def restart(self, name: str, wait: bool = True) -> Process:
+        """Start a stopped (or running: it is killed first) service again on the same address.
+
+        Call it from a thread that outlives the service: every child asks for SIGTERM when the
+        thread that started it ends (PR_SET_PDEATHSIG), so a short-lived thread would stop it."""
+        process = self.process(name)
+        self.kill(name)
+        process.popen = self._popen(process.command, process.log_path, "a")
+        if wait:
+            self._wait(process)
         return process
 
     def _wait(self, process: Process) -> None:

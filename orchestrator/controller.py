@@ -80,6 +80,7 @@ class GenerationRequest:
     include_rounds: bool = False
     sampling: SamplingParams = field(default_factory=SamplingParams)  # temperature 0: greedy
     deadline: float | None = None  # time.monotonic() by which the whole generation must end
+    adaptive: bool = False  # draft length/depth follows acceptance, up to the requested value
     cancelled: Callable[[], bool] | None = None  # true once the client has gone away
 
 
@@ -241,12 +242,14 @@ class SpeculativeController:
         # One generator per request drives every random choice (draft seeds, accept coins, bonus
         # draws): a fixed seed replays the same output on the same cluster configuration.
         generator = torch.Generator().manual_seed(req.sampling.seed or int.from_bytes(uuid.uuid4().bytes[:7], "big"))
+        max_depth = req.draft_length if req.mode == SEQUENTIAL else req.beam_depth
+        planned = max_depth  # this round's draft length; adapted when req.adaptive
         try:
             while len(output) < req.max_new_tokens:
                 context = req.prompt_ids + output
                 remaining = req.max_new_tokens - len(output)
                 # Drafting past the budget is wasted work: a round adds accepted + 1 tokens.
-                depth = min(req.draft_length if req.mode == SEQUENTIAL else req.beam_depth, remaining - 1)
+                depth = min(planned, remaining - 1)
                 if self.limits.max_context:
                     depth = min(depth, self.limits.max_context - len(context) - 1)
                 width = req.beam_width if req.mode == TREE else 1
@@ -286,6 +289,12 @@ class SpeculativeController:
                     verify_ms += (t2 - t1) * 1e3
 
                     winner, by_draft = self._credit(tree, accepted_nodes, proposals, tallies)
+                    if req.adaptive and proposals:
+                        # Verifying rows the target then rejects costs time (on a CPU a verify pass
+                        # grows with its rows), so draft less after a rejection, more after a
+                        # full acceptance (as transformers' assisted generation does).
+                        longest = max(len(b) for beams in proposals.values() for b in beams)
+                        planned = min(max_depth, planned + 1) if len(accepted) >= longest else max(1, planned - 1)
                     # A correction: some draft proposed a token at the bonus position and the target disagreed.
                     at_bonus = accepted_nodes[-1] if accepted_nodes else -1
                     correction = len(new_tokens) > len(accepted) and any(p == at_bonus for p in tree.parents)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import logging
 import sys
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from orchestrator.clients import GrpcDraftClient, GrpcVerifyClient, check_fingerprints
 from orchestrator.instrumentation import GenerationInstrumentation
+from orchestrator.resilience import Admission, ReplicatedVerifier
 from orchestrator.controller import (
     AUTOREGRESSIVE,
     SEQUENTIAL,
@@ -42,6 +44,8 @@ MODE_OF_ENUM = {
     generation_pb2.DECODING_MODE_SEQUENTIAL: SEQUENTIAL,
     generation_pb2.DECODING_MODE_TREE: TREE,
 }
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 1024
 FINISH_ENUM = {"length": generation_pb2.FINISH_REASON_LENGTH, "stop": generation_pb2.FINISH_REASON_STOP}
 
 
@@ -83,6 +87,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         )
         # The generation's trace and the metrics (specdec.metrics.OrchestratorMetrics, or None when off).
         self.instrumentation = GenerationInstrumentation(target_info.model, metrics)
+        self.admission = Admission(settings.max_active_generations, settings.max_queued_generations)
         self.controller = SpeculativeController(
             verify_client,
             draft_clients,
@@ -101,6 +106,12 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         if request.prompt and request.prompt_token_ids:
             raise InvalidRequest("set one of prompt and prompt_token_ids, not both")
         if request.prompt:
+            # Refused before tokenising: a text far past the context takes long to tokenise.
+            if self.target_info.max_context and len(request.prompt) > self.target_info.max_context * self.longest_token_chars:
+                raise InvalidRequest(
+                    f"prompt has {len(request.prompt)} characters; the model's context of {self.target_info.max_context} tokens holds at most "
+                    f"{self.target_info.max_context * self.longest_token_chars}"
+                )
             prompt_ids = self.tokenizer(request.prompt).input_ids
         elif request.prompt_token_ids:
             prompt_ids = list(request.prompt_token_ids)
@@ -116,9 +127,14 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             sampling = sampling_params(request.sampling, seed=request.sampling.seed)
         except InvalidRequest as exc:
             raise InvalidRequest(f"sampling.{exc}") from None
+        # Bounded because every round searches the output for each stop string and its prefixes.
+        if len(request.stop) > MAX_STOP_STRINGS:
+            raise InvalidRequest(f"stop has {len(request.stop)} strings; at most {MAX_STOP_STRINGS} are allowed")
         for i, stop in enumerate(request.stop):
             if not stop:
                 raise InvalidRequest(f"stop[{i}] is empty")
+            if len(stop) > MAX_STOP_CHARS:
+                raise InvalidRequest(f"stop[{i}] has {len(stop)} characters; at most {MAX_STOP_CHARS} are allowed")
         return GenerationRequest(
             prompt_ids=prompt_ids,
             max_new_tokens=request.max_new_tokens or self.default_max_new_tokens(len(prompt_ids)),
@@ -127,32 +143,48 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             beam_width=spec.beam_width or s.beam_width,
             beam_depth=spec.beam_depth or s.beam_depth,
             max_tree_nodes=spec.max_tree_nodes or s.max_tree_nodes,
+            adaptive=spec.adaptive if spec.HasField("adaptive") else s.adaptive,
             stop=list(request.stop),
             include_rounds=request.include_rounds,
             sampling=sampling,
         )
+
+    @functools.cached_property
+    def longest_token_chars(self) -> int:
+        """Characters in the tokenizer's longest token: a prompt has at least len(text) / this many tokens."""
+        return max(map(len, self.tokenizer.get_vocab()), default=1)
 
     def default_max_new_tokens(self, prompt_len: int) -> int:
         """The server default, shortened to fit the model's context (an explicit value is never cut)."""
         room = self.target_info.max_context - prompt_len if self.target_info.max_context else self.settings.max_new_tokens
         return max(1, min(self.settings.max_new_tokens, room))
 
+    def admit(self, request, context) -> GenerationRequest:
+        """The checked request, bound to the client's deadline and liveness, once a slot is free."""
+        req = self.to_request(request)
+        self.controller.check(req)
+        remaining = context.time_remaining()  # None when the client set no deadline
+        if remaining is not None and remaining < 1e6:
+            req.deadline = time.monotonic() + remaining
+        req.cancelled = lambda: not context.is_active()
+        self.admission.acquire(req.deadline, req.cancelled)
+        return req
+
     @rpc_method
     def Generate(self, request, context):
         with self.instrumentation.generation("Generate", context) as observed:
-            req = self.to_request(request)
-            self.controller.check(req)
-            observed.set_request(req, request.sampling.temperature)
-            stream = self.controller.stream(req, observed.trace_parent)
+            req = self.admit(request, context)
             try:
-                while True:
-                    next(stream)
-                    if not context.is_active():
-                        stream.close()
-                        observed.cancelled()
-                        return generation_pb2.GenerateResponse()
-            except StopIteration as done:
-                result = done.value
+                observed.set_request(req, request.sampling.temperature)
+                # Between rounds the controller stops on cancellation or a passed deadline.
+                stream = self.controller.stream(req, observed.trace_parent)
+                try:
+                    while True:
+                        next(stream)
+                except StopIteration as done:
+                    result = done.value
+            finally:
+                self.admission.release()
             observed.finish(result)
         self.write_log(req, result)
         return generation_pb2.GenerateResponse(
@@ -168,23 +200,27 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
     def GenerateStream(self, request, context):
         # The generation span is not made current here: this generator yields inside it.
         with self.instrumentation.generation("GenerateStream", context) as observed:
-            req = self.to_request(request)
-            self.controller.check(req)
-            observed.set_request(req, request.sampling.temperature)
-            text = TextStream(lambda tokens: self.controller.render_text(tokens, req.stop), req.stop)
-            stream = self.controller.stream(req, observed.trace_parent)
+            req = self.admit(request, context)
             try:
-                while True:
-                    record = next(stream)
-                    yield generation_pb2.GenerateStreamResponse(
-                        token_ids=record.new_tokens,
-                        text=text.push(record.new_tokens),
-                        round=round_pb(record) if req.include_rounds else None,
-                    )
-            except StopIteration as done:
-                result = done.value
+                observed.set_request(req, request.sampling.temperature)
+                text = TextStream(lambda tokens: self.controller.render_text(tokens, req.stop), req.stop)
+                stream = self.controller.stream(req, observed.trace_parent)
+                try:
+                    while True:
+                        record = next(stream)
+                        yield generation_pb2.GenerateStreamResponse(
+                            token_ids=record.new_tokens,
+                            text=text.push(record.new_tokens),
+                            round=round_pb(record) if req.include_rounds else None,
+                        )
+                except StopIteration as done:
+                    result = done.value
+                finally:
+                    # Also when the client goes away (GeneratorExit here): the controller's own
+                    # clean-up releases the sessions in every service.
+                    stream.close()
             finally:
-                stream.close()
+                self.admission.release()
             observed.finish(result)
         self.write_log(req, result)
         # The last message: any text held back, and the totals.
@@ -197,6 +233,9 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         info = common_pb2.ModelInfo()
         info.CopyFrom(self.target_info)
         info.service = "orchestrator"
+        # The orchestrator's sessions are its generations: running or waiting for a slot.
+        info.active_sessions = self.admission.active + self.admission.queued
+        info.cached_tokens = 0
         return info
 
     def write_log(self, req: GenerationRequest, result: GenerationResult) -> None:
@@ -205,7 +244,10 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         try:
             self.log_dir.mkdir(parents=True, exist_ok=True)
             path = self.log_dir / f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}.json"
-            path.write_text(json.dumps(run_log(req, result, self.target_info.model), indent=1))
+            entry = run_log(req, result, self.target_info.model)
+            # So that the log alone can be shown (specdec dashboard): the prompt and each token's text.
+            entry |= {"prompt": self.decode(req.prompt_ids), "token_texts": token_texts(result.token_ids, self.decode)}
+            path.write_text(json.dumps(entry, indent=1))
         except OSError as exc:
             log.warning("could not write the run log: %s", exc)
 
@@ -224,7 +266,7 @@ def token_texts(tokens: list[int], decode) -> list[str]:
 def run_log(req: GenerationRequest, result: GenerationResult, target_model: str) -> dict:
     return {
         "target_model": target_model,
-        "request": {k: v for k, v in dataclasses.asdict(req).items() if k != "prompt_ids"} | {"prompt_tokens": len(req.prompt_ids)},
+        "request": {k: v for k, v in dataclasses.asdict(req).items() if k not in ("prompt_ids", "deadline", "cancelled")} | {"prompt_tokens": len(req.prompt_ids)},
         "text": result.text,
         "token_ids": result.token_ids,
         "finish_reason": result.finish_reason,
@@ -282,12 +324,24 @@ def build_servicer(settings: config.OrchestratorSettings, startup_timeout_s: flo
 
     from specdec.model_store import resolve_model, tokenizer_fingerprint
 
-    verify_client = GrpcVerifyClient(settings.verify_address, settings.max_message_mb)
+    replicas = [a.strip() for a in settings.verify_address.split(",") if a.strip()]
+    if not replicas:
+        raise NotReady("no verify service address given (--verify-address / SPECDEC_VERIFY_ADDRESS)")
+    verify_client = ReplicatedVerifier([GrpcVerifyClient(a, settings.max_message_mb) for a in replicas])
     draft_clients = [
         GrpcDraftClient(address, name=f"draft-{i}", max_message_mb=settings.max_message_mb)
         for i, address in enumerate(settings.draft_addresses)
     ]
     target_info = verify_client.info(timeout_s=startup_timeout_s)
+    for replica in verify_client.replicas[1:]:
+        info = replica.info(timeout_s=startup_timeout_s)
+        # Compared by name, not path: replicas on other hosts may keep the weights elsewhere.
+        same = (Path(info.model).name, info.tokenizer_fingerprint, info.vocab_size)
+        if same != (Path(target_info.model).name, target_info.tokenizer_fingerprint, target_info.vocab_size):
+            raise NotReady(
+                f"verify replica {replica.address} serves {info.model} but {verify_client.replicas[0].address} "
+                f"serves {target_info.model}: replicas must hold the same target model"
+            )
     draft_infos = {f"{c.name} at {c.address}": c.info(timeout_s=startup_timeout_s) for c in draft_clients}
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(settings.target_model))
     check_fingerprints(target_info, draft_infos, own=tokenizer_fingerprint(tokenizer))
@@ -321,6 +375,9 @@ def main(argv: list[str] | None = None) -> None:
         settings.host,
         settings.port,
         settings.max_message_mb,
+        # A thread for every running and queued generation, and a few for health and info calls:
+        # the admission queue, not gRPC's executor, is where requests wait.
+        workers=settings.max_active_generations + settings.max_queued_generations + 4,
         interceptors=interceptors,
         tls=settings,
     )

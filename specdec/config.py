@@ -64,6 +64,8 @@ class ModelServiceSettings(ServerSettings):
     max_sessions: int = _setting(64, "KV caches kept at once; least recently used evicted first")
     kv_cache_mb: int = _setting(4096, "KV-cache memory budget over all sessions, MiB")
     threads: int = _setting(0, "torch CPU threads (0 = torch's default)")
+    session_ttl_s: int = _setting(600, "a session's KV cache unused this long is dropped (0 = never)")
+    max_concurrent_rpcs: int = _setting(64, "calls in progress or queued at once; beyond, RESOURCE_EXHAUSTED at once")
 
 
 @dataclass
@@ -85,6 +87,7 @@ class SpeculationDefaults:
     beam_width: int = _setting(2, "tree mode: beams per draft")
     beam_depth: int = _setting(4, "tree mode: tokens per beam")
     max_tree_nodes: int = _setting(64, "cap on the merged token tree's size")
+    adaptive: bool = _setting(True, "adapt the draft length (tree: depth) to acceptance, up to the value set: one less after a rejection, one more after full acceptance")
     max_new_tokens: int = _setting(128, "default max_new_tokens when a request sets none")
     max_new_tokens_limit: int = _setting(4096, "largest max_new_tokens a request may ask for")
 
@@ -92,10 +95,12 @@ class SpeculationDefaults:
 @dataclass
 class OrchestratorSettings(ServerSettings, SpeculationDefaults, TlsClientSettings, AuthSettings):
     target_model: str = _setting(EMBEDDED_TARGET, "target model, for its tokenizer (must match the verify service)")
-    verify_address: str = _setting("127.0.0.1:50052", "verify service, host:port")
+    verify_address: str = _setting("127.0.0.1:50052", "verify service, host:port; comma-separate replicas to fail over between")
     draft_addresses: list[str] = _setting(list, "draft services, comma-separated host:port")
     draft_timeout_ms: int = _setting(10000, "per-round deadline for each draft; a late draft is skipped")
-    verify_timeout_ms: int = _setting(60000, "deadline for one VerifyTree call")
+    verify_timeout_ms: int = _setting(60000, "deadline for one round's VerifyTree, retries on UNAVAILABLE included")
+    max_active_generations: int = _setting(8, "generations running at once")
+    max_queued_generations: int = _setting(32, "generations waiting for a slot; beyond, RESOURCE_EXHAUSTED at once")
     log_dir: str = _setting("logs", "one JSON statistics file per generation goes here ('' = off)")
 
 
@@ -105,6 +110,7 @@ class ClusterSettings(SpeculationDefaults, TlsServerSettings, TlsClientSettings,
     draft_models: list[str] = _setting(lambda: [EMBEDDED_DRAFT], "draft models, comma-separated, one service each")
     port: int = _setting(50051, "orchestrator port (drafts and verifier take free ports)")
     verify_device: str = _setting("cpu", "device of the verify service")
+    verify_replicas: int = _setting(1, "verify service replicas; the orchestrator spreads sessions over them and fails over")
     draft_devices: list[str] = _setting(lambda: ["cpu"], "devices of the draft services, comma-separated (one, or one each)")
     dtype: str = _setting("float32", "model dtype for every service")
     log_dir: str = _setting("logs", "orchestrator statistics directory")

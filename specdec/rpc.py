@@ -16,7 +16,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from specdec.errors import InvalidRequest, NotReady, Overloaded, Unavailable
+from specdec.errors import Cancelled, DeadlineExceeded, InvalidRequest, NotReady, Overloaded, Unavailable
 from specdec.service_info import ModelDescription
 from specdec.v1 import common_pb2
 
@@ -28,6 +28,8 @@ STATUS_OF_ERROR = {
     Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     NotReady: grpc.StatusCode.FAILED_PRECONDITION,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
+    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    Cancelled: grpc.StatusCode.CANCELLED,
 }
 
 
@@ -121,6 +123,27 @@ def channel_options(max_message_mb: int) -> list[tuple[str, int]]:
     return [("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)]
 
 
+def server_options(max_message_mb: int) -> list[tuple[str, int]]:
+    # Accept the clients' keepalive pings (client_options) instead of closing the connection.
+    return [*channel_options(max_message_mb), ("grpc.http2.min_recv_ping_interval_without_data_ms", 5000),
+            ("grpc.http2.max_ping_strikes", 0)]
+
+
+def client_options(max_message_mb: int) -> list[tuple[str, int]]:
+    """Channel options for the orchestrator's internal clients: a restarted service is reconnected
+    within about 2 s (gRPC's own default backs off up to 2 minutes), and a connection whose peer
+    vanished without closing it (a host or link lost) is found dead by keepalive within ~15 s."""
+    return [
+        *channel_options(max_message_mb),
+        ("grpc.initial_reconnect_backoff_ms", 200),
+        ("grpc.min_reconnect_backoff_ms", 200),
+        ("grpc.max_reconnect_backoff_ms", 2000),
+        ("grpc.keepalive_time_ms", 10000),
+        ("grpc.keepalive_timeout_ms", 5000),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+
+
 UNGATED_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 
@@ -180,12 +203,13 @@ class AdmissionInterceptor(grpc.ServerInterceptor):
 
 
 def start_server(add_servicers, service_names: list[str], host: str, port: int, max_message_mb: int = 64, workers: int = 16,
-                 interceptors=(), tls=None):
+                 interceptors=(), max_concurrent_rpcs: int | None = None, tls=None):
     """Start a server with the given servicers plus grpc.health.v1 and reflection.
 
-    ``tls``: settings with ``tls_cert``, ``tls_key`` and ``tls_client_ca`` (see
-    :mod:`specdec.security`); ``None`` or unset = plaintext. Returns ``(server, bound_port,
-    health_servicer)``; every service is marked SERVING, and
+    ``max_concurrent_rpcs`` bounds the calls in progress or queued for a worker; gRPC answers any
+    call beyond it with RESOURCE_EXHAUSTED at once. ``tls``: settings with ``tls_cert``,
+    ``tls_key`` and ``tls_client_ca`` (see :mod:`specdec.security`); ``None`` or unset = plaintext.
+    Returns ``(server, bound_port, health_servicer)``; every service is marked SERVING, and
     :func:`specdec.serving.serve_until_signalled` shuts the server down gracefully.
     """
     from specdec.security import server_credentials
@@ -194,8 +218,8 @@ def start_server(add_servicers, service_names: list[str], host: str, port: int, 
     credentials = server_credentials(tls) if tls is not None else None
     admission = Admission()
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=workers), options=channel_options(max_message_mb),
-        interceptors=[AdmissionInterceptor(admission), *interceptors],
+        futures.ThreadPoolExecutor(max_workers=workers), options=server_options(max_message_mb),
+        interceptors=[AdmissionInterceptor(admission), *interceptors], maximum_concurrent_rpcs=max_concurrent_rpcs or None,
     )
     add_servicers(server)
     health_servicer = ServingHealth(admission)

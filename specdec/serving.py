@@ -131,7 +131,8 @@ def run_model_service(service: str, settings, model_name: str, make_servicer, ad
 
     setup_logging()
     model, _, info = load_for_service(service, model_name, settings)
-    store = SessionStore(settings.max_sessions, settings.kv_cache_mb << 20)
+    store = SessionStore(settings.max_sessions, settings.kv_cache_mb << 20, ttl_s=settings.session_ttl_s)
+    store.start_sweeper()
     interceptors, metrics = start_telemetry(service, settings, store, {"specdec.model": model_name})
     servicer = make_servicer(model, store, info, metrics)
     server, port, health = start_server(
@@ -141,6 +142,7 @@ def run_model_service(service: str, settings, model_name: str, make_servicer, ad
         settings.port,
         settings.max_message_mb,
         interceptors=interceptors,
+        max_concurrent_rpcs=settings.max_concurrent_rpcs,
         tls=settings,
     )
     log.info("%s: port speaks %s", service, describe_server_tls(settings))

@@ -223,3 +223,18 @@ def test_passed_deadline_stops_the_generation(target, drafts):
     c = controller(target, [LocalDraft("self", drafts["self"])])
     with pytest.raises(DeadlineExceeded):
         c.generate(request(PROMPTS[0], "tree", max_new_tokens=10, deadline=time.monotonic() - 1))
+
+
+@pytest.mark.parametrize("mode", ["sequential", "tree"])
+@pytest.mark.parametrize("draft_name", ["self", "stranger", "truncated"])
+def test_adaptive_depth_is_lossless_and_follows_acceptance(target, drafts, mode, draft_name):
+    c = controller(target, [LocalDraft(draft_name, drafts[draft_name])])
+    result = c.generate(request(PROMPTS[0], mode, max_new_tokens=40, draft_length=6, beam_depth=6, adaptive=True))
+    assert result.token_ids == reference_greedy(target, PROMPTS[0], 40)
+    lengths = [max(len(b) for beams in r.proposals.values() for b in beams) for r in result.rounds if r.proposals]
+    assert max(lengths) <= 6
+    if draft_name == "stranger":  # rarely agrees: drafts shrink to one token
+        assert lengths[-1] == 1
+    if draft_name == "self" and mode == "sequential":  # always agrees: drafts stay at the full length
+        # (Not in tree mode: beam search's best beam need not be the greedy path.)
+        assert lengths[:-1] == [6] * (len(lengths) - 1)
