@@ -37,6 +37,7 @@ import os
 import statistics
 import sys
 import time
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,11 +61,15 @@ class BenchError(RuntimeError):
     """A failure to report in one message (with the services' logs) rather than a traceback."""
 
 
+PROMPT_CLASSES = ("code", "prose", "chat")
+
+
 @dataclass(frozen=True)
 class Prompt:
     id: str
-    cls: str  # "code" or "prose"
-    text: str
+    cls: str  # one of PROMPT_CLASSES
+    text: str  # the raw prompt; for chat prompts, the messages as plain text (what the tables show)
+    messages: tuple = ()  # chat prompts: ({"role": ..., "content": ...}, ...), rendered with the chat template
 
 
 @dataclass
@@ -105,6 +110,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         prog="specdec bench",
         description="Benchmark specdec's modes against transformers' target-only and assisted generation, "
         "on the same prompts, with a lossless check.",
+        epilog="Sweeps from a YAML file, resumable, with per-run logs: specdec bench --config FILE "
+        "(see: specdec bench --config FILE --help, and benchmarks/bench.yaml).",
     )
     parser.add_argument("--quick", action="store_true",
                         help="sweep draft lengths " + ",".join(map(str, QUICK_DRAFT_LENGTHS)) + " and tree shapes "
@@ -162,14 +169,41 @@ def load_prompts(path: Path) -> list[Prompt]:
             item = json.loads(line)
         except json.JSONDecodeError as exc:
             raise BenchError(f"{path}:{n}: not JSON: {exc}") from None
-        if not isinstance(item, dict) or item.get("class") not in ("code", "prose") or not item.get("prompt") or not item.get("id"):
-            raise BenchError(f'{path}:{n}: need {{"id": ..., "class": "code" or "prose", "prompt": ...}}')
-        prompts.append(Prompt(item["id"], item["class"], item["prompt"]))
+        prompts.append(prompt_from(item, f"{path}:{n}"))
     if len({p.id for p in prompts}) != len(prompts):
         raise BenchError(f"{path}: prompt ids must be unique")
     if not prompts:
         raise BenchError(f"{path} holds no prompts")
     return prompts
+
+
+def prompt_from(item, where: str) -> Prompt:
+    """``{"id", "class", "prompt"}``, or for chat ``{"id", "class": "chat", "messages": [{"role", "content"}, ...]}``."""
+    need = f'{where}: need {{"id": ..., "class": one of {", ".join(PROMPT_CLASSES)}, "prompt": text or "messages": [...]}}'
+    if not isinstance(item, dict) or item.get("class") not in PROMPT_CLASSES or not item.get("id"):
+        raise BenchError(need)
+    messages = item.get("messages")
+    if messages is not None:
+        if not isinstance(messages, list) or not messages or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages):
+            raise BenchError(f'{where}: "messages" must be a list of {{"role": ..., "content": ...}}')
+        text = "\n".join(f"{m['role']}: {m['content']}" for m in messages)
+        return Prompt(str(item["id"]), item["class"], text, tuple(dict(role=m["role"], content=m["content"]) for m in messages))
+    if not isinstance(item.get("prompt"), str) or not item["prompt"]:
+        raise BenchError(need)
+    return Prompt(str(item["id"]), item["class"], item["prompt"])
+
+
+def encode_prompt(tokenizer, prompt: Prompt) -> tuple[str, list[int]]:
+    """The text the target sees and its token ids. Chat prompts go through the tokenizer's chat template
+    (with the assistant's turn opened); a tokenizer without one gets plain ``role: content`` lines."""
+    if not prompt.messages:
+        return prompt.text, tokenizer(prompt.text).input_ids
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(list(prompt.messages), tokenize=False, add_generation_prompt=True)
+    else:
+        text = prompt.text + "\nassistant:"
+    return text, tokenizer(text, add_special_tokens=False).input_ids
 
 
 def methods_for(args: argparse.Namespace) -> list[Method]:
@@ -247,32 +281,60 @@ class Runner:
 
 def run_in_process(runner: Runner, methods: list[Method], target_model: str, draft_model: str, tokenizer) -> dict:
     """target-only and assisted in this process; returns the assisted settings transformers used."""
-    import torch
-
     runner.bar.set_description("loading models")
     target, _ = load_model(target_model)
     draft = load_model(draft_model)[0] if any(m.mode == ASSISTED for m in methods) else None
-    eos = target.generation_config.eos_token_id
-    pad_token_id = next(t for t in (target.generation_config.pad_token_id, tokenizer.pad_token_id,
-                                    eos[0] if isinstance(eos, list) else eos, 0) if t is not None)
-
-    def generate(assistant):
-        @torch.inference_mode()
-        def call(prompt_ids: list[int], max_new_tokens: int):
-            ids = torch.tensor([prompt_ids])
-            extra = {"assistant_model": assistant} if assistant is not None else {}
-            out = target.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                  do_sample=False, use_cache=True, pad_token_id=pad_token_id, **extra)
-            return out[0, len(prompt_ids):].tolist(), {}
-        return call
-
+    pad_token_id = pad_token_for(target, tokenizer)
     for method in methods:
-        runner.run(method, generate(draft if method.mode == ASSISTED else None))
+        runner.run(method, baseline_call(target, draft if method.mode == ASSISTED else None, pad_token_id))
     used = assisted_settings(draft) if draft is not None else {}
     # Free both models before the cluster loads its own copies (memory, and no stray threads).
     del target, draft
     gc.collect()
     return used
+
+
+def pad_token_for(target, tokenizer) -> int:
+    eos = target.generation_config.eos_token_id
+    return next(t for t in (target.generation_config.pad_token_id, tokenizer.pad_token_id,
+                            eos[0] if isinstance(eos, list) else eos, 0) if t is not None)
+
+
+def baseline_call(target, assistant, pad_token_id: int, device: str = "cpu"):
+    """``call(prompt_ids, max_new_tokens) -> (new tokens, stats)``: transformers greedy ``generate`` with
+    its KV cache, assisted by ``assistant`` when given. stats holds the time to the first new token and
+    how many pieces the output came in (one per token alone; one per round when assisted)."""
+    import torch
+    from transformers.generation.streamers import BaseStreamer
+
+    class FirstTokenClock(BaseStreamer):
+        # generate() hands the streamer the prompt first, then each step's (or round's) new tokens.
+        def __init__(self) -> None:
+            self.start = time.perf_counter()
+            self.puts = 0
+            self.first_token_s = None
+
+        def put(self, value) -> None:
+            self.puts += 1
+            if self.puts == 2:
+                self.first_token_s = time.perf_counter() - self.start
+
+        def end(self) -> None:
+            pass
+
+    @torch.inference_mode()
+    def call(prompt_ids: list[int], max_new_tokens: int):
+        ids = torch.tensor([prompt_ids], device=device)
+        extra = {"assistant_model": assistant} if assistant is not None else {}
+        clock = FirstTokenClock()
+        out = target.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                              do_sample=False, use_cache=True, pad_token_id=pad_token_id, streamer=clock, **extra)
+        first = clock.first_token_s
+        return out[0, len(prompt_ids):].tolist(), {
+            "time_to_first_token_ms": first * 1e3 if first is not None else None,
+            "output_pieces": max(0, clock.puts - 1),
+        }
+    return call
 
 
 def assisted_settings(draft) -> dict:
@@ -416,11 +478,637 @@ def write_outputs(out_dir: Path, meta: dict, runs: list[dict], rows: list[dict],
     plot_speedup(rows, classes, out_dir / "speedup.png")
 
 
+# --------------------------------------------------------------------------- sweeps (--config)
+# `specdec bench --config FILE`: every combination a YAML file lists, each run logged as one JSON file
+# in OUT/runs/ (written whole, then renamed into place), so a sweep that stops resumes where it
+# stopped: runs whose log exists are not run again.
+
+SWEEP_KEYS = {
+    "name", "target_model", "draft_model_sets", "max_new_tokens", "modes", "baselines", "sequential", "tree",
+    "prompt_files", "prompts", "classes", "prompts_per_class", "repetitions", "dtype", "devices", "output_dir",
+    "warmup_tokens", "startup_timeout_s",
+}
+
+
+@dataclass(frozen=True)
+class ModelSet:
+    name: str
+    models: tuple[str, ...]
+
+
+@dataclass
+class SweepConfig:
+    path: Path
+    name: str
+    target_model: str
+    model_sets: list[ModelSet]
+    max_new_tokens: list[int]
+    modes: list[str]  # speculative modes, through the cluster
+    baselines: list[str]  # target-only always; assisted unless left out
+    draft_lengths: list[int]
+    tree_shapes: list[tuple[int, int]]  # (beam_width, beam_depth)
+    max_tree_nodes: int
+    prompts: list[Prompt]
+    repetitions: int
+    dtype: str
+    verify_device: str
+    draft_devices: list[str]
+    baseline_device: str
+    output_dir: Path
+    warmup_tokens: int
+    startup_timeout_s: int
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    method: Method
+    model_set: ModelSet | None  # None for the baselines
+    prompt: Prompt
+    max_new_tokens: int
+    repeat: int
+
+    @property
+    def set_name(self) -> str:
+        if self.method.mode == TARGET_ONLY:
+            return "-"
+        if self.method.mode == ASSISTED:
+            return self.method.settings["draft_model"]
+        return self.model_set.name
+
+    @property
+    def draft_models(self) -> list[str]:
+        if self.method.mode == ASSISTED:
+            return [self.method.settings["draft_model"]]
+        return list(self.model_set.models) if self.model_set and self.method.mode != "autoregressive" else []
+
+    @property
+    def run_id(self) -> str:
+        s = self.method.settings
+        what = {
+            TARGET_ONLY: "target-only",
+            ASSISTED: f"assisted-{slug(s.get('draft_model', ''))}",
+            "autoregressive": "autoregressive",
+            "sequential": f"sequential-k{s.get('draft_length')}",
+            "tree": f"tree-w{s.get('beam_width')}-d{s.get('beam_depth')}-n{s.get('max_tree_nodes')}",
+        }[self.method.mode]
+        where = "baseline" if self.model_set is None else slug(self.model_set.name)
+        return f"{where}--{what}--n{self.max_new_tokens}--{slug(self.prompt.id)}--r{self.repeat}"
+
+
+def slug(text: str) -> str:
+    """A file-name-safe form: a model path keeps its last part."""
+    text = text.rstrip("/").rsplit("/", 1)[-1] if "/" in text else text
+    return "".join(c if c.isalnum() or c in "._+-" else "-" for c in text) or "x"
+
+
+def _list(value, kind, key: str, where: Path) -> list:
+    items = value if isinstance(value, list) else [value]
+    try:
+        return [kind(v) for v in items]
+    except (TypeError, ValueError):
+        raise BenchError(f"{where}: {key} must be a {kind.__name__} or a list of them, got {value!r}") from None
+
+
+def load_sweep_config(path: Path) -> SweepConfig:
+    """Read and check a sweep file (see benchmarks/bench.yaml for every key, with comments)."""
+    import yaml
+
+    if not path.is_file():
+        raise BenchError(f"no sweep config at {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise BenchError(f"{path}: not YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise BenchError(f"{path}: expected a mapping of settings")
+    unknown = sorted(set(raw) - SWEEP_KEYS)
+    if unknown:
+        raise BenchError(f"{path}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(SWEEP_KEYS))}")
+    defaults = config.SpeculationDefaults()
+    name = str(raw.get("name") or path.stem)
+    target = str(raw.get("target_model") or config.EMBEDDED_TARGET)
+
+    model_sets = []
+    for i, item in enumerate(raw.get("draft_model_sets") or [[config.EMBEDDED_DRAFT]]):
+        if isinstance(item, dict):
+            models, set_name = item.get("models"), item.get("name")
+        else:
+            models, set_name = item, None
+        models = [m.strip() for m in (models.split(",") if isinstance(models, str) else models or []) if str(m).strip()]
+        if not models:
+            raise BenchError(f"{path}: draft_model_sets[{i}] names no draft model")
+        model_sets.append(ModelSet(str(set_name or "+".join(slug(m) for m in models)), tuple(models)))
+    if len({m.name for m in model_sets}) != len(model_sets):
+        raise BenchError(f"{path}: draft_model_sets need distinct names")
+
+    modes = _list(raw.get("modes", ["sequential", "tree"]), str, "modes", path)
+    bad = [m for m in modes if m not in SPECDEC_MODES]
+    baselines = _list(raw.get("baselines", [TARGET_ONLY, ASSISTED]), str, "baselines", path)
+    bad += [b for b in baselines if b not in (TARGET_ONLY, ASSISTED)]
+    if bad:
+        raise BenchError(f"{path}: unknown mode(s) {', '.join(bad)}; modes: {', '.join(SPECDEC_MODES)}; "
+                         f"baselines: {TARGET_ONLY}, {ASSISTED}")
+    baselines = [TARGET_ONLY] + [b for b in baselines if b == ASSISTED][:1]  # target-only is the reference: always
+
+    sequential, tree = raw.get("sequential") or {}, raw.get("tree") or {}
+    draft_lengths = _list(sequential.get("draft_lengths", defaults.draft_length), int, "sequential.draft_lengths", path)
+    if "shapes" in tree:
+        shapes = [tuple(_list(shape, int, "tree.shapes", path)) for shape in tree["shapes"]]
+        if any(len(shape) != 2 for shape in shapes):
+            raise BenchError(f"{path}: tree.shapes holds [beam_width, beam_depth] pairs")
+    else:
+        widths = _list(tree.get("beam_widths", defaults.beam_width), int, "tree.beam_widths", path)
+        depths = _list(tree.get("beam_depths", defaults.beam_depth), int, "tree.beam_depths", path)
+        shapes = [(w, d) for w in widths for d in depths]
+    max_new_tokens = _list(raw.get("max_new_tokens", 64), int, "max_new_tokens", path)
+    numbers = [*draft_lengths, *(v for shape in shapes for v in shape), *max_new_tokens]
+    if any(n < 1 for n in numbers):
+        raise BenchError(f"{path}: draft lengths, beam widths and depths and max_new_tokens must be at least 1")
+
+    here = path.parent
+    prompts: list[Prompt] = []
+    for file in _list(raw.get("prompt_files", []), str, "prompt_files", path):
+        prompts += load_prompts(here / file)
+    for i, item in enumerate(raw.get("prompts") or []):
+        prompts.append(prompt_from(item, f"{path}: prompts[{i}]"))
+    classes = _list(raw.get("classes", list(PROMPT_CLASSES)), str, "classes", path)
+    prompts = [p for p in prompts if p.cls in classes]
+    per_class = raw.get("prompts_per_class")
+    if per_class:
+        prompts = [p for p in prompts if [q.id for q in prompts if q.cls == p.cls].index(p.id) < int(per_class)]
+    if not prompts:
+        raise BenchError(f"{path}: no prompts (set prompt_files or prompts; check classes)")
+    if len({p.id for p in prompts}) != len(prompts):
+        raise BenchError(f"{path}: prompt ids must be unique across files")
+
+    devices = raw.get("devices") or {}
+    verify_device = str(devices.get("verify", "cpu"))
+    repetitions = int(raw.get("repetitions", 1))
+    if repetitions < 1:
+        raise BenchError(f"{path}: repetitions must be at least 1")
+    return SweepConfig(
+        path=path, name=name, target_model=target, model_sets=model_sets, max_new_tokens=max_new_tokens,
+        modes=[m for m in SPECDEC_MODES if m in modes], baselines=baselines, draft_lengths=draft_lengths,
+        tree_shapes=shapes, max_tree_nodes=int(tree.get("max_tree_nodes", defaults.max_tree_nodes)), prompts=prompts,
+        repetitions=repetitions, dtype=str(raw.get("dtype", "float32")), verify_device=verify_device,
+        draft_devices=_list(devices.get("drafts", verify_device), str, "devices.drafts", path),
+        baseline_device=str(devices.get("baselines", verify_device)),
+        output_dir=Path(raw.get("output_dir") or Path("bench_results") / slug(name)),
+        warmup_tokens=int(raw.get("warmup_tokens", WARMUP_TOKENS)),
+        startup_timeout_s=int(raw.get("startup_timeout_s", 600)),
+    )
+
+
+def sweep_plan(cfg: SweepConfig) -> list[RunSpec]:
+    """Every run, in the order they go: target-only, assisted, then each model set's modes on its own cluster."""
+    def each(method: Method, model_set: ModelSet | None) -> list[RunSpec]:
+        return [RunSpec(method, model_set, prompt, n, repeat)
+                for n in cfg.max_new_tokens for repeat in range(cfg.repetitions) for prompt in cfg.prompts]
+
+    plan = each(Method(TARGET_ONLY), None)
+    if ASSISTED in cfg.baselines:
+        for draft in dict.fromkeys(s.models[0] for s in cfg.model_sets):  # assisted takes one draft: each set's first
+            plan += each(Method(ASSISTED, {"draft_model": draft}), None)
+    for model_set in cfg.model_sets:
+        for mode in cfg.modes:
+            if mode == "sequential":
+                methods = [Method(mode, {"draft_length": k}) for k in cfg.draft_lengths]
+            elif mode == "tree":
+                methods = [Method(mode, {"beam_width": w, "beam_depth": d, "max_tree_nodes": cfg.max_tree_nodes})
+                           for w, d in cfg.tree_shapes]
+            else:
+                methods = [Method(mode)]
+            for method in methods:
+                plan += each(method, model_set)
+    return plan
+
+
+class Sweep:
+    """Runs a plan's missing runs and writes each one's log as it finishes."""
+
+    def __init__(self, cfg: SweepConfig, out_dir: Path, bar, limit: int | None = None) -> None:
+        self.cfg = cfg
+        self.runs_dir = out_dir / "runs"
+        self.runs_dir.mkdir(parents=True, exist_ok=True)
+        self.bar = bar
+        self.limit = limit
+        self.new_runs = 0
+        self.mismatches: list[str] = []
+        self.reference: dict[tuple[str, int], list[int]] = {}  # (prompt id, max_new_tokens) -> target-only tokens
+        self.target_tps: dict[tuple[str, int], list[float]] = defaultdict(list)
+        self.speedups: dict[tuple[str, str], list[float]] = defaultdict(list)  # (model set, label) -> per-run speedups
+        for path in sorted(self.runs_dir.glob("*.json")):
+            try:
+                self.remember(json.loads(path.read_text()))
+            except (OSError, ValueError, KeyError):
+                continue
+
+    def path(self, spec: RunSpec) -> Path:
+        return self.runs_dir / f"{spec.run_id}.json"
+
+    def done(self, spec: RunSpec) -> bool:
+        return self.path(spec).is_file()
+
+    def stopped(self) -> bool:
+        return self.limit is not None and self.new_runs >= self.limit
+
+    def remember(self, log: dict) -> None:
+        b = log["bench"]
+        key = (b["prompt_id"], b["max_new_tokens"])
+        if b["mode"] == TARGET_ONLY:
+            self.reference.setdefault(key, log["token_ids"])
+            self.target_tps[key].append(b["tokens_per_s"])
+        elif b.get("speedup") is not None:
+            self.speedups[(b["model_set"], b["label"])].append(b["speedup"])
+        if b.get("matches_target") is False:
+            self.mismatches.append(f"MISMATCH {b['run_id']}: differs from target-only at new token {b['first_mismatch']}")
+
+    def best(self) -> str:
+        scored = {name: statistics.median(v) for name, v in self.speedups.items() if v}
+        if not scored:
+            return ""
+        model_set, label = max(scored, key=scored.get)
+        return f"best: {label} ({model_set}) {scored[model_set, label]:.2f}x"
+
+    def record(self, spec: RunSpec, tokens: list[int], seconds: float, ttft_ms: float | None, log: dict,
+               token_texts: list[str], prompt_text: str) -> dict:
+        """Complete a run's log (the lossless check, speedup, metrics) and write it into place."""
+        from orchestrator import analyze
+
+        key = (spec.prompt.id, spec.max_new_tokens)
+        reference = self.reference.setdefault(key, tokens) if spec.method.mode == TARGET_ONLY else self.reference.get(key)
+        tokens_per_s = len(tokens) / seconds if seconds > 0 else 0.0
+        if spec.method.mode == TARGET_ONLY:
+            self.target_tps[key].append(tokens_per_s)
+        check = {"matches_target": None, "first_mismatch": None}
+        if reference is not None:
+            check["matches_target"] = tokens == reference
+            if tokens != reference:
+                at = next((i for i, (a, b) in enumerate(zip(tokens, reference)) if a != b), min(len(tokens), len(reference)))
+                check["first_mismatch"] = at
+                line = (f"MISMATCH {spec.run_id}: differs from target-only at new token {at} "
+                        f"(got {tokens[at:at + 4]}, target-only {reference[at:at + 4]})")
+                self.mismatches.append(line)
+                self.bar.write(line)
+        target_tps = self.target_tps.get(key)
+        log = {
+            **log,
+            "prompt": prompt_text,
+            "token_texts": token_texts,
+            "bench": {
+                "run_id": spec.run_id,
+                "sweep": self.cfg.name,
+                "method": spec.method.name,
+                "mode": spec.method.mode,
+                "settings": spec.method.settings,
+                "label": spec.method.label,
+                "model_set": spec.set_name,
+                "draft_models": spec.draft_models,
+                "prompt_id": spec.prompt.id,
+                "class": spec.prompt.cls,
+                "repeat": spec.repeat,
+                "max_new_tokens": spec.max_new_tokens,
+                "prompt_tokens": len(log.get("prompt_token_ids") or []) or log["stats"].get("prompt_tokens"),
+                "tokens": len(tokens),
+                "seconds": seconds,
+                "tokens_per_s": tokens_per_s,
+                "ttft_ms": ttft_ms,
+                # Over target-only's median tokens/s on this prompt, measured in this sweep.
+                "speedup": tokens_per_s / statistics.median(target_tps) if target_tps else None,
+                "load_average_1m": os.getloadavg()[0],
+                "dtype": self.cfg.dtype,
+                "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                **check,
+            },
+        }
+        log["metrics"] = analyze.run_metrics(log)
+        path = self.path(spec)
+        tmp = path.with_name("." + path.name + ".tmp")
+        tmp.write_text(json.dumps(log, indent=1))
+        os.replace(tmp, path)  # a log is there whole or not at all: resuming trusts every file it finds
+        self.new_runs += 1
+        if spec.method.mode not in (TARGET_ONLY, ASSISTED) and log["bench"]["speedup"] is not None:
+            self.speedups[(spec.set_name, spec.method.label)].append(log["bench"]["speedup"])
+        self.bar.update(1)
+        best = self.best()
+        if best:
+            self.bar.set_postfix_str(best, refresh=False)
+        return log
+
+
+def sweep_baselines(sweep: Sweep, pending: list[RunSpec], tokenizer, encoded: dict[str, tuple[str, list[int]]]) -> None:
+    """target-only and assisted generation in this process (target loaded once, each draft in turn)."""
+    from orchestrator.server import token_texts
+
+    if not pending:
+        return
+    cfg = sweep.cfg
+    sweep.bar.set_description("loading the target")
+    target, _ = load_model(cfg.target_model, device=cfg.baseline_device, dtype=cfg.dtype)
+    pad_token_id = pad_token_for(target, tokenizer)
+    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731 (as the orchestrator decodes)
+    drafts = [None] + list(dict.fromkeys(s.method.settings["draft_model"] for s in pending if s.method.mode == ASSISTED))
+    for draft_name in drafts:
+        mine = [s for s in pending if s.method.settings.get("draft_model") == draft_name]
+        if not mine or sweep.stopped():
+            continue
+        assistant = None
+        if draft_name is not None:
+            sweep.bar.set_description(f"loading {draft_name}")
+            assistant = load_model(draft_name, device=cfg.baseline_device, dtype=cfg.dtype)[0]
+        call = baseline_call(target, assistant, pad_token_id, device=cfg.baseline_device)
+        sweep.bar.set_description(mine[0].method.label + (f" ({draft_name})" if draft_name else ""))
+        call(encoded[mine[0].prompt.id][1], min(cfg.warmup_tokens, mine[0].max_new_tokens))  # uncounted warm-up
+        for spec in mine:
+            if sweep.stopped():
+                break
+            text, ids = encoded[spec.prompt.id]
+            start = time.perf_counter()
+            tokens, extra = call(ids, spec.max_new_tokens)
+            seconds = time.perf_counter() - start
+            pieces = extra["output_pieces"]
+            stats = {
+                "mode": spec.method.mode,
+                "prompt_tokens": len(ids),
+                "tokens_generated": len(tokens),
+                "total_ms": seconds * 1e3,
+                "tokens_per_second": len(tokens) / seconds if seconds else 0.0,
+                "time_to_first_token_ms": extra["time_to_first_token_ms"],
+                # Assisted generation hands over one piece per round: accepted draft tokens + the target's.
+                "rounds": pieces if spec.method.mode == ASSISTED else len(tokens),
+                "mean_accepted_per_round": len(tokens) / pieces if pieces else 0.0,
+            }
+            log = {
+                "target_model": cfg.target_model,
+                "request": {"mode": spec.method.mode, "max_new_tokens": spec.max_new_tokens, "prompt_tokens": len(ids),
+                            **({"assistant": assisted_settings(assistant)} if assistant is not None else {})},
+                "text": decode(tokens),
+                "token_ids": tokens,
+                "finish_reason": "length" if len(tokens) >= spec.max_new_tokens else "stop",
+                "stats": stats,
+                "rounds": [],
+                "prompt_token_ids": ids,
+            }
+            sweep.record(spec, tokens, seconds, extra["time_to_first_token_ms"], log, token_texts(tokens, decode), text)
+        del assistant, call
+        gc.collect()
+    del target
+    gc.collect()
+
+
+def sweep_cluster(sweep: Sweep, model_set: ModelSet, pending: list[RunSpec], tokenizer,
+                  encoded: dict[str, tuple[str, list[int]]]) -> None:
+    """One LocalCluster for the model set, reused by all its runs; each run a GenerateStream call."""
+    import shutil
+    import tempfile
+
+    import grpc
+
+    from orchestrator.cluster import LocalCluster
+    from orchestrator.server import token_texts
+    from specdec.v1 import generation_pb2_grpc
+
+    if not pending or sweep.stopped():
+        return
+    cfg = sweep.cfg
+    # The orchestrator's own per-generation log is the base of each run's log; it is read, then removed.
+    orchestrator_logs = Path(tempfile.mkdtemp(prefix="specdec-bench-logs-"))
+    settings = config.from_env(
+        config.ClusterSettings, target_model=cfg.target_model, draft_models=list(model_set.models),
+        verify_device=cfg.verify_device, draft_devices=cfg.draft_devices, dtype=cfg.dtype, port=0,
+        log_dir=str(orchestrator_logs), startup_timeout_s=cfg.startup_timeout_s, trace_file="", metrics_port=0,
+    )
+    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+    sweep.bar.set_description(f"starting the cluster for {model_set.name}")
+    cluster = LocalCluster(settings)
+    try:
+        cluster.start()
+    except RuntimeError as exc:
+        shutil.rmtree(orchestrator_logs, ignore_errors=True)
+        raise BenchError(f"the cluster for {model_set.name} did not start: {exc}") from None
+    try:
+        with grpc.insecure_channel(cluster.orchestrator_address) as channel:
+            stub = generation_pb2_grpc.GenerationServiceStub(channel)
+            warmed: set[str] = set()
+            for spec in pending:
+                if sweep.stopped():
+                    break
+                text, ids = encoded[spec.prompt.id]
+                sweep.bar.set_description(f"{model_set.name}: {spec.method.label}")
+                if spec.method.mode not in warmed:  # the services stay warm across settings of one mode
+                    stream_generate(stub, cluster, spec, ids, min(cfg.warmup_tokens, spec.max_new_tokens))
+                    warmed.add(spec.method.mode)
+                for old in orchestrator_logs.glob("*.json"):
+                    old.unlink()
+                tokens, seconds, ttft_ms, streamed = stream_generate(stub, cluster, spec, ids, spec.max_new_tokens, cfg.target_model)
+                log = orchestrator_log(orchestrator_logs, tokens) or streamed
+                log["prompt_token_ids"] = ids
+                texts = log.get("token_texts") or token_texts(tokens, decode)
+                sweep.record(spec, tokens, seconds, ttft_ms, log, texts, text)
+    finally:
+        cluster.stop()
+        shutil.rmtree(orchestrator_logs, ignore_errors=True)
+
+
+def stream_generate(stub, cluster, spec: RunSpec, prompt_ids: list[int], max_new_tokens: int, target_model: str = ""):
+    """One GenerateStream call, timed here: (tokens, seconds, time to first token ms, a log built from the stream)."""
+    import grpc
+
+    from specdec.v1 import generation_pb2
+
+    request = generation_pb2.GenerateRequest(
+        prompt_token_ids=prompt_ids,
+        max_new_tokens=max_new_tokens,
+        mode=generation_pb2.DecodingMode.Value("DECODING_MODE_" + spec.method.mode.upper()),
+        speculation=generation_pb2.SpeculationParams(**spec.method.settings),
+        include_rounds=True,
+    )
+    tokens, rounds, stats, finish, first = [], [], {}, 0, None
+    start = time.perf_counter()
+    try:
+        for message in stub.GenerateStream(request, timeout=3600):
+            if message.token_ids and first is None:
+                first = time.perf_counter() - start
+            tokens += message.token_ids
+            if message.HasField("round"):
+                rounds.append(message.round)
+            if message.HasField("stats"):
+                stats, finish = stats_plain(message.stats), message.finish_reason
+    except grpc.RpcError as exc:
+        logs = "\n".join(f"--- {p.name} log:\n{p.log_tail()}" for p in cluster.processes)
+        raise BenchError(f"{spec.run_id}: GenerateStream failed: {exc.code().name}: {exc.details()}\n{logs}") from None
+    seconds = time.perf_counter() - start
+    streamed = {
+        "target_model": target_model,
+        "request": {"max_new_tokens": max_new_tokens, "mode": spec.method.mode, **spec.method.settings,
+                    "prompt_tokens": len(prompt_ids)},
+        "text": "",
+        "token_ids": tokens,
+        "finish_reason": {1: "length", 2: "stop"}.get(finish, ""),
+        "stats": stats,
+        "rounds": [
+            {
+                "index": r.index,
+                "proposals": {p.draft: [list(b.token_ids) for b in p.beams] for p in r.proposals},
+                "accepted": list(r.accepted_token_ids),
+                "bonus_token": r.bonus_token_id if r.bonus_token_id >= 0 else None,
+                "bonus_is_correction": r.bonus_is_correction,
+                "winning_draft": r.winning_draft,
+                "tree_nodes": r.tree_nodes,
+                "draft_ms": r.draft_ms,
+                "verify_ms": r.verify_ms,
+                "fallback": r.fallback,
+                "fallback_reason": r.fallback_reason,
+            }
+            for r in rounds
+        ],
+    }
+    return tokens, seconds, first * 1e3 if first is not None else None, streamed
+
+
+def stats_plain(stats) -> dict:
+    """GenerationStats as the orchestrator's log writes them: numbers as numbers, drafts by name."""
+    out = {f.name: getattr(stats, f.name) for f in stats.DESCRIPTOR.fields if f.name != "drafts"}
+    out["drafts"] = {d.draft: {"proposed_tokens": d.proposed_tokens, "accepted_tokens": d.accepted_tokens,
+                               "acceptance_rate": d.acceptance_rate} for d in stats.drafts}
+    return out
+
+
+def orchestrator_log(log_dir: Path, tokens: list[int]) -> dict | None:
+    """The orchestrator's statistics file for the call just made (the only one in log_dir), if it is that call's."""
+    files = list(log_dir.glob("*.json"))
+    if len(files) != 1:
+        return None
+    try:
+        log = json.loads(files[0].read_text())
+    except (OSError, ValueError):
+        return None
+    files[0].unlink()
+    return log if log.get("token_ids") == tokens else None
+
+
+def sweep_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="specdec bench --config",
+        description="Run the sweep a YAML file describes (see benchmarks/bench.yaml). Each run's log goes to "
+        "OUT/runs/; run the same command again to resume an interrupted sweep.",
+    )
+    parser.add_argument("--config", type=Path, required=True, help="the sweep file")
+    parser.add_argument("--out", type=Path, help="output directory [default: the file's output_dir]")
+    parser.add_argument("--limit", type=int, help="stop after this many new runs (run again to go on)")
+    parser.add_argument("--dry-run", action="store_true", help="list the runs still to do, run nothing")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_sweep_config(args.config)
+        if args.out:
+            cfg.output_dir = args.out
+        return sweep(cfg, limit=args.limit, dry_run=args.dry_run)
+    except KeyboardInterrupt:
+        print("\nspecdec bench: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    except (BenchError, ModelStoreError) as exc:
+        print(f"specdec bench: {exc}", file=sys.stderr)
+        return 1
+
+
+def sweep(cfg: SweepConfig, limit: int | None = None, dry_run: bool = False) -> int:
+    import transformers
+    from tqdm import tqdm
+    from transformers import AutoTokenizer
+
+    from orchestrator import analyze
+
+    plan = sweep_plan(cfg)
+    out_dir = cfg.output_dir
+    if len({s.run_id for s in plan}) != len(plan):
+        raise BenchError("two runs of the plan share a log name; give the prompts or model sets distinct names")
+    if dry_run:
+        todo = [s for s in plan if not (out_dir / "runs" / f"{s.run_id}.json").is_file()]
+        for spec in todo:
+            print(spec.run_id)
+        print(f"{len(todo)} of {len(plan)} runs to do; logs in {out_dir / 'runs'}/", file=sys.stderr)
+        return 0
+    transformers.logging.set_verbosity_error()  # keep generate's advice off the progress bar
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(cfg.target_model))
+    encoded = {p.id: encode_prompt(tokenizer, p) for p in cfg.prompts}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_sweep_meta(cfg, out_dir, plan, encoded)
+    load = os.getloadavg()[0]
+    if load > 0.5 * (os.cpu_count() or 1):
+        print(f"specdec bench: warning: load average {load:.1f} on {os.cpu_count()} cores; timings will be noisy", file=sys.stderr)
+
+    done = sum((out_dir / "runs" / f"{s.run_id}.json").is_file() for s in plan)
+    # initial: the rate, and so the time left, counts only the runs this session does.
+    with tqdm(total=len(plan), initial=done, unit="run", file=sys.stderr, dynamic_ncols=True) as bar:
+        runner = Sweep(cfg, out_dir, bar, limit)
+        bar.set_postfix_str(runner.best())
+        sweep_baselines(runner, [s for s in plan if s.model_set is None and not runner.done(s)], tokenizer, encoded)
+        for model_set in cfg.model_sets:
+            pending = [s for s in plan if s.model_set == model_set and not runner.done(s)]
+            sweep_cluster(runner, model_set, pending, tokenizer, encoded)
+
+    records = [r for r in analyze.load_runs(out_dir / "runs") if r["source"] == "bench"]
+    left = sum(not runner.done(s) for s in plan)
+    if records:
+        rows = analyze.summarise(records)
+        analyze.write_csv(rows, out_dir / "benchmark_summary.csv")
+        print(analyze.best_per_class_table(rows))
+        print("\nmodel sets (all prompts):\n" + analyze.model_set_table(rows))
+    if runner.mismatches:
+        print(f"\nlossless check FAILED: {len(runner.mismatches)} run(s) differ from target-only:")
+        for line in runner.mismatches:
+            print("  " + line)
+    else:
+        print(f"\nlossless check passed: all {len(records)} runs equal target-only's tokens")
+    print(f"\n{len(plan) - left} of {len(plan)} runs done ({runner.new_runs} now)"
+          + (f"; {left} left: run the same command again to go on" if left else "")
+          + f"\nlogs in {out_dir / 'runs'}/, summary in {out_dir / 'benchmark_summary.csv'}; "
+          f"`specdec analyze {out_dir}` for every table, `specdec dashboard {out_dir}` to explore")
+    return 1 if runner.mismatches else 0
+
+
+def write_sweep_meta(cfg: SweepConfig, out_dir: Path, plan: list[RunSpec], encoded: dict) -> None:
+    """sweep.json: what the sweep is (config, prompts as the target sees them, machine); each session appends its start."""
+    import torch
+    import transformers
+
+    from specdec import __version__
+
+    path = out_dir / "sweep.json"
+    sessions = []
+    if path.is_file():
+        try:
+            sessions = json.loads(path.read_text()).get("sessions", [])
+        except (OSError, ValueError):
+            pass
+    sessions.append({"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "load_average": os.getloadavg(),
+                     "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count()})
+    meta = {
+        "name": cfg.name,
+        "config_file": str(cfg.path),
+        "config": cfg.path.read_text(),
+        "target_model": cfg.target_model,
+        "model_sets": [{"name": s.name, "models": list(s.models)} for s in cfg.model_sets],
+        "runs_planned": len(plan),
+        "prompts": [{"id": p.id, "class": p.cls, "text": encoded[p.id][0], "prompt_token_ids": encoded[p.id][1]} for p in cfg.prompts],
+        "dtype": cfg.dtype,
+        "devices": {"verify": cfg.verify_device, "drafts": cfg.draft_devices, "baselines": cfg.baseline_device},
+        "versions": {"specdec": __version__, "torch": torch.__version__, "transformers": transformers.__version__},
+        "sessions": sessions,
+    }
+    tmp = out_dir / ".sweep.json.tmp"
+    tmp.write_text(json.dumps(meta, indent=1))
+    os.replace(tmp, path)
+
+
 # --------------------------------------------------------------------------- main
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a == "--config" or a.startswith("--config=") for a in argv):
+        return sweep_main(argv)
+    args = parse_args(argv)
     try:
         return bench(args)
     except KeyboardInterrupt:
@@ -450,7 +1138,7 @@ def bench(args: argparse.Namespace) -> int:
     classes = list(dict.fromkeys(p.cls for p in prompts)) + [ALL_CLASSES]
     # One tokenisation, sent as ids to every method, so all of them see exactly the same input.
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(args.target_model))
-    prompt_ids = {p.id: tokenizer(p.text).input_ids for p in prompts}
+    prompt_ids = {p.id: encode_prompt(tokenizer, p)[1] for p in prompts}
     # float32 on CPU like the baselines, whatever SPECDEC_* variables say; no per-request log files.
     cluster_settings = config.from_env(
         config.ClusterSettings, target_model=args.target_model, draft_models=[args.draft_model],
