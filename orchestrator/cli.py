@@ -74,6 +74,11 @@ def main(argv: list[str] | None = None) -> int:
 
     traces.add_parser(commands)
 
+    from orchestrator import analyze, dashboard
+
+    analyze.add_parser(commands)
+    dashboard.add_parser(commands)
+
     args = parser.parse_args(argv)
     try:
         return args.func(args) or 0
