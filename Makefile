@@ -8,7 +8,7 @@ PROTOS := $(wildcard protos/specdec/v1/*.proto)
 STUBS  := specdec/v1/.generated
 DEMO_PROMPT ?= def quicksort(arr):
 
-.PHONY: setup protos models demo test test-fast bench clean up down compose-cli certs
+.PHONY: setup protos models demo test test-fast bench clean up down compose-cli certs chromium
 
 setup: $(VENV)/.installed $(STUBS)
 
@@ -31,14 +31,15 @@ models: setup
 demo: setup models
 	$(BIN)/specdec generate --local --prompt "$(DEMO_PROMPT)" --mode tree --beam-width 3 --beam-depth 4 --max-tokens 64 --verbose
 
-test: setup compose-cli
+test: setup compose-cli chromium
 	$(BIN)/python -m pytest -q
 
-test-fast: setup compose-cli
+test-fast: setup compose-cli chromium
 	$(BIN)/python -m pytest -q -m "not slow"
 
+# The sweep in benchmarks/bench.yaml (embedded pair, CPU, ~20-30 min on 2 cores); run it again to resume.
 bench: setup models
-	$(BIN)/specdec bench --quick
+	$(BIN)/specdec bench --config benchmarks/bench.yaml
 
 # A development CA, one server certificate for every service (localhost, 127.0.0.1 and the compose
 # service names), a client certificate and a bearer token; once: delete $(CERTS_DIR) to make new ones.
@@ -55,6 +56,15 @@ compose-cli:
 	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends docker-compose) >/dev/null 2>&1 ; } || \
 	  echo "note: no docker compose here; tests/test_deploy.py skips its compose checks"
+
+# tests/test_dashboard.py opens the dashboard in a real headless Chromium, driven by chromedriver.
+# Where they are missing, Debian's chromium and chromium-driver are installed (as root, with apt-get);
+# otherwise that test skips and says why.
+chromium:
+	@{ command -v chromium >/dev/null && command -v chromedriver >/dev/null ; } || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver) >/dev/null 2>&1 ; } || \
+	  echo "note: no chromium here; tests/test_dashboard.py skips its browser test"
 
 # The docker compose cluster (compose/docker-compose.yml, settings in compose/.env): one GPU per
 # model service, Jaeger and Prometheus. `make up PROFILE=cpu` runs the embedded pair on CPU.
