@@ -16,6 +16,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from specdec.decode_guard import DecodeGuard
 from specdec.errors import Cancelled, DeadlineExceeded, InvalidRequest, NotReady, Overloaded, Unavailable
 from specdec.service_info import ModelDescription
 from specdec.v1 import common_pb2
@@ -219,7 +220,8 @@ def start_server(add_servicers, service_names: list[str], host: str, port: int, 
     admission = Admission()
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers), options=server_options(max_message_mb),
-        interceptors=[AdmissionInterceptor(admission), *interceptors], maximum_concurrent_rpcs=max_concurrent_rpcs or None,
+        # DecodeGuard: request bytes that do not parse are INVALID_ARGUMENT, not gRPC's INTERNAL.
+        interceptors=[AdmissionInterceptor(admission), DecodeGuard(), *interceptors], maximum_concurrent_rpcs=max_concurrent_rpcs or None,
     )
     add_servicers(server)
     health_servicer = ServingHealth(admission)
