@@ -8,7 +8,7 @@ PROTOS := $(wildcard protos/specdec/v1/*.proto)
 STUBS  := specdec/v1/.generated
 DEMO_PROMPT ?= def quicksort(arr):
 
-.PHONY: setup protos models demo test test-fast bench clean up down compose-cli certs chromium
+.PHONY: setup protos models demo test test-fast bench clean up down compose-cli certs chromium loadtest
 
 setup: $(VENV)/.installed $(STUBS)
 
@@ -40,6 +40,12 @@ test-fast: setup compose-cli chromium
 # The sweep in benchmarks/bench.yaml (embedded pair, CPU, ~20-30 min on 2 cores); run it again to resume.
 bench: setup models
 	$(BIN)/specdec bench --config benchmarks/bench.yaml
+
+# Concurrent clients against a local cluster of the embedded pair: throughput, latency, errors,
+# memory of each service, outputs checked against single-client runs (specdec loadtest --help).
+LOADTEST_ARGS ?= --clients 8 --requests 32 --max-tokens 32
+loadtest: setup models
+	$(BIN)/specdec loadtest --local $(LOADTEST_ARGS)
 
 # A development CA, one server certificate for every service (localhost, 127.0.0.1 and the compose
 # service names), a client certificate and a bearer token; once: delete $(CERTS_DIR) to make new ones.

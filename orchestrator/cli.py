@@ -79,6 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     analyze.add_parser(commands)
     dashboard.add_parser(commands)
 
+    from orchestrator import loadtest
+
+    loadtest.add_parser(commands)
+
     args = parser.parse_args(argv)
     try:
         return args.func(args) or 0
