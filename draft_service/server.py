@@ -10,7 +10,7 @@ from specdec import config
 from specdec.errors import check_range, check_token_ids, InvalidRequest
 from specdec.rpc import distribution_pb, model_info_pb, rpc_method, sampling_params
 from specdec.service_info import ModelDescription
-from specdec.serving import run_model_service
+from specdec.serving import ModelWorker, run_model_service
 from specdec.v1 import common_pb2, draft_pb2, draft_pb2_grpc
 
 SERVICE_NAME = draft_pb2.DESCRIPTOR.services_by_name["DraftService"].full_name
@@ -22,6 +22,7 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
         self.info = info
         self.settings = settings
         self.metrics = metrics  # specdec.metrics.ModelServiceMetrics, or None when metrics are off
+        self.worker = ModelWorker()
 
     @rpc_method
     def DraftBeams(self, request, context):
@@ -36,9 +37,9 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
         session_id = request.session_id or f"oneshot-{uuid.uuid4()}"
         try:
             if sampling.greedy:
-                outcome = self.drafter.propose(session_id, context_ids, width, depth)
+                outcome = self.worker.run(self.drafter.propose, session_id, context_ids, width, depth)
             else:
-                outcome = self.drafter.sample_chains(session_id, context_ids, width, depth, sampling, request.seed)
+                outcome = self.worker.run(self.drafter.sample_chains, session_id, context_ids, width, depth, sampling, request.seed)
         finally:
             if not request.session_id:
                 self.drafter.store.release(session_id)

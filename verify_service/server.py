@@ -9,7 +9,7 @@ from specdec import config
 from specdec.errors import InvalidRequest, check_range, check_token_ids
 from specdec.rpc import distribution_pb, model_info_pb, rpc_method, sampling_params
 from specdec.service_info import ModelDescription
-from specdec.serving import run_model_service
+from specdec.serving import ModelWorker, run_model_service
 from specdec.tree import TokenTree, validate_parents
 from specdec.v1 import common_pb2, verify_pb2, verify_pb2_grpc
 from verify_service.verifier import TreeVerifier
@@ -23,6 +23,7 @@ class VerifyServicer(verify_pb2_grpc.VerifyServiceServicer):
         self.verifier = verifier
         self.info = info
         self.metrics = metrics  # specdec.metrics.ModelServiceMetrics, or None when metrics are off
+        self.worker = ModelWorker()
 
     @rpc_method
     def VerifyTree(self, request, context):
@@ -43,7 +44,7 @@ class VerifyServicer(verify_pb2_grpc.VerifyServiceServicer):
         # Without a session id the call is stateless: its cache is dropped right after.
         session_id = request.session_id or f"oneshot-{uuid.uuid4()}"
         try:
-            outcome = self.verifier.verify(session_id, context_ids, tree, sampling_params(request))
+            outcome = self.worker.run(self.verifier.verify, session_id, context_ids, tree, sampling_params(request))
         finally:
             if not request.session_id:
                 self.verifier.store.release(session_id)
