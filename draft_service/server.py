@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
         "draft",
         settings,
         settings.draft_model,
-        lambda model, store, info, metrics: DraftServicer(BeamDrafter(model, store), info, settings, metrics),
+        lambda model, store, info, metrics: DraftServicer(BeamDrafter(model, store, settings.draft_vocab), info, settings, metrics),
         draft_pb2_grpc.add_DraftServiceServicer_to_server,
         SERVICE_NAME,
     )

@@ -97,7 +97,7 @@ class LocalCluster:
                 port = free_port()
                 self.draft_addresses.append(f"127.0.0.1:{port}")
                 self._spawn(f"draft-{i}", "draft_service", port,
-                            ["--draft-model", model, "--device", device, "--dtype", s.dtype], metrics_offset=2 + i)
+                            ["--draft-model", model, "--device", device, "--dtype", s.dtype, "--draft-vocab", str(s.draft_vocab)], metrics_offset=2 + i)
             for process in self.processes:
                 self._wait(process)
             port = s.port or free_port()

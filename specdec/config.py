@@ -78,6 +78,7 @@ class DraftSettings(ModelServiceSettings):
     draft_model: str = _setting(EMBEDDED_DRAFT, "draft model: embedded alias, local path or hub id")
     max_beam_width: int = _setting(8, "largest beam width a request may ask for")
     max_beam_depth: int = _setting(16, "largest beam depth a request may ask for")
+    draft_vocab: int = _setting(0, "greedy drafting scores only token ids below this (0 = the whole vocabulary): a cheaper output layer; the first ids of byte-level BPE vocabularies are the most frequent")
 
 
 @dataclass
@@ -113,6 +114,7 @@ class ClusterSettings(SpeculationDefaults, TlsServerSettings, TlsClientSettings,
     verify_replicas: int = _setting(1, "verify service replicas; the orchestrator spreads sessions over them and fails over")
     draft_devices: list[str] = _setting(lambda: ["cpu"], "devices of the draft services, comma-separated (one, or one each)")
     dtype: str = _setting("float32", "model dtype for every service")
+    draft_vocab: int = _setting(0, "draft services score only token ids below this (0 = all); see specdec serve draft -- --help")
     log_dir: str = _setting("logs", "orchestrator statistics directory")
     startup_timeout_s: int = _setting(600, "how long to wait for every service to report SERVING")
     trace_file: str = _setting("", "every service appends its spans to this JSON-lines file ('' = off)")

@@ -25,12 +25,15 @@ def tree_forward(
     new_tokens: list[int] = (),
     new_parents: list[int] = (),
     logits_to_keep: int = 1,
+    head: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Feed ``pending`` sequential context tokens, then ``new_tokens`` as tree nodes appended to the
     session's tail (``new_parents`` index the whole tail, -1 = child of the last prefix token).
 
     Returns float32 logits ``[logits_to_keep, vocab]`` for the last positions fed, and records the
     fed tokens in the session so the next :meth:`SessionKV.sync` knows what the cache holds.
+    ``head``: rows of the output layer to score instead of the whole vocabulary (logits
+    ``[logits_to_keep, len(head)]``, for the token ids ``0 .. len(head) - 1``).
     """
     new_tokens, new_parents = list(new_tokens), list(new_parents)
     if pending and session.tail_tokens:
@@ -50,19 +53,17 @@ def tree_forward(
     else:
         # Plain causal extension: let the model build its own (faster, is_causal) mask.
         mask, position_ids = None, cache_position[None]
-    out = model(
-        input_ids=input_ids,
-        attention_mask=mask,
-        position_ids=position_ids,
-        cache_position=cache_position,
-        use_cache=True,
-        logits_to_keep=logits_to_keep,
-        **{_cache_kwarg(model): session.cache},
-    )
+    inputs = dict(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, cache_position=cache_position,
+                  use_cache=True, **{_cache_kwarg(model): session.cache})
+    if head is None:
+        logits = model(**inputs, logits_to_keep=logits_to_keep).logits[0]
+    else:
+        hidden = model.get_decoder()(**inputs).last_hidden_state[0, -logits_to_keep:]
+        logits = hidden @ head.T
     # The DynamicCache was updated in place (reading it back from the output only warns).
     session.extend_prefix(pending)
     session.extend_tail(new_tokens, new_parents)
-    return out.logits[0].float()
+    return logits.float()
 
 
 def _cache_kwarg(model) -> str:

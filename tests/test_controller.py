@@ -238,3 +238,11 @@ def test_adaptive_depth_is_lossless_and_follows_acceptance(target, drafts, mode,
     if draft_name == "self" and mode == "sequential":  # always agrees: drafts stay at the full length
         # (Not in tree mode: beam search's best beam need not be the greedy path.)
         assert lengths[:-1] == [6] * (len(lengths) - 1)
+
+
+@pytest.mark.parametrize("mode", ["sequential", "tree"])
+def test_limited_draft_vocabulary_is_lossless(target, drafts, mode):
+    draft = LocalDraft("truncated", drafts["truncated"])
+    draft.drafter = BeamDrafter(drafts["truncated"], vocab_limit=VOCAB // 3)
+    result = controller(target, [draft]).generate(request(PROMPTS[0], mode, max_new_tokens=30, adaptive=True))
+    assert result.token_ids == reference_greedy(target, PROMPTS[0], 30)

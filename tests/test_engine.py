@@ -129,3 +129,28 @@ def test_store_evicts_by_count_and_bytes(model):
     assert len(store) == 1 and store.peek("c") is not None
     assert store.evictions == 2
     assert store.release("c") and len(store) == 0
+
+
+def test_limited_draft_vocabulary_scores_only_the_first_ids(model):
+    """With vocab_limit the drafter is greedy search over ids below the limit: the same as the
+    full model's greedy search with every other id's logit pushed to -inf."""
+    limit = 48
+    drafter = BeamDrafter(model, vocab_limit=limit)
+    assert drafter.head is not None and drafter.head.shape[0] == limit
+    assert drafter.head.data_ptr() == model.get_output_embeddings().weight.data_ptr()  # a view, no copy
+    chain = drafter.propose("s", PROMPT, beam_width=1, depth=10).beams[0].tokens
+    expected, context = [], list(PROMPT)
+    with torch.no_grad():
+        for _ in range(10):
+            logits = model(torch.tensor([context])).logits[0, -1]
+            token = int(logits[:limit].argmax())
+            expected.append(token)
+            context.append(token)
+    assert chain == expected and max(chain) < limit
+    beams = drafter.propose("t", PROMPT, beam_width=3, depth=4).beams
+    assert len(beams) == 3 and all(t < limit for b in beams for t in b.tokens)
+
+
+def test_limit_at_or_above_the_vocabulary_is_the_whole_vocabulary(model):
+    assert BeamDrafter(model, vocab_limit=0).head is None
+    assert BeamDrafter(model, vocab_limit=10**6).head is None
