@@ -122,7 +122,9 @@ def serve_until_signalled(server, health_servicer, grace_s: float = 30.0) -> Non
     idle = admission.wait_idle(grace_s, hurry)
     if not idle:
         log.warning("shutting down: %d call(s) still in flight are cancelled", admission.in_flight)
-    server.stop(0).wait()
+    # Idle means every handler has returned, not that gRPC has sent each call's final status yet:
+    # a short grace lets it, where stop(0) would cancel a stream that already sent all its messages.
+    server.stop(5.0 if idle else 0).wait()
     log.info("stopped")
     telemetry.shutdown()  # export the spans still buffered
     if not idle and not admission.wait_idle(2.0):

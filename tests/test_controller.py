@@ -194,8 +194,9 @@ def test_a_failed_draft_is_left_out_then_brought_back(target, drafts):
     assert result.token_ids == reference_greedy(target, PROMPTS[0], 60)
     # Left out between failures (fewer calls than rounds), and back: later rounds use its drafts.
     assert flaky.calls < len(result.rounds)
-    assert result.rounds[-1].proposals and not result.rounds[-1].fallback
-    assert any("backing off" in r.fallback_reason for r in result.rounds)
+    backed_off = [i for i, r in enumerate(result.rounds) if "backing off" in r.fallback_reason]
+    assert backed_off
+    assert any(r.proposals and not r.fallback for r in result.rounds[backed_off[-1] + 1 :])
 
 
 def test_cancelled_request_stops_and_releases_its_sessions(target, drafts):
