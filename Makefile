@@ -76,7 +76,8 @@ chromium:
 # model service, Jaeger and Prometheus. `make up PROFILE=cpu` runs the embedded pair on CPU.
 # Compose v2 (`docker compose`) where installed, else the standalone `docker-compose`.
 COMPOSE_CLI ?= $(shell docker compose version >/dev/null 2>&1 && echo "docker compose" || echo docker-compose)
-COMPOSE      = $(COMPOSE_CLI) -p specdec -f compose/docker-compose.yml
+# TLS=1 adds compose/docker-compose.tls.yml: TLS on every hop, certificates from `make certs`.
+COMPOSE      = $(strip $(COMPOSE_CLI) -p specdec -f compose/docker-compose.yml $(if $(TLS),-f compose/docker-compose.tls.yml))
 PROFILE     ?= gpu
 
 up:

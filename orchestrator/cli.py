@@ -62,6 +62,15 @@ def main(argv: list[str] | None = None) -> int:
     certs.add_argument("--days", type=int, default=365, help="validity [default: 365]")
     certs.set_defaults(func=cmd_certs)
 
+    health = commands.add_parser("health", help="exit 0 if a service reports SERVING on grpc.health.v1 (container health checks)")
+    port = os.environ.get("SPECDEC_PORT")
+    health.add_argument("--address", default=f"127.0.0.1:{port}" if port else None, required=not port,
+                        help="host:port to ask [default: 127.0.0.1:$SPECDEC_PORT]")
+    health.add_argument("--service", default="", help="a service name to ask about ('' = the whole server)")
+    health.add_argument("--timeout-s", type=float, default=5.0)
+    config.add_arguments(health, config.TlsClientSettings)  # TLS and mutual TLS from the SPECDEC_TLS_* variables
+    health.set_defaults(func=cmd_health)
+
     serve = commands.add_parser("serve", help="run one service in the foreground (what compose runs)")
     serve.add_argument("service", choices=["verify", "draft", "orchestrator"])
     serve.add_argument("args", nargs=argparse.REMAINDER, help="the service's own flags (see: specdec serve SERVICE -- --help)")
@@ -216,6 +225,27 @@ def cmd_models_path(args) -> int:
         return 0
     print(f"specdec: unknown model {args.name!r}; embedded: {', '.join(EMBEDDED_MODELS)}", file=sys.stderr)
     return 2
+
+
+def cmd_health(args) -> int:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from specdec.security import SecurityConfigError, client_channel
+
+    tls = config.from_args(config.TlsClientSettings, args)
+    try:
+        with client_channel(args.address, tls) as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout_s)
+    except grpc.RpcError as exc:
+        print(f"{args.address}: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    except SecurityConfigError as exc:
+        print(f"specdec health: {exc}", file=sys.stderr)
+        return 2
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    print(f"{args.address}: {status}")
+    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
 
 
 def cmd_certs(args) -> int:

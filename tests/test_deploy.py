@@ -103,12 +103,13 @@ def compose_env() -> dict[str, str]:
             if k not in documented and not k.startswith(("SPECDEC_", "OTEL_", "COMPOSE_"))}
 
 
-def render_compose(env_file: Path) -> dict:
+def render_compose(env_file: Path, *overlays: Path) -> dict:
     cli = compose_cli()
     if cli is None:
         pytest.skip("no compose implementation found (neither `docker compose` nor `docker-compose`); "
                     "`make test` installs Debian's docker-compose when run as root")
-    cmd = [*cli, "-f", str(COMPOSE_FILE), "--env-file", str(env_file), "--profile", "gpu", "--profile", "cpu", "config"]
+    files = [arg for f in (COMPOSE_FILE, *overlays) for arg in ("-f", str(f))]
+    cmd = [*cli, *files, "--env-file", str(env_file), "--profile", "gpu", "--profile", "cpu", "config"]
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=compose_env(), timeout=120)
     assert res.returncode == 0, f"{' '.join(cmd)} failed:\n{res.stderr}"
     return yaml.safe_load(res.stdout)
@@ -248,12 +249,18 @@ def test_every_serving_service_has_a_grpc_health_check(services):
     for name, service in serving.items():
         check = service.get("healthcheck") or {}
         assert not check.get("disable"), name
-        test = check.get("test") or []
-        assert test[:3] == ["CMD", "python", "-c"] and "grpc_health.v1" in test[3], f"{name}: grpc.health.v1 via Python"
+        assert check.get("test") == ["CMD", "specdec", "health"], f"{name}: grpc.health.v1 via the image's specdec"
         assert "SPECDEC_PORT" in environment(service), f"{name}: the health check reads SPECDEC_PORT"
         # Model loading (and on GPUs the first download) must fit in the start period.
         assert duration_s(check["start_period"]) >= 600, f"{name}: start_period {check['start_period']}"
         assert duration_s(check["timeout"]) < duration_s(check["interval"])
+
+
+def health_probe(port: int, **env: str) -> int:
+    """The containers' health check command, run as they run it (SPECDEC_PORT set)."""
+    command = [str(Path(sys.executable).with_name("specdec")), "health"]
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("SPECDEC_")}
+    return subprocess.run(command, env={**clean, "SPECDEC_PORT": str(port), **env}, capture_output=True, timeout=60).returncode
 
 
 def test_health_check_command_answers_like_grpc_health(services):
@@ -261,20 +268,61 @@ def test_health_check_command_answers_like_grpc_health(services):
 
     from specdec.rpc import start_server
 
-    code = services["verify"]["healthcheck"]["test"][3]
+    assert services["verify"]["healthcheck"]["test"][1:] == ["specdec", "health"]
     server, port, health = start_server(lambda s: None, [], "127.0.0.1", 0)
-
-    def probe() -> int:
-        env = {**os.environ, "SPECDEC_PORT": str(port)}
-        return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, timeout=60).returncode
-
     try:
-        assert probe() == 0
+        assert health_probe(port) == 0
         health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
-        assert probe() != 0
+        assert health_probe(port) != 0
     finally:
         server.stop(0).wait()
-    assert probe() != 0  # nothing listening
+    assert health_probe(port) != 0  # nothing listening
+
+
+def test_health_check_speaks_mutual_tls(tmp_path):
+    """With the TLS overlay's variables the health check passes a mutual-TLS port; without them
+    it is refused like any plaintext client."""
+    from types import SimpleNamespace
+
+    from specdec.certs import make_dev_certs
+    from specdec.rpc import start_server
+
+    make_dev_certs(str(tmp_path), (), 1)
+    tls = SimpleNamespace(tls_cert=str(tmp_path / "server.pem"), tls_key=str(tmp_path / "server.key"),
+                          tls_client_ca=str(tmp_path / "ca.pem"))
+    server, port, _ = start_server(lambda s: None, [], "127.0.0.1", 0, tls=tls)
+    client = {"SPECDEC_TLS_CA": str(tmp_path / "ca.pem"), "SPECDEC_TLS_CLIENT_CERT": str(tmp_path / "client.pem"),
+              "SPECDEC_TLS_CLIENT_KEY": str(tmp_path / "client.key")}
+    try:
+        assert health_probe(port, **client) == 0
+        assert health_probe(port) != 0  # plaintext
+        assert health_probe(port, SPECDEC_TLS_CA=client["SPECDEC_TLS_CA"]) != 0  # TLS without a client certificate
+    finally:
+        server.stop(0).wait()
+
+
+def test_tls_overlay_secures_every_hop(tmp_path):
+    """compose/docker-compose.tls.yml: every serving container gets the certificates `make certs`
+    writes; draft and verify ask for client certificates; the orchestrator for the token."""
+    from specdec.certs import make_dev_certs
+
+    rendered = render_compose(ENV_EXAMPLE, COMPOSE_DIR / "docker-compose.tls.yml")["services"]
+    make_dev_certs(str(tmp_path), (), 1)
+    written = {p.name for p in tmp_path.iterdir()}
+    serving = {n: s for n, s in rendered.items() if role(s)}
+    assert len(serving) == 7
+    for name, service in serving.items():
+        env = environment(service)
+        mounts = [v if isinstance(v, str) else f"{v.get('source')}:{v.get('target')}" for v in service.get("volumes") or []]
+        assert any(m.split(":")[1] == "/certs" for m in mounts), f"{name}: no /certs mount"
+        files = {k: v for k, v in env.items() if k.startswith(("SPECDEC_TLS_", "SPECDEC_AUTH_"))}
+        assert all(v.startswith("/certs/") and v.removeprefix("/certs/") in written for v in files.values()), files
+        assert {"SPECDEC_TLS_CERT", "SPECDEC_TLS_KEY", "SPECDEC_TLS_CA", "SPECDEC_TLS_CLIENT_CERT"} <= set(files), name
+        if role(service) == "orchestrator":
+            assert "SPECDEC_AUTH_TOKEN_FILE" in files and "SPECDEC_TLS_CLIENT_CA" not in files, name
+        else:
+            assert "SPECDEC_TLS_CLIENT_CA" in files and "SPECDEC_AUTH_TOKEN_FILE" not in files, name
+        assert "SPECDEC_PORT" in env and env.get("SPECDEC_DEVICE", "x"), name  # the base settings survive the merge
 
 
 def addressed_service(address: str, candidates: dict[str, dict]) -> tuple[str, dict]:
@@ -429,6 +477,7 @@ def test_make_up_and_down_wrap_the_compose_file():
     up = dry_run("up")
     assert "docker compose -p specdec -f compose/docker-compose.yml --profile gpu up" in up
     assert "--profile cpu up" in dry_run("up", "PROFILE=cpu")
+    assert "-f compose/docker-compose.yml -f compose/docker-compose.tls.yml --profile gpu up" in dry_run("up", "TLS=1")
     down = dry_run("down")
     assert "--profile gpu --profile cpu down" in down
 
