@@ -29,6 +29,7 @@ Writes ``<out>/<timestamp>/results.json`` (every run, with the response statisti
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import gc
 import importlib.util
@@ -350,48 +351,53 @@ def assisted_settings(draft) -> dict:
     return used
 
 
+@contextlib.contextmanager
+def running_cluster(settings: config.ClusterSettings, what: str):
+    """A LocalCluster started for ``what`` and a GenerationService stub on it; stopped on exit."""
+    import grpc
+
+    from orchestrator.cluster import LocalCluster
+    from specdec.v1 import generation_pb2_grpc
+
+    cluster = LocalCluster(settings)
+    try:
+        cluster.start()
+    except RuntimeError as exc:  # a service that did not come up; the message carries its log
+        raise BenchError(f"the cluster for {what} did not start: {exc}") from None
+    try:
+        with grpc.insecure_channel(cluster.orchestrator_address) as channel:
+            yield cluster, generation_pb2_grpc.GenerationServiceStub(channel)
+    finally:
+        cluster.stop()
+
+
 def run_cluster(runner: Runner, methods: list[Method], settings: config.ClusterSettings) -> None:
     """The specdec modes, each request over gRPC to a LocalCluster, one at a time."""
     import grpc
 
     from orchestrator.cli import stats_dict
-    from orchestrator.cluster import LocalCluster
-    from specdec.v1 import generation_pb2, generation_pb2_grpc
+    from specdec.v1 import generation_pb2
 
-    mode_enum = {
-        "autoregressive": generation_pb2.DECODING_MODE_AUTOREGRESSIVE,
-        "sequential": generation_pb2.DECODING_MODE_SEQUENTIAL,
-        "tree": generation_pb2.DECODING_MODE_TREE,
-    }
     runner.bar.set_description("starting the cluster")
-    cluster = LocalCluster(settings)
-    try:
-        cluster.start()
-    except RuntimeError as exc:  # a service that did not come up; the message carries its log
-        raise BenchError(f"the cluster did not start: {exc}") from None
-    try:
-        with grpc.insecure_channel(cluster.orchestrator_address) as channel:
-            stub = generation_pb2_grpc.GenerationServiceStub(channel)
-            warmed: set[str] = set()
-            for method in methods:
-                def call(prompt_ids: list[int], max_new_tokens: int, method=method):
-                    request = generation_pb2.GenerateRequest(
-                        prompt_token_ids=prompt_ids,
-                        max_new_tokens=max_new_tokens,
-                        mode=mode_enum[method.mode],
-                        speculation=generation_pb2.SpeculationParams(**method.settings),
-                    )
-                    try:
-                        reply = stub.Generate(request, timeout=3600)
-                    except grpc.RpcError as exc:
-                        logs = "\n".join(f"--- {p.name} log:\n{p.log_tail()}" for p in cluster.processes)
-                        raise BenchError(f"{method.label}: Generate failed: {exc.code().name}: {exc.details()}\n{logs}") from None
-                    return list(reply.token_ids), stats_dict(reply.stats)
-                # The services stay warm across settings of one mode: one warm-up per mode is enough.
-                runner.run(method, call, warm_up=method.mode not in warmed)
-                warmed.add(method.mode)
-    finally:
-        cluster.stop()
+    with running_cluster(settings, "the benchmark") as (cluster, stub):
+        warmed: set[str] = set()
+        for method in methods:
+            def call(prompt_ids: list[int], max_new_tokens: int, method=method):
+                request = generation_pb2.GenerateRequest(
+                    prompt_token_ids=prompt_ids,
+                    max_new_tokens=max_new_tokens,
+                    mode=generation_pb2.DecodingMode.Value("DECODING_MODE_" + method.mode.upper()),
+                    speculation=generation_pb2.SpeculationParams(**method.settings),
+                )
+                try:
+                    reply = stub.Generate(request, timeout=3600)
+                except grpc.RpcError as exc:
+                    logs = "\n".join(f"--- {p.name} log:\n{p.log_tail()}" for p in cluster.processes)
+                    raise BenchError(f"{method.label}: Generate failed: {exc.code().name}: {exc.details()}\n{logs}") from None
+                return list(reply.token_ids), stats_dict(reply.stats)
+            # The services stay warm across settings of one mode: one warm-up per mode is enough.
+            runner.run(method, call, warm_up=method.mode not in warmed)
+            warmed.add(method.mode)
 
 
 # --------------------------------------------------------------------------- summarising
@@ -862,11 +868,7 @@ def sweep_cluster(sweep: Sweep, model_set: ModelSet, pending: list[RunSpec], tok
     import shutil
     import tempfile
 
-    import grpc
-
-    from orchestrator.cluster import LocalCluster
     from orchestrator.server import token_texts
-    from specdec.v1 import generation_pb2_grpc
 
     if not pending or sweep.stopped():
         return
@@ -880,15 +882,8 @@ def sweep_cluster(sweep: Sweep, model_set: ModelSet, pending: list[RunSpec], tok
     )
     decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
     sweep.bar.set_description(f"starting the cluster for {model_set.name}")
-    cluster = LocalCluster(settings)
     try:
-        cluster.start()
-    except RuntimeError as exc:
-        shutil.rmtree(orchestrator_logs, ignore_errors=True)
-        raise BenchError(f"the cluster for {model_set.name} did not start: {exc}") from None
-    try:
-        with grpc.insecure_channel(cluster.orchestrator_address) as channel:
-            stub = generation_pb2_grpc.GenerationServiceStub(channel)
+        with running_cluster(settings, model_set.name) as (cluster, stub):
             warmed: set[str] = set()
             for spec in pending:
                 if sweep.stopped():
@@ -906,7 +901,6 @@ def sweep_cluster(sweep: Sweep, model_set: ModelSet, pending: list[RunSpec], tok
                 texts = log.get("token_texts") or token_texts(tokens, decode)
                 sweep.record(spec, tokens, seconds, ttft_ms, log, texts, text)
     finally:
-        cluster.stop()
         shutil.rmtree(orchestrator_logs, ignore_errors=True)
 
 

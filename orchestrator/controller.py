@@ -218,8 +218,8 @@ class SpeculativeController:
         check_range("speculation.beam_depth", req.beam_depth, 1, lim.max_draft_length)
         check_range("speculation.max_tree_nodes", req.max_tree_nodes, 1, lim.max_tree_nodes)
 
-    def generate(self, req: GenerationRequest) -> GenerationResult:
-        stream = self.stream(req)
+    def generate(self, req: GenerationRequest, trace_parent=None) -> GenerationResult:
+        stream = self.stream(req, trace_parent)
         while True:
             try:
                 next(stream)

@@ -84,9 +84,6 @@ class ObservedGeneration:
             "specdec.draft_tokens.accepted": sum(len(r.accepted) for r in result.rounds),
         })
 
-    def cancelled(self) -> None:
-        self.code = grpc.StatusCode.CANCELLED
-
 
 class GenerationInstrumentation:
     def __init__(self, model: str = "", metrics: OrchestratorMetrics | None = None) -> None:

@@ -1,5 +1,5 @@
-"""What keeps a generation going when services fail: draft health with backoff, and a verify
-client that retries and fails over between replicas.
+"""What keeps a generation going when services fail or load peaks: draft health with backoff, a
+verify client that retries and fails over between replicas, and the bounded generation queue.
 
 Neither changes what is generated. A draft only ever changes speed (greedy output is the target's
 own whatever the drafts propose), and a verify call is a pure function of the context and the tree:
@@ -137,10 +137,12 @@ class ReplicatedVerifier:
             self._used.setdefault(session_id, set()).add(index)
             return index
 
-    def _move(self, session_id: str, failed: int) -> None:
+    def _move(self, session_id: str, failed: int) -> str:
+        """Send the session to the replica after ``failed``; returns the address it now uses."""
         with self._lock:
             if self._home.get(session_id) == failed:
                 self._home[session_id] = (failed + 1) % len(self.replicas)
+            return self.replicas[self._home[session_id]].address
 
     def _call(self, method: str, session_id: str, timeout_s: float, *args, **kwargs):
         deadline = time.monotonic() + timeout_s
@@ -157,12 +159,11 @@ class ReplicatedVerifier:
                 if code not in RETRYABLE:
                     raise
                 self.retries += 1
-                self._move(session_id, index)
+                next_address = self._move(session_id, index)
                 pause = min(self.backoff.delay(attempt), max(0.0, deadline - time.monotonic()))
                 log.warning(
                     "VerifyTree on %s failed (%s: %s); retry %d in %.2f s on %s", replica.address, code.name,
-                    exc.details() if hasattr(exc, "details") else exc, attempt + 1, pause,
-                    self.replicas[self._replica(session_id)].address,
+                    exc.details() if hasattr(exc, "details") else exc, attempt + 1, pause, next_address,
                 )
                 if time.monotonic() + pause >= deadline:
                     raise Unavailable(
@@ -172,7 +173,7 @@ class ReplicatedVerifier:
         raise AssertionError("unreachable")
 
 
-class Admission:
+class GenerationQueue:
     """A bounded queue in front of the generations: up to ``max_active`` run at once, up to
     ``max_queued`` more wait their turn, and anything beyond is refused at once (RESOURCE_EXHAUSTED)
     instead of piling up. A waiting request gives up at its deadline or when its client goes away."""

@@ -7,6 +7,7 @@ draft (or its own tokenizer) whose tokenizer fingerprint differs from the target
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import json
@@ -14,11 +15,12 @@ import logging
 import sys
 import time
 import uuid
+from typing import Iterator
 from pathlib import Path
 
 from orchestrator.clients import GrpcDraftClient, GrpcVerifyClient, check_fingerprints
 from orchestrator.instrumentation import GenerationInstrumentation
-from orchestrator.resilience import Admission, ReplicatedVerifier
+from orchestrator.resilience import GenerationQueue, ReplicatedVerifier
 from orchestrator.controller import (
     AUTOREGRESSIVE,
     SEQUENTIAL,
@@ -87,7 +89,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         )
         # The generation's trace and the metrics (specdec.metrics.OrchestratorMetrics, or None when off).
         self.instrumentation = GenerationInstrumentation(target_info.model, metrics)
-        self.admission = Admission(settings.max_active_generations, settings.max_queued_generations)
+        self.queue = GenerationQueue(settings.max_active_generations, settings.max_queued_generations)
         self.controller = SpeculativeController(
             verify_client,
             draft_clients,
@@ -159,32 +161,28 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         room = self.target_info.max_context - prompt_len if self.target_info.max_context else self.settings.max_new_tokens
         return max(1, min(self.settings.max_new_tokens, room))
 
-    def admit(self, request, context) -> GenerationRequest:
-        """The checked request, bound to the client's deadline and liveness, once a slot is free."""
+    @contextlib.contextmanager
+    def admitted(self, request, context, observed) -> Iterator[GenerationRequest]:
+        """The checked request, bound to the client's deadline and liveness (the controller stops
+        between rounds when either ends), holding a generation slot while the block runs."""
         req = self.to_request(request)
         self.controller.check(req)
         remaining = context.time_remaining()  # None when the client set no deadline
         if remaining is not None and remaining < 1e6:
             req.deadline = time.monotonic() + remaining
         req.cancelled = lambda: not context.is_active()
-        self.admission.acquire(req.deadline, req.cancelled)
-        return req
+        self.queue.acquire(req.deadline, req.cancelled)
+        try:
+            observed.set_request(req, request.sampling.temperature)
+            yield req
+        finally:
+            self.queue.release()
 
     @rpc_method
     def Generate(self, request, context):
         with self.instrumentation.generation("Generate", context) as observed:
-            req = self.admit(request, context)
-            try:
-                observed.set_request(req, request.sampling.temperature)
-                # Between rounds the controller stops on cancellation or a passed deadline.
-                stream = self.controller.stream(req, observed.trace_parent)
-                try:
-                    while True:
-                        next(stream)
-                except StopIteration as done:
-                    result = done.value
-            finally:
-                self.admission.release()
+            with self.admitted(request, context, observed) as req:
+                result = self.controller.generate(req, observed.trace_parent)
             observed.finish(result)
         self.write_log(req, result)
         return generation_pb2.GenerateResponse(
@@ -200,9 +198,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
     def GenerateStream(self, request, context):
         # The generation span is not made current here: this generator yields inside it.
         with self.instrumentation.generation("GenerateStream", context) as observed:
-            req = self.admit(request, context)
-            try:
-                observed.set_request(req, request.sampling.temperature)
+            with self.admitted(request, context, observed) as req:
                 text = TextStream(lambda tokens: self.controller.render_text(tokens, req.stop), req.stop)
                 stream = self.controller.stream(req, observed.trace_parent)
                 try:
@@ -219,8 +215,6 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
                     # Also when the client goes away (GeneratorExit here): the controller's own
                     # clean-up releases the sessions in every service.
                     stream.close()
-            finally:
-                self.admission.release()
             observed.finish(result)
         self.write_log(req, result)
         # The last message: any text held back, and the totals.
@@ -234,7 +228,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         info.CopyFrom(self.target_info)
         info.service = "orchestrator"
         # The orchestrator's sessions are its generations: running or waiting for a slot.
-        info.active_sessions = self.admission.active + self.admission.queued
+        info.active_sessions = self.queue.active + self.queue.queued
         info.cached_tokens = 0
         return info
 
@@ -376,7 +370,7 @@ def main(argv: list[str] | None = None) -> None:
         settings.port,
         settings.max_message_mb,
         # A thread for every running and queued generation, and a few for health and info calls:
-        # the admission queue, not gRPC's executor, is where requests wait.
+        # the generation queue, not gRPC's executor, is where requests wait.
         workers=settings.max_active_generations + settings.max_queued_generations + 4,
         interceptors=interceptors,
         tls=settings,

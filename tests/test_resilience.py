@@ -9,7 +9,7 @@ import time
 import grpc
 import pytest
 
-from orchestrator.resilience import Admission, Backoff, DraftHealth, ReplicatedVerifier
+from orchestrator.resilience import GenerationQueue, Backoff, DraftHealth, ReplicatedVerifier
 from specdec.errors import Cancelled, DeadlineExceeded, Overloaded, Unavailable
 from specdec.kv_cache import SessionStore
 
@@ -123,7 +123,7 @@ def test_verifier_gives_up_within_its_time():
 
 
 def test_admission_queues_then_refuses():
-    admission = Admission(max_active=1, max_queued=1, poll_s=0.01)
+    admission = GenerationQueue(max_active=1, max_queued=1, poll_s=0.01)
     admission.acquire()
     got_slot = threading.Event()
 
@@ -147,7 +147,7 @@ def test_admission_queues_then_refuses():
 
 
 def test_admission_wait_ends_at_deadline_or_cancellation():
-    admission = Admission(max_active=1, max_queued=4, poll_s=0.01)
+    admission = GenerationQueue(max_active=1, max_queued=4, poll_s=0.01)
     admission.acquire()
     with pytest.raises(DeadlineExceeded):
         admission.acquire(deadline=time.monotonic() + 0.05)
