@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import uuid
 
-from draft_service.drafter import BeamDrafter
+from specdec.draft_service.drafter import BeamDrafter
 from specdec import config
 from specdec.errors import check_range, check_token_ids, InvalidRequest
-from specdec.rpc import distribution_pb, model_info_pb, rpc_method, sampling_params
+from specdec.rpc.server import distribution_pb, model_info_pb, rpc_method, sampling_params
 from specdec.service_info import ModelDescription
-from specdec.serving import ModelWorker, run_model_service
+from specdec.rpc.serving import ModelWorker, run_model_service
 from specdec.v1 import common_pb2, draft_pb2, draft_pb2_grpc
 
 SERVICE_NAME = draft_pb2.DESCRIPTOR.services_by_name["DraftService"].full_name
@@ -21,7 +21,7 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
         self.drafter = drafter
         self.info = info
         self.settings = settings
-        self.metrics = metrics  # specdec.metrics.ModelServiceMetrics, or None when metrics are off
+        self.metrics = metrics  # specdec.rpc.metrics.ModelServiceMetrics, or None when metrics are off
         self.worker = ModelWorker()
 
     @rpc_method

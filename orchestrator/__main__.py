@@ -1,3 +1,3 @@
-from orchestrator.server import main
+from specdec.orchestrator.server import main
 
 main()

@@ -7,9 +7,9 @@ import grpc
 import torch
 
 from specdec.errors import NotReady
-from specdec.rpc import client_options, distribution_from_pb
-from specdec.rpc_telemetry import traced_channel
-from specdec.security import client_channel
+from specdec.rpc.server import client_options, distribution_from_pb
+from specdec.rpc.tracing import traced_channel
+from specdec.rpc.security import client_channel
 from specdec.tree import TokenTree
 from specdec.v1 import common_pb2, draft_pb2, draft_pb2_grpc, verify_pb2, verify_pb2_grpc
 

@@ -13,7 +13,7 @@ Each *round*:
    greedy output is exactly the target's own.
 
 A draft that fails or misses its deadline is skipped for the round and left out for a backoff
-period (``orchestrator.resilience.DraftHealth``), then asked again; with none left the round is
+period (``specdec.orchestrator.resilience.DraftHealth``), then asked again; with none left the round is
 plain decoding (*fallback*). The request's deadline bounds every internal call, and a cancelled
 request stops between rounds; either way its sessions are released in every service at once. Clients are anything with ``draft``/``verify`` methods: gRPC stubs in
 the service, in-process engines in tests, the same loop either way.
@@ -29,10 +29,10 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Protocol
 
-from orchestrator.instrumentation import GenerationInstrumentation
+from specdec.orchestrator.instrumentation import GenerationInstrumentation
 import torch
 
-from orchestrator.resilience import DraftHealth
+from specdec.orchestrator.resilience import DraftHealth
 from specdec.errors import Cancelled, DeadlineExceeded, InvalidRequest, Unavailable, check_range
 from specdec.sampling import Candidate, SamplingParams, accept_sampled_tree
 from specdec.tree import TokenTree, TokenTrie, greedy_accept

@@ -33,8 +33,8 @@ from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from specdec import telemetry
-from specdec.metrics import OrchestratorMetrics
-from specdec.rpc import STATUS_OF_ERROR
+from specdec.rpc.metrics import OrchestratorMetrics
+from specdec.rpc.server import STATUS_OF_ERROR
 
 PROVIDER = "specdec"
 

@@ -18,10 +18,10 @@ import uuid
 from typing import Iterator
 from pathlib import Path
 
-from orchestrator.clients import GrpcDraftClient, GrpcVerifyClient, check_fingerprints
-from orchestrator.instrumentation import GenerationInstrumentation
-from orchestrator.resilience import GenerationQueue, ReplicatedVerifier
-from orchestrator.controller import (
+from specdec.orchestrator.clients import GrpcDraftClient, GrpcVerifyClient, check_fingerprints
+from specdec.orchestrator.instrumentation import GenerationInstrumentation
+from specdec.orchestrator.resilience import GenerationQueue, ReplicatedVerifier
+from specdec.orchestrator.controller import (
     AUTOREGRESSIVE,
     SEQUENTIAL,
     TREE,
@@ -33,10 +33,10 @@ from orchestrator.controller import (
 )
 from specdec import config
 from specdec.errors import InvalidRequest, NotReady
-from specdec.rpc import rpc_method, sampling_params, start_server
-from specdec.rpc_telemetry import start_telemetry
-from specdec.serving import announce, serve_until_signalled, setup_logging
-from specdec.security import SecurityConfigError, auth_interceptors, describe_server_tls, use_client_tls
+from specdec.rpc.server import rpc_method, sampling_params, start_server
+from specdec.rpc.tracing import start_telemetry
+from specdec.rpc.serving import announce, serve_until_signalled, setup_logging
+from specdec.rpc.security import SecurityConfigError, auth_interceptors, describe_server_tls, use_client_tls
 from specdec.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 
 log = logging.getLogger("specdec.orchestrator")
@@ -87,7 +87,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             max_new_tokens_limit=settings.max_new_tokens_limit,
             eos_token_ids=frozenset(target_info.eos_token_ids),
         )
-        # The generation's trace and the metrics (specdec.metrics.OrchestratorMetrics, or None when off).
+        # The generation's trace and the metrics (specdec.rpc.metrics.OrchestratorMetrics, or None when off).
         self.instrumentation = GenerationInstrumentation(target_info.model, metrics)
         self.queue = GenerationQueue(settings.max_active_generations, settings.max_queued_generations)
         self.controller = SpeculativeController(

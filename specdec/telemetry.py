@@ -15,7 +15,7 @@ draft and verify services follow the orchestrator's decision); ``OTEL_BSP_SCHEDU
 often finished spans are exported, 5000 ms by default); ``OTEL_SDK_DISABLED=true`` turns it all off.
 
 This module holds no gRPC code: the interceptors that carry W3C trace context in gRPC metadata live
-at the edge, in ``specdec.rpc_telemetry``.
+at the edge, in ``specdec.rpc.tracing``.
 """
 
 from __future__ import annotations

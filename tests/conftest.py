@@ -31,7 +31,7 @@ def tiny_dirs(tmp_path_factory, tiny_target):
 @pytest.fixture(scope="session")
 def tiny_cluster(tiny_dirs, tmp_path_factory):
     """verify + two drafts + orchestrator as real processes over the tiny models."""
-    from orchestrator.cluster import LocalCluster
+    from specdec.tools.cluster import LocalCluster
     from specdec import config
 
     settings = config.from_env(

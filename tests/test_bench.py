@@ -9,7 +9,7 @@ import statistics
 
 import pytest
 
-from orchestrator import bench
+from specdec.tools import bench
 from tiny_models import reference_greedy
 
 MAX_NEW_TOKENS = 10
@@ -31,7 +31,7 @@ def test_quick_sweeps_small_settings_and_flags_override_it():
 
 
 def test_cli_forwards_bench_flags(monkeypatch):
-    from orchestrator import cli
+    from specdec.tools import cli
 
     seen = []
     monkeypatch.setattr(bench, "main", lambda argv: seen.append(argv) or 0)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import analyze, bench
+from specdec.tools import analyze, bench
 from tiny_models import reference_greedy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -194,7 +194,7 @@ def test_resume_runs_only_what_is_missing(sweep_run, tiny_dirs, tmp_path, capsys
 
 
 def test_analyze_prints_the_tables(sweep_run, capsys):
-    from orchestrator import cli
+    from specdec.tools import cli
 
     out, _, _ = sweep_run
     assert cli.main(["analyze", str(out)]) == 0

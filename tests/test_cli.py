@@ -18,8 +18,8 @@ import grpc
 import psutil
 import pytest
 
-from orchestrator.cli import GREEN, RED, RESET
-from orchestrator.cluster import free_port
+from specdec.tools.cli import GREEN, RED, RESET
+from specdec.tools.cluster import free_port
 from specdec.v1 import generation_pb2, generation_pb2_grpc
 from tiny_models import tiny_tokenizer
 
@@ -29,7 +29,7 @@ ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 def specdec_command() -> list[str]:
     script = Path(sys.executable).parent / "specdec"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "orchestrator.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "specdec.tools.cli"]
 
 
 def clean_env(**extra: str) -> dict[str, str]:

@@ -5,10 +5,10 @@ import time
 
 import pytest
 
-from draft_service.drafter import BeamDrafter
-from orchestrator.controller import GenerationRequest, Limits, SpeculativeController
+from specdec.draft_service.drafter import BeamDrafter
+from specdec.orchestrator.controller import GenerationRequest, Limits, SpeculativeController
 from tiny_models import EOS, VOCAB, reference_greedy, tiny_qwen2, truncated_copy
-from verify_service.verifier import TreeVerifier
+from specdec.verify_service.verifier import TreeVerifier
 
 PROMPTS = [[11, 40, 3, 77, 25, 60, 8], [5], list(range(20, 50))]
 
@@ -185,7 +185,7 @@ class FlakyDraft(LocalDraft):
 
 
 def test_a_failed_draft_is_left_out_then_brought_back(target, drafts):
-    from orchestrator.resilience import Backoff, DraftHealth
+    from specdec.orchestrator.resilience import Backoff, DraftHealth
 
     flaky = FlakyDraft("flaky", drafts["self"], fail=2)
     c = controller(target, [flaky])

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import analyze, dashboard
+from specdec.tools import analyze, dashboard
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"

@@ -266,7 +266,7 @@ def health_probe(port: int, **env: str) -> int:
 def test_health_check_command_answers_like_grpc_health(services):
     from grpc_health.v1 import health_pb2
 
-    from specdec.rpc import start_server
+    from specdec.rpc.server import start_server
 
     assert services["verify"]["healthcheck"]["test"][1:] == ["specdec", "health"]
     server, port, health = start_server(lambda s: None, [], "127.0.0.1", 0)
@@ -284,8 +284,8 @@ def test_health_check_speaks_mutual_tls(tmp_path):
     it is refused like any plaintext client."""
     from types import SimpleNamespace
 
-    from specdec.certs import make_dev_certs
-    from specdec.rpc import start_server
+    from specdec.tools.certs import make_dev_certs
+    from specdec.rpc.server import start_server
 
     make_dev_certs(str(tmp_path), (), 1)
     tls = SimpleNamespace(tls_cert=str(tmp_path / "server.pem"), tls_key=str(tmp_path / "server.key"),
@@ -304,7 +304,7 @@ def test_health_check_speaks_mutual_tls(tmp_path):
 def test_tls_overlay_secures_every_hop(tmp_path):
     """compose/docker-compose.tls.yml: every serving container gets the certificates `make certs`
     writes; draft and verify ask for client certificates; the orchestrator for the token."""
-    from specdec.certs import make_dev_certs
+    from specdec.tools.certs import make_dev_certs
 
     rendered = render_compose(ENV_EXAMPLE, COMPOSE_DIR / "docker-compose.tls.yml")["services"]
     make_dev_certs(str(tmp_path), (), 1)

@@ -3,12 +3,12 @@
 import pytest
 import torch
 
-from draft_service.drafter import BeamDrafter
+from specdec.draft_service.drafter import BeamDrafter
 from specdec.engine import tree_forward
 from specdec.kv_cache import SessionKV, SessionStore
 from specdec.tree import TokenTree, greedy_accept
 from tiny_models import reference_greedy, tiny_qwen2
-from verify_service.verifier import TreeVerifier
+from specdec.verify_service.verifier import TreeVerifier
 
 PROMPT = [11, 40, 3, 77, 25, 60, 8]
 

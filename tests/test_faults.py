@@ -17,7 +17,7 @@ LONG = 400  # tokens: long enough that a fault lands mid-generation
 
 
 def start_cluster(tiny_dirs, tmp_path, drafts=("draft",), replicas=1, env=None):
-    from orchestrator.cluster import LocalCluster
+    from specdec.tools.cluster import LocalCluster
     from specdec import config
 
     settings = config.from_env(

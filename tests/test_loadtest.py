@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from orchestrator import cli
-from orchestrator.loadtest import LoadSpec, format_report, proc_status, run_local
+from specdec.tools import cli
+from specdec.tools.loadtest import LoadSpec, format_report, proc_status, run_local
 
 PROMPTS = ["def hello(x):", "The quick brown fox", "class Stack:", "for i in range(10):"]
 

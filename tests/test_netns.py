@@ -27,7 +27,7 @@ LONG = 400
 CLIENT = r"""
 import json, sys
 import grpc
-from specdec.rpc import wait_until_serving
+from specdec.rpc.server import wait_until_serving
 from specdec.v1 import generation_pb2, generation_pb2_grpc
 address, prompt, n = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
 wait_until_serving(address, 180)
@@ -133,10 +133,10 @@ def test_cut_draft_link_mid_generation(hosts, tiny_dirs, reference, tmp_path):
         flags[1] = hosts.ip[name]
         hosts.spawn(name, [python, "-m", module, *flags, *args], log)
 
-    serve("verify", "verify_service.server", "--target-model", str(tiny_dirs["target"]))
-    serve("draft0", "draft_service.server", "--draft-model", str(tiny_dirs["draft"]))
-    serve("draft1", "draft_service.server", "--draft-model", str(tiny_dirs["draft"]))
-    serve("orchestrator", "orchestrator.server", "--target-model", str(tiny_dirs["target"]),
+    serve("verify", "specdec.verify_service.server", "--target-model", str(tiny_dirs["target"]))
+    serve("draft0", "specdec.draft_service.server", "--draft-model", str(tiny_dirs["draft"]))
+    serve("draft1", "specdec.draft_service.server", "--draft-model", str(tiny_dirs["draft"]))
+    serve("orchestrator", "specdec.orchestrator.server", "--target-model", str(tiny_dirs["target"]),
           "--verify-address", addr["verify"], "--draft-addresses", f"{addr['draft0']},{addr['draft1']}",
           "--draft-timeout-ms", "2000", "--log-dir", "")
     client = hosts.spawn("orchestrator", [python, "-c", CLIENT, addr["orchestrator"], json.dumps(PROMPT), str(LONG)],

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from orchestrator.cluster import LocalCluster
+from specdec.tools.cluster import LocalCluster
 from specdec import config
 from specdec.model_store import fetch
 from specdec.v1 import generation_pb2, generation_pb2_grpc

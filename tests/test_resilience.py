@@ -9,7 +9,7 @@ import time
 import grpc
 import pytest
 
-from orchestrator.resilience import GenerationQueue, Backoff, DraftHealth, ReplicatedVerifier
+from specdec.orchestrator.resilience import GenerationQueue, Backoff, DraftHealth, ReplicatedVerifier
 from specdec.errors import Cancelled, DeadlineExceeded, Overloaded, Unavailable
 from specdec.kv_cache import SessionStore
 

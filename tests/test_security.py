@@ -2,7 +2,7 @@
 verify services, a bearer token on the public GenerationService, and no secret in any log or trace.
 
 One local cluster (verify, one draft, orchestrator as separate processes on loopback) runs with
-development certificates from ``specdec.certs``; each test is a client that should be let in or
+development certificates from ``specdec.tools.certs``; each test is a client that should be let in or
 turned away.
 """
 
@@ -18,8 +18,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from specdec import config, security
-from specdec.certs import make_dev_certs
+from specdec import config
+from specdec.rpc import security
+from specdec.tools.certs import make_dev_certs
 from specdec.v1 import common_pb2, draft_pb2_grpc, generation_pb2, generation_pb2_grpc, verify_pb2_grpc
 from tiny_models import tiny_tokenizer
 
@@ -53,7 +54,7 @@ def mtls_client(certs):
 
 @pytest.fixture(scope="module")
 def secure_cluster(tiny_dirs, certs, tmp_path_factory):
-    from orchestrator.cluster import LocalCluster
+    from specdec.tools.cluster import LocalCluster
 
     work = tmp_path_factory.mktemp("secure")
     settings = config.from_env(
@@ -209,7 +210,7 @@ def test_health_and_reflection_stay_open_without_a_token(secure_cluster, certs):
 
 
 def test_generate_command_speaks_tls_and_sends_the_token(secure_cluster, certs, reference, capsys):
-    from orchestrator.cli import main
+    from specdec.tools.cli import main
 
     argv = ["generate", "--orchestrator", secure_cluster.orchestrator_address, "--prompt", "def hello(x):",
             "--max-tokens", "12", "--json", "--tls-ca", str(certs.ca), "--auth-token-file", str(certs.token)]

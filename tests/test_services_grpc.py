@@ -19,8 +19,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from orchestrator.cluster import free_port
-from specdec.rpc import wait_until_serving
+from specdec.tools.cluster import free_port
+from specdec.rpc.server import wait_until_serving
 from specdec.v1 import common_pb2, generation_pb2, verify_pb2
 from tiny_models import EOS, VOCAB, tiny_qwen2, tiny_tokenizer
 
@@ -85,9 +85,9 @@ def check_stats(s: generation_pb2.GenerationStats, token_ids) -> None:
 
 def services(cluster) -> list[tuple[str, str]]:
     """(address, fully qualified service name) of every process in the cluster."""
-    from draft_service.server import SERVICE_NAME as DRAFT
-    from orchestrator.server import SERVICE_NAME as GENERATION
-    from verify_service.server import SERVICE_NAME as VERIFY
+    from specdec.draft_service.server import SERVICE_NAME as DRAFT
+    from specdec.orchestrator.server import SERVICE_NAME as GENERATION
+    from specdec.verify_service.server import SERVICE_NAME as VERIFY
 
     return [(cluster.orchestrator_address, GENERATION), (cluster.verify_address, VERIFY)] + [
         (address, DRAFT) for address in cluster.draft_addresses
@@ -446,13 +446,13 @@ def test_orchestrator_refuses_mismatched_draft_tokenizer(tiny_cluster, tiny_dirs
 
     port = free_port()
     draft = subprocess.Popen(
-        [sys.executable, "-m", "draft_service", "--host", "127.0.0.1", "--port", str(port), "--draft-model", str(bad_dir)],
+        [sys.executable, "-m", "specdec.draft_service", "--host", "127.0.0.1", "--port", str(port), "--draft-model", str(bad_dir)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:
         wait_until_serving(f"127.0.0.1:{port}", 120, alive=lambda: draft.poll() is None)
         orchestrator = subprocess.run(
-            [sys.executable, "-m", "orchestrator", "--host", "127.0.0.1", "--port", str(free_port()),
+            [sys.executable, "-m", "specdec.orchestrator", "--host", "127.0.0.1", "--port", str(free_port()),
              "--target-model", str(tiny_dirs["target"]), "--verify-address", tiny_cluster.verify_address,
              "--draft-addresses", f"{tiny_cluster.draft_addresses[0]},127.0.0.1:{port}", "--log-dir", ""],
             capture_output=True, text=True, timeout=120,

@@ -19,8 +19,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from orchestrator.cluster import free_port
-from specdec.rpc import wait_until_serving
+from specdec.tools.cluster import free_port
+from specdec.rpc.server import wait_until_serving
 from specdec.v1 import generation_pb2, generation_pb2_grpc
 from tiny_models import tiny_tokenizer
 
@@ -72,7 +72,7 @@ def orchestrator(tiny_cluster, tiny_dirs, tmp_path):
     port = free_port()
     log = open(tmp_path / "orchestrator.log", "w")
     process = subprocess.Popen(
-        [sys.executable, "-m", "orchestrator", "--host", "127.0.0.1", "--port", str(port),
+        [sys.executable, "-m", "specdec.orchestrator", "--host", "127.0.0.1", "--port", str(port),
          "--target-model", str(tiny_dirs["target"]), "--verify-address", tiny_cluster.verify_address,
          "--draft-addresses", ",".join(tiny_cluster.draft_addresses), "--log-dir", "", "--shutdown-grace-s", "120"],
         stdout=log, stderr=subprocess.STDOUT,
@@ -122,8 +122,8 @@ def test_orchestrator_finishes_a_stream_in_flight_then_exits_0(orchestrator, ref
 
 SLOW_SERVICE = textwrap.dedent("""
     import sys, time, grpc
-    from specdec.rpc import start_server
-    from specdec.serving import announce, serve_until_signalled, setup_logging
+    from specdec.rpc.server import start_server
+    from specdec.rpc.serving import announce, serve_until_signalled, setup_logging
 
     def sleep(request, context):
         time.sleep(float(request.decode()))

@@ -9,12 +9,12 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from draft_service.drafter import BeamDrafter
-from orchestrator.controller import GenerationRequest, Limits, SpeculativeController
+from specdec.draft_service.drafter import BeamDrafter
+from specdec.orchestrator.controller import GenerationRequest, Limits, SpeculativeController
 from specdec.sampling import SamplingParams, distribution
 from specdec.v1 import generation_pb2, generation_pb2_grpc
 from tiny_models import VOCAB, tiny_qwen2, truncated_copy
-from verify_service.verifier import TreeVerifier
+from specdec.verify_service.verifier import TreeVerifier
 
 PROMPT = [11, 40, 3, 77, 25]
 PARAMS = SamplingParams(temperature=1.0, top_k=4)  # 4 tokens per step: 16 outcomes for two tokens

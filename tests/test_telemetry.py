@@ -28,8 +28,8 @@ from google.protobuf.json_format import MessageToDict
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from orchestrator import traces
-from orchestrator.cluster import LocalCluster, free_port
+from specdec.tools import traces
+from specdec.tools.cluster import LocalCluster, free_port
 from specdec import config
 from specdec.v1 import generation_pb2, generation_pb2_grpc
 
@@ -316,12 +316,12 @@ def test_trace_file_analysis_adds_up(traced_cluster, receiver, tmp_path):
 
     # And the command a user runs: the table, the JSON and the plot.
     plot = tmp_path / "rounds.png"
-    run = subprocess.run([sys.executable, "-m", "orchestrator.cli", "traces", "analyze", str(path), "--plot", str(plot)],
+    run = subprocess.run([sys.executable, "-m", "specdec.tools.cli", "traces", "analyze", str(path), "--plot", str(plot)],
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert root["trace_id"] in run.stdout and "slowest rounds" in run.stdout and "dominated by" in run.stdout
     assert plot.stat().st_size > 1000
-    run = subprocess.run([sys.executable, "-m", "orchestrator.cli", "traces", "analyze", str(otlp_file), "--otlp-json", "--json"],
+    run = subprocess.run([sys.executable, "-m", "specdec.tools.cli", "traces", "analyze", str(otlp_file), "--otlp-json", "--json"],
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     analysed = {r["trace_id"]: r for r in json.loads(run.stdout)["requests"]}

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
-from orchestrator import traces
-from orchestrator.controller import GenerationRequest, Limits, SpeculativeController
-from orchestrator.instrumentation import GenerationInstrumentation
+from specdec.tools import traces
+from specdec.orchestrator.controller import GenerationRequest, Limits, SpeculativeController
+from specdec.orchestrator.instrumentation import GenerationInstrumentation
 from specdec import telemetry
 from test_controller import LocalDraft, LocalVerify
 from tiny_models import EOS, VOCAB, tiny_qwen2, truncated_copy

@@ -1,3 +1,3 @@
-from verify_service.server import main
+from specdec.verify_service.server import main
 
 main()

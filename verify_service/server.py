@@ -7,12 +7,12 @@ import uuid
 
 from specdec import config
 from specdec.errors import InvalidRequest, check_range, check_token_ids
-from specdec.rpc import distribution_pb, model_info_pb, rpc_method, sampling_params
+from specdec.rpc.server import distribution_pb, model_info_pb, rpc_method, sampling_params
 from specdec.service_info import ModelDescription
-from specdec.serving import ModelWorker, run_model_service
+from specdec.rpc.serving import ModelWorker, run_model_service
 from specdec.tree import TokenTree, validate_parents
 from specdec.v1 import common_pb2, verify_pb2, verify_pb2_grpc
-from verify_service.verifier import TreeVerifier
+from specdec.verify_service.verifier import TreeVerifier
 
 SERVICE_NAME = verify_pb2.DESCRIPTOR.services_by_name["VerifyService"].full_name
 MAX_TREE_NODES = 4096
@@ -22,7 +22,7 @@ class VerifyServicer(verify_pb2_grpc.VerifyServiceServicer):
     def __init__(self, verifier: TreeVerifier, info: ModelDescription, metrics=None) -> None:
         self.verifier = verifier
         self.info = info
-        self.metrics = metrics  # specdec.metrics.ModelServiceMetrics, or None when metrics are off
+        self.metrics = metrics  # specdec.rpc.metrics.ModelServiceMetrics, or None when metrics are off
         self.worker = ModelWorker()
 
     @rpc_method

@@ -1,9 +1,9 @@
 """The Streamlit app behind ``specdec dashboard LOG_DIR`` (run it through that command).
 
-Reads every generation log under LOG_DIR with :mod:`orchestrator.analyze` (bench sweeps and the
+Reads every generation log under LOG_DIR with :mod:`specdec.tools.analyze` (bench sweeps and the
 orchestrator's own ``--log-dir`` alike), lists the directory again every ``--refresh-s`` seconds and
 reruns when a log was added or changed, and shows: the generation view (see
-:func:`orchestrator.dashboard.generation_html`), plots, statistics per strategy, the best
+:func:`specdec.tools.dashboard.generation_html`), plots, statistics per strategy, the best
 configurations and the model sets side by side, all under the sidebar's filters.
 """
 
@@ -18,7 +18,7 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
-from orchestrator import analyze, dashboard
+from specdec.tools import analyze, dashboard
 
 
 def options() -> argparse.Namespace:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from specdec.config import ClusterSettings
-from specdec.rpc import wait_until_serving
+from specdec.rpc.server import wait_until_serving
 
 
 def free_port() -> int:
@@ -88,7 +88,7 @@ class LocalCluster:
                 verify_port = free_port()
                 self.verify_addresses.append(f"127.0.0.1:{verify_port}")
                 # Extra replicas take metrics ports after the drafts'.
-                self._spawn("verify" if r == 0 else f"verify-{r}", "verify_service", verify_port,
+                self._spawn("verify" if r == 0 else f"verify-{r}", "specdec.verify_service", verify_port,
                             ["--target-model", s.target_model, "--device", s.verify_device, "--dtype", s.dtype],
                             metrics_offset=1 if r == 0 else 1 + len(s.draft_models) + r)
             self.verify_address = self.verify_addresses[0]
@@ -96,7 +96,7 @@ class LocalCluster:
             for i, (model, device) in enumerate(zip(s.draft_models, devices)):
                 port = free_port()
                 self.draft_addresses.append(f"127.0.0.1:{port}")
-                self._spawn(f"draft-{i}", "draft_service", port,
+                self._spawn(f"draft-{i}", "specdec.draft_service", port,
                             ["--draft-model", model, "--device", device, "--dtype", s.dtype, "--draft-vocab", str(s.draft_vocab)], metrics_offset=2 + i)
             for process in self.processes:
                 self._wait(process)
@@ -106,7 +106,7 @@ class LocalCluster:
                 "--beam-depth", str(s.beam_depth), "--max-tree-nodes", str(s.max_tree_nodes), "--adaptive", str(s.adaptive),
                 "--max-new-tokens", str(s.max_new_tokens), "--max-new-tokens-limit", str(s.max_new_tokens_limit),
             ]
-            orchestrator = self._spawn("orchestrator", "orchestrator", port, [
+            orchestrator = self._spawn("orchestrator", "specdec.orchestrator", port, [
                 "--target-model", s.target_model, "--verify-address", ",".join(self.verify_addresses),
                 "--draft-addresses", ",".join(self.draft_addresses), "--log-dir", s.log_dir, *speculation,
                 # It calls the others as a TLS client and asks its own callers for the bearer token.
@@ -127,7 +127,7 @@ class LocalCluster:
         args = [*args, "--trace-file", s.trace_file, "--metrics-port", str(metrics_port)]
         # Every service presents the one server certificate; the draft and verify services also ask
         # for a client certificate (the orchestrator's), the public orchestrator for a bearer token.
-        client_ca = "" if module == "orchestrator" else s.tls_client_ca
+        client_ca = "" if module == "specdec.orchestrator" else s.tls_client_ca
         args += ["--tls-cert", s.tls_cert, "--tls-key", s.tls_key, "--tls-client-ca", client_ca]
         log_path = self._logs / f"{name}.log" if self.quiet else None
         command = [sys.executable, "-c", _CHILD_BOOT, str(os.getpid()), module, "--host", "127.0.0.1", "--port", str(port), *args]

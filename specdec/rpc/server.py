@@ -16,12 +16,12 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from specdec.decode_guard import DecodeGuard
+from specdec.rpc.decode_guard import DecodeGuard
 from specdec.errors import Cancelled, DeadlineExceeded, InvalidRequest, NotReady, Overloaded, Unavailable
 from specdec.service_info import ModelDescription
 from specdec.v1 import common_pb2
 
-log = logging.getLogger("specdec.rpc")
+log = logging.getLogger("specdec.rpc.server")
 
 
 STATUS_OF_ERROR = {
@@ -149,7 +149,7 @@ UNGATED_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 
 class ServingHealth(health.HealthServicer):
-    """grpc.health.v1 plus the server's :class:`~specdec.serving.Admission`, which graceful
+    """grpc.health.v1 plus the server's :class:`~specdec.rpc.serving.Admission`, which graceful
     shutdown closes when it turns health to NOT_SERVING."""
 
     def __init__(self, admission) -> None:
@@ -209,12 +209,12 @@ def start_server(add_servicers, service_names: list[str], host: str, port: int, 
 
     ``max_concurrent_rpcs`` bounds the calls in progress or queued for a worker; gRPC answers any
     call beyond it with RESOURCE_EXHAUSTED at once. ``tls``: settings with ``tls_cert``,
-    ``tls_key`` and ``tls_client_ca`` (see :mod:`specdec.security`); ``None`` or unset = plaintext.
+    ``tls_key`` and ``tls_client_ca`` (see :mod:`specdec.rpc.security`); ``None`` or unset = plaintext.
     Returns ``(server, bound_port, health_servicer)``; every service is marked SERVING, and
-    :func:`specdec.serving.serve_until_signalled` shuts the server down gracefully.
+    :func:`specdec.rpc.serving.serve_until_signalled` shuts the server down gracefully.
     """
-    from specdec.security import server_credentials
-    from specdec.serving import Admission
+    from specdec.rpc.security import server_credentials
+    from specdec.rpc.serving import Admission
 
     credentials = server_credentials(tls) if tls is not None else None
     admission = Admission()
@@ -240,7 +240,7 @@ def start_server(add_servicers, service_names: list[str], host: str, port: int, 
 def wait_until_serving(address: str, timeout_s: float, service: str = "", alive=lambda: True, tls=None) -> None:
     """Block until ``address`` reports SERVING on grpc.health.v1; ``alive()`` false aborts early.
     ``tls``: client settings (``tls_ca``, ``tls_client_cert``, ``tls_client_key``) for a TLS server."""
-    from specdec.security import client_channel
+    from specdec.rpc.security import client_channel
 
     deadline = time.monotonic() + timeout_s
     with client_channel(address, tls) as channel:

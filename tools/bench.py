@@ -12,7 +12,7 @@ the same number of new tokens, from the same prompt token ids (the target tokeni
   ``constant`` schedule, the draft stopping early once its top probability falls below
   ``assistant_confidence_threshold`` = 0.4 (the threshold adapts only when scikit-learn is installed).
 - ``specdec-autoregressive``, ``specdec-sequential``, ``specdec-tree``: ``Generate`` over gRPC on a
-  :class:`~orchestrator.cluster.LocalCluster`, so the numbers include real processes and real gRPC.
+  :class:`~specdec.tools.cluster.LocalCluster`, so the numbers include real processes and real gRPC.
 
 Timing is wall time per prompt around one generation, after one uncounted warm-up per method;
 each run also records the machine's 1-minute load average, because other work on the same cores
@@ -356,7 +356,7 @@ def running_cluster(settings: config.ClusterSettings, what: str):
     """A LocalCluster started for ``what`` and a GenerationService stub on it; stopped on exit."""
     import grpc
 
-    from orchestrator.cluster import LocalCluster
+    from specdec.tools.cluster import LocalCluster
     from specdec.v1 import generation_pb2_grpc
 
     cluster = LocalCluster(settings)
@@ -375,7 +375,7 @@ def run_cluster(runner: Runner, methods: list[Method], settings: config.ClusterS
     """The specdec modes, each request over gRPC to a LocalCluster, one at a time."""
     import grpc
 
-    from orchestrator.cli import stats_dict
+    from specdec.tools.cli import stats_dict
     from specdec.v1 import generation_pb2
 
     runner.bar.set_description("starting the cluster")
@@ -739,7 +739,7 @@ class Sweep:
     def record(self, spec: RunSpec, tokens: list[int], seconds: float, ttft_ms: float | None, log: dict,
                token_texts: list[str], prompt_text: str) -> dict:
         """Complete a run's log (the lossless check, speedup, metrics) and write it into place."""
-        from orchestrator import analyze
+        from specdec.tools import analyze
 
         key = (spec.prompt.id, spec.max_new_tokens)
         reference = self.reference.setdefault(key, tokens) if spec.method.mode == TARGET_ONLY else self.reference.get(key)
@@ -804,7 +804,7 @@ class Sweep:
 
 def sweep_baselines(sweep: Sweep, pending: list[RunSpec], tokenizer, encoded: dict[str, tuple[str, list[int]]]) -> None:
     """target-only and assisted generation in this process (target loaded once, each draft in turn)."""
-    from orchestrator.server import token_texts
+    from specdec.orchestrator.server import token_texts
 
     if not pending:
         return
@@ -868,7 +868,7 @@ def sweep_cluster(sweep: Sweep, model_set: ModelSet, pending: list[RunSpec], tok
     import shutil
     import tempfile
 
-    from orchestrator.server import token_texts
+    from specdec.orchestrator.server import token_texts
 
     if not pending or sweep.stopped():
         return
@@ -1010,7 +1010,7 @@ def sweep(cfg: SweepConfig, limit: int | None = None, dry_run: bool = False) -> 
     from tqdm import tqdm
     from transformers import AutoTokenizer
 
-    from orchestrator import analyze
+    from specdec.tools import analyze
 
     plan = sweep_plan(cfg)
     out_dir = cfg.output_dir

@@ -32,7 +32,7 @@ from prometheus_client import (
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-log = logging.getLogger("specdec.metrics")
+log = logging.getLogger("specdec.rpc.metrics")
 # The *_created series (a timestamp per counter and label set) double what is scraped and are not used.
 disable_created_metrics()
 

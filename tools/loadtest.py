@@ -173,7 +173,7 @@ def active_sessions(address: str, service: str, tls, metadata=()) -> int | None:
     """Active sessions a service reports through GetInfo; None when it does not answer."""
     import grpc
 
-    from specdec import security
+    from specdec.rpc import security
     from specdec.v1 import common_pb2
 
     try:
@@ -205,10 +205,10 @@ def run_load(address: str, spec: LoadSpec, processes=(), tls=None, metadata=(), 
              progress=lambda message: None) -> dict:
     """Run the load against the orchestrator at ``address``; returns the report (a dict).
 
-    ``processes``: the cluster's local processes (``orchestrator.cluster.Process``), for memory.
+    ``processes``: the cluster's local processes (``specdec.tools.cluster.Process``), for memory.
     ``internal``: {name: (address, service)} of the draft and verify services, to count their sessions after.
     """
-    from specdec import security
+    from specdec.rpc import security
     from specdec.v1 import generation_pb2_grpc
 
     internal = internal or {}
@@ -381,8 +381,8 @@ def add_parser(commands) -> None:
 
 
 def cmd_loadtest(args) -> int:
-    from orchestrator.cluster import LocalCluster
-    from specdec import security
+    from specdec.tools.cluster import LocalCluster
+    from specdec.rpc import security
 
     if args.clients < 1 or args.requests < 1 or args.max_new_tokens < 1:
         print("specdec loadtest: --clients, --requests and --max-tokens must be at least 1", file=sys.stderr)
@@ -422,7 +422,7 @@ def cmd_loadtest(args) -> int:
 
 
 def run_local(cluster, spec: LoadSpec, metadata=(), progress=lambda message: None) -> dict:
-    """The load against a :class:`~orchestrator.cluster.LocalCluster`: memory of every process, and
+    """The load against a :class:`~specdec.tools.cluster.LocalCluster`: memory of every process, and
     the sessions its draft and verify services hold afterwards."""
     verifiers = cluster.verify_addresses or [cluster.verify_address]
     internal = {(f"verify-{i}" if len(verifiers) > 1 else "verify"): (a, VERIFY_SERVICE) for i, a in enumerate(verifiers)}

@@ -19,7 +19,7 @@ from opentelemetry import propagate
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from specdec import telemetry
-from specdec.metrics import ModelServiceMetrics, OrchestratorMetrics, ServiceMetrics, serve_metrics
+from specdec.rpc.metrics import ModelServiceMetrics, OrchestratorMetrics, ServiceMetrics, serve_metrics
 
 UNTRACED_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 UNTRACED_METHODS = ("/GetInfo", "/ReleaseSession")
@@ -117,7 +117,7 @@ class ServerTracingInterceptor(grpc.ServerInterceptor):
                 try:
                     return inner(request, context)
                 finally:
-                    # specdec.rpc turns errors into context.abort(code), which raises: read the code set.
+                    # specdec.rpc.server turns errors into context.abort(code), which raises: read the code set.
                     code = _status_code(context)
                     span.set_attribute("rpc.grpc.status_code", code.value[0])
                     if code != grpc.StatusCode.OK:
@@ -159,7 +159,7 @@ def start_telemetry(service: str, settings, store=None, attributes: dict | None 
     ``metrics_port``, ``host``) and the ``OTEL_*`` variables.
 
     ``store`` is a model service's session store; the orchestrator passes none and gets no server
-    interceptors: its generation span is the SERVER span (``orchestrator.instrumentation``).
+    interceptors: its generation span is the SERVER span (``specdec.orchestrator.instrumentation``).
     Returns ``(server_interceptors, metrics)``, ``metrics`` being ``None`` when they are off.
     """
     tracing = telemetry.setup_tracing(service, settings.trace_file, attributes)

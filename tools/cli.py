@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench"]:
         # Forwarded untouched: a REMAINDER positional would reject the bench's own --flags.
-        from orchestrator.bench import main as bench
+        from specdec.tools.bench import main as bench
 
         return bench(argv[1:])
     parser = argparse.ArgumentParser(prog="specdec", description=__doc__)
@@ -76,19 +76,19 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("args", nargs=argparse.REMAINDER, help="the service's own flags (see: specdec serve SERVICE -- --help)")
     serve.set_defaults(func=cmd_serve)
 
-    # Listed for help only: main() hands `bench` and its flags to orchestrator.bench (see: specdec bench --help).
+    # Listed for help only: main() hands `bench` and its flags to specdec.tools.bench (see: specdec bench --help).
     commands.add_parser("bench", help="benchmark specdec against target-only and assisted generation")
 
-    from orchestrator import traces
+    from specdec.tools import traces
 
     traces.add_parser(commands)
 
-    from orchestrator import analyze, dashboard
+    from specdec.tools import analyze, dashboard
 
     analyze.add_parser(commands)
     dashboard.add_parser(commands)
 
-    from orchestrator import loadtest
+    from specdec.tools import loadtest
 
     loadtest.add_parser(commands)
 
@@ -102,8 +102,8 @@ def main(argv: list[str] | None = None) -> int:
 def cmd_generate(args) -> int:
     import grpc
 
-    from orchestrator.cluster import LocalCluster
-    from specdec import security
+    from specdec.tools.cluster import LocalCluster
+    from specdec.rpc import security
     from specdec.v1 import generation_pb2, generation_pb2_grpc
 
     request = generation_pb2.GenerateRequest(
@@ -188,7 +188,7 @@ def print_verbose(prompt: str, reply) -> None:
 
 
 def cmd_cluster_up(args) -> int:
-    from orchestrator.cluster import LocalCluster
+    from specdec.tools.cluster import LocalCluster
 
     settings = config.from_args(config.ClusterSettings, args)
     stop = threading.Event()
@@ -231,7 +231,7 @@ def cmd_health(args) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    from specdec.security import SecurityConfigError, client_channel
+    from specdec.rpc.security import SecurityConfigError, client_channel
 
     tls = config.from_args(config.TlsClientSettings, args)
     try:
@@ -249,7 +249,7 @@ def cmd_health(args) -> int:
 
 
 def cmd_certs(args) -> int:
-    from specdec.certs import make_dev_certs
+    from specdec.tools.certs import make_dev_certs
 
     certs = make_dev_certs(args.dir, tuple(args.name), args.days)
     print(f"wrote a development CA, certificates and a token to {certs.ca.parent}/ (keys and token readable by you only)")
@@ -262,11 +262,11 @@ def cmd_certs(args) -> int:
 def cmd_serve(args) -> int:
     rest = [a for a in args.args if a != "--"]
     if args.service == "verify":
-        from verify_service.server import main as serve
+        from specdec.verify_service.server import main as serve
     elif args.service == "draft":
-        from draft_service.server import main as serve
+        from specdec.draft_service.server import main as serve
     else:
-        from orchestrator.server import main as serve
+        from specdec.orchestrator.server import main as serve
     serve(rest)
     return 0
 

@@ -148,9 +148,9 @@ def run_model_service(service: str, settings, model_name: str, make_servicer, ad
     server)`` is the generated ``add_*Servicer_to_server``.
     """
     from specdec.kv_cache import SessionStore
-    from specdec.rpc import start_server
-    from specdec.rpc_telemetry import start_telemetry
-    from specdec.security import describe_server_tls
+    from specdec.rpc.server import start_server
+    from specdec.rpc.tracing import start_telemetry
+    from specdec.rpc.security import describe_server_tls
 
     setup_logging()
     model, _, info = load_for_service(service, model_name, settings)

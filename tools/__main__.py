@@ -1,0 +1,3 @@
+from specdec.tools.cli import main
+
+raise SystemExit(main())
