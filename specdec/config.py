@@ -13,9 +13,10 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, get_type_hints
 
+from specdec.records import MODE_NAMES
+
 EMBEDDED_TARGET = "qwen2.5-coder-1.5b-instruct"
 EMBEDDED_DRAFT = "qwen2.5-coder-0.5b-instruct"
-MODES = ("autoregressive", "sequential", "tree")
 
 
 def _setting(default: Any, help: str, **extra: Any) -> Any:
@@ -83,7 +84,7 @@ class DraftSettings(ModelServiceSettings):
 
 @dataclass
 class SpeculationDefaults:
-    mode: str = _setting("tree", "default decoding mode: " + ", ".join(MODES), choices=MODES)
+    mode: str = _setting("tree", "default decoding mode: " + ", ".join(MODE_NAMES), choices=MODE_NAMES)
     draft_length: int = _setting(2, "sequential mode: tokens per draft chain (2 measured best on CPU fp32; raise on GPUs)")
     beam_width: int = _setting(2, "tree mode: beams per draft")
     beam_depth: int = _setting(4, "tree mode: tokens per beam")

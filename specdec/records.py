@@ -1,0 +1,345 @@
+"""The record of one generation, in one place: what every writer and reader of it uses.
+
+The controller builds a :class:`GenerationResult` (its :class:`RoundRecord` list and its
+:class:`GenerationStats`); the orchestrator sends it as protobuf (``to_pb``) and writes it as a JSON
+log (:class:`GenerationLog`, ``to_json``); the benchmark writes the same log for its baselines and
+its runs through the cluster; the analysis and the dashboard read it back (``from_json``). The
+decoding modes and their protobuf enum live here too (:class:`DecodingMode`).
+
+Words as vLLM's spec-decode docs use them: a round *drafts* tokens, the target *accepts* the
+longest drafted path it agrees with and adds a *bonus token* of its own, which is a *correction*
+when a draft had proposed something else there.
+
+The protobuf modules are imported where a conversion needs them, so this module (and
+``specdec.config``, which takes the mode names from it) loads before the stubs are generated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+from specdec.errors import InvalidRequest
+
+
+class DecodingMode(str, enum.Enum):
+    """How a generation speculates; the value is the name settings, logs and the CLI use."""
+
+    AUTOREGRESSIVE = "autoregressive"  # no drafts: one target token per verify call
+    SEQUENTIAL = "sequential"  # each draft proposes one greedy chain
+    TREE = "tree"  # each draft runs beam search; all beams merged into one trie
+
+    def to_pb(self) -> int:
+        from specdec.v1 import generation_pb2
+
+        return generation_pb2.DecodingMode.Value("DECODING_MODE_" + self.name)
+
+    @classmethod
+    def from_pb(cls, value: int) -> DecodingMode | None:
+        """The mode of a request's enum; ``None`` for UNSPECIFIED (the server's default)."""
+        from specdec.v1 import generation_pb2
+
+        if value == generation_pb2.DECODING_MODE_UNSPECIFIED:
+            return None
+        try:
+            return cls[generation_pb2.DecodingMode.Name(value).removeprefix("DECODING_MODE_")]
+        except (KeyError, ValueError):
+            raise InvalidRequest(f"mode = {value} is not a known DecodingMode") from None
+
+    @classmethod
+    def parse(cls, name: str) -> DecodingMode:
+        try:
+            return cls(name)
+        except ValueError:
+            raise InvalidRequest(f"mode {name!r} is not one of {', '.join(MODE_NAMES)}") from None
+
+
+MODE_NAMES = tuple(m.value for m in DecodingMode)
+
+FINISH_REASONS = ("length", "stop")  # max_new_tokens reached; an end-of-sequence token or a stop string
+
+
+def finish_reason_pb(reason: str) -> int:
+    from specdec.v1 import generation_pb2
+
+    return generation_pb2.FinishReason.Value("FINISH_REASON_" + reason.upper())
+
+
+def finish_reason_from_pb(value: int) -> str:
+    from specdec.v1 import generation_pb2
+
+    name = generation_pb2.FinishReason.Name(value).removeprefix("FINISH_REASON_").lower()
+    return "" if name == "unspecified" else name
+
+
+@dataclass
+class RoundRecord:
+    """One round: what each draft proposed and what the target decided."""
+
+    index: int
+    proposals: dict[str, list[list[int]]]  # draft name -> beams (best first)
+    accepted: list[int]  # draft tokens the target agreed with
+    bonus_token: int | None  # the target's own token (None when the round ended on a stop first)
+    bonus_is_correction: bool
+    winning_draft: str  # whose path was accepted ("" when none)
+    tree_nodes: int
+    draft_ms: float
+    verify_ms: float
+    fallback: bool  # no draft proposals this round
+    fallback_reason: str = ""
+    branching_factor: float = 0.0
+    new_tokens: list[int] = field(default_factory=list)  # what this round added (after stop/length cuts)
+    accepted_by_draft: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def drafted_depth(self) -> int:
+        """The longest beam of the round: the most tokens it could have had accepted."""
+        return max((len(b) for beams in self.proposals.values() for b in beams), default=0)
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> RoundRecord:
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        values.setdefault("new_tokens", list(data.get("accepted", [])) + ([data["bonus_token"]] if data.get("bonus_token") is not None else []))
+        return cls(**values)
+
+    def to_pb(self):
+        from specdec.v1 import generation_pb2
+
+        return generation_pb2.Round(
+            index=self.index,
+            proposals=[
+                generation_pb2.DraftProposal(draft=name, beams=[generation_pb2.DraftBeamTokens(token_ids=b) for b in beams])
+                for name, beams in self.proposals.items()
+            ],
+            accepted_token_ids=self.accepted,
+            bonus_token_id=self.bonus_token if self.bonus_token is not None else -1,
+            bonus_is_correction=self.bonus_is_correction,
+            winning_draft=self.winning_draft,
+            tree_nodes=self.tree_nodes,
+            draft_ms=self.draft_ms,
+            verify_ms=self.verify_ms,
+            fallback=self.fallback,
+            fallback_reason=self.fallback_reason,
+        )
+
+    @classmethod
+    def from_pb(cls, message) -> RoundRecord:
+        bonus = message.bonus_token_id if message.bonus_token_id >= 0 else None
+        accepted = list(message.accepted_token_ids)
+        return cls(
+            index=message.index,
+            proposals={p.draft: [list(b.token_ids) for b in p.beams] for p in message.proposals},
+            accepted=accepted,
+            bonus_token=bonus,
+            bonus_is_correction=message.bonus_is_correction,
+            winning_draft=message.winning_draft,
+            tree_nodes=message.tree_nodes,
+            draft_ms=message.draft_ms,
+            verify_ms=message.verify_ms,
+            fallback=message.fallback,
+            fallback_reason=message.fallback_reason,
+            new_tokens=accepted + ([bonus] if bonus is not None else []),
+        )
+
+
+@dataclass
+class DraftStats:
+    """One draft service's share of a generation. ``draft`` names the service (``draft-0``);
+    ``model`` is the model it serves, a field of its own, never parsed out of the name."""
+
+    draft: str
+    model: str = ""
+    proposed_tokens: int = 0  # every token of every beam, before de-duplication
+    proposed_positions: int = 0  # longest beam per round: the most it could have had accepted
+    accepted_tokens: int = 0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted_tokens / self.proposed_positions if self.proposed_positions else 0.0
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self) | {"acceptance_rate": self.acceptance_rate}
+
+
+@dataclass
+class GenerationStats:
+    """The totals of a generation (the ``GenerationStats`` message, and a log's ``stats``)."""
+
+    mode: str
+    prompt_tokens: int
+    tokens_generated: int
+    rounds: int
+    draft_tokens_proposed: int = 0  # over all drafts, before de-duplication
+    draft_tokens_accepted: int = 0
+    bonus_tokens: int = 0
+    tree_nodes_total: int = 0
+    tree_avg_branching_factor: float = 0.0
+    mean_accepted_per_round: float = 0.0  # accepted draft tokens + bonus, per round
+    drafts: list[DraftStats] = field(default_factory=list)
+    draft_ms: float = 0.0
+    verify_ms: float = 0.0
+    other_ms: float = 0.0
+    total_ms: float = 0.0
+    tokens_per_second: float = 0.0
+    time_to_first_token_ms: float = 0.0
+
+    @classmethod
+    def of(cls, mode: str, prompt_tokens: int, tokens_generated: int, rounds: list[RoundRecord], drafts: list[DraftStats],
+           total_ms: float, time_to_first_token_ms: float) -> GenerationStats:
+        """The totals of a generation's rounds."""
+        n = len(rounds)
+        tree_rounds = [r for r in rounds if r.tree_nodes]
+        draft_ms = sum(r.draft_ms for r in rounds)
+        verify_ms = sum(r.verify_ms for r in rounds)
+        return cls(
+            mode=mode,
+            prompt_tokens=prompt_tokens,
+            tokens_generated=tokens_generated,
+            rounds=n,
+            draft_tokens_proposed=sum(d.proposed_tokens for d in drafts),
+            draft_tokens_accepted=sum(len(r.accepted) for r in rounds),
+            bonus_tokens=sum(r.bonus_token is not None for r in rounds),
+            tree_nodes_total=sum(r.tree_nodes for r in rounds),
+            tree_avg_branching_factor=sum(r.branching_factor for r in tree_rounds) / len(tree_rounds) if tree_rounds else 0.0,
+            mean_accepted_per_round=tokens_generated / n if n else 0.0,
+            drafts=drafts,
+            draft_ms=draft_ms,
+            verify_ms=verify_ms,
+            other_ms=max(0.0, total_ms - draft_ms - verify_ms),
+            total_ms=total_ms,
+            tokens_per_second=tokens_generated / (total_ms / 1e3) if total_ms else 0.0,
+            time_to_first_token_ms=time_to_first_token_ms,
+        )
+
+    def draft(self, name: str) -> DraftStats | None:
+        return next((d for d in self.drafts if d.draft == name), None)
+
+    def to_json(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "drafts"} | {
+            # Keyed by service name, as logs have always had them.
+            "drafts": {d.draft: d.to_json() for d in self.drafts}
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> GenerationStats:
+        known = {f.name for f in dataclasses.fields(cls)} - {"drafts"}
+        drafts = []
+        for name, d in (data.get("drafts") or {}).items():
+            fields = {k: v for k, v in d.items() if k in ("model", "proposed_tokens", "proposed_positions", "accepted_tokens")}
+            drafts.append(DraftStats(draft=name, **fields))
+        values = {k: v for k, v in data.items() if k in known}
+        values.setdefault("mode", "")
+        values.setdefault("prompt_tokens", 0)
+        values.setdefault("tokens_generated", 0)
+        values.setdefault("rounds", 0)
+        return cls(**values, drafts=drafts)
+
+    def to_pb(self):
+        from specdec.v1 import generation_pb2
+
+        scalars = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "drafts"}
+        return generation_pb2.GenerationStats(
+            **scalars,
+            verification_calls=self.rounds,  # one verify call per round, always
+            drafts=[
+                generation_pb2.DraftStats(draft=d.draft, model=d.model, proposed_tokens=d.proposed_tokens,
+                                          accepted_tokens=d.accepted_tokens, acceptance_rate=d.acceptance_rate)
+                for d in self.drafts
+            ],
+        )
+
+    @classmethod
+    def from_pb(cls, message) -> GenerationStats:
+        scalars = {f.name: getattr(message, f.name) for f in dataclasses.fields(cls) if f.name != "drafts"}
+        drafts = [
+            # The message carries the rate, not the positions it was computed over: keep the rate.
+            DraftStats(draft=d.draft, model=d.model, proposed_tokens=d.proposed_tokens, accepted_tokens=d.accepted_tokens,
+                       proposed_positions=round(d.accepted_tokens / d.acceptance_rate) if d.acceptance_rate else 0)
+            for d in message.drafts
+        ]
+        return cls(**scalars, drafts=drafts)
+
+
+@dataclass
+class GenerationResult:
+    """What a generation produced, with every round and the totals."""
+
+    token_ids: list[int]
+    text: str
+    finish_reason: str  # one of FINISH_REASONS
+    stats: GenerationStats
+    rounds: list[RoundRecord] = field(default_factory=list)
+
+    @property
+    def mode(self) -> str:
+        return self.stats.mode
+
+    def to_json(self) -> dict:
+        return {
+            "text": self.text,
+            "token_ids": self.token_ids,
+            "finish_reason": self.finish_reason,
+            "stats": self.stats.to_json(),
+            "rounds": [r.to_json() for r in self.rounds],
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> GenerationResult:
+        return cls(
+            token_ids=list(data["token_ids"]),
+            text=data.get("text", ""),
+            finish_reason=data.get("finish_reason", ""),
+            stats=GenerationStats.from_json(data.get("stats") or {}),
+            rounds=[RoundRecord.from_json(r) for r in data.get("rounds") or []],
+        )
+
+
+@dataclass
+class GenerationLog:
+    """One generation as a JSON file: the orchestrator's ``--log-dir``, and each run of
+    ``specdec bench`` (which adds its ``bench`` section). The one format every tool reads."""
+
+    result: GenerationResult
+    target_model: str = ""
+    request: dict[str, Any] = field(default_factory=dict)  # mode and speculation settings, max_new_tokens, prompt_tokens
+    prompt: str = ""
+    prompt_token_ids: list[int] = field(default_factory=list)
+    token_texts: list[str] = field(default_factory=list)  # the text each generated token adds
+    bench: dict[str, Any] | None = None  # the benchmark's own figures (run id, prompt class, wall time, ...)
+    metrics: dict[str, Any] | None = None  # figures derived by the analysis, cached by the benchmark
+
+    def to_json(self) -> dict:
+        data = {"target_model": self.target_model, "request": self.request, **self.result.to_json(), "prompt": self.prompt,
+                "token_texts": self.token_texts}
+        if self.prompt_token_ids:
+            data["prompt_token_ids"] = self.prompt_token_ids
+        if self.bench is not None:
+            data["bench"] = self.bench
+        if self.metrics is not None:
+            data["metrics"] = self.metrics
+        return data
+
+    @staticmethod
+    def looks_like(data: Any) -> bool:
+        """Whether a parsed JSON file is a generation log (directories may hold other JSON too)."""
+        return isinstance(data, dict) and isinstance(data.get("token_ids"), list) and isinstance(data.get("stats"), dict) \
+            and isinstance(data.get("rounds"), list)
+
+    @classmethod
+    def from_json(cls, data: dict) -> GenerationLog:
+        return cls(
+            result=GenerationResult.from_json(data),
+            target_model=data.get("target_model", ""),
+            request=dict(data.get("request") or {}),
+            prompt=data.get("prompt") or "",
+            prompt_token_ids=list(data.get("prompt_token_ids") or []),
+            token_texts=list(data.get("token_texts") or []),
+            bench=data.get("bench"),
+            metrics=data.get("metrics"),
+        )
