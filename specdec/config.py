@@ -70,15 +70,23 @@ class ModelServiceSettings(ServerSettings):
 
 
 @dataclass
-class VerifySettings(ModelServiceSettings):
+class SpeculationLimits:
+    """The largest speculation a request may ask for, in one place: the orchestrator checks a
+    generation's settings against it, the draft and verify services each call's."""
+
+    max_beam_width: int = _setting(8, "largest beam width (beams per draft) a request may ask for")
+    max_beam_depth: int = _setting(16, "largest beam depth or draft length a request may ask for")
+    max_tree_nodes_limit: int = _setting(1024, "largest token tree a request may ask for or the verify service checks")
+
+
+@dataclass
+class VerifySettings(ModelServiceSettings, SpeculationLimits):
     target_model: str = _setting(EMBEDDED_TARGET, "target model: embedded alias, local path or hub id")
 
 
 @dataclass
-class DraftSettings(ModelServiceSettings):
+class DraftSettings(ModelServiceSettings, SpeculationLimits):
     draft_model: str = _setting(EMBEDDED_DRAFT, "draft model: embedded alias, local path or hub id")
-    max_beam_width: int = _setting(8, "largest beam width a request may ask for")
-    max_beam_depth: int = _setting(16, "largest beam depth a request may ask for")
     draft_vocab: int = _setting(0, "greedy drafting scores only token ids below this (0 = the whole vocabulary): a cheaper output layer; the first ids of byte-level BPE vocabularies are the most frequent")
 
 
@@ -95,7 +103,7 @@ class SpeculationDefaults:
 
 
 @dataclass
-class OrchestratorSettings(ServerSettings, SpeculationDefaults, TlsClientSettings, AuthSettings):
+class OrchestratorSettings(ServerSettings, SpeculationDefaults, SpeculationLimits, TlsClientSettings, AuthSettings):
     target_model: str = _setting(EMBEDDED_TARGET, "target model, for its tokenizer (must match the verify service)")
     verify_address: str = _setting("127.0.0.1:50052", "verify service, host:port; comma-separate replicas to fail over between")
     draft_addresses: list[str] = _setting(list, "draft services, comma-separated host:port")
