@@ -38,8 +38,10 @@ test-fast: setup compose-cli chromium
 	$(BIN)/python -m pytest -q -m "not slow"
 
 # The sweep in benchmarks/bench.yaml (embedded pair, CPU, ~20-30 min on 2 cores); run it again to resume.
+# BENCH_CONFIG: another sweep file, or a shipped one by name (quick, bench, bench-gpu).
+BENCH_CONFIG ?= benchmarks/bench.yaml
 bench: setup models
-	$(BIN)/specdec bench --config benchmarks/bench.yaml
+	$(BIN)/specdec bench --config $(BENCH_CONFIG)
 
 # Concurrent clients against a local cluster of the embedded pair: throughput, latency, errors,
 # memory of each service, outputs checked against single-client runs (specdec loadtest --help).

@@ -9,14 +9,13 @@ request keeps the part of it the target accepted.
 
 from __future__ import annotations
 
-import threading
 import time
 from dataclasses import dataclass
 
 import torch
 
 from specdec import telemetry
-from specdec.engine import tree_forward
+from specdec.engine import ModelWorker, on_model_thread, tree_forward
 from specdec.kv_cache import SessionStore
 from specdec.sampling import SamplingParams, draft_distribution, sample
 
@@ -57,52 +56,55 @@ class BeamDrafter:
     smaller output layer makes every draft step cheaper (for the 0.5B embedded draft the full
     151,936-row layer is a fifth of a step) and costs acceptance only where the target's next token
     is rarer. Losslessness is unaffected: the target checks every token. Sampling always uses the
-    whole vocabulary (its acceptance rule needs the draft's true distribution)."""
+    whole vocabulary (its acceptance rule needs the draft's true distribution).
+
+    Safe to call from any thread: its methods run one at a time on its own model thread."""
 
     def __init__(self, model, store: SessionStore | None = None, vocab_limit: int = 0) -> None:
         self.model = model
         self.store = store if store is not None else SessionStore()
-        self._model_lock = threading.Lock()
         self.head = output_rows(model, vocab_limit)
+        self.worker = ModelWorker()
 
+    @on_model_thread
     def propose(self, session_id: str, context: list[int], beam_width: int, depth: int) -> DraftOutcome:
         if not context:
             raise ValueError("context must hold at least one token")
         session = self.store.get(session_id)
-        with session.lock, self._model_lock:
-            reused = session.sync(context)
-            pending = context[reused:]
-            start = time.perf_counter()
-            fed = len(pending)
+        reused = session.sync(context)
+        pending = context[reused:]
+        start = time.perf_counter()
+        fed = len(pending)
+        with telemetry.span("specdec.forward") as span:
+            logprobs = torch.log_softmax(tree_forward(self.model, session, pending, head=self.head), -1)  # [1, vocab]
+            span.set_attribute("specdec.fed_tokens", len(pending))
+        # A frontier entry: (tail index of its last node or -1, cumulative logprob, tokens).
+        frontier: list[tuple[int, float, list[int]]] = [(-1, 0.0, [])]
+        for level in range(depth):
+            scores = torch.tensor([score for _, score, _ in frontier], device=logprobs.device)[:, None] + logprobs  # [beams, vocab]
+            top = scores.flatten().topk(min(beam_width, scores.numel()))
+            vocab = scores.shape[-1]
+            chosen = [(int(i) // vocab, int(i) % vocab, float(s)) for s, i in zip(top.values, top.indices)]
+            next_frontier = [(frontier[b][0], s, frontier[b][2] + [t]) for b, t, s in chosen]
+            if level == depth - 1:
+                frontier = next_frontier
+                break
+            base = len(session.tail_tokens)
+            tokens = [path[-1] for _, _, path in next_frontier]
+            parents = [parent for parent, _, _ in next_frontier]
             with telemetry.span("specdec.forward") as span:
-                logprobs = torch.log_softmax(tree_forward(self.model, session, pending, head=self.head), -1)  # [1, vocab]
-                span.set_attribute("specdec.fed_tokens", len(pending))
-            # A frontier entry: (tail index of its last node or -1, cumulative logprob, tokens).
-            frontier: list[tuple[int, float, list[int]]] = [(-1, 0.0, [])]
-            for level in range(depth):
-                scores = torch.tensor([score for _, score, _ in frontier], device=logprobs.device)[:, None] + logprobs  # [beams, vocab]
-                top = scores.flatten().topk(min(beam_width, scores.numel()))
-                vocab = scores.shape[-1]
-                chosen = [(int(i) // vocab, int(i) % vocab, float(s)) for s, i in zip(top.values, top.indices)]
-                next_frontier = [(frontier[b][0], s, frontier[b][2] + [t]) for b, t, s in chosen]
-                if level == depth - 1:
-                    frontier = next_frontier
-                    break
-                base = len(session.tail_tokens)
-                tokens = [path[-1] for _, _, path in next_frontier]
-                parents = [parent for parent, _, _ in next_frontier]
-                with telemetry.span("specdec.forward") as span:
-                    logits = tree_forward(self.model, session, [], tokens, parents, logits_to_keep=len(tokens), head=self.head)
-                    span.set_attribute("specdec.fed_tokens", len(tokens))
-                    span.set_attribute("specdec.beam.level", level + 1)
-                logprobs = torch.log_softmax(logits, -1)
-                fed += len(tokens)
-                frontier = [(base + k, s, path) for k, (_, s, path) in enumerate(next_frontier)]
-            forward_s = time.perf_counter() - start
+                logits = tree_forward(self.model, session, [], tokens, parents, logits_to_keep=len(tokens), head=self.head)
+                span.set_attribute("specdec.fed_tokens", len(tokens))
+                span.set_attribute("specdec.beam.level", level + 1)
+            logprobs = torch.log_softmax(logits, -1)
+            fed += len(tokens)
+            frontier = [(base + k, s, path) for k, (_, s, path) in enumerate(next_frontier)]
+        forward_s = time.perf_counter() - start
         self.store.enforce_limits(keep=session_id)
         beams = [Beam(tokens=path, logprob=score) for _, score, path in frontier if path]
         return DraftOutcome(beams=beams, reused_tokens=reused, fed_tokens=fed, forward_s=forward_s)
 
+    @on_model_thread
     def sample_chains(
         self, session_id: str, context: list[int], chains: int, depth: int, sampling: SamplingParams, seed: int
     ) -> DraftOutcome:
@@ -116,43 +118,42 @@ class BeamDrafter:
             raise ValueError("context must hold at least one token")
         generator = torch.Generator().manual_seed(seed)
         session = self.store.get(session_id)
-        with session.lock, self._model_lock:
-            reused = session.sync(context)
-            pending = context[reused:]
-            start = time.perf_counter()
-            q, q16 = draft_distribution(tree_forward(self.model, session, pending)[-1].cpu(), sampling)
-            sent, used = [q16], [q]
-            dist_of_node = {-1: 0}  # tail node (-1: the context end) -> its distribution's index
-            node_of = {}  # (parent tail node, token) -> tail node
-            at = [-1] * chains  # each chain's current tail node
-            paths: list[list[int]] = [[] for _ in range(chains)]
-            index: list[list[int]] = [[] for _ in range(chains)]
-            fed = len(pending)
-            for level in range(depth):
-                for c in range(chains):
-                    d = dist_of_node[at[c]]
-                    paths[c].append(sample(used[d], generator))
-                    index[c].append(d)
-                if level == depth - 1:
-                    break
-                new = []  # (parent, token) pairs not in the cache yet, in first-drawn order
-                for c in range(chains):
-                    key = (at[c], paths[c][-1])
-                    if key not in node_of and key not in new:
-                        new.append(key)
-                base = len(session.tail_tokens)
-                if new:
-                    # Drawn on the CPU: the seeded generator is a CPU one and the distributions leave as bytes.
-                    logits = tree_forward(self.model, session, [], [t for _, t in new], [p for p, _ in new], logits_to_keep=len(new)).cpu()
-                    fed += len(new)
-                    for k, key in enumerate(new):
-                        node_of[key] = base + k
-                        q, q16 = draft_distribution(logits[k], sampling)
-                        dist_of_node[base + k] = len(sent)
-                        sent.append(q16)
-                        used.append(q)
-                at = [node_of[(at[c], paths[c][-1])] for c in range(chains)]
-            forward_s = time.perf_counter() - start
+        reused = session.sync(context)
+        pending = context[reused:]
+        start = time.perf_counter()
+        q, q16 = draft_distribution(tree_forward(self.model, session, pending)[-1].cpu(), sampling)
+        sent, used = [q16], [q]
+        dist_of_node = {-1: 0}  # tail node (-1: the context end) -> its distribution's index
+        node_of = {}  # (parent tail node, token) -> tail node
+        at = [-1] * chains  # each chain's current tail node
+        paths: list[list[int]] = [[] for _ in range(chains)]
+        index: list[list[int]] = [[] for _ in range(chains)]
+        fed = len(pending)
+        for level in range(depth):
+            for c in range(chains):
+                d = dist_of_node[at[c]]
+                paths[c].append(sample(used[d], generator))
+                index[c].append(d)
+            if level == depth - 1:
+                break
+            new = []  # (parent, token) pairs not in the cache yet, in first-drawn order
+            for c in range(chains):
+                key = (at[c], paths[c][-1])
+                if key not in node_of and key not in new:
+                    new.append(key)
+            base = len(session.tail_tokens)
+            if new:
+                # Drawn on the CPU: the seeded generator is a CPU one and the distributions leave as bytes.
+                logits = tree_forward(self.model, session, [], [t for _, t in new], [p for p, _ in new], logits_to_keep=len(new)).cpu()
+                fed += len(new)
+                for k, key in enumerate(new):
+                    node_of[key] = base + k
+                    q, q16 = draft_distribution(logits[k], sampling)
+                    dist_of_node[base + k] = len(sent)
+                    sent.append(q16)
+                    used.append(q)
+            at = [node_of[(at[c], paths[c][-1])] for c in range(chains)]
+        forward_s = time.perf_counter() - start
         self.store.enforce_limits(keep=session_id)
         return DraftOutcome(
             beams=[Beam(tokens=path, logprob=0.0) for path in paths],

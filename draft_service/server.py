@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import uuid
 
-from specdec.draft_service.drafter import BeamDrafter
 from specdec import config
-from specdec.errors import check_range, check_token_ids, InvalidRequest
-from specdec.rpc.server import distribution_pb, model_info_pb, rpc_method, sampling_params
+from specdec.draft_service.drafter import BeamDrafter
+from specdec.errors import InvalidRequest, check_range, check_token_ids
+from specdec.rpc.convert import distribution_pb, model_info_pb, sampling_params
+from specdec.rpc.server import run_model_service
+from specdec.rpc.status import rpc_method
 from specdec.service_info import ModelDescription
-from specdec.rpc.serving import ModelWorker, run_model_service
 from specdec.v1 import common_pb2, draft_pb2, draft_pb2_grpc
 
 SERVICE_NAME = draft_pb2.DESCRIPTOR.services_by_name["DraftService"].full_name
@@ -22,10 +23,10 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
         self.info = info
         self.settings = settings
         self.metrics = metrics  # specdec.rpc.metrics.ModelServiceMetrics, or None when metrics are off
-        self.worker = ModelWorker()
 
     @rpc_method
     def DraftBeams(self, request, context):
+        # The largest beams a request may ask for: config.SpeculationLimits.
         width = check_range("beam_width", request.beam_width, 1, self.settings.max_beam_width)
         depth = check_range("beam_depth", request.beam_depth, 1, self.settings.max_beam_depth)
         context_ids = check_token_ids("context_token_ids", request.context_token_ids, self.info.vocab_size)
@@ -37,9 +38,9 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
         session_id = request.session_id or f"oneshot-{uuid.uuid4()}"
         try:
             if sampling.greedy:
-                outcome = self.worker.run(self.drafter.propose, session_id, context_ids, width, depth)
+                outcome = self.drafter.propose(session_id, context_ids, width, depth)
             else:
-                outcome = self.worker.run(self.drafter.sample_chains, session_id, context_ids, width, depth, sampling, request.seed)
+                outcome = self.drafter.sample_chains(session_id, context_ids, width, depth, sampling, request.seed)
         finally:
             if not request.session_id:
                 self.drafter.store.release(session_id)
@@ -79,6 +80,7 @@ def main(argv: list[str] | None = None) -> None:
         draft_pb2_grpc.add_DraftServiceServicer_to_server,
         SERVICE_NAME,
     )
+
 
 if __name__ == "__main__":
     main()

@@ -1,15 +1,16 @@
 """gRPC clients for the draft and verify services, shaped as the controller's DraftClient and
-VerifyClient: plain lists in, plain lists out."""
+VerifyClient: plain data in and out (a draft's ``specdec.speculation.Proposal``; the target's tokens,
+or its distributions under sampling)."""
 
 from __future__ import annotations
 
-import grpc
 import torch
 
 from specdec.errors import NotReady
-from specdec.rpc.server import client_options, distribution_from_pb
-from specdec.rpc.tracing import traced_channel
-from specdec.rpc.security import client_channel
+from specdec.rpc.channels import internal_channel
+from specdec.rpc.convert import distribution_from_pb
+from specdec.sampling import SamplingParams
+from specdec.speculation import Proposal
 from specdec.tree import TokenTree
 from specdec.v1 import common_pb2, draft_pb2, draft_pb2_grpc, verify_pb2, verify_pb2_grpc
 
@@ -21,7 +22,7 @@ class _Client:
 
     def __init__(self, address: str, max_message_mb: int = 64) -> None:
         self.address = address
-        self.channel = traced_channel(client_channel(address, options=client_options(max_message_mb)), address)
+        self.channel = internal_channel(address, max_message_mb)
         self.stub = self.stub_class(self.channel)
 
     def info(self, timeout_s: float = 10.0) -> common_pb2.ModelInfo:
@@ -37,33 +38,27 @@ class _Client:
 class GrpcDraftClient(_Client):
     stub_class = draft_pb2_grpc.DraftServiceStub
 
-    def __init__(self, address: str, name: str | None = None, max_message_mb: int = 64) -> None:
+    def __init__(self, address: str, name: str | None = None, max_message_mb: int = 64, model: str = "") -> None:
         super().__init__(address, max_message_mb)
-        self.name = name or address
+        self.name = name or address  # draft-0, draft-1, ...: how records and metrics name it
+        self.model = model  # the model the service serves (its GetInfo), recorded beside the name
 
-    def draft(self, session_id: str, context: list[int], beam_width: int, depth: int, timeout_s: float) -> list[list[int]]:
+    def draft(self, session_id: str, context: list[int], paths: int, depth: int, timeout_s: float,
+              sampling: SamplingParams = SamplingParams(), seed: int = 0, vocab_size: int = 0) -> Proposal:
+        """Greedy: beams, best first. Sampled: independent chains, and for each chain token the
+        exact distribution it was drawn from (the service sends each distinct one once)."""
         reply = self.stub.DraftBeams(
             draft_pb2.DraftBeamsRequest(
-                session_id=session_id, context_token_ids=context, beam_width=beam_width, beam_depth=depth
-            ),
-            timeout=timeout_s,
-        )
-        return [list(beam.token_ids) for beam in reply.beams]
-
-    def draft_sampled(self, session_id, context, chains, depth, timeout_s, sampling, seed, vocab_size):
-        """Sampled chains and, for each chain token, the exact distribution it was drawn from."""
-        reply = self.stub.DraftBeams(
-            draft_pb2.DraftBeamsRequest(
-                session_id=session_id, context_token_ids=context, beam_width=chains, beam_depth=depth,
+                session_id=session_id, context_token_ids=context, beam_width=paths, beam_depth=depth,
                 temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k, seed=seed,
             ),
             timeout=timeout_s,
         )
+        beams = [list(beam.token_ids) for beam in reply.beams]
+        if not reply.distributions:
+            return Proposal(self.name, beams)
         dists = [distribution_from_pb(d, vocab_size) for d in reply.distributions]
-        return (
-            [list(beam.token_ids) for beam in reply.beams],
-            [[dists[i] for i in beam.distribution_index] for beam in reply.beams],
-        )
+        return Proposal(self.name, beams, [[dists[i] for i in beam.distribution_index] for beam in reply.beams])
 
 
 class GrpcVerifyClient(_Client):

@@ -1,22 +1,26 @@
 """The accept/fallback loop of speculative decoding, in one place.
 
-Each *round*:
-1. every draft proposes paths after the current context, all drafts concurrently (tree mode: beam
-   search, ``beam_width`` beams of ``beam_depth`` tokens; sequential mode: one greedy chain of
-   ``draft_length`` tokens; autoregressive mode: no drafts);
-2. the paths are merged into one de-duplicated token trie (``specdec.tree.TokenTrie``);
-3. the target verifies the whole trie in one forward pass and returns its own token at the context
-   end and after every node;
-4. the *accepted* tokens are the longest path the target agrees with; the *bonus token* is the
-   target's own token after them: a *correction* when a draft proposed something else there, a free
-   extra token when the drafts had nothing to offer. So every round yields at least one token and
-   greedy output is exactly the target's own.
+Each *round* (:meth:`SpeculativeController.stream`; the words are defined in ``specdec.speculation``):
+1. *propose*: every draft proposes paths after the current context, all drafts concurrently (tree
+   mode: beam search, ``beam_width`` beams of ``beam_depth`` tokens; sequential mode: one chain of
+   ``draft_length`` tokens; autoregressive mode: no drafts; under sampling, independent sampled
+   chains instead of beams);
+2. *merge*: the paths become one de-duplicated token tree;
+3. *verify*: the target checks the whole tree in one forward pass and returns its own token (or,
+   under sampling, its distribution) at the context end and after every node;
+4. *accept*: the accepted tokens and the bonus token, so every round yields at least one token and
+   the output is exactly what the target alone would produce (greedy) or is distributed as its own
+   sampling (sampled);
+5. *truncate*: the round's tokens end at the token budget, an end-of-sequence token or the token
+   that completes a stop string (``specdec.detokenize.TextStream`` finds it);
+6. *record*: a :class:`specdec.records.RoundRecord`, yielded as the round completes.
 
 A draft that fails or misses its deadline is skipped for the round and left out for a backoff
-period (``specdec.orchestrator.resilience.DraftHealth``), then asked again; with none left the round is
-plain decoding (*fallback*). The request's deadline bounds every internal call, and a cancelled
-request stops between rounds; either way its sessions are released in every service at once. Clients are anything with ``draft``/``verify`` methods: gRPC stubs in
-the service, in-process engines in tests, the same loop either way.
+period (``specdec.orchestrator.resilience.DraftHealth``), then asked again; with none left the round
+is plain decoding (*fallback*). The request's deadline bounds every internal call, and a cancelled
+request stops between rounds; either way its sessions are released in every service at once.
+Clients are anything with ``draft``/``verify`` methods: gRPC stubs in the service, in-process
+engines in tests, the same loop either way.
 """
 
 from __future__ import annotations
@@ -29,32 +33,32 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Protocol
 
-from specdec.orchestrator.instrumentation import GenerationInstrumentation
 import torch
 
-from specdec.orchestrator.resilience import DraftHealth
+from specdec.config import SpeculationLimits
+from specdec.detokenize import TextStream
 from specdec.errors import Cancelled, DeadlineExceeded, InvalidRequest, Unavailable, check_range
-from specdec.sampling import Candidate, SamplingParams, accept_sampled_tree
-from specdec.tree import TokenTree, TokenTrie, greedy_accept
+from specdec.orchestrator.instrumentation import GenerationInstrumentation
+from specdec.orchestrator.resilience import DraftHealth
+from specdec.records import DecodingMode, DraftStats, GenerationResult, GenerationStats, RoundRecord
+from specdec.sampling import SamplingParams
+from specdec.speculation import AdaptiveDraftLength, DraftTree, Proposal, Verdict, accept, merge
+from specdec.tree import TokenTree
 
 log = logging.getLogger("specdec.orchestrator")
 
-AUTOREGRESSIVE, SEQUENTIAL, TREE = "autoregressive", "sequential", "tree"
-
 
 class DraftClient(Protocol):
-    name: str
+    name: str  # how records name the draft: draft-0, draft-1, ...
+    model: str  # the model it serves
 
-    def draft(self, session_id: str, context: list[int], beam_width: int, depth: int, timeout_s: float) -> list[list[int]]:
-        """Beams (best first) of up to ``depth`` tokens after ``context``."""
+    def draft(self, session_id: str, context: list[int], paths: int, depth: int, timeout_s: float,
+              sampling: SamplingParams, seed: int, vocab_size: int) -> Proposal:
+        """Up to ``paths`` paths of up to ``depth`` tokens after ``context``. Greedy
+        (``sampling.greedy``): beam search, best first. Sampled: independent chains drawn with
+        ``seed``, each token with the distribution over ``vocab_size`` tokens it was drawn from."""
 
     def release(self, session_id: str) -> None: ...
-
-
-class SamplingDraftClient(DraftClient, Protocol):
-    def draft_sampled(self, session_id, context, chains, depth, timeout_s, sampling, seed, vocab_size):
-        """``(chains, dists)``: independent sampled chains, and for each chain token the exact
-        distribution (``[vocab]`` tensor) the draft drew it from."""
 
 
 class VerifyClient(Protocol):
@@ -71,7 +75,7 @@ class VerifyClient(Protocol):
 class GenerationRequest:
     prompt_ids: list[int]
     max_new_tokens: int
-    mode: str
+    mode: str  # a DecodingMode
     draft_length: int
     beam_width: int
     beam_depth: int
@@ -83,104 +87,38 @@ class GenerationRequest:
     adaptive: bool = False  # draft length/depth follows acceptance, up to the requested value
     cancelled: Callable[[], bool] | None = None  # true once the client has gone away
 
-
-@dataclass
-class RoundRecord:
-    index: int
-    proposals: dict[str, list[list[int]]]  # draft name -> beams
-    accepted: list[int]  # draft tokens the target agreed with
-    bonus_token: int | None  # the target's own token (None when the round ended on a stop first)
-    bonus_is_correction: bool
-    winning_draft: str
-    tree_nodes: int
-    branching_factor: float
-    draft_ms: float
-    verify_ms: float
-    fallback: bool
-    fallback_reason: str
-    new_tokens: list[int]  # what this round added to the output (after stop/length truncation)
-    accepted_by_draft: dict[str, int] = field(default_factory=dict)
-
-
-@dataclass
-class DraftTally:
-    proposed_tokens: int = 0  # every token of every beam, before de-duplication
-    proposed_positions: int = 0  # longest beam per round: the most it could have had accepted
-    accepted_tokens: int = 0
+    @property
+    def paths(self) -> int:
+        """Paths each draft proposes: ``beam_width`` beams in tree mode, one chain otherwise."""
+        return self.beam_width if self.mode == DecodingMode.TREE else 1
 
     @property
-    def acceptance_rate(self) -> float:
-        return self.accepted_tokens / self.proposed_positions if self.proposed_positions else 0.0
-
-
-@dataclass
-class GenerationResult:
-    token_ids: list[int]
-    text: str
-    finish_reason: str  # "length" or "stop"
-    prompt_tokens: int
-    rounds: list[RoundRecord]
-    drafts: dict[str, DraftTally]
-    mode: str
-    draft_ms: float
-    verify_ms: float
-    total_ms: float
-    time_to_first_token_ms: float
-
-    @property
-    def stats(self) -> dict:
-        n_rounds = len(self.rounds)
-        tree_rounds = [r for r in self.rounds if r.tree_nodes]
-        accepted = sum(len(r.accepted) for r in self.rounds)
-        return {
-            "mode": self.mode,
-            "prompt_tokens": self.prompt_tokens,
-            "tokens_generated": len(self.token_ids),
-            "rounds": n_rounds,
-            "verification_calls": n_rounds,
-            "draft_tokens_proposed": sum(t.proposed_tokens for t in self.drafts.values()),
-            "draft_tokens_accepted": accepted,
-            "bonus_tokens": sum(r.bonus_token is not None for r in self.rounds),
-            "tree_nodes_total": sum(r.tree_nodes for r in self.rounds),
-            "tree_avg_branching_factor": (
-                sum(r.branching_factor for r in tree_rounds) / len(tree_rounds) if tree_rounds else 0.0
-            ),
-            "mean_accepted_per_round": len(self.token_ids) / n_rounds if n_rounds else 0.0,
-            "drafts": {
-                name: {
-                    "proposed_tokens": t.proposed_tokens,
-                    "accepted_tokens": t.accepted_tokens,
-                    "acceptance_rate": t.acceptance_rate,
-                }
-                for name, t in self.drafts.items()
-            },
-            "draft_ms": self.draft_ms,
-            "verify_ms": self.verify_ms,
-            "other_ms": max(0.0, self.total_ms - self.draft_ms - self.verify_ms),
-            "total_ms": self.total_ms,
-            "tokens_per_second": len(self.token_ids) / (self.total_ms / 1e3) if self.total_ms else 0.0,
-            "time_to_first_token_ms": self.time_to_first_token_ms,
-        }
+    def max_depth(self) -> int:
+        """Tokens per path at most: ``draft_length`` in sequential mode, ``beam_depth`` otherwise."""
+        return self.draft_length if self.mode == DecodingMode.SEQUENTIAL else self.beam_depth
 
 
 @dataclass
 class Limits:
+    """What the target and the operator allow a generation."""
+
     vocab_size: int
-    max_context: int
+    max_context: int  # 0 = unknown
     max_new_tokens_limit: int
     eos_token_ids: frozenset[int]
-    max_draft_length: int = 16
-    max_beam_width: int = 8
-    max_tree_nodes: int = 1024
+    speculation: SpeculationLimits = field(default_factory=SpeculationLimits)  # the orchestrator's settings
 
 
 class SpeculativeController:
+    """``detokenizer(stop)`` makes one generation's :class:`~specdec.detokenize.TextStream`: it finds
+    stop strings and renders the output text (``functools.partial(TextStream, tokenizer)``)."""
+
     def __init__(
         self,
         verifier: VerifyClient,
         drafts: list[DraftClient],
         limits: Limits,
-        decode: Callable[[list[int]], str],
+        detokenizer: Callable[[list[str]], TextStream],
         draft_timeout_s: float = 10.0,
         verify_timeout_s: float = 60.0,
         instrumentation: GenerationInstrumentation | None = None,
@@ -188,7 +126,7 @@ class SpeculativeController:
         self.verifier = verifier
         self.drafts = drafts
         self.limits = limits
-        self.decode = decode
+        self.detokenizer = detokenizer
         self.draft_timeout_s = draft_timeout_s
         self.verify_timeout_s = verify_timeout_s
         self._pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="draft-call")
@@ -197,7 +135,7 @@ class SpeculativeController:
 
     def check(self, req: GenerationRequest) -> None:
         """Raise InvalidRequest naming the field for anything the loop cannot serve."""
-        lim = self.limits
+        lim, spec = self.limits, self.limits.speculation
         if not req.prompt_ids:
             raise InvalidRequest("prompt is empty")
         for i, token in enumerate(req.prompt_ids):
@@ -211,12 +149,11 @@ class SpeculativeController:
             raise InvalidRequest(
                 f"max_new_tokens = {req.max_new_tokens} plus the prompt's {len(req.prompt_ids)} tokens exceeds the model's context of {lim.max_context}"
             )
-        if req.mode not in (AUTOREGRESSIVE, SEQUENTIAL, TREE):
-            raise InvalidRequest(f"mode {req.mode!r} is not one of autoregressive, sequential, tree")
-        check_range("speculation.draft_length", req.draft_length, 1, lim.max_draft_length)
-        check_range("speculation.beam_width", req.beam_width, 1, lim.max_beam_width)
-        check_range("speculation.beam_depth", req.beam_depth, 1, lim.max_draft_length)
-        check_range("speculation.max_tree_nodes", req.max_tree_nodes, 1, lim.max_tree_nodes)
+        DecodingMode.parse(req.mode)
+        check_range("speculation.draft_length", req.draft_length, 1, spec.max_beam_depth)
+        check_range("speculation.beam_width", req.beam_width, 1, spec.max_beam_width)
+        check_range("speculation.beam_depth", req.beam_depth, 1, spec.max_beam_depth)
+        check_range("speculation.max_tree_nodes", req.max_tree_nodes, 1, spec.max_tree_nodes_limit)
 
     def generate(self, req: GenerationRequest, trace_parent=None) -> GenerationResult:
         stream = self.stream(req, trace_parent)
@@ -227,114 +164,46 @@ class SpeculativeController:
                 return done.value
 
     def stream(self, req: GenerationRequest, trace_parent=None) -> Iterator[RoundRecord]:
-        """Yield each round as it completes; the generator's return value is the result.
+        """Yield each round as it completes; the generator's return value is the GenerationResult.
 
         ``trace_parent``: the OpenTelemetry context of the generation's span, parent of the round spans.
         """
         self.check(req)
-        session_id = f"gen-{uuid.uuid4()}"
-        start = time.perf_counter()
-        output: list[int] = []
-        rounds: list[RoundRecord] = []
-        tallies = {d.name: DraftTally() for d in self.drafts} if req.mode != AUTOREGRESSIVE else {}
-        finish, first_token_ms, draft_ms, verify_ms = "length", 0.0, 0.0, 0.0
-        sampling = req.sampling if not req.sampling.greedy else None
+        session_id, start = f"gen-{uuid.uuid4()}", time.perf_counter()
+        output, rounds, first_token_ms, stopped = [], [], 0.0, False
+        text = self.detokenizer(req.stop)
+        draft_length = AdaptiveDraftLength(req.max_depth, req.adaptive)
         # One generator per request drives every random choice (draft seeds, accept coins, bonus
         # draws): a fixed seed replays the same output on the same cluster configuration.
         generator = torch.Generator().manual_seed(req.sampling.seed or int.from_bytes(uuid.uuid4().bytes[:7], "big"))
-        max_depth = req.draft_length if req.mode == SEQUENTIAL else req.beam_depth
-        planned = max_depth  # this round's draft length; adapted when req.adaptive
         try:
-            while len(output) < req.max_new_tokens:
+            while len(output) < req.max_new_tokens and not stopped:
                 context = req.prompt_ids + output
-                remaining = req.max_new_tokens - len(output)
-                # Drafting past the budget is wasted work: a round adds accepted + 1 tokens.
-                depth = min(planned, remaining - 1)
-                if self.limits.max_context:
-                    depth = min(depth, self.limits.max_context - len(context) - 1)
-                width = req.beam_width if req.mode == TREE else 1
-                draft_timeout, verify_timeout = self._budget(req, len(rounds))
-
+                draft_timeout_s, verify_timeout_s = self._budget(req, len(rounds))
                 # The round's trace span (current while it runs) and metrics; nothing when both are off.
                 with self.instrumentation.round(trace_parent, len(rounds), req.mode) as observed:
                     t0 = time.perf_counter()
-                    proposals, fallback_reason, dists = self._propose(
-                        req.mode, session_id, context, width, depth, sampling, generator, draft_timeout
-                    )
+                    depth = draft_length.next(self._room(req, context, len(output)))
+                    proposals, fallback_reason = self._propose(req, session_id, context, depth, generator, draft_timeout_s)
                     t1 = time.perf_counter()
-                    if sampling is None:
-                        tree = self._merge(proposals, req.max_tree_nodes)
-                        target = self.verifier.verify(session_id, context, tree, verify_timeout)
-                    else:
-                        tree, candidates = self._merge_sampled(proposals, dists, req.max_tree_nodes)
-                        target = self.verifier.verify_sampled(
-                            session_id, context, tree, verify_timeout, sampling, self.limits.vocab_size
-                        )
+                    merged = merge(proposals, req.max_tree_nodes, self.limits.vocab_size, sampled=not req.sampling.greedy)
+                    target = self._verify(session_id, context, merged, req.sampling, verify_timeout_s)
                     t2 = time.perf_counter()
-                    if len(target) != len(tree) + 1:
-                        raise Unavailable(f"verify service returned {len(target)} predictions for a tree of {len(tree)}")
-
-                    if sampling is None:
-                        accepted_nodes, bonus = greedy_accept(tree, target)
-                    else:
-                        accepted_nodes, bonus = accept_sampled_tree(tree.tokens, target, candidates, generator)
-                    accepted = [tree.tokens[i] for i in accepted_nodes]
-                    new_tokens, stopped = self._truncate(accepted + [bonus], output, remaining, req.stop)
-                    # A stop inside the accepted path cuts it: the round accepted only what reached the output.
-                    accepted_nodes, accepted = accepted_nodes[: len(new_tokens)], accepted[: len(new_tokens)]
-                    output.extend(new_tokens)
-                    if not first_token_ms and output:
-                        first_token_ms = (time.perf_counter() - start) * 1e3
-                    draft_ms += (t1 - t0) * 1e3
-                    verify_ms += (t2 - t1) * 1e3
-
-                    winner, by_draft = self._credit(tree, accepted_nodes, proposals, tallies)
-                    if req.adaptive and proposals:
-                        # Verifying rows the target then rejects costs time (on a CPU a verify pass
-                        # grows with its rows), so draft less after a rejection, more after a
-                        # full acceptance (as transformers' assisted generation does).
-                        longest = max(len(b) for beams in proposals.values() for b in beams)
-                        planned = min(max_depth, planned + 1) if len(accepted) >= longest else max(1, planned - 1)
-                    # A correction: some draft proposed a token at the bonus position and the target disagreed.
-                    at_bonus = accepted_nodes[-1] if accepted_nodes else -1
-                    correction = len(new_tokens) > len(accepted) and any(p == at_bonus for p in tree.parents)
-                    record = RoundRecord(
-                        index=len(rounds),
-                        proposals=proposals,
-                        accepted=accepted,
-                        bonus_token=bonus if len(new_tokens) > len(accepted) else None,
-                        bonus_is_correction=correction,
-                        winning_draft=winner,
-                        tree_nodes=len(tree),
-                        branching_factor=tree.branching_factor(),
-                        draft_ms=(t1 - t0) * 1e3,
-                        verify_ms=(t2 - t1) * 1e3,
-                        fallback=req.mode != AUTOREGRESSIVE and not proposals,
-                        fallback_reason=fallback_reason,
-                        new_tokens=new_tokens,
-                        accepted_by_draft=by_draft,
+                    verdict = accept(merged, target, generator)
+                    new_tokens, new_text, stopped = self._truncate(verdict.tokens, req.max_new_tokens - len(output), text)
+                    verdict = verdict.cut(len(new_tokens))
+                    output += new_tokens
+                    first_token_ms = first_token_ms or (time.perf_counter() - start) * 1e3
+                    draft_length.update(max((p.depth for p in proposals), default=0), len(verdict.accepted))
+                    observed.record = record = _round_record(
+                        len(rounds), req.mode, proposals, fallback_reason, verdict, new_tokens, new_text, t1 - t0, t2 - t1
                     )
                     rounds.append(record)
-                    observed.record = record
                 yield record
-                if stopped:
-                    finish = "stop"
-                    break
         finally:
             self._release(session_id)
-        return GenerationResult(
-            token_ids=output,
-            text=self.render_text(output, req.stop),
-            finish_reason=finish,
-            prompt_tokens=len(req.prompt_ids),
-            rounds=rounds,
-            drafts=tallies,
-            mode=req.mode,
-            draft_ms=draft_ms,
-            verify_ms=verify_ms,
-            total_ms=(time.perf_counter() - start) * 1e3,
-            time_to_first_token_ms=first_token_ms,
-        )
+        text.finish()
+        return self._result(req, output, text.text, "stop" if stopped else "length", rounds, start, first_token_ms)
 
     def _budget(self, req: GenerationRequest, round_index: int) -> tuple[float, float]:
         """(draft timeout, verify timeout) for this round, within the request's deadline; raises
@@ -348,145 +217,111 @@ class SpeculativeController:
             raise DeadlineExceeded(f"the request's deadline passed after {round_index} rounds")
         return min(self.draft_timeout_s, left), min(self.verify_timeout_s, left)
 
-    def _propose(self, mode: str, session_id: str, context: list[int], width: int, depth: int, sampling, generator,
-                 timeout_s: float | None = None):
-        """Ask every usable draft at once; returns ({draft: beams}, fallback reason or "", {draft:
-        per-beam per-token distributions} under sampling)."""
-        if mode == AUTOREGRESSIVE:
-            return {}, "", {}
+    def _room(self, req: GenerationRequest, context: list[int], generated: int) -> int:
+        """The most tokens this round may draft: drafting past the token budget or the model's
+        context is wasted work, since a round adds the accepted tokens and one bonus token."""
+        room = req.max_new_tokens - generated
+        if self.limits.max_context:
+            room = min(room, self.limits.max_context - len(context))
+        return room - 1
+
+    def _propose(self, req: GenerationRequest, session_id: str, context: list[int], depth: int,
+                 generator: torch.Generator, timeout_s: float) -> tuple[list[Proposal], str]:
+        """Ask every usable draft at once; returns the proposals (in draft order) and, when there
+        are none, why ("" in autoregressive mode)."""
+        if req.mode == DecodingMode.AUTOREGRESSIVE:
+            return [], ""
         if not self.drafts:
-            return {}, "no draft services configured", {}
+            return [], "no draft services configured"
         if depth <= 0:
-            return {}, "token budget leaves no room to draft", {}
-        timeout_s = self.draft_timeout_s if timeout_s is None else timeout_s
+            return [], "token budget leaves no room to draft"
         # Seeds are drawn for every draft, usable or not, so a fixed seed gives every draft the same
-        # stream whichever others are down.
-        seeds = torch.randint(1 << 62, (len(self.drafts),), generator=generator).tolist() if sampling is not None else []
-        drafts = [(i, d) for i, d in enumerate(self.drafts) if self.draft_health.usable(d.name)]
-        if not drafts:
-            return {}, "every draft is backing off after failures: " + ", ".join(self.draft_health.down()), {}
+        # stream whichever others are down (greedy drafting ignores them).
+        seeds = torch.randint(1 << 62, (len(self.drafts),), generator=generator).tolist()
+        usable = [(d, seed) for d, seed in zip(self.drafts, seeds) if self.draft_health.usable(d.name)]
+        if not usable:
+            return [], "every draft is backing off after failures: " + ", ".join(self.draft_health.down())
         # Each call runs in a copy of this thread's context, so its trace span is the round's child.
-        if sampling is None:
-            calls = {
-                self._pool.submit(contextvars.copy_context().run, d.draft, session_id, context, width, depth, timeout_s): d
-                for _, d in drafts
-            }
-        else:
-            calls = {
-                self._pool.submit(
-                    contextvars.copy_context().run, d.draft_sampled, session_id, context, width, depth,
-                    timeout_s, sampling, seeds[i], self.limits.vocab_size,
-                ): d
-                for i, d in drafts
-            }
-        done, late = wait(calls, timeout=timeout_s)
-        proposals, failures, dists = {}, [], {}
-        for future in calls:
-            draft = calls[future]
+        calls = {
+            self._pool.submit(
+                contextvars.copy_context().run, d.draft, session_id, context, req.paths, depth, timeout_s,
+                req.sampling, seed, self.limits.vocab_size,
+            ): d
+            for d, seed in usable
+        }
+        _, late = wait(calls, timeout=timeout_s)
+        proposals, failures = [], []
+        for future, draft in calls.items():
             if future in late:
                 failures.append(f"{draft.name}: missed the {timeout_s * 1e3:.0f} ms deadline")
                 self.draft_health.failed(draft.name, failures[-1])
                 continue
             try:
-                result = future.result()
+                proposal = future.result()
             except Exception as exc:  # noqa: BLE001 - a failing draft costs speed, never the generation
                 failures.append(f"{draft.name}: {_describe(exc)}")
                 self.draft_health.failed(draft.name, failures[-1])
                 continue
             self.draft_health.succeeded(draft.name)
-            beams, beam_dists = result if sampling is not None else (result, None)
-            keep = [i for i, b in enumerate(beams) if b]
-            if keep:
-                proposals[draft.name] = [beams[i][:depth] for i in keep]
-                if beam_dists is not None:
-                    dists[draft.name] = [beam_dists[i][:depth] for i in keep]
-        return proposals, "; ".join(failures) if not proposals else "", dists
+            if (proposal := proposal.cut(depth)) is not None:
+                proposals.append(proposal)
+        return proposals, "; ".join(failures) if not proposals else ""
 
-    def _merge(self, proposals: dict[str, list[list[int]]], max_nodes: int) -> TokenTree:
-        """One trie of every draft's beams; each draft's best beam goes in first, so a node cap trims
-        the least likely branches, never a draft's best guess before others' runner-ups."""
-        trie = TokenTrie(max_nodes)
-        names = list(proposals)
-        vocab = self.limits.vocab_size
-        for rank in range(max((len(b) for b in proposals.values()), default=0)):
-            for source, name in enumerate(names):
-                beams = proposals[name]
-                if rank < len(beams):
-                    path = beams[rank]
-                    # A draft with a larger vocabulary than the target's may propose tokens the
-                    # target cannot take; cut the path there.
-                    valid = next((i for i, t in enumerate(path) if not 0 <= t < vocab), len(path))
-                    trie.insert(path[:valid], source)
-        return trie.tree
+    def _verify(self, session_id: str, context: list[int], merged: DraftTree, sampling: SamplingParams, timeout_s: float):
+        """The target's answer on the tree: greedy, its tokens (``[nodes + 1]``); sampled, its
+        distributions (``[nodes + 1, vocab]``)."""
+        if merged.sampled:
+            target = self.verifier.verify_sampled(session_id, context, merged.tree, timeout_s, sampling, self.limits.vocab_size)
+        else:
+            target = self.verifier.verify(session_id, context, merged.tree, timeout_s)
+        if len(target) != len(merged.tree) + 1:
+            raise Unavailable(f"verify service returned {len(target)} predictions for a tree of {len(merged.tree)}")
+        return target
 
-    def _merge_sampled(self, proposals, dists, max_nodes: int) -> tuple[TokenTree, dict[int, list[Candidate]]]:
-        """The trie of sampled chains, and each node's candidates for the acceptance rule.
-
-        Every chain token is a candidate at its parent node, duplicates included (they are separate
-        draws). The size cap counts chain tokens in a fixed order, never looking at their values:
-        cutting a draw because of its own value would bias what is accepted.
-        """
-        trie, candidates = TokenTrie(), {}
-        names = list(proposals)
-        budget = max_nodes
-        for rank in range(max((len(b) for b in proposals.values()), default=0)):
-            for source, name in enumerate(names):
-                if rank >= len(proposals[name]):
-                    continue
-                path, path_dists = proposals[name][rank][:budget], dists[name][rank]
-                budget -= len(path)
-                node = -1
-                for depth, token in enumerate(path):
-                    if not 0 <= token < self.limits.vocab_size:
-                        break
-                    trie.insert(path[: depth + 1], source)
-                    child = trie.child(node, token)
-                    candidates.setdefault(node, []).append(Candidate(child, path_dists[depth]))
-                    node = child
-        return trie.tree, candidates
-
-    def _credit(self, tree: TokenTree, accepted_nodes: list[int], proposals, tallies):
-        """Update per-draft tallies; returns (winning draft name, accepted count per draft)."""
-        names = list(proposals)
-        by_draft = {}
-        for source, name in enumerate(names):
-            beams = proposals[name]
-            got = sum(1 for node in accepted_nodes if source in tree.sources[node])
-            tally = tallies.setdefault(name, DraftTally())
-            tally.proposed_tokens += sum(len(b) for b in beams)
-            tally.proposed_positions += max(len(b) for b in beams)
-            tally.accepted_tokens += got
-            by_draft[name] = got
-        winner = ""
-        if accepted_nodes:
-            sources = tree.sources[accepted_nodes[-1]]
-            winner = names[min(sources)] if sources else ""
-        return winner, by_draft
-
-    def _truncate(self, tokens: list[int], output: list[int], remaining: int, stop: list[str]):
-        """Cut a round's tokens at the budget, an end-of-sequence token or a stop string;
-        returns (tokens kept, whether generation stops here)."""
-        kept = []
+    def _truncate(self, tokens: list[int], remaining: int, text: TextStream) -> tuple[list[int], str, bool]:
+        """Cut a round's tokens at the budget, an end-of-sequence token or the token that completes
+        a stop string; returns (tokens kept, the text they released, whether generation stops here)."""
+        kept, released = [], []
         for token in tokens[:remaining]:
             kept.append(token)
-            if token in self.limits.eos_token_ids:
-                return kept, True
-        if stop and any(s and s in self.decode(output + kept) for s in stop):
-            for n in range(1, len(kept) + 1):
-                if any(s and s in self.decode(output + kept[:n]) for s in stop):
-                    return kept[:n], True
-        return kept, False
+            released.append(text.push([token]))
+            if token in self.limits.eos_token_ids or text.stopped:
+                return kept, "".join(released), True
+        return kept, "".join(released), False
 
-    def render_text(self, tokens: list[int], stop: list[str]) -> str:
-        """The output text, cut before the first stop string."""
-        text = self.decode(tokens)
-        cuts = [text.find(s) for s in stop if s and s in text]
-        return text[: min(cuts)] if cuts else text
+    def _result(self, req: GenerationRequest, output: list[int], text: str, finish_reason: str, rounds: list[RoundRecord],
+                start: float, first_token_ms: float) -> GenerationResult:
+        drafts = [DraftStats.of(d.name, d.model, rounds) for d in self.drafts] if req.mode != DecodingMode.AUTOREGRESSIVE else []
+        stats = GenerationStats.of(str(req.mode), len(req.prompt_ids), len(output), rounds, drafts,
+                                   (time.perf_counter() - start) * 1e3, first_token_ms)
+        return GenerationResult(token_ids=output, text=text, finish_reason=finish_reason, stats=stats, rounds=rounds)
 
     def _release(self, session_id: str) -> None:
         """Free the session's caches everywhere now, without holding up the reply."""
         for client in [self.verifier, *self.drafts]:
             self._pool.submit(_quietly, client.release, session_id)
+
+
+def _round_record(index: int, mode: str, proposals: list[Proposal], fallback_reason: str, verdict: Verdict,
+                  new_tokens: list[int], new_text: str, draft_s: float, verify_s: float) -> RoundRecord:
+    tree = verdict.merged.tree
+    return RoundRecord(
+        index=index,
+        proposals={p.draft: p.paths for p in proposals},
+        accepted=verdict.accepted,
+        bonus_token=verdict.bonus_token,
+        bonus_is_correction=verdict.correction,
+        winning_draft=verdict.winning_draft,
+        tree_nodes=len(tree),
+        branching_factor=tree.branching_factor(),
+        draft_ms=draft_s * 1e3,
+        verify_ms=verify_s * 1e3,
+        fallback=mode != DecodingMode.AUTOREGRESSIVE and not proposals,
+        fallback_reason=fallback_reason,
+        new_tokens=new_tokens,
+        text=new_text,
+        accepted_by_draft=verdict.accepted_by_draft,
+    )
 
 
 def _describe(exc: BaseException) -> str:

@@ -1,6 +1,6 @@
 """What the orchestrator reports about each generation: its trace and its Prometheus metrics.
 
-The trace of one generation (see DESIGN.md, Telemetry)::
+The trace of one generation (see the README, "Read its traces")::
 
     text_completion {model}                      SERVER, gen_ai.* attributes   (GenerationService)
     ├── specdec.round                            one per round, specdec.* attributes (controller)
@@ -34,14 +34,14 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from specdec import telemetry
 from specdec.rpc.metrics import OrchestratorMetrics
-from specdec.rpc.server import STATUS_OF_ERROR
+from specdec.rpc.status import code_of
 
 PROVIDER = "specdec"
 
 
 @dataclass
 class ObservedRound:
-    record: object = None  # the controller's RoundRecord, set when the round completed
+    record: object = None  # the round's specdec.records.RoundRecord, set when the round completed
 
 
 _NULL_ROUND = contextlib.nullcontext(ObservedRound())  # shared: tracing and metrics off
@@ -73,15 +73,16 @@ class ObservedGeneration:
         })
 
     def finish(self, result) -> None:
+        """From the generation's specdec.records.GenerationResult."""
         if not self.span.is_recording():
             return
         self.span.set_attributes({
             "gen_ai.response.finish_reasons": [result.finish_reason],
-            "gen_ai.usage.input_tokens": result.prompt_tokens,
+            "gen_ai.usage.input_tokens": result.stats.prompt_tokens,
             "gen_ai.usage.output_tokens": len(result.token_ids),
-            "specdec.rounds": len(result.rounds),
-            "specdec.draft_tokens.proposed": sum(t.proposed_tokens for t in result.drafts.values()),
-            "specdec.draft_tokens.accepted": sum(len(r.accepted) for r in result.rounds),
+            "specdec.rounds": result.stats.rounds,
+            "specdec.draft_tokens.proposed": result.stats.draft_tokens_proposed,
+            "specdec.draft_tokens.accepted": result.stats.draft_tokens_accepted,
         })
 
 
@@ -208,9 +209,4 @@ def round_attributes(record, mode: str) -> dict:
 def _status_code(exc: BaseException) -> grpc.StatusCode:
     if isinstance(exc, GeneratorExit):
         return grpc.StatusCode.CANCELLED  # a streaming client that went away
-    for kind, code in STATUS_OF_ERROR.items():
-        if isinstance(exc, kind):
-            return code
-    if isinstance(exc, grpc.RpcError) and hasattr(exc, "code"):
-        return exc.code()
-    return grpc.StatusCode.INTERNAL
+    return code_of(exc)

@@ -1,7 +1,10 @@
 """GenerationService, the public gRPC API: converts messages at the edge and runs the controller.
 
-At start-up it asks the verify service and every draft service for their model info and refuses a
-draft (or its own tokenizer) whose tokenizer fingerprint differs from the target's.
+Requests become a :class:`~specdec.orchestrator.controller.GenerationRequest`; results go back through
+the records' own ``to_pb`` (``specdec.records``) and, with ``--log-dir``, into one
+:class:`~specdec.records.GenerationLog` file per generation. At start-up it asks the verify service
+and every draft service for their model info and refuses a draft (or its own tokenizer) whose
+tokenizer fingerprint differs from the target's.
 """
 
 from __future__ import annotations
@@ -21,57 +24,21 @@ from pathlib import Path
 from specdec.orchestrator.clients import GrpcDraftClient, GrpcVerifyClient, check_fingerprints
 from specdec.orchestrator.instrumentation import GenerationInstrumentation
 from specdec.orchestrator.resilience import GenerationQueue, ReplicatedVerifier
-from specdec.orchestrator.controller import (
-    AUTOREGRESSIVE,
-    SEQUENTIAL,
-    TREE,
-    GenerationRequest,
-    GenerationResult,
-    Limits,
-    RoundRecord,
-    SpeculativeController,
-)
+from specdec.orchestrator.controller import GenerationRequest, Limits, SpeculativeController
 from specdec import config
+from specdec.detokenize import TextStream, token_texts
 from specdec.errors import InvalidRequest, NotReady
-from specdec.rpc.server import rpc_method, sampling_params, start_server
-from specdec.rpc.tracing import start_telemetry
-from specdec.rpc.serving import announce, serve_until_signalled, setup_logging
+from specdec.records import DecodingMode, GenerationLog, GenerationResult, finish_reason_pb
+from specdec.rpc.convert import sampling_params
 from specdec.rpc.security import SecurityConfigError, auth_interceptors, describe_server_tls, use_client_tls
+from specdec.rpc.server import announce, serve_until_signalled, setup_logging, start_server, start_telemetry
+from specdec.rpc.status import rpc_method
 from specdec.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 
 log = logging.getLogger("specdec.orchestrator")
 SERVICE_NAME = generation_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name
-MODE_OF_ENUM = {
-    generation_pb2.DECODING_MODE_AUTOREGRESSIVE: AUTOREGRESSIVE,
-    generation_pb2.DECODING_MODE_SEQUENTIAL: SEQUENTIAL,
-    generation_pb2.DECODING_MODE_TREE: TREE,
-}
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 1024
-FINISH_ENUM = {"length": generation_pb2.FINISH_REASON_LENGTH, "stop": generation_pb2.FINISH_REASON_STOP}
-
-
-class TextStream:
-    """Incremental detokenisation: each call returns the text the new tokens completed."""
-
-    def __init__(self, render, stop: list[str] = ()) -> None:
-        self.render = render  # tokens -> visible text (stop strings cut)
-        self.stop = [s for s in stop if s]
-        self.tokens: list[int] = []
-        self.sent = 0
-
-    def push(self, tokens: list[int]) -> str:
-        self.tokens.extend(tokens)
-        text = self.render(self.tokens)
-        # A trailing replacement character is half a multi-byte character: wait for the rest.
-        ready = len(text.rstrip("\ufffd"))
-        # Text that may be the start of a stop string waits too: the next round may complete it.
-        ready -= max((k for s in self.stop for k in range(1, len(s)) if text[:ready].endswith(s[:k])), default=0)
-        piece, self.sent = text[self.sent : ready], max(self.sent, ready)
-        return piece
-
-    def rest(self, final_text: str) -> str:
-        return final_text[self.sent :]
 
 
 class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
@@ -86,6 +53,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             max_context=target_info.max_context,
             max_new_tokens_limit=settings.max_new_tokens_limit,
             eos_token_ids=frozenset(target_info.eos_token_ids),
+            speculation=settings,
         )
         # The generation's trace and the metrics (specdec.rpc.metrics.OrchestratorMetrics, or None when off).
         self.instrumentation = GenerationInstrumentation(target_info.model, metrics)
@@ -94,14 +62,11 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             verify_client,
             draft_clients,
             limits,
-            decode=self.decode,
+            detokenizer=functools.partial(TextStream, tokenizer),
             draft_timeout_s=settings.draft_timeout_ms / 1e3,
             verify_timeout_s=settings.verify_timeout_ms / 1e3,
             instrumentation=self.instrumentation,
         )
-
-    def decode(self, tokens: list[int]) -> str:
-        return self.tokenizer.decode(tokens, skip_special_tokens=True)
 
     def to_request(self, request) -> GenerationRequest:
         s, spec = self.settings, request.speculation
@@ -119,12 +84,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             prompt_ids = list(request.prompt_token_ids)
         else:
             raise InvalidRequest("prompt is empty: set prompt or prompt_token_ids")
-        if request.mode == generation_pb2.DECODING_MODE_UNSPECIFIED:
-            mode = s.mode
-        elif request.mode in MODE_OF_ENUM:
-            mode = MODE_OF_ENUM[request.mode]
-        else:
-            raise InvalidRequest(f"mode = {request.mode} is not a known DecodingMode")
+        mode = DecodingMode.from_pb(request.mode) or DecodingMode.parse(s.mode)
         try:
             sampling = sampling_params(request.sampling, seed=request.sampling.seed)
         except InvalidRequest as exc:
@@ -184,30 +144,25 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             with self.admitted(request, context, observed) as req:
                 result = self.controller.generate(req, observed.trace_parent)
             observed.finish(result)
-        self.write_log(req, result)
-        return generation_pb2.GenerateResponse(
-            text=result.text,
-            token_ids=result.token_ids,
-            finish_reason=FINISH_ENUM[result.finish_reason],
-            stats=stats_pb(result),
-            rounds=[round_pb(r) for r in result.rounds] if req.include_rounds else [],
-            token_texts=token_texts(result.token_ids, self.decode),
-        )
+        texts = token_texts(self.tokenizer, result.token_ids)
+        self.write_log(req, result, texts)
+        return result.to_pb(req.include_rounds, texts)
 
     @rpc_method
     def GenerateStream(self, request, context):
         # The generation span is not made current here: this generator yields inside it.
         with self.instrumentation.generation("GenerateStream", context) as observed:
             with self.admitted(request, context, observed) as req:
-                text = TextStream(lambda tokens: self.controller.render_text(tokens, req.stop), req.stop)
                 stream = self.controller.stream(req, observed.trace_parent)
+                sent = 0  # characters of text sent so far
                 try:
                     while True:
                         record = next(stream)
+                        sent += len(record.text)
                         yield generation_pb2.GenerateStreamResponse(
                             token_ids=record.new_tokens,
-                            text=text.push(record.new_tokens),
-                            round=round_pb(record) if req.include_rounds else None,
+                            text=record.text,
+                            round=record.to_pb() if req.include_rounds else None,
                         )
                 except StopIteration as done:
                     result = done.value
@@ -217,9 +172,9 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
                     stream.close()
             observed.finish(result)
         self.write_log(req, result)
-        # The last message: any text held back, and the totals.
+        # The last message: any text held back (it might have begun a stop string), and the totals.
         yield generation_pb2.GenerateStreamResponse(
-            text=text.rest(result.text), finish_reason=FINISH_ENUM[result.finish_reason], stats=stats_pb(result)
+            text=result.text[sent:], finish_reason=finish_reason_pb(result.finish_reason), stats=result.stats.to_pb()
         )
 
     @rpc_method
@@ -232,85 +187,24 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         info.cached_tokens = 0
         return info
 
-    def write_log(self, req: GenerationRequest, result: GenerationResult) -> None:
+    def write_log(self, req: GenerationRequest, result: GenerationResult, texts: list[str] | None = None) -> None:
         if self.log_dir is None:
             return
         try:
             self.log_dir.mkdir(parents=True, exist_ok=True)
             path = self.log_dir / f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}.json"
-            entry = run_log(req, result, self.target_info.model)
-            # So that the log alone can be shown (specdec dashboard): the prompt and each token's text.
-            entry |= {"prompt": self.decode(req.prompt_ids), "token_texts": token_texts(result.token_ids, self.decode)}
-            path.write_text(json.dumps(entry, indent=1))
+            entry = GenerationLog(
+                result=result,
+                target_model=self.target_info.model,
+                request={k: v for k, v in dataclasses.asdict(req).items() if k not in ("prompt_ids", "deadline", "cancelled")}
+                | {"prompt_tokens": len(req.prompt_ids)},
+                # So that the log alone can be shown (specdec dashboard): the prompt and each token's text.
+                prompt=self.tokenizer.decode(req.prompt_ids, skip_special_tokens=True),
+                token_texts=texts if texts is not None else token_texts(self.tokenizer, result.token_ids),
+            )
+            path.write_text(json.dumps(entry.to_json(), indent=1))
         except OSError as exc:
             log.warning("could not write the run log: %s", exc)
-
-
-def token_texts(tokens: list[int], decode) -> list[str]:
-    """The text each token adds; a token that ends inside a multi-byte character adds nothing until it completes."""
-    pieces, sent = [], 0
-    for n in range(1, len(tokens) + 1):
-        text = decode(tokens[:n])
-        ready = len(text.rstrip("\ufffd"))
-        pieces.append(text[sent:ready])
-        sent = max(sent, ready)
-    return pieces
-
-
-def run_log(req: GenerationRequest, result: GenerationResult, target_model: str) -> dict:
-    return {
-        "target_model": target_model,
-        "request": {k: v for k, v in dataclasses.asdict(req).items() if k not in ("prompt_ids", "deadline", "cancelled")} | {"prompt_tokens": len(req.prompt_ids)},
-        "text": result.text,
-        "token_ids": result.token_ids,
-        "finish_reason": result.finish_reason,
-        "stats": result.stats,
-        "rounds": [
-            {
-                "index": r.index,
-                "proposals": r.proposals,
-                "accepted": r.accepted,
-                "bonus_token": r.bonus_token,
-                "bonus_is_correction": r.bonus_is_correction,
-                "winning_draft": r.winning_draft,
-                "tree_nodes": r.tree_nodes,
-                "branching_factor": r.branching_factor,
-                "draft_ms": r.draft_ms,
-                "verify_ms": r.verify_ms,
-                "fallback": r.fallback,
-                "fallback_reason": r.fallback_reason,
-                "accepted_by_draft": r.accepted_by_draft,
-            }
-            for r in result.rounds
-        ],
-    }
-
-
-def stats_pb(result: GenerationResult) -> generation_pb2.GenerationStats:
-    s = result.stats
-    drafts = [
-        generation_pb2.DraftStats(draft=name, **values) for name, values in s["drafts"].items()
-    ]
-    return generation_pb2.GenerationStats(**{k: v for k, v in s.items() if k != "drafts"}, drafts=drafts)
-
-
-def round_pb(r: RoundRecord) -> generation_pb2.Round:
-    return generation_pb2.Round(
-        index=r.index,
-        proposals=[
-            generation_pb2.DraftProposal(draft=name, beams=[generation_pb2.DraftBeamTokens(token_ids=b) for b in beams])
-            for name, beams in r.proposals.items()
-        ],
-        accepted_token_ids=r.accepted,
-        bonus_token_id=r.bonus_token if r.bonus_token is not None else -1,
-        bonus_is_correction=r.bonus_is_correction,
-        winning_draft=r.winning_draft,
-        tree_nodes=r.tree_nodes,
-        draft_ms=r.draft_ms,
-        verify_ms=r.verify_ms,
-        fallback=r.fallback,
-        fallback_reason=r.fallback_reason,
-    )
 
 
 def build_servicer(settings: config.OrchestratorSettings, startup_timeout_s: float = 600.0, metrics=None) -> GenerationServicer:
@@ -340,7 +234,7 @@ def build_servicer(settings: config.OrchestratorSettings, startup_timeout_s: flo
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(settings.target_model))
     check_fingerprints(target_info, draft_infos, own=tokenizer_fingerprint(tokenizer))
     for client, info in zip(draft_clients, draft_infos.values()):
-        client.name = f"{client.name} ({Path(info.model).name})"
+        client.model = info.model  # a field of its own (DraftStats.model), never part of the name
     return GenerationServicer(settings, tokenizer, verify_client, draft_clients, target_info, metrics)
 
 

@@ -2,7 +2,8 @@
 
 One dataclass per process; each field is a flag ``--field-name`` and an environment variable
 ``SPECDEC_FIELD_NAME`` (a flag wins over the variable, the variable over the default). The local
-launcher, docker compose and Kubernetes all use these same names.
+launcher, docker compose and Kubernetes all use these same names: the launcher builds each child's
+settings object and passes it on with :func:`to_argv`, the inverse of :func:`add_arguments`.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import argparse
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import Any, get_type_hints
+from typing import Any, Mapping, get_type_hints
 
 from specdec.records import MODE_NAMES
 
@@ -26,7 +27,7 @@ def _setting(default: Any, help: str, **extra: Any) -> Any:
 
 @dataclass
 class TlsServerSettings:
-    """What a server presents and whom it lets in (see specdec/security.py)."""
+    """What a server presents and whom it lets in (see specdec/rpc/security.py)."""
 
     tls_cert: str = _setting("", "this server's certificate chain, PEM file; with --tls-key turns TLS on ('' = plaintext)")
     tls_key: str = _setting("", "private key of --tls-cert, PEM file")
@@ -115,7 +116,7 @@ class OrchestratorSettings(ServerSettings, SpeculationDefaults, SpeculationLimit
 
 
 @dataclass
-class ClusterSettings(SpeculationDefaults, TlsServerSettings, TlsClientSettings, AuthSettings):
+class ClusterSettings(SpeculationDefaults, SpeculationLimits, TlsServerSettings, TlsClientSettings, AuthSettings):
     target_model: str = _setting(EMBEDDED_TARGET, "target model for the verify service")
     draft_models: list[str] = _setting(lambda: [EMBEDDED_DRAFT], "draft models, comma-separated, one service each")
     port: int = _setting(50051, "orchestrator port (drafts and verifier take free ports)")
@@ -143,15 +144,18 @@ def _parse(kind: type, raw: str) -> Any:
     return kind(raw)
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
-    """Add one flag per field of ``cls``; defaults come from the environment, then the dataclass."""
+def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = (),
+                  environ: Mapping[str, str] | None = None) -> None:
+    """Add one flag per field of ``cls``; defaults come from the environment (``environ``, this
+    process's when None), then the dataclass."""
+    environ = os.environ if environ is None else environ
     hints = get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
         kind = hints[f.name]
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        raw = os.environ.get(env_name(f.name))
+        raw = environ.get(env_name(f.name))
         if raw is not None:
             default = _parse(kind, raw)
         parser.add_argument(
@@ -169,12 +173,31 @@ def from_args(cls: type, namespace: argparse.Namespace):
     return cls(**values)
 
 
-def from_env(cls: type, **overrides: Any):
-    """Settings from the environment and defaults only (for tests and embedding)."""
+def from_env(cls: type, environ: Mapping[str, str] | None = None, **overrides: Any):
+    """Settings from the environment (``environ``, this process's when None) and defaults, then
+    ``overrides`` (for launchers, tests and embedding)."""
     parser = argparse.ArgumentParser()
-    add_arguments(parser, cls)
+    add_arguments(parser, cls, environ=environ)
     settings = from_args(cls, parser.parse_args([]))
     return dataclasses.replace(settings, **overrides)
+
+
+def to_argv(settings) -> list[str]:
+    """The flags that give ``settings`` back through :func:`add_arguments` and :func:`from_args`:
+    every field, so that neither a default nor a variable in the child's environment can differ.
+    Secrets are left out (a command line is visible to every user): hand them over in ``SPECDEC_*``
+    variables."""
+    argv = []
+    for f in dataclasses.fields(settings):
+        if not f.metadata.get("secret", False):
+            argv += ["--" + f.name.replace("_", "-"), _flag_value(getattr(settings, f.name))]
+    return argv
+
+
+def _flag_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return ",".join(value) if isinstance(value, list) else str(value)
 
 
 def _show(value: Any, secret: bool = False) -> str:

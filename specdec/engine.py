@@ -1,20 +1,55 @@
-"""One forward pass of a causal LM over a session's cache, with tree attention.
+"""One forward pass of a causal LM over a session's cache, with tree attention, and the one
+thread every model call runs on.
 
 Both services run their model through :func:`tree_forward`: the verify service to score the
 pending context tokens plus a whole token tree in one pass, the draft service to prefill and then
 grow its beams level by level. The mask and positions come from :mod:`specdec.tree`; the cache
-layout and its bookkeeping from :mod:`specdec.kv_cache`.
+layout and its bookkeeping from :mod:`specdec.kv_cache`. The engines (``BeamDrafter``,
+``TreeVerifier``) each own a :class:`ModelWorker` and run their public methods on it
+(:func:`on_model_thread`), whoever calls them: a gRPC servicer's threads or a test's.
 """
 
 from __future__ import annotations
 
+import contextvars
+import functools
 import inspect
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 from specdec import telemetry
 from specdec.kv_cache import SessionKV
 from specdec.tree import tree_attention_mask, tree_positions
+
+
+class ModelWorker:
+    """Runs a model's calls one at a time on one dedicated thread.
+
+    gRPC hands each call to whichever worker thread is free; on a CPU each calling thread gets an
+    OpenMP team of its own, and teams left spinning in other threads steal the cores the next
+    forward needs. Concurrent forwards would also only split the same cores (or the same GPU
+    stream). One thread keeps a single team warm, and since every call that touches a session's
+    KV cache runs on it, no cache is ever changed by two calls at once: no lock is needed. The
+    caller's context (its trace span) is carried over, so spans made inside stay children of the
+    call's span.
+    """
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+
+    def run(self, fn, *args, **kwargs):
+        return self._pool.submit(contextvars.copy_context().run, fn, *args, **kwargs).result()
+
+
+def on_model_thread(method):
+    """Run an engine's method on the engine's ``worker`` (a :class:`ModelWorker`)."""
+
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        return self.worker.run(method, self, *args, **kwargs)
+
+    return run
 
 
 @torch.inference_mode()

@@ -1,6 +1,6 @@
 """Errors the services raise on purpose; the gRPC edge maps each to its status code.
 
-Kept free of gRPC so the algorithm modules can raise them; ``specdec.rpc.server`` does the mapping.
+Kept free of gRPC so the algorithm modules can raise them; ``specdec.rpc.status`` does the mapping.
 """
 
 from __future__ import annotations

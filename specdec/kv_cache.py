@@ -58,7 +58,8 @@ def cache_nbytes(cache: DynamicCache) -> int:
 
 @dataclass
 class SessionKV:
-    """One session's cache and the tokens its entries stand for."""
+    """One session's cache and the tokens its entries stand for. Only the model's thread
+    (:class:`specdec.engine.ModelWorker`) changes it."""
 
     session_id: str
     cache: DynamicCache = field(default_factory=DynamicCache)
@@ -66,7 +67,6 @@ class SessionKV:
     tail_tokens: list[int] = field(default_factory=list)  # [T], tree nodes cached after the prefix
     tail_parents: list[int] = field(default_factory=list)  # [T], -1 = child of the last prefix token
     last_used: float = field(default_factory=time.monotonic)
-    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def cached_len(self) -> int:

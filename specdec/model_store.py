@@ -252,11 +252,6 @@ def fetch(alias: str, model_dir: str | os.PathLike | None = None, progress: bool
     return final
 
 
-def fetch_all(model_dir: str | os.PathLike | None = None, progress: bool = True) -> list[Path]:
-    """Fetch every embedded model, the small draft first so it is usable soonest."""
-    return [fetch(alias, model_dir, progress) for alias in EMBEDDED_MODELS]
-
-
 # --------------------------------------------------------------------------- loading
 
 

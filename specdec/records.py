@@ -6,9 +6,8 @@ log (:class:`GenerationLog`, ``to_json``); the benchmark writes the same log for
 its runs through the cluster; the analysis and the dashboard read it back (``from_json``). The
 decoding modes and their protobuf enum live here too (:class:`DecodingMode`).
 
-Words as vLLM's spec-decode docs use them: a round *drafts* tokens, the target *accepts* the
-longest drafted path it agrees with and adds a *bonus token* of its own, which is a *correction*
-when a draft had proposed something else there.
+The words of a round (drafted, accepted, bonus token, correction) are defined once, in
+``specdec.speculation``, which computes them.
 
 The protobuf modules are imported where a conversion needs them, so this module (and
 ``specdec.config``, which takes the mode names from it) loads before the stubs are generated.
@@ -30,6 +29,9 @@ class DecodingMode(str, enum.Enum):
     AUTOREGRESSIVE = "autoregressive"  # no drafts: one target token per verify call
     SEQUENTIAL = "sequential"  # each draft proposes one greedy chain
     TREE = "tree"  # each draft runs beam search; all beams merged into one trie
+
+    def __str__(self) -> str:  # the name, wherever a mode is printed or used as a metric label
+        return self.value
 
     def to_pb(self) -> int:
         from specdec.v1 import generation_pb2
@@ -92,6 +94,9 @@ class RoundRecord:
     branching_factor: float = 0.0
     new_tokens: list[int] = field(default_factory=list)  # what this round added (after stop/length cuts)
     accepted_by_draft: dict[str, int] = field(default_factory=dict)
+    # The text this round released: complete characters only, and a tail that may begin a stop
+    # string waits for the next round (specdec.detokenize.TextStream). "" when not recorded.
+    text: str = ""
 
     @property
     def drafted_depth(self) -> int:
@@ -162,6 +167,18 @@ class DraftStats:
     @property
     def acceptance_rate(self) -> float:
         return self.accepted_tokens / self.proposed_positions if self.proposed_positions else 0.0
+
+    @classmethod
+    def of(cls, draft: str, model: str, rounds: list[RoundRecord]) -> DraftStats:
+        """A draft's totals over a generation's rounds."""
+        stats = cls(draft, model)
+        for r in rounds:
+            beams = r.proposals.get(draft)
+            if beams:
+                stats.proposed_tokens += sum(map(len, beams))
+                stats.proposed_positions += max(map(len, beams))
+                stats.accepted_tokens += r.accepted_by_draft.get(draft, 0)
+        return stats
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self) | {"acceptance_rate": self.acceptance_rate}
@@ -288,6 +305,19 @@ class GenerationResult:
             "stats": self.stats.to_json(),
             "rounds": [r.to_json() for r in self.rounds],
         }
+
+    def to_pb(self, include_rounds: bool = True, token_texts: list[str] = ()):
+        """The ``GenerateResponse`` message (``token_texts``: the text each token adds, see specdec.detokenize)."""
+        from specdec.v1 import generation_pb2
+
+        return generation_pb2.GenerateResponse(
+            text=self.text,
+            token_ids=self.token_ids,
+            finish_reason=finish_reason_pb(self.finish_reason),
+            stats=self.stats.to_pb(),
+            rounds=[r.to_pb() for r in self.rounds] if include_rounds else [],
+            token_texts=token_texts,
+        )
 
     @classmethod
     def from_json(cls, data: dict) -> GenerationResult:

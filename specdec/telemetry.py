@@ -47,6 +47,11 @@ def enabled() -> bool:
     return _tracer is not None
 
 
+def provider():
+    """The SDK TracerProvider of this process's tracing, or None when tracing is off."""
+    return _provider
+
+
 def tracer() -> trace.Tracer:
     """The process's tracer (a no-op one when tracing is off)."""
     return _tracer if _tracer is not None else trace.NoOpTracer()
@@ -143,11 +148,6 @@ def _exporter(name: str, env):
         return ConsoleSpanExporter()
     log.warning("OTEL_TRACES_EXPORTER=%s is not supported (otlp, console, none); ignored", name)
     return None
-
-
-def force_flush(timeout_ms: int = 5000) -> bool:
-    provider = _provider
-    return provider.force_flush(timeout_ms) if provider is not None else True
 
 
 def shutdown() -> None:

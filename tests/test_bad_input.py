@@ -98,6 +98,9 @@ BAD_VERIFY = [
     ("context-token-at-vocab", {"context": [VOCAB]}, ["context_token_ids[0]"]),
     ("context-over-model", {"context": [5] * MAX_CONTEXT, "tokens": [1], "parents": [-1]}, ["context_token_ids", str(MAX_CONTEXT)]),
     ("tree-too-large", {"tokens": [1] * 5000, "parents": [-1] * 5000}, ["tree"]),
+    # The verify service's limits are config.SpeculationLimits' defaults: 1024 nodes, depth 16.
+    ("tree-over-node-limit", {"tokens": [1] * 1025, "parents": [-1] * 1025}, ["tree size", "1024"]),
+    ("tree-too-deep", {"tokens": [1] * 17, "parents": list(range(-1, 16))}, ["tree depth", "16"]),
 ]
 
 

@@ -1,4 +1,4 @@
-"""``specdec bench --config``: a tiny sweep end to end on the tiny models (real cluster processes),
+"""``specdec bench --config FILE``: a tiny sweep end to end on the tiny models (real cluster processes),
 its per-run JSON logs and benchmark_summary.csv checked against the runs' own responses and the
 target alone; resuming an interrupted sweep; ``specdec analyze``; and the shipped sweep files."""
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from specdec.tools import analyze, bench
+from specdec.tools import analyze, bench, cli
 from tiny_models import reference_greedy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,9 +65,9 @@ def sweep_run(tiny_dirs, tmp_path_factory):
 
     bench.stream_generate = spy
     try:
-        assert bench.main(["--config", str(config), "--limit", "7"]) == 0
+        assert cli.main(["bench", "--config", str(config), "--limit", "7"]) == 0
         first = {p.name: p.read_text() for p in (out / "runs").glob("*.json")}
-        assert bench.main(["--config", str(config)]) == 0
+        assert cli.main(["bench", "--config", str(config)]) == 0
     finally:
         bench.stream_generate = original
     return out, first, responses
@@ -120,9 +120,10 @@ def test_sweep_logs_match_responses_and_the_target(sweep_run, tiny_target):
         assert tokens == log["token_ids"] and seconds == b["seconds"] and ttft_ms == b["ttft_ms"]
         for key in ("mode", "tokens_generated", "rounds", "draft_tokens_proposed", "draft_tokens_accepted", "bonus_tokens",
                     "tree_nodes_total", "prompt_tokens"):
-            assert streamed["stats"][key] == stats[key], key
-        assert [r["accepted"] for r in streamed["rounds"]] == [r["accepted"] for r in log["rounds"]]
-        assert [r["proposals"] for r in streamed["rounds"]] == [r["proposals"] for r in log["rounds"]]
+            assert getattr(streamed.result.stats, key) == stats[key], key
+        assert streamed.result.text == log["text"] and streamed.result.finish_reason == log["finish_reason"]
+        assert [r.accepted for r in streamed.result.rounds] == [r["accepted"] for r in log["rounds"]]
+        assert [r.proposals for r in streamed.result.rounds] == [r["proposals"] for r in log["rounds"]]
         assert stats["mode"] == b["mode"] and stats["prompt_tokens"] == len(prompt_ids[b["prompt_id"]])
         # The fields earlier benchmark logs had, from the rounds.
         rounds = log["rounds"]
@@ -139,6 +140,9 @@ def test_sweep_logs_match_responses_and_the_target(sweep_run, tiny_target):
         for name, rate in m["per_draft_acceptance"].items():
             assert rate == pytest.approx(stats["drafts"][name]["acceptance_rate"], abs=1e-6)
         assert len(stats["drafts"]) == len(b["draft_models"]) == (1 if b["model_set"] == "one" else 2)
+        # Drafts go by their service names; each one's model is a field of its own.
+        assert list(stats["drafts"]) == [f"draft-{i}" for i in range(len(b["draft_models"]))]
+        assert [Path(d["model"]).name for d in stats["drafts"].values()] == [Path(m).name for m in b["draft_models"]]
         positions = m["acceptance_by_position"]["all"]
         assert positions["1"]["drafted"] == sum(any(r["proposals"].values()) for r in rounds)  # the last round may draft nothing
         assert sum(v["accepted"] for v in positions.values()) == m["accepted_tokens"]
@@ -189,7 +193,7 @@ def test_resume_runs_only_what_is_missing(sweep_run, tiny_dirs, tmp_path, capsys
     assert not list((out / "runs").glob(".*.tmp"))
     config = write_config(tmp_path, tiny_dirs, out)
     capsys.readouterr()
-    assert bench.main(["--config", str(config), "--dry-run"]) == 0
+    assert cli.main(["bench", "--config", str(config), "--dry-run"]) == 0
     assert "0 of 18 runs to do" in capsys.readouterr().err
 
 

@@ -5,38 +5,17 @@ import time
 
 import pytest
 
-from specdec.draft_service.drafter import BeamDrafter
+from local_clients import LocalDraft, LocalVerify, local_controller
+from specdec.config import SpeculationLimits
+from specdec.errors import InvalidRequest
 from specdec.orchestrator.controller import GenerationRequest, Limits, SpeculativeController
-from tiny_models import EOS, VOCAB, reference_greedy, tiny_qwen2, truncated_copy
-from specdec.verify_service.verifier import TreeVerifier
+from tiny_models import EOS, VOCAB, reference_greedy, tiny_qwen2, tiny_tokenizer, truncated_copy
 
 PROMPTS = [[11, 40, 3, 77, 25, 60, 8], [5], list(range(20, 50))]
 
 
-class LocalDraft:
-    def __init__(self, name, model):
-        self.name, self.drafter = name, BeamDrafter(model)
-
-    def draft(self, session_id, context, beam_width, depth, timeout_s):
-        return [b.tokens for b in self.drafter.propose(session_id, context, beam_width, depth).beams]
-
-    def release(self, session_id):
-        self.drafter.store.release(session_id)
-
-
-class LocalVerify:
-    def __init__(self, model):
-        self.verifier = TreeVerifier(model)
-
-    def verify(self, session_id, context, tree, timeout_s):
-        return self.verifier.verify(session_id, context, tree).target_tokens
-
-    def release(self, session_id):
-        self.verifier.store.release(session_id)
-
-
 class BrokenDraft:
-    name = "broken"
+    name, model = "broken", ""
 
     def draft(self, *args):
         raise ConnectionError("draft service went away")
@@ -66,8 +45,7 @@ def drafts(target):
 
 
 def controller(target, draft_clients, **kwargs):
-    limits = Limits(vocab_size=VOCAB, max_context=512, max_new_tokens_limit=1000, eos_token_ids=frozenset({EOS}))
-    return SpeculativeController(LocalVerify(target), draft_clients, limits, decode=lambda ids: "".join(map(chr, [65 + i % 26 for i in ids])), **kwargs)
+    return local_controller(LocalVerify(target), draft_clients, eos_token_ids={EOS}, **kwargs)
 
 
 def request(prompt, mode, max_new_tokens=24, draft_length=5, beam_width=2, beam_depth=4, max_tree_nodes=64, **kwargs):
@@ -109,8 +87,7 @@ def test_stops_at_eos_like_generate():
     # Make the target's 6th greedy token the end-of-sequence token.
     eos = reference[5]
     target.generation_config.eos_token_id = eos
-    limits = Limits(vocab_size=VOCAB, max_context=512, max_new_tokens_limit=100, eos_token_ids=frozenset({eos}))
-    c = SpeculativeController(LocalVerify(target), [LocalDraft("self", target)], limits, decode=str)
+    c = local_controller(LocalVerify(target), [LocalDraft("self", target)], eos_token_ids={eos}, max_new_tokens_limit=100)
     result = c.generate(request(PROMPTS[0], "tree", max_new_tokens=40))
     assert result.token_ids == reference_greedy(target, PROMPTS[0], 40) == reference[:6]
     assert result.finish_reason == "stop"
@@ -120,17 +97,22 @@ def test_stats_add_up(target, drafts):
     c = controller(target, [LocalDraft("truncated", drafts["truncated"]), LocalDraft("self", drafts["self"])])
     result = c.generate(request(PROMPTS[0], "tree", max_new_tokens=30, beam_width=2, beam_depth=4))
     s = result.stats
-    assert s["tokens_generated"] == len(result.token_ids) == 30
-    assert s["rounds"] == s["verification_calls"] == len(result.rounds)
-    assert s["mean_accepted_per_round"] == pytest.approx(30 / s["rounds"])
-    assert s["draft_tokens_accepted"] == sum(len(r.accepted) for r in result.rounds)
+    assert s.mode == "tree" and s.prompt_tokens == len(PROMPTS[0])
+    assert s.tokens_generated == len(result.token_ids) == 30
+    assert s.rounds == s.to_pb().verification_calls == len(result.rounds)
+    assert s.mean_accepted_per_round == pytest.approx(30 / s.rounds)
+    assert s.draft_tokens_accepted == sum(len(r.accepted) for r in result.rounds)
     assert sum(len(r.new_tokens) for r in result.rounds) == 30
-    assert s["bonus_tokens"] <= s["rounds"]
-    assert s["tree_nodes_total"] == sum(r.tree_nodes for r in result.rounds)
+    assert s.bonus_tokens <= s.rounds
+    assert s.tree_nodes_total == sum(r.tree_nodes for r in result.rounds)
+    # Drafts keep their names; the model they serve is a field of its own.
+    assert [(d.draft, d.model) for d in s.drafts] == [("truncated", "Qwen2ForCausalLM"), ("self", "Qwen2ForCausalLM")]
+    assert s.draft_tokens_proposed == sum(d.proposed_tokens for d in s.drafts)
+    assert all(d.accepted_tokens <= d.proposed_positions for d in s.drafts)
     # The target as its own draft is accepted in full: fewer rounds than tokens.
-    assert s["drafts"]["self"]["acceptance_rate"] > 0.9
-    assert s["rounds"] < 30
-    assert s["draft_ms"] + s["verify_ms"] + s["other_ms"] == pytest.approx(s["total_ms"], rel=1e-6)
+    assert s.draft("self").acceptance_rate > 0.9
+    assert s.rounds < 30
+    assert s.draft_ms + s.verify_ms + s.other_ms == pytest.approx(s.total_ms, rel=1e-6)
 
 
 def test_failing_and_late_drafts_fall_back_with_identical_output(target, drafts):
@@ -152,17 +134,23 @@ def test_one_failing_draft_does_not_stop_the_others(target, drafts):
 def test_stop_string_cuts_output(target, drafts):
     c = controller(target, [LocalDraft("self", drafts["self"])])
     full = c.generate(request(PROMPTS[0], "tree", max_new_tokens=20))
-    stop = c.render_text(full.token_ids[4:6], [])
+    tokenizer = tiny_tokenizer()
+    assert full.text == tokenizer.decode(full.token_ids, skip_special_tokens=True)
+    stop = tokenizer.decode(full.token_ids[4:6], skip_special_tokens=True)
+    assert stop
     result = c.generate(request(PROMPTS[0], "tree", max_new_tokens=20, stop=[stop]))
     assert result.finish_reason == "stop"
-    assert result.token_ids == full.token_ids[: len(result.token_ids)]
-    assert stop not in result.text and full.text.startswith(result.text)
+    # Up to the first token whose text completes the stop string; the text is cut before it.
+    n = next(n for n in range(1, 21) if stop in tokenizer.decode(full.token_ids[:n], skip_special_tokens=True))
+    assert result.token_ids == full.token_ids[:n]
+    assert result.text == full.text[: full.text.find(stop)]
+    # The rounds' text is released as it completes and joins up to the output text.
+    assert "".join(r.text for r in result.rounds) == result.text
 
 
 def test_sessions_are_released_everywhere(target, drafts):
     verify, draft = LocalVerify(target), LocalDraft("self", drafts["self"])
-    limits = Limits(vocab_size=VOCAB, max_context=512, max_new_tokens_limit=100, eos_token_ids=frozenset())
-    c = SpeculativeController(verify, [draft], limits, decode=str)
+    c = local_controller(verify, [draft], max_new_tokens_limit=100)
     c.generate(request(PROMPTS[0], "tree", max_new_tokens=10))
     deadline = time.monotonic() + 5
     while (len(verify.verifier.store) or len(draft.drafter.store)) and time.monotonic() < deadline:
@@ -203,8 +191,7 @@ def test_cancelled_request_stops_and_releases_its_sessions(target, drafts):
     from specdec.errors import Cancelled
 
     verify, draft = LocalVerify(target), LocalDraft("self", drafts["self"])
-    limits = Limits(vocab_size=VOCAB, max_context=512, max_new_tokens_limit=100, eos_token_ids=frozenset())
-    c = SpeculativeController(verify, [draft], limits, decode=str)
+    c = local_controller(verify, [draft], max_new_tokens_limit=100)
     rounds = []
     req = request(PROMPTS[0], "tree", max_new_tokens=60, cancelled=lambda: len(rounds) >= 2)
     stream = c.stream(req)
@@ -243,7 +230,27 @@ def test_adaptive_depth_is_lossless_and_follows_acceptance(target, drafts, mode,
 
 @pytest.mark.parametrize("mode", ["sequential", "tree"])
 def test_limited_draft_vocabulary_is_lossless(target, drafts, mode):
-    draft = LocalDraft("truncated", drafts["truncated"])
-    draft.drafter = BeamDrafter(drafts["truncated"], vocab_limit=VOCAB // 3)
+    draft = LocalDraft("truncated", drafts["truncated"], vocab_limit=VOCAB // 3)
     result = controller(target, [draft]).generate(request(PROMPTS[0], mode, max_new_tokens=30, adaptive=True))
     assert result.token_ids == reference_greedy(target, PROMPTS[0], 30)
+
+
+def test_rounds_release_text_as_it_completes(target, drafts):
+    c = controller(target, [LocalDraft("truncated", drafts["truncated"])])
+    result = c.generate(request(PROMPTS[0], "tree", max_new_tokens=30, stop=["never-there"]))
+    assert result.text == tiny_tokenizer().decode(result.token_ids, skip_special_tokens=True)
+    released = "".join(r.text for r in result.rounds)
+    # A tail that may begin the stop string waits; the rest comes with the end of the generation.
+    assert result.text.startswith(released) and len(result.text) - len(released) < len("never-there")
+
+
+def test_speculation_limits_come_from_the_settings(target):
+    limits = Limits(vocab_size=VOCAB, max_context=512, max_new_tokens_limit=100, eos_token_ids=frozenset(),
+                    speculation=SpeculationLimits(max_beam_width=2, max_beam_depth=3, max_tree_nodes_limit=10))
+    c = SpeculativeController(LocalVerify(target), [], limits, detokenizer=None)
+    c.check(request(PROMPTS[0], "tree", draft_length=3, beam_width=2, beam_depth=3, max_tree_nodes=10))
+    for field, value in [("draft_length", 4), ("beam_width", 3), ("beam_depth", 4), ("max_tree_nodes", 11)]:
+        with pytest.raises(InvalidRequest, match=f"speculation.{field}"):
+            c.check(request(PROMPTS[0], "tree", **{"draft_length": 3, "beam_width": 2, "beam_depth": 3, "max_tree_nodes": 10, field: value}))
+    with pytest.raises(InvalidRequest, match="mode 'beam'"):
+        c.check(request(PROMPTS[0], "beam"))

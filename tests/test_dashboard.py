@@ -1,6 +1,7 @@
-"""``specdec dashboard``: the generation view's HTML, reading the orchestrator's own logs, and the
-Streamlit app in a real headless Chromium: the generation view with green accepted tokens and red
-corrections, and a log written while the page is open showing up without a reload."""
+"""``specdec dashboard``: the generation view's HTML, reading the orchestrator's own logs, the app run by
+Streamlit's test harness, and the app in a real headless Chromium: the generation view with green
+accepted tokens and red corrections, and a log written while the page is open showing up without a
+reload."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from specdec.records import GenerationLog, GenerationResult, GenerationStats, RoundRecord
 from specdec.tools import analyze, dashboard
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -22,35 +24,33 @@ CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 GREEN, RED = "rgba(198, 239, 206, 1)", "rgba(255, 199, 206, 1)"  # dashboard.STYLE's backgrounds
 
 
-def fake_record() -> dict:
-    return {
-        "token_ids": [1, 2, 3, 4, 5, 6],
-        "prompt": "def f():",
-        "rounds": [
-            {"index": 0, "proposals": {"draft-0 (d)": [[1, 2, 9], [1, 8]]}, "accepted": [1, 2], "bonus_token": 3,
-             "bonus_is_correction": True, "draft_ms": 1.0, "verify_ms": 2.0, "tree_nodes": 4},
-            {"index": 1, "proposals": {"draft-0 (d)": [[4, 5]]}, "accepted": [4, 5], "bonus_token": 6,
-             "bonus_is_correction": False, "draft_ms": 1.0, "verify_ms": 2.0, "tree_nodes": 2},
-        ],
-    }
+def fake_log(token_ids=(1, 2, 3, 4, 5, 6)) -> GenerationLog:
+    rounds = [
+        RoundRecord(index=0, proposals={"draft-0": [[1, 2, 9], [1, 8]]}, accepted=[1, 2], bonus_token=3, bonus_is_correction=True,
+                    winning_draft="draft-0", tree_nodes=4, draft_ms=1.0, verify_ms=2.0, fallback=False),
+        RoundRecord(index=1, proposals={"draft-0": [[4, 5]]}, accepted=[4, 5], bonus_token=6, bonus_is_correction=False,
+                    winning_draft="draft-0", tree_nodes=2, draft_ms=1.0, verify_ms=2.0, fallback=False),
+    ]
+    stats = GenerationStats(mode="tree", prompt_tokens=3, tokens_generated=len(token_ids), rounds=2)
+    return GenerationLog(GenerationResult(list(token_ids), "", "length", stats, rounds), prompt="def f():")
 
 
 def test_generation_view_marks_accepted_tokens_and_corrections():
-    record = fake_record()
-    assert [kind for _, kind, _ in dashboard.token_kinds(record)] == [
+    log = fake_log()
+    assert [kind for _, kind, _ in dashboard.token_kinds(log)] == [
         dashboard.ACCEPTED, dashboard.ACCEPTED, dashboard.CORRECTION, dashboard.ACCEPTED, dashboard.ACCEPTED, dashboard.BONUS]
     texts = ["a", "b", "<c>", "d", "\n", "f"]
-    page = dashboard.generation_html(record, texts, lambda ids: "".join(texts[i - 1] if i <= 6 else "?" for i in ids))
+    page = dashboard.generation_html(log, texts, lambda ids: "".join(texts[i - 1] if i <= 6 else "?" for i in ids))
     assert page.count(f'sd-tok {dashboard.ACCEPTED}"') == 4
     assert page.count(f'sd-tok {dashboard.CORRECTION}"') == 1
     assert "&lt;c&gt;" in page and "<c>" not in page  # token text is escaped
     # Each token's tooltip lists its round's proposals (decoded) and what the target kept.
-    assert "draft-0 (d) beam 0: &#x27;ab?&#x27;" in page and "2 accepted, then a correction" in page
+    assert "draft-0 beam 0: &#x27;ab?&#x27;" in page and "2 accepted, then a correction" in page
     assert page.index("def f():") < page.index('data-round="0"')
 
     # Tokens the rounds do not account for (a stop cut, or a baseline) are plain, never mislabelled.
-    assert {k for _, k, _ in dashboard.token_kinds({**record, "token_ids": [1, 2, 7]})} == {dashboard.PLAIN}
-    assert [k for _, k, _ in dashboard.token_kinds({**record, "token_ids": [1, 2, 3, 4]})][-1] == dashboard.ACCEPTED
+    assert {k for _, k, _ in dashboard.token_kinds(fake_log([1, 2, 7]))} == {dashboard.PLAIN}
+    assert [k for _, k, _ in dashboard.token_kinds(fake_log([1, 2, 3, 4]))][-1] == dashboard.ACCEPTED
 
 
 @pytest.fixture(scope="module")
@@ -92,14 +92,34 @@ def test_orchestrator_logs_are_read_as_runs(cluster_logs):
     records = analyze.load_runs(cluster_logs)
     assert len(records) == 3 and {r["source"] for r in records} == {"orchestrator"}
     for r in records:
+        log = r["log"]
         assert r["label"].startswith("specdec-") and r["model_set"] != "-"
-        assert r["prompt"] and "".join(r["token_texts"]) .startswith(r["text"][:1])
-        assert len(r["token_texts"]) == len(r["token_ids"]) == r["metrics"]["tokens_generated"]
-        assert r["metrics"]["accepted_tokens"] == r["stats"]["draft_tokens_accepted"]
+        # Drafts by service name in the rounds; the model set names their models, read from the stats.
+        assert {name for round_ in log.result.rounds for name in round_.proposals} <= {d.draft for d in log.result.stats.drafts}
+        assert r["draft_models"] == [d.model for d in log.result.stats.drafts] and all(r["draft_models"])
+        assert log.prompt and "".join(log.token_texts).startswith(log.result.text[:1])
+        assert len(log.token_texts) == len(log.result.token_ids) == r["metrics"]["tokens_generated"]
+        assert r["metrics"]["accepted_tokens"] == log.result.stats.draft_tokens_accepted
     rows = analyze.summarise(records)
     assert {row["class"] for row in rows} == {analyze.NO_CLASS, analyze.ALL_CLASSES}
     assert all(row["speedup"] is None for row in rows)  # no target-only run in a cluster's log dir
     assert "expected (Leviathan et al.) vs measured" in analyze.report(records, rows)
+
+
+def test_the_app_renders_the_logs_without_a_browser(cluster_logs, monkeypatch):
+    """Streamlit's own test harness runs the app's script: every tab, no exception, the newest log shown."""
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setattr("sys.argv", ["dashboard_app.py", "--log-dir", str(cluster_logs), "--refresh-s", "0"])
+    app = AppTest.from_file(str(dashboard.APP), default_timeout=120)
+    app.run()
+    assert not app.exception
+    pages = [e.value for e in app.get("html")]
+    assert any('data-count="3"' in page for page in pages)
+    view = next(page for page in pages if 'class="sd-generation"' in page)
+    newest = max(analyze.load_runs(cluster_logs), key=lambda r: r["mtime"])["log"]
+    assert view.count('class="sd-tok ') == len(newest.result.token_ids)
+    assert view.count(f'sd-tok {dashboard.ACCEPTED}"') == sum(len(r.accepted) for r in newest.result.rounds)
 
 
 def free_port() -> int:
@@ -175,8 +195,8 @@ def test_dashboard_in_a_real_browser(dashboard_server, browser, cluster_logs, tm
     assert "beam 0:" in corrections[0].get_attribute("title")  # the round's proposals, as a tooltip
     # The newest log is shown: its tokens are the page's tokens.
     newest = max(analyze.load_runs(log_dir), key=lambda r: r["mtime"])
-    assert len(browser.find_elements(By.CSS_SELECTOR, ".sd-generation .sd-tok")) == len(newest["token_ids"])
-    assert sum(len(r["accepted"]) for r in newest["rounds"]) == len(accepted)
+    assert len(browser.find_elements(By.CSS_SELECTOR, ".sd-generation .sd-tok")) == len(newest["log"].result.token_ids)
+    assert sum(len(r.accepted) for r in newest["log"].result.rounds) == len(accepted)
     shot = tmp_path / "dashboard.png"
     browser.save_screenshot(str(shot))
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

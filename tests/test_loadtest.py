@@ -8,7 +8,8 @@ import json
 import pytest
 
 from specdec.tools import cli
-from specdec.tools.loadtest import LoadSpec, format_report, proc_status, run_local
+from specdec.tools.loadtest import LoadSpec, format_report, proc_status, read_prompts, run_local
+from specdec.tools.prompts import PromptFileError, bundled_dir
 
 PROMPTS = ["def hello(x):", "The quick brown fox", "class Stack:", "for i in range(10):"]
 
@@ -62,6 +63,17 @@ def test_proc_status_reads_own_process():
     status = proc_status(os.getpid())
     assert status["VmRSS"] > 0 and status["VmHWM"] >= status["VmRSS"]
     assert proc_status(2**22 + 12345) == {}
+
+
+def test_prompts_come_from_the_benchmark_prompt_files(tmp_path):
+    quick = [json.loads(line)["prompt"] for line in (bundled_dir() / "prompts" / "quick.jsonl").read_text().splitlines()]
+    assert LoadSpec().prompts == quick and len(quick) == 6
+    assert read_prompts(str(bundled_dir() / "prompts" / "code.jsonl"))[0].startswith("def run_length_encode")
+    with pytest.raises(PromptFileError, match="chat template"):
+        read_prompts(str(bundled_dir() / "prompts" / "chat.jsonl"))
+    lines = tmp_path / "prompts.txt"
+    lines.write_text("a\n\nb\n")
+    assert read_prompts(str(lines)) == ["a", "b"]
 
 
 def test_command_line_against_a_running_orchestrator(tiny_cluster, capsys):

@@ -288,12 +288,17 @@ def test_run_log_written(grpc_stubs, tiny_cluster):
     assert run["request"]["mode"] == "tree" and run["request"]["stop"] == ["never-there"]
     assert run["request"]["prompt_tokens"] == reply.stats.prompt_tokens
     stats = run["stats"]
-    for key in ("tokens_generated", "rounds", "verification_calls", "bonus_tokens", "draft_tokens_proposed",
+    for key in ("tokens_generated", "rounds", "bonus_tokens", "draft_tokens_proposed",
                 "draft_tokens_accepted", "tree_nodes_total", "prompt_tokens"):
         assert stats[key] == getattr(reply.stats, key), key
     assert stats["mean_accepted_per_round"] == pytest.approx(reply.stats.mean_accepted_per_round, rel=1e-5)
     assert len(run["rounds"]) == reply.stats.rounds
     assert set(stats["drafts"]) == {d.draft for d in reply.stats.drafts}
+    # Drafts keep their names; the model each serves is a field of its own.
+    models = dict(zip(["draft-0", "draft-1"], tiny_cluster.settings.draft_models))
+    assert {d.draft: d.model for d in reply.stats.drafts} == models
+    assert {name: d["model"] for name, d in stats["drafts"].items()} == models
+    assert "".join(run["token_texts"]) == run["text"] and run["prompt"]
 
 
 def test_health_and_reflection(tiny_cluster):

@@ -122,8 +122,7 @@ def test_orchestrator_finishes_a_stream_in_flight_then_exits_0(orchestrator, ref
 
 SLOW_SERVICE = textwrap.dedent("""
     import sys, time, grpc
-    from specdec.rpc.server import start_server
-    from specdec.rpc.serving import announce, serve_until_signalled, setup_logging
+    from specdec.rpc.server import announce, serve_until_signalled, setup_logging, start_server
 
     def sleep(request, context):
         time.sleep(float(request.decode()))

@@ -2,45 +2,19 @@
 engines produces tokens distributed as the target's own sampling, in every mode, with one or
 several drafts; a fixed seed replays the same output, in process and through the services."""
 
-import itertools
-
 import grpc
 import pytest
 import torch
 from scipy.stats import chisquare
 
-from specdec.draft_service.drafter import BeamDrafter
-from specdec.orchestrator.controller import GenerationRequest, Limits, SpeculativeController
+from local_clients import LocalDraft, LocalVerify, local_controller
+from specdec.orchestrator.controller import GenerationRequest
 from specdec.sampling import SamplingParams, distribution
 from specdec.v1 import generation_pb2, generation_pb2_grpc
-from tiny_models import VOCAB, tiny_qwen2, truncated_copy
-from specdec.verify_service.verifier import TreeVerifier
+from tiny_models import tiny_qwen2, truncated_copy
 
 PROMPT = [11, 40, 3, 77, 25]
 PARAMS = SamplingParams(temperature=1.0, top_k=4)  # 4 tokens per step: 16 outcomes for two tokens
-
-
-class LocalDraft:
-    def __init__(self, name, model):
-        self.name, self.drafter = name, BeamDrafter(model)
-
-    def draft_sampled(self, session_id, context, chains, depth, timeout_s, sampling, seed, vocab_size):
-        out = self.drafter.sample_chains(session_id, context, chains, depth, sampling, seed)
-        return [b.tokens for b in out.beams], [[out.distributions[i] for i in idx] for idx in out.distribution_index]
-
-    def release(self, session_id):
-        self.drafter.store.release(session_id)
-
-
-class LocalVerify:
-    def __init__(self, model):
-        self.verifier = TreeVerifier(model)
-
-    def verify_sampled(self, session_id, context, tree, timeout_s, sampling, vocab_size):
-        return self.verifier.verify(session_id, context, tree, sampling).target_probs
-
-    def release(self, session_id):
-        self.verifier.store.release(session_id)
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +23,7 @@ def target():
 
 
 def make(target, drafts):
-    limits = Limits(vocab_size=VOCAB, max_context=512, max_new_tokens_limit=100, eos_token_ids=frozenset())
-    return SpeculativeController(LocalVerify(target), drafts, limits, decode=str)
+    return local_controller(LocalVerify(target), drafts, max_new_tokens_limit=100)
 
 
 def request(mode, seed, max_new_tokens=2, **spec):
@@ -89,7 +62,7 @@ def test_sampled_output_follows_the_target(target, mode, draft_names, spec):
     for seed in range(1, samples + 1):
         result = controller.generate(request(mode, seed, **spec))
         counts[tuple(result.token_ids)] += 1
-        accepted += result.stats["draft_tokens_accepted"]
+        accepted += result.stats.draft_tokens_accepted
     # Significance 0.001 (the seeds are fixed, so the outcome is too).
     total = sum(exact.values())  # 1 up to float32 rounding; chisquare wants the sums to agree exactly
     assert chisquare(list(counts.values()), [exact[k] / total * samples for k in counts]).pvalue > 1e-3

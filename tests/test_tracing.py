@@ -18,11 +18,11 @@ import pytest
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
 from specdec.tools import traces
-from specdec.orchestrator.controller import GenerationRequest, Limits, SpeculativeController
+from specdec.orchestrator.controller import GenerationRequest
 from specdec.orchestrator.instrumentation import GenerationInstrumentation
 from specdec import telemetry
-from test_controller import LocalDraft, LocalVerify
-from tiny_models import EOS, VOCAB, tiny_qwen2, truncated_copy
+from local_clients import LocalDraft, LocalVerify, local_controller
+from tiny_models import EOS, tiny_qwen2, truncated_copy
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -129,9 +129,8 @@ def test_one_trace_file_from_several_processes(tmp_path):
 def controller():
     target = tiny_qwen2(seed=0, layers=3, eos_token_id=EOS)
     drafts = [LocalDraft("near", truncated_copy(target, 2)), LocalDraft("far", truncated_copy(target, 1))]
-    limits = Limits(vocab_size=VOCAB, max_context=512, max_new_tokens_limit=256, eos_token_ids=frozenset([EOS]))
-    return SpeculativeController(LocalVerify(target), drafts, limits, decode=lambda t: "".join(map(chr, t)),
-                                 instrumentation=GenerationInstrumentation("tiny"))
+    return local_controller(LocalVerify(target), drafts, eos_token_ids=[EOS], max_new_tokens_limit=256,
+                            instrumentation=GenerationInstrumentation("tiny"))
 
 
 def request(**fields) -> GenerationRequest:

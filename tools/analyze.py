@@ -1,12 +1,18 @@
 """``specdec analyze LOG_DIR``: what a directory of generation logs says about each configuration.
 
-It reads two kinds of JSON file, found anywhere under LOG_DIR:
+It reads every generation log (:class:`specdec.records.GenerationLog`, the one format) found
+anywhere under LOG_DIR, and skips other JSON:
 
-- the orchestrator's own statistics files (``--log-dir``, one per generation: ``stats`` and every
-  round's ``proposals``, ``accepted`` and ``bonus_token``), and
-- the per-run logs of ``specdec bench --config`` (``runs/*.json``): the same fields plus a ``bench``
-  section (model set, prompt and its class, wall time, time to first token, the lossless check) and
-  the baselines, transformers' target-only and assisted generation, measured in the same sweep.
+- the orchestrator's own logs (``--log-dir``, one per generation: stats and every round's
+  proposals, accepted tokens and bonus token; each draft by its service name, its model a field of
+  its stats), and
+- the per-run logs of ``specdec bench`` (``runs/*.json``): the same record plus a ``bench``
+  section (model set, prompt and its class, wall time, time to first token, the lossless check),
+  including the baselines, transformers' target-only and assisted generation, measured in the same
+  sweep.
+
+:func:`load_runs` is the loader the benchmark and the dashboard use too: one flat record per run,
+its ``log`` the typed record itself.
 
 Words, as in vLLM's spec-decode docs: a round drafts up to ``gamma`` tokens per beam; the target
 **accepts** the longest drafted prefix it agrees with and adds one token of its own, a **bonus**
@@ -33,6 +39,8 @@ import statistics
 import sys
 from collections import defaultdict
 from pathlib import Path
+
+from specdec.records import DecodingMode, GenerationLog, RoundRecord
 
 TARGET_ONLY, ASSISTED = "target-only", "assisted"
 BASELINES = (TARGET_ONLY, ASSISTED)
@@ -62,52 +70,63 @@ def mode_settings(mode: str, request: dict) -> dict:
     return {}
 
 
-def draft_model_name(draft: str) -> str:
-    """``draft-0 (qwen2.5-coder-0.5b-instruct)`` -> ``qwen2.5-coder-0.5b-instruct``."""
-    return draft[draft.index("(") + 1 : draft.rindex(")")] if "(" in draft and draft.endswith(")") else draft
+def acceptance_by_position(rounds) -> dict[int, tuple[int, int]]:
+    """position (1 = first drafted token) -> (rounds that drafted that far, rounds that had it accepted).
+
+    ``rounds``: one ``(drafted depth, accepted)`` pair per round, the longest path drafted and how many
+    of its tokens the target accepted. The one computation behind every "acceptance at position i"
+    here and in ``specdec traces analyze``."""
+    table: dict[int, list[int]] = defaultdict(lambda: [0, 0])
+    for depth, accepted in rounds:
+        for position in range(1, depth + 1):
+            table[position][0] += 1
+            table[position][1] += accepted >= position
+    return {p: (d, a) for p, (d, a) in sorted(table.items())}
 
 
-def acceptance_by_position(rounds: list[dict]) -> dict[str, dict[int, list[int]]]:
-    """draft (and ``all``) -> position (1 = first drafted token) -> [rounds that drafted that far, accepted there].
+def acceptance_by_draft_position(rounds: list[RoundRecord]) -> dict[str, dict[int, tuple[int, int]]]:
+    """:func:`acceptance_by_position` for each draft, and over all drafts (``all``).
 
     A draft is credited with position i when one of its beams carries the accepted path's first i
     tokens, as the controller credits a draft whose beam passed through an accepted tree node."""
-    table: dict[str, dict[int, list[int]]] = defaultdict(lambda: defaultdict(lambda: [0, 0]))
+    per_draft: dict[str, list[tuple[int, int]]] = defaultdict(list)
     for r in rounds:
-        accepted = r["accepted"]
-        depth = 0
-        for name, beams in r["proposals"].items():
-            if not beams:
-                continue
-            longest = max(len(b) for b in beams)
-            depth = max(depth, longest)
-            for i in range(1, longest + 1):
-                table[name][i][0] += 1
-                table[name][i][1] += len(accepted) >= i and any(b[:i] == accepted[:i] for b in beams)
-        for i in range(1, depth + 1):
-            table[ALL_CLASSES][i][0] += 1
-            table[ALL_CLASSES][i][1] += len(accepted) >= i
-    return {name: dict(sorted(positions.items())) for name, positions in table.items()}
+        for name, beams in r.proposals.items():
+            if beams:
+                agreed = max(common_prefix(beam, r.accepted) for beam in beams)
+                per_draft[name].append((max(len(b) for b in beams), agreed))
+    tables = {name: acceptance_by_position(pairs) for name, pairs in per_draft.items()}
+    everything = acceptance_by_position((r.drafted_depth, len(r.accepted)) for r in rounds)
+    return tables | ({ALL_CLASSES: everything} if everything else {})
 
 
-def run_metrics(log: dict) -> dict:
-    """The per-run figures every table is built from, from a log's ``stats`` and ``rounds``.
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < len(a) and n < len(b) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def run_metrics(log: GenerationLog) -> dict:
+    """The per-run figures every table is built from, from a log's stats and rounds.
 
     The names starting ``tree_`` and the sequential ones (drafted, accepted, corrections, per-draft
     acceptance, savings versus greedy) are the ones earlier benchmark logs used; they are filled for
     every speculative mode (a sequential round verifies its chains as a tree, too)."""
-    stats, rounds = log.get("stats") or {}, log.get("rounds") or []
-    tokens = stats.get("tokens_generated", len(log.get("token_ids", [])))
-    n_rounds = len(rounds) or stats.get("rounds", 0)
-    depths = [max((len(b) for beams in r["proposals"].values() for b in beams), default=0) for r in rounds]
-    accepted = [len(r["accepted"]) for r in rounds]
-    if not rounds and stats.get("mode") == ASSISTED and n_rounds:
+    stats, rounds = log.result.stats, log.result.rounds
+    tokens = stats.tokens_generated or len(log.result.token_ids)
+    n_rounds = len(rounds) or stats.rounds
+    depths = [r.drafted_depth for r in rounds]
+    accepted = [len(r.accepted) for r in rounds]
+    if not rounds and stats.mode == ASSISTED and n_rounds:
         # transformers' assisted generation logs no rounds, only how many there were: each added its
         # accepted draft tokens and one target token.
         accepted = [(tokens - n_rounds) / n_rounds] * n_rounds
-    positions = acceptance_by_position(rounds)
+    positions = acceptance_by_draft_position(rounds)
+    models = {d.draft: d.model for d in stats.drafts}
     by_draft = {
-        name: {"drafted_positions": sum(d for d, _ in table.values()), "accepted_tokens": sum(a for _, a in table.values())}
+        name: {"model": models.get(name, ""), "drafted_positions": sum(d for d, _ in table.values()),
+               "accepted_tokens": sum(a for _, a in table.values())}
         for name, table in positions.items() if name != ALL_CLASSES
     }
     for values in by_draft.values():
@@ -116,28 +135,27 @@ def run_metrics(log: dict) -> dict:
     # Leviathan's alpha, estimated from where each chain stopped: a round with k of gamma accepted
     # saw k acceptances and, when k < gamma, one rejection.
     trials = sum(min(k + 1, g) for k, g in zip(accepted, depths) if g)
-    speculative = bool(rounds) and stats.get("mode") not in (None, "autoregressive", *BASELINES)
-    total_ms = stats.get("total_ms", 0.0)
+    speculative = bool(rounds) and stats.mode not in ("", DecodingMode.AUTOREGRESSIVE, *BASELINES)
     return {
         "tokens_generated": tokens,
         "rounds": n_rounds,
         # Fields of earlier benchmark logs, by their names.
-        "tree_accepted_tokens": stats.get("draft_tokens_accepted", sum(accepted)),
-        "tree_bonus_tokens": stats.get("bonus_tokens", 0),
-        "tree_nodes_total": stats.get("tree_nodes_total", 0),
-        "tree_avg_branching_factor": stats.get("tree_avg_branching_factor", 0.0),
-        "tree_verification_calls": stats.get("verification_calls", n_rounds),
-        "accepted_sequences": [r["accepted"] for r in rounds],
-        "drafted_tokens": stats.get("draft_tokens_proposed", 0),
+        "tree_accepted_tokens": stats.draft_tokens_accepted or round(sum(accepted)),
+        "tree_bonus_tokens": stats.bonus_tokens,
+        "tree_nodes_total": stats.tree_nodes_total,
+        "tree_avg_branching_factor": stats.tree_avg_branching_factor,
+        "tree_verification_calls": n_rounds,  # one verify call per round
+        "accepted_sequences": [r.accepted for r in rounds],
+        "drafted_tokens": stats.draft_tokens_proposed,
         "accepted_tokens": sum(accepted),
-        "corrections": sum(bool(r.get("bonus_is_correction")) for r in rounds),
+        "corrections": sum(r.bonus_is_correction for r in rounds),
         "per_draft_acceptance": {name: v["acceptance_rate"] for name, v in by_draft.items()},
         # Greedy decoding calls the target once per token; these are the calls speculation saved.
         "target_calls_saved": tokens - n_rounds if rounds else 0,
         "savings_vs_greedy": ratio(tokens - n_rounds, tokens) if rounds else 0.0,
         # Derived figures.
         "speculative": speculative,
-        "fallback_rounds": sum(bool(r.get("fallback")) for r in rounds),
+        "fallback_rounds": sum(r.fallback for r in rounds),
         "drafted_positions": drafted_positions,
         "acceptance_rate": ratio(sum(accepted), drafted_positions),
         "alpha": ratio(sum(accepted), trials),
@@ -145,17 +163,17 @@ def run_metrics(log: dict) -> dict:
         "gamma": ratio(drafted_positions, sum(1 for g in depths if g)),
         "accepted_per_round": ratio(sum(accepted), n_rounds),
         "tokens_per_round": ratio(tokens, n_rounds),
-        "tree_nodes_per_round": ratio(stats.get("tree_nodes_total", 0), n_rounds),
+        "tree_nodes_per_round": ratio(stats.tree_nodes_total, n_rounds),
         "by_draft": by_draft,
         "acceptance_by_position": {name: {str(i): {"drafted": d, "accepted": a, "rate": ratio(a, d)} for i, (d, a) in table.items()}
                                    for name, table in positions.items()},
-        "draft_ms": stats.get("draft_ms", 0.0),
-        "verify_ms": stats.get("verify_ms", 0.0),
-        "other_ms": stats.get("other_ms", 0.0),
-        "total_ms": total_ms,
-        "draft_share": ratio(stats.get("draft_ms", 0.0), total_ms),
-        "verify_share": ratio(stats.get("verify_ms", 0.0), total_ms),
-        "other_share": ratio(stats.get("other_ms", 0.0), total_ms),
+        "draft_ms": stats.draft_ms,
+        "verify_ms": stats.verify_ms,
+        "other_ms": stats.other_ms,
+        "total_ms": stats.total_ms,
+        "draft_share": ratio(stats.draft_ms, stats.total_ms),
+        "verify_share": ratio(stats.verify_ms, stats.total_ms),
+        "other_share": ratio(stats.other_ms, stats.total_ms),
     }
 
 
@@ -166,16 +184,12 @@ def ratio(a: float, b: float) -> float:
 # --------------------------------------------------------------------------- reading a directory
 
 
-def is_run_log(data) -> bool:
-    return isinstance(data, dict) and isinstance(data.get("token_ids"), list) and isinstance(data.get("stats"), dict) \
-        and isinstance(data.get("rounds"), list)
-
-
-def normalise(log: dict, path: Path) -> dict:
-    """One flat record per run, the same for bench logs and the orchestrator's own."""
-    bench = log.get("bench")
-    stats = log["stats"]
-    metrics = log.get("metrics") or run_metrics(log)
+def normalise(log: GenerationLog, path: Path) -> dict:
+    """One flat record per run, the same for bench logs and the orchestrator's own; ``log`` is the run's
+    whole record (its tokens, rounds and stats), the rest what the tables group and sort by."""
+    stats = log.result.stats
+    metrics = log.metrics or run_metrics(log)
+    bench = log.bench
     if bench:
         record = {
             "source": "bench",
@@ -198,10 +212,10 @@ def normalise(log: dict, path: Path) -> dict:
             "load_average_1m": bench.get("load_average_1m"),
         }
     else:
-        mode = stats.get("mode") or log["request"]["mode"]
-        settings = mode_settings(mode, log["request"])
-        drafts = [draft_model_name(d) for d in stats.get("drafts", {})] if mode != "autoregressive" else []
-        prompt = log.get("prompt")
+        mode = stats.mode or log.request["mode"]
+        settings = mode_settings(mode, log.request)
+        # A draft is its model; logs written before drafts carried their model name only their service name.
+        drafts = [d.model or d.draft for d in stats.drafts] if mode != DecodingMode.AUTOREGRESSIVE else []
         record = {
             "source": "orchestrator",
             "run_id": path.stem,
@@ -211,13 +225,13 @@ def normalise(log: dict, path: Path) -> dict:
             "label": configuration_label(mode, settings),
             "model_set": "+".join(drafts) or "-",
             "draft_models": drafts,
-            "prompt_id": prompt_key(prompt, log),
+            "prompt_id": prompt_key(log),
             "class": NO_CLASS,
             "repeat": 0,
-            "max_new_tokens": log["request"].get("max_new_tokens"),
-            "seconds": stats.get("total_ms", 0.0) / 1e3,
-            "tokens_per_s": stats.get("tokens_per_second", 0.0),
-            "ttft_ms": stats.get("time_to_first_token_ms"),
+            "max_new_tokens": log.request.get("max_new_tokens"),
+            "seconds": stats.total_ms / 1e3,
+            "tokens_per_s": stats.tokens_per_second,
+            "ttft_ms": stats.time_to_first_token_ms,
             "speedup": None,
             "lossless": None,
             "load_average_1m": None,
@@ -225,23 +239,18 @@ def normalise(log: dict, path: Path) -> dict:
     record.update({
         "path": str(path),
         "mtime": path.stat().st_mtime if path.exists() else 0.0,
-        "target_model": log.get("target_model", ""),
-        "prompt": log.get("prompt", ""),
-        "text": log.get("text", ""),
-        "token_ids": log["token_ids"],
-        "token_texts": log.get("token_texts"),
-        "rounds": log["rounds"],
-        "stats": stats,
+        "target_model": log.target_model,
+        "log": log,
         "metrics": metrics,
     })
     return record
 
 
-def prompt_key(prompt: str | None, log: dict) -> str:
-    if prompt:
-        first_line = prompt.strip().splitlines()[0] if prompt.strip() else prompt
+def prompt_key(log: GenerationLog) -> str:
+    if log.prompt:
+        first_line = log.prompt.strip().splitlines()[0] if log.prompt.strip() else log.prompt
         return first_line[:48]
-    return f"prompt of {log['request'].get('prompt_tokens', '?')} tokens"
+    return f"prompt of {log.request.get('prompt_tokens', '?')} tokens"
 
 
 def log_files(log_dir: Path) -> list[Path]:
@@ -256,9 +265,9 @@ def load_runs(log_dir: Path) -> list[dict]:
             data = json.loads(path.read_text())
         except (OSError, ValueError):
             continue  # being written right now, or not ours
-        if is_run_log(data):
+        if GenerationLog.looks_like(data):
             try:
-                records.append(normalise(data, path))
+                records.append(normalise(GenerationLog.from_json(data), path))
             except (KeyError, TypeError, ValueError):
                 continue
     records.sort(key=lambda r: (r["mtime"], r["path"]))
@@ -359,11 +368,13 @@ def pool_positions(tables) -> dict[str, float]:
 
 
 def pool_drafts(tables) -> dict[str, dict]:
+    """Each draft model's acceptance over the runs (a run's draft without a recorded model: its service name)."""
     pooled: dict[str, dict] = defaultdict(lambda: {"drafted_positions": 0, "accepted_tokens": 0})
     for table in tables:
         for name, v in table.items():
-            pooled[name]["drafted_positions"] += v["drafted_positions"]
-            pooled[name]["accepted_tokens"] += v["accepted_tokens"]
+            model = v.get("model") or name
+            pooled[model]["drafted_positions"] += v["drafted_positions"]
+            pooled[model]["accepted_tokens"] += v["accepted_tokens"]
     for v in pooled.values():
         v["acceptance_rate"] = ratio(v["accepted_tokens"], v["drafted_positions"])
     return dict(pooled)
@@ -480,7 +491,7 @@ def model_set_table(rows: list[dict]) -> str:
             for r in mine:
                 if r["mode"] in ("sequential", "tree"):
                     for name, rate in json.loads(r["acceptance_by_draft"]).items():
-                        drafts.setdefault(draft_model_name(name), []).append(rate)
+                        drafts.setdefault(name, []).append(rate)
             lines.append([
                 model_set, str(max_new_tokens),
                 fmt(helper["speedup"], ".2f", "x") if helper else "-",
@@ -567,13 +578,13 @@ def report(records: list[dict], rows: list[dict]) -> str:
 
 def add_parser(commands) -> None:
     cmd = commands.add_parser("analyze", help="summary tables from a directory of generation logs (bench sweeps or --log-dir)")
-    cmd.add_argument("log_dir", type=Path, help="a `specdec bench --config` output directory or an orchestrator --log-dir")
+    cmd.add_argument("log_dir", type=Path, help="a `specdec bench` output directory or an orchestrator --log-dir")
     cmd.add_argument("--json", action="store_true", help="print the summary rows as JSON instead of tables")
     cmd.add_argument("--csv", type=Path, metavar="FILE", help="also write the summary rows to FILE")
-    cmd.set_defaults(func=cmd_analyze)
+    cmd.set_defaults(func=cmd_analyze_logs)
 
 
-def cmd_analyze(args) -> int:
+def cmd_analyze_logs(args) -> int:
     if not args.log_dir.is_dir():
         print(f"specdec analyze: {args.log_dir} is not a directory", file=sys.stderr)
         return 2

@@ -1,5 +1,7 @@
-"""The ``specdec`` command: generate, run a local cluster, fetch models, serve one service, benchmark,
-analyse traces."""
+"""The ``specdec`` command: generate, run a local cluster, fetch models, serve one service, check a
+service's health, write development certificates; and the tools, each of which registers its own
+subcommand here (``bench``, ``analyze``, ``traces``, ``dashboard``, ``loadtest``). The tools never
+import this module back."""
 
 from __future__ import annotations
 
@@ -18,11 +20,6 @@ DEFAULT_ORCHESTRATOR = os.environ.get("SPECDEC_ORCHESTRATOR", "127.0.0.1:50051")
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["bench"]:
-        # Forwarded untouched: a REMAINDER positional would reject the bench's own --flags.
-        from specdec.tools.bench import main as bench
-
-        return bench(argv[1:])
     parser = argparse.ArgumentParser(prog="specdec", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -76,20 +73,12 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("args", nargs=argparse.REMAINDER, help="the service's own flags (see: specdec serve SERVICE -- --help)")
     serve.set_defaults(func=cmd_serve)
 
-    # Listed for help only: main() hands `bench` and its flags to specdec.tools.bench (see: specdec bench --help).
-    commands.add_parser("bench", help="benchmark specdec against target-only and assisted generation")
+    from specdec.tools import analyze, bench, dashboard, loadtest, traces
 
-    from specdec.tools import traces
-
-    traces.add_parser(commands)
-
-    from specdec.tools import analyze, dashboard
-
+    bench.add_parser(commands)
     analyze.add_parser(commands)
+    traces.add_parser(commands)
     dashboard.add_parser(commands)
-
-    from specdec.tools import loadtest
-
     loadtest.add_parser(commands)
 
     args = parser.parse_args(argv)
@@ -103,13 +92,14 @@ def cmd_generate(args) -> int:
     import grpc
 
     from specdec.tools.cluster import LocalCluster
+    from specdec.records import DecodingMode
     from specdec.rpc import security
     from specdec.v1 import generation_pb2, generation_pb2_grpc
 
     request = generation_pb2.GenerateRequest(
         prompt=args.prompt,
         max_new_tokens=args.max_new_tokens,
-        mode={"autoregressive": 1, "sequential": 2, "tree": 3}[args.mode],
+        mode=DecodingMode.parse(args.mode).to_pb(),
         speculation=generation_pb2.SpeculationParams(
             draft_length=args.draft_length, beam_width=args.beam_width, beam_depth=args.beam_depth,
             max_tree_nodes=args.max_tree_nodes, adaptive=args.adaptive,

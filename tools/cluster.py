@@ -1,6 +1,10 @@
 """A local cluster: the verify service, one draft service per draft model and the orchestrator,
 each a separate process on loopback, started in order and checked through grpc.health.v1.
 
+Each child's flags come from its own settings object (``config.VerifySettings``, ``DraftSettings``,
+``OrchestratorSettings``), built from the cluster's settings and the environment the child will
+see, and turned into argv by ``config.to_argv``; the bearer token goes by environment only.
+
 Used by ``specdec cluster up``, ``specdec generate --local``, the benchmarks and the integration
 tests, so all of them exercise real processes talking real gRPC.
 """
@@ -14,11 +18,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from specdec import config
 from specdec.config import ClusterSettings
 from specdec.rpc.server import wait_until_serving
+
+HOST = "127.0.0.1"
 
 
 def free_port() -> int:
@@ -85,34 +92,23 @@ class LocalCluster:
             self.env = {**self.env, "SPECDEC_AUTH_TOKEN": s.auth_token}
         try:
             for r in range(max(1, s.verify_replicas)):
-                verify_port = free_port()
-                self.verify_addresses.append(f"127.0.0.1:{verify_port}")
-                # Extra replicas take metrics ports after the drafts'.
-                self._spawn("verify" if r == 0 else f"verify-{r}", "specdec.verify_service", verify_port,
-                            ["--target-model", s.target_model, "--device", s.verify_device, "--dtype", s.dtype],
-                            metrics_offset=1 if r == 0 else 1 + len(s.draft_models) + r)
+                # Metrics ports: the orchestrator's first, then the verify service's, the drafts', extra replicas'.
+                verify = self._settings(config.VerifySettings, metrics_offset=1 if r == 0 else 1 + len(s.draft_models) + r,
+                                        device=s.verify_device)
+                self.verify_addresses.append(self._spawn("verify" if r == 0 else f"verify-{r}", "specdec.verify_service", verify).address)
             self.verify_address = self.verify_addresses[0]
             devices = s.draft_devices if len(s.draft_devices) == len(s.draft_models) else s.draft_devices[:1] * len(s.draft_models)
             for i, (model, device) in enumerate(zip(s.draft_models, devices)):
-                port = free_port()
-                self.draft_addresses.append(f"127.0.0.1:{port}")
-                self._spawn(f"draft-{i}", "specdec.draft_service", port,
-                            ["--draft-model", model, "--device", device, "--dtype", s.dtype, "--draft-vocab", str(s.draft_vocab)], metrics_offset=2 + i)
+                draft = self._settings(config.DraftSettings, metrics_offset=2 + i, draft_model=model, device=device)
+                self.draft_addresses.append(self._spawn(f"draft-{i}", "specdec.draft_service", draft).address)
             for process in self.processes:
                 self._wait(process)
-            port = s.port or free_port()
-            speculation = [
-                "--mode", s.mode, "--draft-length", str(s.draft_length), "--beam-width", str(s.beam_width),
-                "--beam-depth", str(s.beam_depth), "--max-tree-nodes", str(s.max_tree_nodes), "--adaptive", str(s.adaptive),
-                "--max-new-tokens", str(s.max_new_tokens), "--max-new-tokens-limit", str(s.max_new_tokens_limit),
-            ]
-            orchestrator = self._spawn("orchestrator", "specdec.orchestrator", port, [
-                "--target-model", s.target_model, "--verify-address", ",".join(self.verify_addresses),
-                "--draft-addresses", ",".join(self.draft_addresses), "--log-dir", s.log_dir, *speculation,
-                # It calls the others as a TLS client and asks its own callers for the bearer token.
-                "--tls-ca", s.tls_ca, "--tls-client-cert", s.tls_client_cert, "--tls-client-key", s.tls_client_key,
-                "--auth-token-file", s.auth_token_file,
-            ], metrics_offset=0)
+            # It calls the others as a TLS client and asks its own callers for the bearer token, not
+            # for a client certificate.
+            orchestrator = self._spawn("orchestrator", "specdec.orchestrator", self._settings(
+                config.OrchestratorSettings, metrics_offset=0, port=s.port or free_port(), tls_client_ca="",
+                verify_address=",".join(self.verify_addresses), draft_addresses=self.draft_addresses,
+            ))
             self._wait(orchestrator)
         except BaseException:
             self.stop()
@@ -120,19 +116,25 @@ class LocalCluster:
         self.orchestrator_address = orchestrator.address
         return self.orchestrator_address
 
-    def _spawn(self, name: str, module: str, port: int, args: list[str], metrics_offset: int = 0) -> Process:
+    def _settings(self, cls: type, metrics_offset: int, **values):
+        """A child's settings: on loopback, on a free port unless ``values`` name one; what the
+        cluster's settings say for the fields they share (models, dtype, speculation and its limits,
+        TLS, the one trace file every service appends to); then ``values``; the rest from the
+        environment the child runs in, as it would read them itself."""
         s = self.settings
-        # Every service appends to the one trace file; metrics ports follow each other from metrics_port.
-        metrics_port = s.metrics_port + metrics_offset if s.metrics_port else 0
-        args = [*args, "--trace-file", s.trace_file, "--metrics-port", str(metrics_port)]
-        # Every service presents the one server certificate; the draft and verify services also ask
-        # for a client certificate (the orchestrator's), the public orchestrator for a bearer token.
-        client_ca = "" if module == "specdec.orchestrator" else s.tls_client_ca
-        args += ["--tls-cert", s.tls_cert, "--tls-key", s.tls_key, "--tls-client-ca", client_ca]
+        # The cluster's own port is the orchestrator's, passed in ``values``.
+        shared = {f.name: getattr(s, f.name) for f in fields(cls) if hasattr(s, f.name) and f.name != "port"}
+        shared["metrics_port"] = s.metrics_port + metrics_offset if s.metrics_port else 0
+        values = {**shared, "host": HOST, **values}
+        values.setdefault("port", free_port())
+        return config.from_env(cls, environ={**os.environ, **self.env}, **values)
+
+    def _spawn(self, name: str, module: str, settings) -> Process:
         log_path = self._logs / f"{name}.log" if self.quiet else None
-        command = [sys.executable, "-c", _CHILD_BOOT, str(os.getpid()), module, "--host", "127.0.0.1", "--port", str(port), *args]
+        command = [sys.executable, "-c", _CHILD_BOOT, str(os.getpid()), module, *config.to_argv(settings)]
         popen = self._popen(command, log_path, "w")
-        process = Process(name, f"127.0.0.1:{port}", popen, log_path, f"127.0.0.1:{metrics_port}" if metrics_port else "", command)
+        metrics_address = f"{HOST}:{settings.metrics_port}" if settings.metrics_port else ""
+        process = Process(name, f"{HOST}:{settings.port}", popen, log_path, metrics_address, command)
         self.processes.append(process)
         return process
 

@@ -1,11 +1,11 @@
 """``specdec dashboard LOG_DIR``: explore generation logs in the browser (Streamlit).
 
-This module starts the app (``orchestrator/dashboard_app.py``) and holds what the app renders that
-is worth testing without a browser: the generation view, the text of every round with accepted
-draft tokens in green, the target's corrections in red, and each round's proposals in a tooltip.
-LOG_DIR may be a ``specdec bench --config`` output directory or a running cluster's ``--log-dir``:
-the app lists the directory again on every rerun and every few seconds, so new logs show up as the
-orchestrator writes them.
+This module starts the app (``dashboard_app.py`` beside it) and holds what the app renders that is
+worth testing without a browser: the generation view of one :class:`~specdec.records.GenerationLog`,
+the text of every round with accepted draft tokens in green, the target's corrections in red, and
+each round's proposals in a tooltip. LOG_DIR may be a ``specdec bench`` output directory or a
+running cluster's ``--log-dir``: the app lists the directory again on every rerun and every few
+seconds, so new logs show up as the orchestrator writes them.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+from specdec.records import GenerationLog, RoundRecord
 
 APP = Path(__file__).with_name("dashboard_app.py")
 
@@ -28,53 +30,50 @@ STYLE = {
 }
 
 
-def token_kinds(record: dict) -> list[tuple[int, str, int | None]]:
+def token_kinds(log: GenerationLog) -> list[tuple[int, str, int | None]]:
     """(token id, kind, round index) for each generated token, following the rounds in order.
 
     A round adds its accepted draft tokens, then the target's token (a correction when it replaced a
     drafted token). The last round may have been cut by a stop string or max_new_tokens; tokens the
     rounds do not account for (baselines, a log without rounds) are plain."""
-    tokens = record["token_ids"]
+    tokens = log.result.token_ids
     kinds: list[tuple[int, str, int | None]] = []
-    for r in record["rounds"]:
-        for token in r["accepted"]:
-            kinds.append((token, ACCEPTED, r["index"]))
-        if r.get("bonus_token") is not None:
-            kinds.append((r["bonus_token"], CORRECTION if r.get("bonus_is_correction") else BONUS, r["index"]))
+    for r in log.result.rounds:
+        for token in r.accepted:
+            kinds.append((token, ACCEPTED, r.index))
+        if r.bonus_token is not None:
+            kinds.append((r.bonus_token, CORRECTION if r.bonus_is_correction else BONUS, r.index))
     if [t for t, _, _ in kinds[: len(tokens)]] != tokens:
         return [(t, PLAIN, None) for t in tokens]
     return kinds[: len(tokens)]
 
 
-def round_tooltip(r: dict, decode) -> str:
+def round_tooltip(r: RoundRecord, decode) -> str:
     """Plain text for a title attribute: what each draft proposed this round and what the target kept."""
-    lines = [f"round {r['index']}: {len(r['accepted'])} accepted"
-             + (", then a correction" if r.get("bonus_is_correction") else ", then the target's token")
-             + (f" (fallback: {r['fallback_reason']})" if r.get("fallback") else "")]
-    for draft, beams in r.get("proposals", {}).items():
+    lines = [f"round {r.index}: {len(r.accepted)} accepted"
+             + (", then a correction" if r.bonus_is_correction else ", then the target's token")
+             + (f" (fallback: {r.fallback_reason})" if r.fallback else "")]
+    for draft, beams in r.proposals.items():
         for i, beam in enumerate(beams):
             lines.append(f"{draft} beam {i}: {decode(beam)!r}")
-    timing = [f"draft {r['draft_ms']:.1f} ms" if r.get("draft_ms") is not None else "",
-              f"verify {r['verify_ms']:.1f} ms" if r.get("verify_ms") is not None else "",
-              f"tree {r['tree_nodes']} nodes" if r.get("tree_nodes") else ""]
+    timing = [f"draft {r.draft_ms:.1f} ms", f"verify {r.verify_ms:.1f} ms", f"tree {r.tree_nodes} nodes" if r.tree_nodes else ""]
     lines.append(", ".join(t for t in timing if t))
     return "\n".join(line for line in lines if line)
 
 
-def generation_html(record: dict, token_texts: list[str], decode) -> str:
+def generation_html(log: GenerationLog, token_texts: list[str], decode) -> str:
     """The generation view: prompt in grey, then every token as a span coloured by its kind.
 
     ``token_texts[i]`` is the text token i added (they join to the output); ``decode(ids)`` renders a
     proposal for the tooltips."""
-    rounds = {r["index"]: r for r in record["rounds"]}
-    tips = {i: html.escape(round_tooltip(r, decode), quote=True).replace("\n", "&#10;") for i, r in rounds.items()}
+    tips = {r.index: html.escape(round_tooltip(r, decode), quote=True).replace("\n", "&#10;") for r in log.result.rounds}
     pieces = []
-    for (token, kind, index), text in zip(token_kinds(record), token_texts):
+    for (token, kind, index), text in zip(token_kinds(log), token_texts):
         shown = html.escape(text).replace("\n", "↵\n") if text else "&#8203;"
         title = f' title="{tips[index]}"' if index is not None else ""
         pieces.append(f'<span class="sd-tok {kind}" data-round="{index if index is not None else ""}" '
                       f'style="{STYLE[kind]}"{title}>{shown}</span>')
-    prompt = html.escape(record.get("prompt") or "")
+    prompt = html.escape(log.prompt)
     return (
         '<div class="sd-generation" style="font-family:ui-monospace,Menlo,Consolas,monospace;font-size:0.9rem;'
         'line-height:1.6;white-space:pre-wrap;border:1px solid #ddd;border-radius:6px;padding:0.75rem">'
@@ -93,7 +92,7 @@ LEGEND_HTML = (
 
 def add_parser(commands) -> None:
     cmd = commands.add_parser("dashboard", help="explore generation logs in the browser (Streamlit)")
-    cmd.add_argument("log_dir", type=Path, help="a `specdec bench --config` output directory or an orchestrator --log-dir")
+    cmd.add_argument("log_dir", type=Path, help="a `specdec bench` output directory or an orchestrator --log-dir")
     cmd.add_argument("--port", type=int, default=8501, help="HTTP port [default: %(default)s]")
     cmd.add_argument("--host", default="127.0.0.1", help="address to listen on [default: %(default)s]")
     cmd.add_argument("--refresh-s", type=float, default=5.0, help="how often to look for new logs, seconds (0 = only on reload) [default: %(default)s]")

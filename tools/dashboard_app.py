@@ -1,8 +1,9 @@
 """The Streamlit app behind ``specdec dashboard LOG_DIR`` (run it through that command).
 
-Reads every generation log under LOG_DIR with :mod:`specdec.tools.analyze` (bench sweeps and the
-orchestrator's own ``--log-dir`` alike), lists the directory again every ``--refresh-s`` seconds and
-reruns when a log was added or changed, and shows: the generation view (see
+Reads every generation log under LOG_DIR with :func:`specdec.tools.analyze.load_runs` (bench
+sweeps and the orchestrator's own ``--log-dir`` alike, each run's
+:class:`~specdec.records.GenerationLog`), lists the directory again every ``--refresh-s`` seconds
+and reruns when a log was added or changed, and shows: the generation view (see
 :func:`specdec.tools.dashboard.generation_html`), plots, statistics per strategy, the best
 configurations and the model sets side by side, all under the sidebar's filters.
 """
@@ -18,6 +19,7 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
+from specdec.records import GenerationLog
 from specdec.tools import analyze, dashboard
 
 
@@ -62,23 +64,22 @@ def decoder(record: dict, texts: list[str]):
     tokenizer = tokenizer_for(record["target_model"]) if record["target_model"] else None
     if tokenizer is not None:
         return lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
-    known = dict(zip(record["token_ids"], texts))  # the tokens the output itself holds
+    known = dict(zip(record["log"].result.token_ids, texts))  # the tokens the output itself holds
     return lambda ids: "".join(known.get(t, f"<{t}>") for t in ids)
 
 
 def token_texts(record: dict) -> list[str]:
-    if record.get("token_texts") and len(record["token_texts"]) == len(record["token_ids"]):
-        return record["token_texts"]
+    """The text each generated token adds: from the log, else decoded here with the target's tokenizer."""
+    from specdec.detokenize import token_texts as decode_each
+
+    log: GenerationLog = record["log"]
+    tokens = log.result.token_ids
+    if len(log.token_texts) == len(tokens):
+        return log.token_texts
     tokenizer = tokenizer_for(record["target_model"]) if record["target_model"] else None
     if tokenizer is None:
-        return [f"<{t}>" for t in record["token_ids"]]
-    pieces, sent = [], 0
-    for n in range(1, len(record["token_ids"]) + 1):
-        text = tokenizer.decode(record["token_ids"][:n], skip_special_tokens=True)
-        ready = len(text.rstrip("\ufffd"))
-        pieces.append(text[sent:ready])
-        sent = max(sent, ready)
-    return pieces
+        return [f"<{t}>" for t in tokens]
+    return decode_each(tokenizer, tokens)
 
 
 def pick(label: str, values: list, key: str) -> list:
@@ -137,19 +138,20 @@ def generation_tab(records: list[dict]) -> None:
     cols[5].metric("acceptance", f"{m['acceptance_rate']:.2f}" if m["drafted_positions"] else "-")
     texts = token_texts(record)
     st.html(dashboard.LEGEND_HTML)
-    st.html(dashboard.generation_html(record, texts, decoder(record, texts)))
-    if not record["rounds"]:
+    log: GenerationLog = record["log"]
+    st.html(dashboard.generation_html(log, texts, decoder(record, texts)))
+    if not log.result.rounds:
         st.caption("A baseline (or a log without rounds): no drafts to colour.")
         return
     decode = decoder(record, texts)
     st.subheader("Rounds")
     rounds = pd.DataFrame([{
-        "round": r["index"], "accepted": len(r["accepted"]), "accepted text": decode(r["accepted"]),
-        "target token": decode([r["bonus_token"]]) if r.get("bonus_token") is not None else "",
-        "correction": bool(r.get("bonus_is_correction")), "winning draft": r.get("winning_draft", ""),
-        "tree nodes": r.get("tree_nodes", 0), "draft ms": r.get("draft_ms"), "verify ms": r.get("verify_ms"),
-        "proposals": " | ".join(f"{d}: " + " / ".join(repr(decode(b)) for b in beams) for d, beams in r["proposals"].items()),
-    } for r in record["rounds"]])
+        "round": r.index, "accepted": len(r.accepted), "accepted text": decode(r.accepted),
+        "target token": decode([r.bonus_token]) if r.bonus_token is not None else "",
+        "correction": r.bonus_is_correction, "winning draft": r.winning_draft,
+        "tree nodes": r.tree_nodes, "draft ms": r.draft_ms, "verify ms": r.verify_ms,
+        "proposals": " | ".join(f"{d}: " + " / ".join(repr(decode(b)) for b in beams) for d, beams in r.proposals.items()),
+    } for r in log.result.rounds])
     split = rounds.melt(id_vars=["round"], value_vars=["draft ms", "verify ms"], var_name="part", value_name="ms")
     st.altair_chart(alt.Chart(split, title="time per round").mark_bar().encode(
         x=alt.X("round:O"), y=alt.Y("ms:Q", stack="zero"), color=alt.Color("part:N"), tooltip=["round", "part", "ms"]),
@@ -245,7 +247,7 @@ def model_sets_tab(rows: list[dict]) -> None:
         x=alt.X("model set:N"), xOffset="mode:N", y=alt.Y(f"{y}:Q"), color="mode:N",
         tooltip=["model set", "configuration", "tok/s", "speedup", "acceptance"]), use_container_width=True)
     st.dataframe(frame, hide_index=True, use_container_width=True)
-    drafts = [{"model set": r["model_set"], "configuration": r["label"], "draft": analyze.draft_model_name(d), "acceptance": v}
+    drafts = [{"model set": r["model_set"], "configuration": r["label"], "draft": d, "acceptance": v}
               for r in rows if r["class"] == analyze.ALL_CLASSES and r["mode"] in ("sequential", "tree")
               for d, v in json.loads(r["acceptance_by_draft"]).items()]
     if drafts:

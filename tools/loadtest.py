@@ -14,7 +14,8 @@ orchestrator, and the run is judged on what a service owner asks of it under loa
 - **Sessions left**: active sessions reported by GetInfo once the load is over (0 means every
   generation released its KV caches in every service).
 
-``--local`` brings up a cluster of its own (the embedded pair unless ``--target-model`` and
+The prompts are the quick benchmark set's code and prose prompts (``benchmarks/prompts/quick.jsonl``)
+unless ``--prompts FILE`` gives others. ``--local`` brings up a cluster of its own (the embedded pair unless ``--target-model`` and
 ``--draft-models`` say otherwise); ``--orchestrator HOST:PORT`` measures a running one, without
 memory figures. ``--json`` prints the report as one JSON object. The exit status is 1 when any
 error or output mismatch occurred.
@@ -30,23 +31,19 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from specdec import config
+from specdec.records import DecodingMode
+from specdec.tools.prompts import QUICK_PROMPTS, bundled_dir, text_prompts
 
-# Code and prose, short enough that a CPU run of the embedded pair stays in minutes.
-DEFAULT_PROMPTS = [
-    "def fibonacci(n):",
-    "import json\n\ndef load_config(path):",
-    "class Stack:\n    def __init__(self):",
-    "def is_prime(n: int) -> bool:",
-    "The history of the printing press",
-    "Once upon a time, in a small village,",
-    "SELECT name, email FROM users WHERE",
-    "// Binary search in C\nint search(int *a, int n, int x) {",
-]
 REJECTED = "RESOURCE_EXHAUSTED"  # a deliberate rejection by a bounded queue, not an error
-MODES = {"autoregressive": 1, "sequential": 2, "tree": 3}
 GENERATION_SERVICE, VERIFY_SERVICE, DRAFT_SERVICE = "specdec.v1.GenerationService", "specdec.v1.VerifyService", "specdec.v1.DraftService"
+
+
+def default_prompts() -> list[str]:
+    """The quick benchmark's prompts (code and prose; ``benchmarks/prompts/quick.jsonl``)."""
+    return text_prompts(bundled_dir() / QUICK_PROMPTS)
 
 
 @dataclass
@@ -56,7 +53,7 @@ class LoadSpec:
     max_new_tokens: int = 32
     mode: str = "tree"
     speculation: dict = field(default_factory=dict)  # SpeculationParams fields; 0 = server default
-    prompts: list[str] = field(default_factory=lambda: list(DEFAULT_PROMPTS))
+    prompts: list[str] = field(default_factory=default_prompts)
     timeout_s: float = 600.0
     stream: bool = False
 
@@ -136,7 +133,7 @@ def build_request(spec: LoadSpec, prompt: str):
     return generation_pb2.GenerateRequest(
         prompt=prompt,
         max_new_tokens=spec.max_new_tokens,
-        mode=MODES[spec.mode],
+        mode=DecodingMode.parse(spec.mode).to_pb(),
         speculation=generation_pb2.SpeculationParams(**spec.speculation),
     )
 
@@ -346,7 +343,10 @@ def format_report(r: dict) -> str:
 
 
 def read_prompts(path: str) -> list[str]:
-    """A JSON list of strings, or a text file with one prompt per line (blank lines skipped)."""
+    """A prompt file as ``specdec bench`` reads it (``.jsonl``, text prompts only), a JSON list of
+    strings, or a text file with one prompt per line (blank lines skipped)."""
+    if path.endswith(".jsonl"):
+        return text_prompts(Path(path))
     with open(path) as f:
         text = f.read()
     if path.endswith(".json"):
@@ -365,7 +365,8 @@ def add_parser(commands) -> None:
     load.add_argument("--max-tokens", "--max-new-tokens", dest="max_new_tokens", type=int, default=32,
                       help="max_new_tokens of every request [default: 32]")
     config.add_arguments(load, config.SpeculationDefaults, skip=("max_new_tokens", "max_new_tokens_limit"))
-    load.add_argument("--prompts", metavar="FILE", help="prompts: a JSON list, or one per line [default: 8 built-in code and prose prompts]")
+    load.add_argument("--prompts", metavar="FILE", help="prompts: a bench prompt file (.jsonl), a JSON list, or one per line "
+                      f"[default: the code and prose prompts of benchmarks/{QUICK_PROMPTS}]")
     load.add_argument("--stream", action="store_true", help="call GenerateStream and measure the time to the first token")
     load.add_argument("--timeout", type=float, default=600.0, help="deadline of each request, seconds [default: 600]")
     load.add_argument("--json", action="store_true", help="print the report as one JSON object")
@@ -388,7 +389,7 @@ def cmd_loadtest(args) -> int:
         print("specdec loadtest: --clients, --requests and --max-tokens must be at least 1", file=sys.stderr)
         return 2
     try:
-        prompts = read_prompts(args.prompts) if args.prompts else list(DEFAULT_PROMPTS)
+        prompts = read_prompts(args.prompts) if args.prompts else default_prompts()
         metadata = security.token_metadata(security.load_token(args))
     except (OSError, ValueError) as exc:
         print(f"specdec loadtest: {exc}", file=sys.stderr)

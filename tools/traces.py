@@ -30,6 +30,8 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from specdec.tools.analyze import acceptance_by_position as acceptance_of_pairs
+
 COMPONENTS = ("draft_ms", "verify_ms", "transport_ms", "overhead_ms")
 LABELS = {"draft_ms": "draft compute", "verify_ms": "verify compute", "transport_ms": "transport", "overhead_ms": "orchestrator"}
 COLOURS = {"draft_ms": "#4c9be8", "verify_ms": "#e8804c", "transport_ms": "#9b9b9b", "overhead_ms": "#6cc06c"}
@@ -291,13 +293,9 @@ def _draft_name(server: Span) -> str:
 
 
 def acceptance_by_position(rounds: list[RoundSplit]) -> dict[int, tuple[int, int]]:
-    """position (1 = first drafted token) -> (rounds that drafted that far, rounds that had it accepted)."""
-    table: dict[int, list[int]] = defaultdict(lambda: [0, 0])
-    for r in rounds:
-        for position in range(1, r.depth + 1):
-            table[position][0] += 1
-            table[position][1] += r.accepted >= position
-    return {p: (d, a) for p, (d, a) in sorted(table.items())}
+    """position (1 = first drafted token) -> (rounds that drafted that far, rounds that had it accepted):
+    the analysis of logs' computation (:func:`specdec.tools.analyze.acceptance_by_position`), over spans."""
+    return acceptance_of_pairs((r.depth, r.accepted) for r in rounds)
 
 
 def slowest_rounds(requests: list[RequestAnalysis], count: int = 5) -> list[tuple[RequestAnalysis, RoundSplit]]:
@@ -369,7 +367,7 @@ def format_report(requests: list[RequestAnalysis], rounds_table: bool = True, to
             f"{LABELS[c]} {s['components_ms'][c]:.1f} ms ({s['components_share'][c]:.0%})" for c in COMPONENTS))
         out.append(f"  outside rounds {s['outside_rounds_ms']:.1f} ms")
         out.append(f"  acceptance by draft position: {_positions_text([r for req in requests for r in req.rounds])}")
-        out.append(f"  slowest rounds:")
+        out.append("  slowest rounds:")
         for req, r in slowest_rounds(requests, top):
             c = r.dominant
             where = f" ({r.slowest_draft})" if c == "draft_ms" and r.slowest_draft else ""
@@ -431,10 +429,10 @@ def add_parser(commands) -> None:
     analyze_cmd.add_argument("--json", action="store_true", help="print the analysis as one JSON object")
     analyze_cmd.add_argument("--summary", action="store_true", help="no per-round tables, only each request's summary")
     analyze_cmd.add_argument("--top", type=int, default=5, help="how many of the slowest rounds to list [default: 5]")
-    analyze_cmd.set_defaults(func=cmd_analyze)
+    analyze_cmd.set_defaults(func=cmd_analyze_traces)
 
 
-def cmd_analyze(args) -> int:
+def cmd_analyze_traces(args) -> int:
     try:
         spans = load_spans(args.file, otlp_json=args.otlp_json)
     except (OSError, ValueError) as exc:

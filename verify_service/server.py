@@ -7,23 +7,23 @@ import uuid
 
 from specdec import config
 from specdec.errors import InvalidRequest, check_range, check_token_ids
-from specdec.rpc.server import distribution_pb, model_info_pb, rpc_method, sampling_params
+from specdec.rpc.convert import distribution_pb, model_info_pb, sampling_params
+from specdec.rpc.server import run_model_service
+from specdec.rpc.status import rpc_method
 from specdec.service_info import ModelDescription
-from specdec.rpc.serving import ModelWorker, run_model_service
 from specdec.tree import TokenTree, validate_parents
 from specdec.v1 import common_pb2, verify_pb2, verify_pb2_grpc
 from specdec.verify_service.verifier import TreeVerifier
 
 SERVICE_NAME = verify_pb2.DESCRIPTOR.services_by_name["VerifyService"].full_name
-MAX_TREE_NODES = 4096
 
 
 class VerifyServicer(verify_pb2_grpc.VerifyServiceServicer):
-    def __init__(self, verifier: TreeVerifier, info: ModelDescription, metrics=None) -> None:
+    def __init__(self, verifier: TreeVerifier, info: ModelDescription, settings: config.VerifySettings, metrics=None) -> None:
         self.verifier = verifier
         self.info = info
+        self.settings = settings
         self.metrics = metrics  # specdec.rpc.metrics.ModelServiceMetrics, or None when metrics are off
-        self.worker = ModelWorker()
 
     @rpc_method
     def VerifyTree(self, request, context):
@@ -32,19 +32,21 @@ class VerifyServicer(verify_pb2_grpc.VerifyServiceServicer):
         parents = list(request.tree_parents)
         if len(parents) != len(tokens):
             raise InvalidRequest(f"tree_parents has {len(parents)} entries but tree_token_ids has {len(tokens)}")
-        check_range("tree size", len(tokens), 0, MAX_TREE_NODES)
+        # The largest tree a request may send: config.SpeculationLimits.
+        check_range("tree size", len(tokens), 0, self.settings.max_tree_nodes_limit)
         validate_parents(parents)  # before anything walks the tree: a bad parent index would crash it
+        tree = TokenTree(tokens=tokens, parents=parents)
+        depth = check_range("tree depth", tree.max_depth(), 0, self.settings.max_beam_depth)
         max_context = self.info.max_context or 1 << 30
         context_ids = check_token_ids("context_token_ids", request.context_token_ids, vocab)
-        tree = TokenTree(tokens=tokens, parents=parents)
-        if len(context_ids) + tree.max_depth() > max_context:
+        if len(context_ids) + depth > max_context:
             raise InvalidRequest(
-                f"context_token_ids ({len(context_ids)} tokens) plus tree depth {tree.max_depth()} exceeds the model's context of {max_context}"
+                f"context_token_ids ({len(context_ids)} tokens) plus tree depth {depth} exceeds the model's context of {max_context}"
             )
         # Without a session id the call is stateless: its cache is dropped right after.
         session_id = request.session_id or f"oneshot-{uuid.uuid4()}"
         try:
-            outcome = self.worker.run(self.verifier.verify, session_id, context_ids, tree, sampling_params(request))
+            outcome = self.verifier.verify(session_id, context_ids, tree, sampling_params(request))
         finally:
             if not request.session_id:
                 self.verifier.store.release(session_id)
@@ -79,10 +81,11 @@ def main(argv: list[str] | None = None) -> None:
         "verify",
         settings,
         settings.target_model,
-        lambda model, store, info, metrics: VerifyServicer(TreeVerifier(model, store), info, metrics),
+        lambda model, store, info, metrics: VerifyServicer(TreeVerifier(model, store), info, settings, metrics),
         verify_pb2_grpc.add_VerifyServiceServicer_to_server,
         SERVICE_NAME,
     )
+
 
 if __name__ == "__main__":
     main()

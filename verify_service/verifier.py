@@ -9,14 +9,13 @@ context end and after every node: ``n + 1`` entries for a tree of ``n`` nodes.
 
 from __future__ import annotations
 
-import threading
 import time
 from dataclasses import dataclass
 
 import torch
 
 from specdec import telemetry
-from specdec.engine import tree_forward
+from specdec.engine import ModelWorker, on_model_thread, tree_forward
 from specdec.kv_cache import SessionStore
 from specdec.sampling import SamplingParams, distribution
 from specdec.tree import TokenTree, validate_parents
@@ -33,13 +32,14 @@ class VerifyOutcome:
 
 
 class TreeVerifier:
+    """Safe to call from any thread: :meth:`verify` runs one call at a time on its own model thread."""
+
     def __init__(self, model, store: SessionStore | None = None) -> None:
         self.model = model
         self.store = store if store is not None else SessionStore()
-        # One forward at a time per model: a session's cache is mutated in place, and on a
-        # 2-core CPU or one GPU, concurrent forwards only contend.
-        self._model_lock = threading.Lock()
+        self.worker = ModelWorker()
 
+    @on_model_thread
     def verify(self, session_id: str, context: list[int], tree: TokenTree, sampling: SamplingParams | None = None) -> VerifyOutcome:
         """Score the tree; with ``sampling`` (temperature > 0) also return the target's warped
         distributions, which the acceptance rule needs."""
@@ -47,22 +47,21 @@ class TreeVerifier:
             raise ValueError("context must hold at least one token")
         validate_parents(tree.parents)
         session = self.store.get(session_id)
-        with session.lock, self._model_lock:
-            reused = session.sync(context)
-            pending = context[reused:]
-            start = time.perf_counter()
-            with telemetry.span("specdec.forward") as span:
-                logits = tree_forward(self.model, session, pending, tree.tokens, tree.parents, logits_to_keep=len(tree) + 1)
-                span.set_attribute("specdec.fed_tokens", len(pending) + len(tree))
-                span.set_attribute("specdec.tree.nodes", len(tree))
-            forward_s = time.perf_counter() - start
-            outcome = VerifyOutcome(
-                target_tokens=logits.argmax(-1).tolist(),
-                reused_tokens=reused,
-                fed_tokens=len(pending) + len(tree),
-                cached_tokens=session.cached_len,
-                target_probs=distribution(logits.cpu(), sampling) if sampling and not sampling.greedy else None,
-                forward_s=forward_s,
-            )
+        reused = session.sync(context)
+        pending = context[reused:]
+        start = time.perf_counter()
+        with telemetry.span("specdec.forward") as span:
+            logits = tree_forward(self.model, session, pending, tree.tokens, tree.parents, logits_to_keep=len(tree) + 1)
+            span.set_attribute("specdec.fed_tokens", len(pending) + len(tree))
+            span.set_attribute("specdec.tree.nodes", len(tree))
+        forward_s = time.perf_counter() - start
+        outcome = VerifyOutcome(
+            target_tokens=logits.argmax(-1).tolist(),
+            reused_tokens=reused,
+            fed_tokens=len(pending) + len(tree),
+            cached_tokens=session.cached_len,
+            target_probs=distribution(logits.cpu(), sampling) if sampling and not sampling.greedy else None,
+            forward_s=forward_s,
+        )
         self.store.enforce_limits(keep=session_id)
         return outcome

@@ -11,14 +11,19 @@ Useful ratios come straight out of the counters, e.g.
 - mean tokens per round (accepted + bonus): ``rate(specdec_tokens_generated_total[5m]) / rate(specdec_round_duration_seconds_count[5m])``;
 - mean accepted draft tokens per round: ``rate(specdec_accepted_tokens_total[5m]) / rate(specdec_round_duration_seconds_count[5m])``.
 
-Each process has its own registry (tests run several in one process), with the standard process
+The draft and verify services count their RPCs with :class:`ServerMetricsInterceptor`; the
+orchestrator counts its generations itself (``specdec.orchestrator.instrumentation``). Each process
+has its own registry (tests run several in one process), with the standard process
 and Python collectors added.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import time
 
+import grpc
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -31,6 +36,8 @@ from prometheus_client import (
     start_http_server,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from specdec.rpc.interceptors import HEALTH_AND_REFLECTION, wrap_handler
 
 log = logging.getLogger("specdec.rpc.metrics")
 # The *_created series (a timestamp per counter and label set) double what is scraped and are not used.
@@ -129,3 +136,37 @@ def serve_metrics(registry: CollectorRegistry, port: int, host: str = "127.0.0.1
     """Serve ``/metrics`` on ``host:port`` from a daemon thread."""
     start_http_server(port, addr=host, registry=registry)
     log.info("metrics on http://%s:%d/metrics", host, port)
+
+
+class ServerMetricsInterceptor(grpc.ServerInterceptor):
+    """Counts, times and gauges every call except health checks and reflection."""
+
+    def __init__(self, metrics: ServiceMetrics) -> None:
+        self.metrics = metrics
+
+    def intercept_service(self, continuation, details):
+        handler = continuation(details)
+        if handler is None or details.method.startswith(HEALTH_AND_REFLECTION):
+            return handler
+        method = details.method.rpartition("/")[2]
+        in_flight = self.metrics.in_flight.labels(method)
+        duration = self.metrics.request_duration.labels(method)
+
+        @contextlib.contextmanager
+        def measured(request, context):
+            in_flight.inc()
+            start = time.perf_counter()
+            try:
+                yield
+            finally:
+                duration.observe(time.perf_counter() - start)
+                in_flight.dec()
+                self.metrics.requests.labels(method, _status_code(context).name).inc()
+
+        return wrap_handler(handler, measured)
+
+
+def _status_code(context) -> grpc.StatusCode:
+    """The code a call ended with (a servicer's ``context.abort`` sets it before raising)."""
+    code = context.code() if hasattr(context, "code") else None
+    return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.OK

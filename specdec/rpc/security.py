@@ -18,12 +18,14 @@ name the setting and the file, never what is in it.
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 from pathlib import Path
 
 import grpc
 
-OPEN_METHODS = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+from specdec.rpc.interceptors import HEALTH_AND_REFLECTION, wrap_handler
+
 AUTHORIZATION = "authorization"  # gRPC metadata keys are lower case
 
 
@@ -127,20 +129,15 @@ def token_metadata(token: str) -> tuple[tuple[str, str], ...]:
     return ((AUTHORIZATION, f"Bearer {token}"),) if token else ()
 
 
-def _refusal(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, details: str) -> grpc.RpcMethodHandler:
-    """A handler of the same shape as ``handler`` that only answers ``code``."""
+def _refusing(code: grpc.StatusCode, details: str):
+    """A call scope (see :func:`~specdec.rpc.interceptors.wrap_handler`) that only answers ``code``."""
 
-    def refuse(request_or_iterator, context):
-        context.abort(code, details)
+    @contextlib.contextmanager
+    def refuse(request, context):
+        context.abort(code, details)  # raises: the servicer method never runs
+        yield
 
-    kinds = {
-        (False, False): grpc.unary_unary_rpc_method_handler,
-        (False, True): grpc.unary_stream_rpc_method_handler,
-        (True, False): grpc.stream_unary_rpc_method_handler,
-        (True, True): grpc.stream_stream_rpc_method_handler,
-    }
-    make = kinds[(handler.request_streaming, handler.response_streaming)]
-    return make(refuse, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+    return refuse
 
 
 class BearerTokenInterceptor(grpc.ServerInterceptor):
@@ -165,10 +162,10 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
 
     def intercept_service(self, continuation, details):
         handler = continuation(details)
-        if handler is None or details.method.startswith(OPEN_METHODS):
+        if handler is None or details.method.startswith(HEALTH_AND_REFLECTION):
             return handler
         refused = self.check(details.invocation_metadata)
-        return handler if refused is None else _refusal(handler, *refused)
+        return handler if refused is None else wrap_handler(handler, _refusing(*refused))
 
 
 def auth_interceptors(settings) -> list[grpc.ServerInterceptor]:

@@ -1,14 +1,16 @@
-"""gRPC edge helpers shared by the three servers: error-to-status mapping, server start-up with
-health and reflection, and health waiting for launchers and tests.
-
-The algorithm modules of this package never import this one; only the servers and clients do.
+"""A specdec process's gRPC server from start to exit: logging, telemetry, the server with
+grpc.health.v1 and reflection, the start-up line launchers read, and graceful shutdown on a
+signal; plus :func:`wait_until_serving` for launchers and tests, and :func:`run_model_service`,
+the whole ``main`` of the draft and verify services.
 """
 
 from __future__ import annotations
 
-import functools
-import inspect
 import logging
+import os
+import signal
+import sys
+import threading
 import time
 from concurrent import futures
 
@@ -16,191 +18,51 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from specdec.rpc.decode_guard import DecodeGuard
-from specdec.errors import Cancelled, DeadlineExceeded, InvalidRequest, NotReady, Overloaded, Unavailable
-from specdec.service_info import ModelDescription
-from specdec.v1 import common_pb2
+from specdec import telemetry
+from specdec.rpc.channels import server_options
+from specdec.rpc.interceptors import Admission, AdmissionInterceptor, DecodeGuard
+from specdec.rpc.metrics import ModelServiceMetrics, OrchestratorMetrics, ServerMetricsInterceptor, serve_metrics
+from specdec.rpc.security import client_channel, describe_server_tls, server_credentials
+from specdec.rpc.tracing import RpcSpanNames, server_interceptor
 
-log = logging.getLogger("specdec.rpc.server")
-
-
-STATUS_OF_ERROR = {
-    InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
-    Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    NotReady: grpc.StatusCode.FAILED_PRECONDITION,
-    Unavailable: grpc.StatusCode.UNAVAILABLE,
-    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
-    Cancelled: grpc.StatusCode.CANCELLED,
-}
+log = logging.getLogger("specdec")
 
 
-def _status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    for kind, code in STATUS_OF_ERROR.items():
-        if isinstance(exc, kind):
-            return code, str(exc)
-    if isinstance(exc, grpc.RpcError) and hasattr(exc, "code"):
-        # An internal call failed: pass its status on, naming where it came from.
-        return exc.code(), f"upstream call failed: {exc.details()}"
-    log.exception("unhandled error in RPC")
-    return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
+def setup_logging(level: str = "INFO") -> None:
+    logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
 
-def rpc_method(method):
-    """Turn exceptions raised by a servicer method (unary or server-streaming) into gRPC statuses."""
-    if inspect.isgeneratorfunction(method):
+def start_telemetry(service: str, settings, store=None, attributes: dict | None = None):
+    """Tracing and metrics for one service process, from its settings (``trace_file``,
+    ``metrics_port``, ``host``) and the ``OTEL_*`` variables.
 
-        @functools.wraps(method)
-        def stream(self, request, context):
-            try:
-                yield from method(self, request, context)
-            except Exception as exc:  # noqa: BLE001 - every failure becomes a status
-                context.abort(*_status_of(exc))
-
-        return stream
-
-    @functools.wraps(method)
-    def unary(self, request, context):
-        try:
-            return method(self, request, context)
-        except Exception as exc:  # noqa: BLE001 - every failure becomes a status
-            context.abort(*_status_of(exc))
-
-    return unary
-
-
-def model_info_pb(info: ModelDescription, store) -> common_pb2.ModelInfo:
-    return common_pb2.ModelInfo(
-        service=info.service,
-        model=info.model,
-        vocab_size=info.vocab_size,
-        tokenizer_fingerprint=info.tokenizer_fingerprint,
-        device=info.device,
-        dtype=info.dtype,
-        max_context=info.max_context,
-        active_sessions=len(store),
-        cached_tokens=store.cached_tokens(),
-        eos_token_ids=info.eos_token_ids,
-        version=info.version,
-    )
-
-
-def sampling_params(message, seed: int = 0):
-    """SamplingParams from a request's temperature / top_p / top_k fields, checked."""
-    from specdec.sampling import SamplingParams
-
-    if not message.temperature >= 0:  # also catches NaN
-        raise InvalidRequest(f"temperature = {message.temperature} must be >= 0")
-    if not 0 <= message.top_p <= 1:
-        raise InvalidRequest(f"top_p = {message.top_p} must be in [0, 1]")
-    if message.top_k < 0:
-        raise InvalidRequest(f"top_k = {message.top_k} must be >= 0")
-    return SamplingParams(temperature=message.temperature, top_k=message.top_k, top_p=message.top_p or 1.0, seed=seed)
-
-
-def distribution_pb(probs, precision) -> common_pb2.Distribution:
-    from specdec.sampling import pack
-
-    data, token_ids = pack(probs)
-    return common_pb2.Distribution(precision=precision, probs=data, token_ids=token_ids, vocab_size=len(probs))
-
-
-def distribution_from_pb(message, vocab_size: int):
-    """The exact distribution a service sent (float64 for drafts, float32 for the target)."""
-    import torch
-
-    from specdec.sampling import normalise16, unpack
-
-    if message.vocab_size != vocab_size:
-        raise InvalidRequest(f"a distribution over {message.vocab_size} tokens does not fit the vocabulary of {vocab_size}")
-    if any(not 0 <= t < vocab_size for t in message.token_ids):
-        raise InvalidRequest("a distribution names a token outside the vocabulary")
-    if message.precision == common_pb2.Distribution.PRECISION_FLOAT16:
-        return normalise16(unpack(message.probs, list(message.token_ids), vocab_size, torch.float16))
-    return unpack(message.probs, list(message.token_ids), vocab_size, torch.float32)
-
-
-def channel_options(max_message_mb: int) -> list[tuple[str, int]]:
-    limit = max_message_mb << 20
-    return [("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)]
-
-
-def server_options(max_message_mb: int) -> list[tuple[str, int]]:
-    # Accept the clients' keepalive pings (client_options) instead of closing the connection.
-    return [*channel_options(max_message_mb), ("grpc.http2.min_recv_ping_interval_without_data_ms", 5000),
-            ("grpc.http2.max_ping_strikes", 0)]
-
-
-def client_options(max_message_mb: int) -> list[tuple[str, int]]:
-    """Channel options for the orchestrator's internal clients: a restarted service is reconnected
-    within about 2 s (gRPC's own default backs off up to 2 minutes), and a connection whose peer
-    vanished without closing it (a host or link lost) is found dead by keepalive within ~15 s."""
-    return [
-        *channel_options(max_message_mb),
-        ("grpc.initial_reconnect_backoff_ms", 200),
-        ("grpc.min_reconnect_backoff_ms", 200),
-        ("grpc.max_reconnect_backoff_ms", 2000),
-        ("grpc.keepalive_time_ms", 10000),
-        ("grpc.keepalive_timeout_ms", 5000),
-        ("grpc.http2.max_pings_without_data", 0),
-    ]
-
-
-UNGATED_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+    ``store`` is a model service's session store; the orchestrator passes none and gets no server
+    interceptors: its generation span is the SERVER span (``specdec.orchestrator.instrumentation``).
+    Returns ``(server_interceptors, metrics)``, ``metrics`` being ``None`` when they are off.
+    """
+    tracing = telemetry.setup_tracing(service, settings.trace_file, attributes)
+    if tracing:
+        telemetry.provider().add_span_processor(RpcSpanNames())
+    metrics = None
+    if settings.metrics_port:
+        metrics = OrchestratorMetrics() if store is None else ModelServiceMetrics(store)
+        serve_metrics(metrics.registry, settings.metrics_port, settings.host)
+    interceptors: list[grpc.ServerInterceptor] = []
+    if store is not None:
+        if metrics is not None:
+            interceptors.append(ServerMetricsInterceptor(metrics))
+        if tracing:
+            interceptors.append(server_interceptor())
+    return interceptors, metrics
 
 
 class ServingHealth(health.HealthServicer):
-    """grpc.health.v1 plus the server's :class:`~specdec.rpc.serving.Admission`, which graceful
+    """grpc.health.v1 plus the server's :class:`~specdec.rpc.interceptors.Admission`, which graceful
     shutdown closes when it turns health to NOT_SERVING."""
 
-    def __init__(self, admission) -> None:
+    def __init__(self, admission: Admission) -> None:
         super().__init__()
         self.admission = admission
-
-
-class AdmissionInterceptor(grpc.ServerInterceptor):
-    """Counts every call but health checks and reflection while it runs; once the admission is
-    closed (shutting down), refuses new ones with UNAVAILABLE, the code clients retry elsewhere."""
-
-    def __init__(self, admission) -> None:
-        self.admission = admission
-
-    def intercept_service(self, continuation, details):
-        handler = continuation(details)
-        if handler is None or details.method.startswith(UNGATED_SERVICES):
-            return handler
-        admission = self.admission
-
-        def admit(context):
-            if not admission.enter():
-                context.abort(grpc.StatusCode.UNAVAILABLE, "the service is shutting down")
-
-        def unary_reply(inner):
-            def behavior(request, context):
-                admit(context)
-                try:
-                    return inner(request, context)
-                finally:
-                    admission.leave()
-            return behavior
-
-        def streamed_reply(inner):
-            def behavior(request, context):
-                admit(context)
-                try:
-                    yield from inner(request, context)
-                finally:
-                    admission.leave()
-            return behavior
-
-        if handler.unary_unary:
-            make, behavior = grpc.unary_unary_rpc_method_handler, unary_reply(handler.unary_unary)
-        elif handler.unary_stream:
-            make, behavior = grpc.unary_stream_rpc_method_handler, streamed_reply(handler.unary_stream)
-        elif handler.stream_unary:
-            make, behavior = grpc.stream_unary_rpc_method_handler, unary_reply(handler.stream_unary)
-        else:
-            make, behavior = grpc.stream_stream_rpc_method_handler, streamed_reply(handler.stream_stream)
-        return make(behavior, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
 
 
 def start_server(add_servicers, service_names: list[str], host: str, port: int, max_message_mb: int = 64, workers: int = 16,
@@ -211,16 +73,14 @@ def start_server(add_servicers, service_names: list[str], host: str, port: int, 
     call beyond it with RESOURCE_EXHAUSTED at once. ``tls``: settings with ``tls_cert``,
     ``tls_key`` and ``tls_client_ca`` (see :mod:`specdec.rpc.security`); ``None`` or unset = plaintext.
     Returns ``(server, bound_port, health_servicer)``; every service is marked SERVING, and
-    :func:`specdec.rpc.serving.serve_until_signalled` shuts the server down gracefully.
+    :func:`serve_until_signalled` shuts the server down gracefully.
     """
-    from specdec.rpc.security import server_credentials
-    from specdec.rpc.serving import Admission
-
     credentials = server_credentials(tls) if tls is not None else None
     admission = Admission()
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers), options=server_options(max_message_mb),
-        # DecodeGuard: request bytes that do not parse are INVALID_ARGUMENT, not gRPC's INTERNAL.
+        # The first interceptor is the outermost: a call refused at shutdown or for bytes that do
+        # not parse is neither counted nor traced.
         interceptors=[AdmissionInterceptor(admission), DecodeGuard(), *interceptors], maximum_concurrent_rpcs=max_concurrent_rpcs or None,
     )
     add_servicers(server)
@@ -237,11 +97,55 @@ def start_server(add_servicers, service_names: list[str], host: str, port: int, 
     return server, bound, health_servicer
 
 
+def announce(service: str, host: str, port: int) -> None:
+    # Launchers read this line to learn the bound port when port 0 was asked for.
+    print(f"specdec {service} listening on {host}:{port}", flush=True)
+
+
+def serve_until_signalled(server, health_servicer: ServingHealth, grace_s: float = 30.0) -> None:
+    """Block until SIGINT/SIGTERM, then shut down gracefully: report NOT_SERVING on grpc.health.v1,
+    refuse new calls with UNAVAILABLE, give the calls in flight up to ``grace_s`` to finish (a
+    second signal cuts that short), stop the server and return, so that the process exits 0. Calls
+    still running after the grace period are cancelled; if their handlers do not return at once,
+    the process exits 0 here without waiting for them.
+
+    ``health_servicer`` is the one :func:`start_server` returned: it carries the server's
+    :class:`Admission`. Health checks keep answering (NOT_SERVING) until the server stops.
+    """
+    stop, hurry = threading.Event(), threading.Event()
+
+    def on_signal(*_):
+        (hurry if stop.is_set() else stop).set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
+    # Python runs signal handlers in the main thread between bytecodes; when the kernel hands the
+    # signal to another thread (gRPC's, torch's), an untimed wait here would never see it.
+    while not stop.wait(0.5):
+        pass
+    admission = health_servicer.admission
+    health_servicer.enter_graceful_shutdown()
+    admission.close()
+    log.info("shutting down: NOT_SERVING, refusing new calls; %d in flight get up to %.0f s", admission.in_flight, grace_s)
+    idle = admission.wait_idle(grace_s, hurry)
+    if not idle:
+        log.warning("shutting down: %d call(s) still in flight are cancelled", admission.in_flight)
+    # Idle means every handler has returned, not that gRPC has sent each call's final status yet:
+    # a short grace lets it, where stop(0) would cancel a stream that already sent all its messages.
+    server.stop(5.0 if idle else 0).wait()
+    log.info("stopped")
+    telemetry.shutdown()  # export the spans still buffered
+    if not idle and not admission.wait_idle(2.0):
+        # A handler still busy (a long forward pass) would hold the interpreter's exit, which joins
+        # gRPC's worker threads: the grace period is over, so leave without them.
+        logging.shutdown()
+        sys.stdout.flush()
+        os._exit(0)
+
+
 def wait_until_serving(address: str, timeout_s: float, service: str = "", alive=lambda: True, tls=None) -> None:
     """Block until ``address`` reports SERVING on grpc.health.v1; ``alive()`` false aborts early.
     ``tls``: client settings (``tls_ca``, ``tls_client_cert``, ``tls_client_key``) for a TLS server."""
-    from specdec.rpc.security import client_channel
-
     deadline = time.monotonic() + timeout_s
     with client_channel(address, tls) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
@@ -257,3 +161,50 @@ def wait_until_serving(address: str, timeout_s: float, service: str = "", alive=
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{address} did not report SERVING within {timeout_s:.0f} s")
             time.sleep(0.2)
+
+
+# --------------------------------------------------------------------------- the model services
+
+
+def load_for_service(service: str, name: str, settings):
+    """Load a model and its tokenizer for a service; returns (model, tokenizer, description)."""
+    import torch
+
+    from specdec.model_store import load_model
+    from specdec.service_info import describe_model
+
+    if settings.threads > 0:
+        torch.set_num_threads(settings.threads)
+    log.info("%s: loading %s on %s (%s)", service, name, settings.device, settings.dtype)
+    model, tokenizer = load_model(name, device=settings.device, dtype=settings.dtype)
+    return model, tokenizer, describe_model(service, name, model, tokenizer)
+
+
+def run_model_service(service: str, settings, model_name: str, make_servicer, add_servicer, service_name: str) -> None:
+    """Start-up shared by the draft and verify services: load the model, bound the session store,
+    start telemetry and the server, announce the port, serve until signalled.
+
+    ``make_servicer(model, store, info, metrics)`` builds the servicer; ``add_servicer(servicer,
+    server)`` is the generated ``add_*Servicer_to_server``.
+    """
+    from specdec.kv_cache import SessionStore
+
+    setup_logging()
+    model, _, info = load_for_service(service, model_name, settings)
+    store = SessionStore(settings.max_sessions, settings.kv_cache_mb << 20, ttl_s=settings.session_ttl_s)
+    store.start_sweeper()
+    interceptors, metrics = start_telemetry(service, settings, store, {"specdec.model": model_name})
+    servicer = make_servicer(model, store, info, metrics)
+    server, port, health_servicer = start_server(
+        lambda s: add_servicer(servicer, s),
+        [service_name],
+        settings.host,
+        settings.port,
+        settings.max_message_mb,
+        interceptors=interceptors,
+        max_concurrent_rpcs=settings.max_concurrent_rpcs,
+        tls=settings,
+    )
+    log.info("%s: port speaks %s", service, describe_server_tls(settings))
+    announce(service, settings.host, port)
+    serve_until_signalled(server, health_servicer, settings.shutdown_grace_s)

@@ -1,0 +1,72 @@
+"""Errors to gRPC status codes, in one place: the servicers answer with them (:func:`rpc_method`)
+and the orchestrator's instrumentation records them on its spans and metrics.
+
+Each typed error of :mod:`specdec.errors` has its precise code; a failed internal call passes its
+own status on; anything else is a bug, answered INTERNAL and logged with its traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+
+import grpc
+
+from specdec.errors import Cancelled, DeadlineExceeded, InvalidRequest, NotReady, Overloaded, Unavailable
+
+log = logging.getLogger("specdec.rpc.status")
+
+STATUS_OF_ERROR = {
+    InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
+    Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    NotReady: grpc.StatusCode.FAILED_PRECONDITION,
+    Unavailable: grpc.StatusCode.UNAVAILABLE,
+    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    Cancelled: grpc.StatusCode.CANCELLED,
+}
+
+
+def code_of(exc: BaseException) -> grpc.StatusCode:
+    """The status a call that raised ``exc`` ends with."""
+    for kind, code in STATUS_OF_ERROR.items():
+        if isinstance(exc, kind):
+            return code
+    if isinstance(exc, grpc.RpcError) and hasattr(exc, "code"):
+        return exc.code()
+    return grpc.StatusCode.INTERNAL
+
+
+def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """Code and details to answer a call that raised ``exc`` with."""
+    code = code_of(exc)
+    if isinstance(exc, tuple(STATUS_OF_ERROR)):
+        return code, str(exc)
+    if isinstance(exc, grpc.RpcError) and hasattr(exc, "code"):
+        # An internal call failed: pass its status on, naming where it came from.
+        return code, f"upstream call failed: {exc.details()}"
+    log.exception("unhandled error in RPC")
+    return code, f"internal error: {type(exc).__name__}: {exc}"
+
+
+def rpc_method(method):
+    """Turn exceptions raised by a servicer method (unary or server-streaming) into gRPC statuses."""
+    if inspect.isgeneratorfunction(method):
+
+        @functools.wraps(method)
+        def stream(self, request, context):
+            try:
+                yield from method(self, request, context)
+            except Exception as exc:  # noqa: BLE001 - every failure becomes a status
+                context.abort(*status_of(exc))
+
+        return stream
+
+    @functools.wraps(method)
+    def unary(self, request, context):
+        try:
+            return method(self, request, context)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a status
+            context.abort(*status_of(exc))
+
+    return unary

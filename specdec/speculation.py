@@ -1,0 +1,196 @@
+"""One round of speculative decoding as small pure functions: merge the drafts' proposals into one
+token tree, then accept what the target's verdict on that tree allows.
+
+A round, and the words used for it (as in vLLM's spec-decode docs; see Leviathan et al.,
+arXiv:2211.17192, and SpecInfer, arXiv:2305.09781, for trees):
+
+- each draft makes a :class:`Proposal`: paths of *draft tokens* after the context (greedy: beam
+  search, best first; sampled: independent chains, each token with the distribution it was drawn
+  from);
+- :func:`merge` joins every draft's paths into one de-duplicated :class:`DraftTree`, the tree the
+  target verifies in one forward pass;
+- :func:`accept` walks the tree with the target's answer and gives the :class:`Verdict`. The
+  *accepted* tokens are the longest drafted path the target agrees with (greedy: each is the
+  target's own argmax; sampled: each passed the ``min(1, p / q)`` test). The *bonus token* is the
+  target's own token after them (greedy: its argmax there; sampled: a draw from the target's, or
+  the residual, distribution), always kept, so a round yields at least one token. The bonus is a
+  *correction* when some draft had proposed a token at that position and the target took another;
+  otherwise it is a free extra token past the end of every proposal.
+
+How long the next proposal should be is :class:`AdaptiveDraftLength`'s to say.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from specdec.sampling import Candidate, accept_sampled_tree
+from specdec.tree import TokenTree, TokenTrie, greedy_accept
+
+
+@dataclass
+class Proposal:
+    """What one draft proposed in a round."""
+
+    draft: str  # the draft's name (draft-0, draft-1, ...)
+    paths: list[list[int]]  # [paths][<= depth] draft tokens; greedy: beams best first, sampled: chains in the order drawn
+    dists: list[list[torch.Tensor]] | None = None  # sampled only: [paths][<= depth] of [vocab], q for each token
+
+    def cut(self, depth: int) -> Proposal | None:
+        """The non-empty paths, each cut to ``depth`` tokens; None when none is left."""
+        keep = [i for i, path in enumerate(self.paths) if path]
+        if not keep:
+            return None
+        return Proposal(
+            self.draft,
+            [self.paths[i][:depth] for i in keep],
+            [self.dists[i][:depth] for i in keep] if self.dists is not None else None,
+        )
+
+    @property
+    def depth(self) -> int:
+        """Its longest path: the most tokens the round could accept from it."""
+        return max(map(len, self.paths), default=0)
+
+
+@dataclass
+class DraftTree:
+    """A round's proposals merged: the tree the target verifies."""
+
+    tree: TokenTree
+    drafts: list[str]  # names of the drafts that proposed; ``tree.sources`` holds indices into it
+    # Sampled only: for each node (-1 = the context end) the draft samples of its children, in the
+    # order the acceptance rule tries them. None under greedy decoding.
+    candidates: dict[int, list[Candidate]] | None = None
+
+    @property
+    def sampled(self) -> bool:
+        return self.candidates is not None
+
+
+def merge(proposals: list[Proposal], max_nodes: int, vocab_size: int, sampled: bool) -> DraftTree:
+    """One trie of every draft's paths, capped at ``max_nodes``, and under sampling each node's candidates.
+
+    Each draft's best path goes in first, then every draft's second, and so on: a node cap trims the
+    least likely branches, never a draft's best guess before others' runner-ups. A draft with a
+    larger vocabulary than the target's may propose tokens the target cannot take; a path is cut
+    there.
+
+    Under sampling every chain token is a candidate at its parent node, duplicates included (they
+    are separate draws). The cap then counts chain tokens in this fixed order, never looking at
+    their values: cutting a draw because of its own value would bias what is accepted.
+    """
+    # Greedy: the trie caps distinct nodes. Sampled: the chain-token budget below caps instead.
+    trie = TokenTrie(None if sampled else max_nodes)
+    candidates: dict[int, list[Candidate]] | None = {} if sampled else None
+    budget = max_nodes
+    for rank in range(max((len(p.paths) for p in proposals), default=0)):
+        for source, proposal in enumerate(proposals):
+            if rank >= len(proposal.paths):
+                continue
+            path = proposal.paths[rank]
+            if sampled:
+                path = path[:budget]
+                budget -= len(path)
+            valid = next((i for i, token in enumerate(path) if not 0 <= token < vocab_size), len(path))
+            trie.insert(path[:valid], source)
+            if sampled:
+                node = -1
+                for token, q in zip(path[:valid], proposal.dists[rank]):
+                    child = trie.child(node, token)
+                    candidates.setdefault(node, []).append(Candidate(child, q))
+                    node = child
+    return DraftTree(trie.tree, [p.draft for p in proposals], candidates)
+
+
+@dataclass
+class Verdict:
+    """What the target made of a round's tree (the words are defined in the module docstring)."""
+
+    merged: DraftTree = field(repr=False)
+    accepted_nodes: list[int]  # [accepted_len] tree nodes, root first
+    bonus_token: int | None  # None when the round's output was cut before it (a stop, the budget)
+
+    @property
+    def accepted(self) -> list[int]:
+        """[accepted_len] the accepted draft tokens."""
+        return [self.merged.tree.tokens[node] for node in self.accepted_nodes]
+
+    @property
+    def tokens(self) -> list[int]:
+        """What the round adds to the output: the accepted tokens, then the bonus token."""
+        return self.accepted + ([self.bonus_token] if self.bonus_token is not None else [])
+
+    @property
+    def correction(self) -> bool:
+        """Whether the bonus token replaced a draft's proposal (some draft proposed a token at its position)."""
+        at = self.accepted_nodes[-1] if self.accepted_nodes else -1
+        return self.bonus_token is not None and at in self.merged.tree.parents
+
+    @property
+    def winning_draft(self) -> str:
+        """The draft whose path was accepted (the first, when several proposed it); "" when none was."""
+        if not self.accepted_nodes:
+            return ""
+        sources = self.merged.tree.sources[self.accepted_nodes[-1]]
+        return self.merged.drafts[min(sources)] if sources else ""
+
+    @property
+    def accepted_by_draft(self) -> dict[str, int]:
+        """How many of the accepted tokens each draft had proposed (the trie credits shared prefixes to all)."""
+        sources = self.merged.tree.sources
+        return {
+            name: sum(1 for node in self.accepted_nodes if index in sources[node])
+            for index, name in enumerate(self.merged.drafts)
+        }
+
+    def cut(self, n_tokens: int) -> Verdict:
+        """The verdict on the first ``n_tokens`` output tokens only: a stop inside the accepted path
+        cuts it, and the round accepted only what reached the output."""
+        if n_tokens > len(self.accepted_nodes):
+            return self
+        return Verdict(self.merged, self.accepted_nodes[:n_tokens], None)
+
+
+def accept(merged: DraftTree, target: list[int] | torch.Tensor, generator: torch.Generator) -> Verdict:
+    """The accepted path and the bonus token.
+
+    ``target`` is the verify service's answer at the context end and after every node: greedy, the
+    target's tokens (``[nodes + 1]``); sampled, its distributions (``[nodes + 1, vocab]``), and the
+    acceptance rule's coins come from ``generator``.
+    """
+    if merged.sampled:
+        nodes, bonus = accept_sampled_tree(merged.tree.tokens, target, merged.candidates, generator)
+    else:
+        nodes, bonus = greedy_accept(merged.tree, target)
+    return Verdict(merged, nodes, bonus)
+
+
+@dataclass
+class AdaptiveDraftLength:
+    """How many tokens the next round drafts (sequential: the chain's length; tree: the beams' depth).
+
+    Verifying rows the target then rejects costs time (on a CPU a verify pass grows with its rows),
+    so when ``adaptive`` the length is one shorter after a round that rejected a draft token and one
+    longer, up to ``maximum``, after a round that accepted every position drafted (as transformers'
+    assisted generation does). Otherwise it stays at ``maximum``.
+    """
+
+    maximum: int
+    adaptive: bool = True
+    length: int = field(init=False)  # this round's length; starts at the maximum
+
+    def __post_init__(self) -> None:
+        self.length = self.maximum
+
+    def next(self, room: int) -> int:
+        """This round's length, within ``room`` (what the budget and context leave to draft)."""
+        return min(self.length, room)
+
+    def update(self, drafted: int, accepted: int) -> None:
+        """After a round whose longest path had ``drafted`` tokens, ``accepted`` of them accepted."""
+        if not self.adaptive or not drafted:
+            return
+        self.length = min(self.maximum, self.length + 1) if accepted >= drafted else max(1, self.length - 1)

@@ -1,0 +1,58 @@
+"""In-process draft and verify clients over the engines themselves, shaped as the controller's
+DraftClient and VerifyClient: the accept/fallback loop runs in one process, with no gRPC between."""
+
+from __future__ import annotations
+
+import functools
+
+from specdec.detokenize import TextStream
+from specdec.draft_service.drafter import BeamDrafter
+from specdec.orchestrator.controller import Limits, SpeculativeController
+from specdec.sampling import SamplingParams
+from specdec.speculation import Proposal
+from specdec.verify_service.verifier import TreeVerifier
+from tiny_models import VOCAB, tiny_tokenizer
+
+
+class LocalDraft:
+    def __init__(self, name: str, model, vocab_limit: int = 0) -> None:
+        self.name, self.model = name, type(model).__name__
+        self.drafter = BeamDrafter(model, vocab_limit=vocab_limit)
+
+    def draft(self, session_id, context, paths, depth, timeout_s, sampling=SamplingParams(), seed=0, vocab_size=0) -> Proposal:
+        if sampling.greedy:
+            return Proposal(self.name, [b.tokens for b in self.drafter.propose(session_id, context, paths, depth).beams])
+        out = self.drafter.sample_chains(session_id, context, paths, depth, sampling, seed)
+        dists = [[out.distributions[i] for i in index] for index in out.distribution_index]
+        return Proposal(self.name, [b.tokens for b in out.beams], dists)
+
+    def release(self, session_id):
+        self.drafter.store.release(session_id)
+
+
+class LocalVerify:
+    def __init__(self, model) -> None:
+        self.verifier = TreeVerifier(model)
+
+    def verify(self, session_id, context, tree, timeout_s):
+        return self.verifier.verify(session_id, context, tree).target_tokens
+
+    def verify_sampled(self, session_id, context, tree, timeout_s, sampling, vocab_size):
+        return self.verifier.verify(session_id, context, tree, sampling).target_probs
+
+    def release(self, session_id):
+        self.verifier.store.release(session_id)
+
+
+@functools.cache
+def detokenizer():
+    """``detokenizer(stop)``: a TextStream over the tiny models' tokenizer."""
+    return functools.partial(TextStream, tiny_tokenizer())
+
+
+def local_controller(verify: LocalVerify, drafts: list, eos_token_ids=(), max_new_tokens_limit: int = 1000,
+                     **kwargs) -> SpeculativeController:
+    """The controller over in-process clients, with the tiny models' tokenizer for its text."""
+    limits = Limits(vocab_size=VOCAB, max_context=512, max_new_tokens_limit=max_new_tokens_limit,
+                    eos_token_ids=frozenset(eos_token_ids))
+    return SpeculativeController(verify, drafts, limits, detokenizer(), **kwargs)
