@@ -56,23 +56,23 @@ certs: setup
 	@if [ -f $(CERTS_DIR)/ca.pem ]; then echo "$(CERTS_DIR)/ already holds certificates (delete it to make new ones)"; \
 	  else $(BIN)/specdec certs $(CERTS_DIR); fi
 
-# tests/test_deploy.py checks the compose file as a real compose implementation renders it
+# tests/deploy/test_deploy.py checks the compose file as a real compose implementation renders it
 # (offline, no Docker engine needed). Where there is none, Debian's docker-compose is installed
 # (as root, with apt-get); otherwise those checks skip and say why.
 compose-cli:
 	@docker compose version >/dev/null 2>&1 || command -v docker-compose >/dev/null || \
 	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends docker-compose) >/dev/null 2>&1 ; } || \
-	  echo "note: no docker compose here; tests/test_deploy.py skips its compose checks"
+	  echo "note: no docker compose here; tests/deploy/test_deploy.py skips its compose checks"
 
-# tests/test_dashboard.py opens the dashboard in a real headless Chromium, driven by chromedriver.
+# tests/integration/test_dashboard.py opens the dashboard in a real headless Chromium, driven by chromedriver.
 # Where they are missing, Debian's chromium and chromium-driver are installed (as root, with apt-get);
 # otherwise that test skips and says why.
 chromium:
 	@{ command -v chromium >/dev/null && command -v chromedriver >/dev/null ; } || \
 	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver) >/dev/null 2>&1 ; } || \
-	  echo "note: no chromium here; tests/test_dashboard.py skips its browser test"
+	  echo "note: no chromium here; tests/integration/test_dashboard.py skips its browser test"
 
 # The docker compose cluster (compose/docker-compose.yml, settings in compose/.env): one GPU per
 # model service, Jaeger and Prometheus. `make up PROFILE=cpu` runs the embedded pair on CPU.

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # Repository folder -> installed package (pyproject.toml's package-dir).
 PACKAGES = {
     "specdec": "specdec",

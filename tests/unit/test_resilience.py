@@ -1,5 +1,5 @@
 """Unit tests of the fault-handling pieces: backoff, draft health, verify retries and failover, the
-admission queue, session TTL. (tests/test_faults.py injects real faults into real processes.)"""
+admission queue, session TTL. (tests/faults/test_faults.py injects real faults into real processes.)"""
 
 from __future__ import annotations
 

@@ -24,7 +24,7 @@ from specdec import telemetry
 from local_clients import LocalDraft, LocalVerify, local_controller
 from tiny_models import EOS, tiny_qwen2, truncated_copy
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("env, expected", [

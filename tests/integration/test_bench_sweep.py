@@ -14,7 +14,7 @@ import pytest
 from specdec.tools import analyze, bench, cli
 from tiny_models import reference_greedy
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MAX_NEW_TOKENS = 8
 
 

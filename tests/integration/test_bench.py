@@ -17,7 +17,7 @@ from specdec.tools import bench, cli
 from specdec.tools.prompts import PromptFileError, bundled_dir, sweep_file
 from tiny_models import reference_greedy
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MAX_NEW_TOKENS = 10
 QUICK_LABELS = [
     "target-only", "assisted", "specdec-autoregressive", "specdec-sequential k=2", "specdec-sequential k=3",
