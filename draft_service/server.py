@@ -3,26 +3,20 @@
 from __future__ import annotations
 
 import argparse
-import uuid
 
 from specdec import config
 from specdec.draft_service.drafter import BeamDrafter
 from specdec.errors import InvalidRequest, check_range, check_token_ids
-from specdec.rpc.convert import distribution_pb, model_info_pb, sampling_params
-from specdec.rpc.server import run_model_service
+from specdec.rpc.convert import distribution_pb, sampling_params
+from specdec.rpc.server import ModelServicer, run_model_service
 from specdec.rpc.status import rpc_method
-from specdec.service_info import ModelDescription
 from specdec.v1 import common_pb2, draft_pb2, draft_pb2_grpc
 
 SERVICE_NAME = draft_pb2.DESCRIPTOR.services_by_name["DraftService"].full_name
 
 
-class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
-    def __init__(self, drafter: BeamDrafter, info: ModelDescription, settings: config.DraftSettings, metrics=None) -> None:
-        self.drafter = drafter
-        self.info = info
-        self.settings = settings
-        self.metrics = metrics  # specdec.rpc.metrics.ModelServiceMetrics, or None when metrics are off
+class DraftServicer(ModelServicer, draft_pb2_grpc.DraftServiceServicer):
+    """``DraftBeams``; ``GetInfo`` and ``ReleaseSession`` come from :class:`ModelServicer`."""
 
     @rpc_method
     def DraftBeams(self, request, context):
@@ -35,18 +29,11 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
                 f"context_token_ids ({len(context_ids)} tokens) plus beam_depth {depth} exceeds the model's context of {self.info.max_context}"
             )
         sampling = sampling_params(request)
-        session_id = request.session_id or f"oneshot-{uuid.uuid4()}"
-        try:
-            if sampling.greedy:
-                outcome = self.drafter.propose(session_id, context_ids, width, depth)
-            else:
-                outcome = self.drafter.sample_chains(session_id, context_ids, width, depth, sampling, request.seed)
-        finally:
-            if not request.session_id:
-                self.drafter.store.release(session_id)
-        if self.metrics is not None:
-            self.metrics.reused_tokens.labels("DraftBeams").inc(outcome.reused_tokens)
-            self.metrics.fed_tokens.labels("DraftBeams").inc(outcome.fed_tokens)
+        if sampling.greedy:
+            outcome = self.in_session("DraftBeams", request, lambda session: self.engine.propose(session, context_ids, width, depth))
+        else:
+            outcome = self.in_session("DraftBeams", request, lambda session: self.engine.sample_chains(
+                session, context_ids, width, depth, sampling, request.seed))
         index = outcome.distribution_index or [[] for _ in outcome.beams]
         return draft_pb2.DraftBeamsResponse(
             beams=[
@@ -58,14 +45,6 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
             fed_tokens=outcome.fed_tokens,
             compute_ms=outcome.forward_s * 1e3,
         )
-
-    @rpc_method
-    def GetInfo(self, request, context):
-        return model_info_pb(self.info, self.drafter.store)
-
-    @rpc_method
-    def ReleaseSession(self, request, context):
-        return common_pb2.ReleaseSessionResponse(released=self.drafter.store.release(request.session_id))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import uuid
 
 from specdec import config
 from specdec.errors import InvalidRequest, check_range, check_token_ids
-from specdec.rpc.convert import distribution_pb, model_info_pb, sampling_params
-from specdec.rpc.server import run_model_service
+from specdec.rpc.convert import distribution_pb, sampling_params
+from specdec.rpc.server import ModelServicer, run_model_service
 from specdec.rpc.status import rpc_method
-from specdec.service_info import ModelDescription
 from specdec.tree import TokenTree, validate_parents
 from specdec.v1 import common_pb2, verify_pb2, verify_pb2_grpc
 from specdec.verify_service.verifier import TreeVerifier
@@ -18,12 +16,8 @@ from specdec.verify_service.verifier import TreeVerifier
 SERVICE_NAME = verify_pb2.DESCRIPTOR.services_by_name["VerifyService"].full_name
 
 
-class VerifyServicer(verify_pb2_grpc.VerifyServiceServicer):
-    def __init__(self, verifier: TreeVerifier, info: ModelDescription, settings: config.VerifySettings, metrics=None) -> None:
-        self.verifier = verifier
-        self.info = info
-        self.settings = settings
-        self.metrics = metrics  # specdec.rpc.metrics.ModelServiceMetrics, or None when metrics are off
+class VerifyServicer(ModelServicer, verify_pb2_grpc.VerifyServiceServicer):
+    """``VerifyTree``; ``GetInfo`` and ``ReleaseSession`` come from :class:`ModelServicer`."""
 
     @rpc_method
     def VerifyTree(self, request, context):
@@ -43,16 +37,8 @@ class VerifyServicer(verify_pb2_grpc.VerifyServiceServicer):
             raise InvalidRequest(
                 f"context_token_ids ({len(context_ids)} tokens) plus tree depth {depth} exceeds the model's context of {max_context}"
             )
-        # Without a session id the call is stateless: its cache is dropped right after.
-        session_id = request.session_id or f"oneshot-{uuid.uuid4()}"
-        try:
-            outcome = self.verifier.verify(session_id, context_ids, tree, sampling_params(request))
-        finally:
-            if not request.session_id:
-                self.verifier.store.release(session_id)
-        if self.metrics is not None:
-            self.metrics.reused_tokens.labels("VerifyTree").inc(outcome.reused_tokens)
-            self.metrics.fed_tokens.labels("VerifyTree").inc(outcome.fed_tokens)
+        sampling = sampling_params(request)
+        outcome = self.in_session("VerifyTree", request, lambda session: self.engine.verify(session, context_ids, tree, sampling))
         return verify_pb2.VerifyTreeResponse(
             target_token_ids=outcome.target_tokens,
             target_distributions=[
@@ -63,14 +49,6 @@ class VerifyServicer(verify_pb2_grpc.VerifyServiceServicer):
             cached_tokens=outcome.cached_tokens,
             compute_ms=outcome.forward_s * 1e3,
         )
-
-    @rpc_method
-    def GetInfo(self, request, context):
-        return model_info_pb(self.info, self.verifier.store)
-
-    @rpc_method
-    def ReleaseSession(self, request, context):
-        return common_pb2.ReleaseSessionResponse(released=self.verifier.store.release(request.session_id))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -12,6 +12,7 @@ import signal
 import sys
 import threading
 import time
+import uuid
 from concurrent import futures
 
 import grpc
@@ -20,10 +21,13 @@ from grpc_reflection.v1alpha import reflection
 
 from specdec import telemetry
 from specdec.rpc.channels import server_options
+from specdec.rpc.convert import model_info_pb
 from specdec.rpc.interceptors import Admission, AdmissionInterceptor, DecodeGuard
 from specdec.rpc.metrics import ModelServiceMetrics, OrchestratorMetrics, ServerMetricsInterceptor, serve_metrics
 from specdec.rpc.security import client_channel, describe_server_tls, server_credentials
+from specdec.rpc.status import rpc_method
 from specdec.rpc.tracing import RpcSpanNames, server_interceptor
+from specdec.v1 import common_pb2
 
 log = logging.getLogger("specdec")
 
@@ -164,6 +168,43 @@ def wait_until_serving(address: str, timeout_s: float, service: str = "", alive=
 
 
 # --------------------------------------------------------------------------- the model services
+
+
+class ModelServicer:
+    """What the draft and verify servicers share: the model's description (``GetInfo``), the
+    session store (``ReleaseSession``), and one call run in its session, its KV reuse counted.
+
+    ``engine`` is the service's :class:`~specdec.draft_service.drafter.BeamDrafter` or
+    :class:`~specdec.verify_service.verifier.TreeVerifier`: anything with a ``store``.
+    """
+
+    def __init__(self, engine, info, settings, metrics=None) -> None:
+        self.engine = engine
+        self.info = info  # specdec.service_info.ModelDescription
+        self.settings = settings
+        self.metrics = metrics  # specdec.rpc.metrics.ModelServiceMetrics, or None when metrics are off
+
+    def in_session(self, method: str, request, run):
+        """``run(session_id)`` in the request's session. Without a session id the call is stateless:
+        its cache is dropped right after."""
+        session_id = request.session_id or f"oneshot-{uuid.uuid4()}"
+        try:
+            outcome = run(session_id)
+        finally:
+            if not request.session_id:
+                self.engine.store.release(session_id)
+        if self.metrics is not None:
+            self.metrics.reused_tokens.labels(method).inc(outcome.reused_tokens)
+            self.metrics.fed_tokens.labels(method).inc(outcome.fed_tokens)
+        return outcome
+
+    @rpc_method
+    def GetInfo(self, request, context):
+        return model_info_pb(self.info, self.engine.store)
+
+    @rpc_method
+    def ReleaseSession(self, request, context):
+        return common_pb2.ReleaseSessionResponse(released=self.engine.store.release(request.session_id))
 
 
 def load_for_service(service: str, name: str, settings):
