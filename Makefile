@@ -28,8 +28,10 @@ $(STUBS): $(PROTOS) $(VENV)/.installed
 models: setup
 	$(BIN)/specdec models fetch
 
+# The target alone first (after a short warm-up), then tree mode with the orchestrator's own
+# speculation settings; both speeds and the ratio are printed under the coloured text.
 demo: setup models
-	$(BIN)/specdec generate --local --prompt "$(DEMO_PROMPT)" --mode tree --beam-width 3 --beam-depth 4 --max-tokens 64 --verbose
+	$(BIN)/specdec generate --local --prompt "$(DEMO_PROMPT)" --mode tree --max-tokens 64 --verbose --compare
 
 test: setup compose-cli chromium
 	$(BIN)/python -m pytest -q

@@ -15,8 +15,10 @@ from dataclasses import dataclass
 import torch
 
 from specdec import telemetry
-from specdec.engine import ModelWorker, on_model_thread, tree_forward
+from specdec.cost import CALIBRATION_CONTEXT, CALIBRATION_ROWS, CostCurve
+from specdec.engine import ModelWorker, calibrate_forward, on_model_thread, tree_forward
 from specdec.kv_cache import SessionStore
+from specdec.quantize import Int8Linear
 from specdec.sampling import SamplingParams, draft_distribution, sample
 
 
@@ -47,6 +49,8 @@ def output_rows(model, vocab_limit: int) -> torch.Tensor | None:
         return None
     if type(model).__name__.startswith(("Gemma", "Cohere")):  # heads with soft-capping or scaling
         return None
+    if isinstance(head, Int8Linear):
+        return head.dequantized_rows(vocab_limit)  # widened once; the rest of the model stays int8
     return head.weight[:vocab_limit]
 
 
@@ -103,6 +107,11 @@ class BeamDrafter:
         self.store.enforce_limits(keep=session_id)
         beams = [Beam(tokens=path, logprob=score) for _, score, path in frontier if path]
         return DraftOutcome(beams=beams, reused_tokens=reused, fed_tokens=fed, forward_s=forward_s)
+
+    @on_model_thread
+    def calibrate(self, rows=CALIBRATION_ROWS, reps: int = 3, context_len: int = CALIBRATION_CONTEXT) -> CostCurve:
+        """What one beam-search level of each width costs here (greedy drafting's output layer)."""
+        return calibrate_forward(self.model, self.store, rows, reps, context_len, head=self.head)
 
     @on_model_thread
     def sample_chains(

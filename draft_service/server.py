@@ -1,14 +1,17 @@
-"""DraftService over gRPC: converts messages at the edge and calls :class:`BeamDrafter`."""
+"""DraftService over gRPC: converts messages at the edge and calls :class:`BeamDrafter`, or the
+model-free :class:`~specdec.draft_service.prompt_lookup.PromptLookup` (``--draft-model prompt-lookup``)."""
 
 from __future__ import annotations
 
 import argparse
 
 from specdec import config
+from specdec.draft_service import prompt_lookup
 from specdec.draft_service.drafter import BeamDrafter
 from specdec.errors import InvalidRequest, check_range, check_token_ids
 from specdec.rpc.convert import distribution_pb, sampling_params
-from specdec.rpc.server import ModelServicer, run_model_service
+from specdec.quantize import quantize_model
+from specdec.rpc.server import ModelServicer, load_for_service, run_model_service
 from specdec.rpc.status import rpc_method
 from specdec.v1 import common_pb2, draft_pb2, draft_pb2_grpc
 
@@ -51,6 +54,20 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="specdec serve draft", description="Run a draft service (one small model).")
     config.add_arguments(parser, config.DraftSettings)
     settings = config.from_args(config.DraftSettings, parser.parse_args(argv))
+    if settings.draft_model == prompt_lookup.NAME:
+        # No model: the target's tokenizer and config files describe the service.
+        run_model_service(
+            "draft",
+            settings,
+            settings.draft_model,
+            lambda model, store, info, metrics: DraftServicer(
+                prompt_lookup.PromptLookup(info.vocab_size, store, settings.lookup_max_ngram, settings.lookup_min_ngram),
+                info, settings, metrics),
+            draft_pb2_grpc.add_DraftServiceServicer_to_server,
+            SERVICE_NAME,
+            load=lambda service, name, s: (None, None, prompt_lookup.describe_tokenizer(service, s.tokenizer)),
+        )
+        return
     run_model_service(
         "draft",
         settings,
@@ -58,7 +75,15 @@ def main(argv: list[str] | None = None) -> None:
         lambda model, store, info, metrics: DraftServicer(BeamDrafter(model, store, settings.draft_vocab), info, settings, metrics),
         draft_pb2_grpc.add_DraftServiceServicer_to_server,
         SERVICE_NAME,
+        load=load_draft,
     )
+
+
+def load_draft(service: str, name: str, settings):
+    """The draft model as every model service loads it, then quantized as ``--draft-quantize`` says
+    (before the cost calibration, so that the curve it reports is the quantized model's)."""
+    model, tokenizer, info = load_for_service(service, name, settings)
+    return quantize_model(model, settings.draft_quantize), tokenizer, info
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from specdec.cost import CostCurve
 from specdec.errors import NotReady
 from specdec.rpc.channels import internal_channel
 from specdec.rpc.convert import distribution_from_pb
@@ -86,6 +87,11 @@ class GrpcVerifyClient(_Client):
             timeout=timeout_s,
         )
         return torch.stack([distribution_from_pb(d, vocab_size) for d in reply.target_distributions])
+
+
+def cost_curve(info: common_pb2.ModelInfo) -> CostCurve:
+    """A service's forward cost by rows fed, as its ``GetInfo`` reports it (empty when it measured none)."""
+    return CostCurve.of((c.rows, c.ms) for c in info.forward_costs)
 
 
 def check_fingerprints(target: common_pb2.ModelInfo, drafts: dict[str, common_pb2.ModelInfo], own: str | None = None) -> None:

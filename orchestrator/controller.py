@@ -2,9 +2,12 @@
 
 Each *round* (:meth:`SpeculativeController.stream`; the words are defined in ``specdec.speculation``):
 1. *propose*: every draft proposes paths after the current context, all drafts concurrently (tree
-   mode: beam search, ``beam_width`` beams of ``beam_depth`` tokens; sequential mode: one chain of
-   ``draft_length`` tokens; autoregressive mode: no drafts; under sampling, independent sampled
-   chains instead of beams);
+   mode: beam search, up to ``beam_width`` beams of up to ``beam_depth`` tokens; sequential mode: one
+   chain of up to ``draft_length`` tokens; autoregressive mode: no drafts; under sampling,
+   independent sampled chains instead of beams). The round's shape is the
+   :class:`~specdec.speculation.SpeculationPolicy`'s: with ``adaptive``, the one with the most
+   expected tokens per second from the services' measured costs and the acceptance seen so far
+   (none at all when speculation does not pay), else the request's settings as given;
 2. *merge*: the paths become one de-duplicated token tree;
 3. *verify*: the target checks the whole tree in one forward pass and returns its own token (or,
    under sampling, its distribution) at the context end and after every node;
@@ -13,7 +16,8 @@ Each *round* (:meth:`SpeculativeController.stream`; the words are defined in ``s
    sampling (sampled);
 5. *truncate*: the round's tokens end at the token budget, an end-of-sequence token or the token
    that completes a stop string (``specdec.detokenize.TextStream`` finds it);
-6. *record*: a :class:`specdec.records.RoundRecord`, yielded as the round completes.
+6. *record*: a :class:`specdec.records.RoundRecord`, yielded as the round completes; the policy
+   learns from the verdict what the drafts' proposals are worth.
 
 A draft that fails or misses its deadline is skipped for the round and left out for a backoff
 period (``specdec.orchestrator.resilience.DraftHealth``), then asked again; with none left the round
@@ -36,13 +40,14 @@ from typing import Callable, Iterator, Protocol
 import torch
 
 from specdec.config import SpeculationLimits
+from specdec.cost import AcceptanceStats, Choice, RoundCosts
 from specdec.detokenize import TextStream
 from specdec.errors import Cancelled, DeadlineExceeded, InvalidRequest, Unavailable, check_range
 from specdec.orchestrator.instrumentation import GenerationInstrumentation
 from specdec.orchestrator.resilience import DraftHealth
 from specdec.records import DecodingMode, DraftStats, GenerationResult, GenerationStats, RoundRecord
 from specdec.sampling import SamplingParams
-from specdec.speculation import AdaptiveDraftLength, DraftTree, Proposal, Verdict, accept, merge
+from specdec.speculation import DraftTree, Proposal, SpeculationPolicy, Verdict, accept, merge
 from specdec.tree import TokenTree
 
 log = logging.getLogger("specdec.orchestrator")
@@ -84,18 +89,21 @@ class GenerationRequest:
     include_rounds: bool = False
     sampling: SamplingParams = field(default_factory=SamplingParams)  # temperature 0: greedy
     deadline: float | None = None  # time.monotonic() by which the whole generation must end
-    adaptive: bool = False  # draft length/depth follows acceptance, up to the requested value
+    adaptive: bool = False  # each round's shape chosen by cost and acceptance, within the requested values
     cancelled: Callable[[], bool] | None = None  # true once the client has gone away
 
     @property
     def paths(self) -> int:
-        """Paths each draft proposes: ``beam_width`` beams in tree mode, one chain otherwise."""
+        """Paths each draft proposes at most: ``beam_width`` beams in tree mode, one chain otherwise."""
         return self.beam_width if self.mode == DecodingMode.TREE else 1
 
     @property
     def max_depth(self) -> int:
-        """Tokens per path at most: ``draft_length`` in sequential mode, ``beam_depth`` otherwise."""
-        return self.draft_length if self.mode == DecodingMode.SEQUENTIAL else self.beam_depth
+        """Tokens per path at most: ``draft_length`` in sequential mode, ``beam_depth`` otherwise. An
+        adaptive tree may also choose any chain sequential mode could: up to ``draft_length`` deep."""
+        if self.mode == DecodingMode.SEQUENTIAL:
+            return self.draft_length
+        return max(self.beam_depth, self.draft_length) if self.adaptive and self.mode == DecodingMode.TREE else self.beam_depth
 
 
 @dataclass
@@ -122,6 +130,7 @@ class SpeculativeController:
         draft_timeout_s: float = 10.0,
         verify_timeout_s: float = 60.0,
         instrumentation: GenerationInstrumentation | None = None,
+        costs: RoundCosts | None = None,
     ) -> None:
         self.verifier = verifier
         self.drafts = drafts
@@ -132,6 +141,10 @@ class SpeculativeController:
         self._pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="draft-call")
         self.draft_health = DraftHealth()
         self.instrumentation = instrumentation or GenerationInstrumentation()  # round spans and metrics
+        self.costs = costs or RoundCosts()  # the services' measured forward costs (GetInfo)
+        # Acceptance per draft and depth, shared by every generation: a new one starts from what
+        # the last ones saw, and old rounds fade as new ones come.
+        self.acceptance = AcceptanceStats()
 
     def check(self, req: GenerationRequest) -> None:
         """Raise InvalidRequest naming the field for anything the loop cannot serve."""
@@ -172,7 +185,8 @@ class SpeculativeController:
         session_id, start = f"gen-{uuid.uuid4()}", time.perf_counter()
         output, rounds, first_token_ms, stopped = [], [], 0.0, False
         text = self.detokenizer(req.stop)
-        draft_length = AdaptiveDraftLength(req.max_depth, req.adaptive)
+        policy = SpeculationPolicy([d.name for d in self.drafts] if req.mode != DecodingMode.AUTOREGRESSIVE else [],
+                                   req.paths, req.max_depth, req.max_tree_nodes, req.adaptive, self.costs, self.acceptance)
         # One generator per request drives every random choice (draft seeds, accept coins, bonus
         # draws): a fixed seed replays the same output on the same cluster configuration.
         generator = torch.Generator().manual_seed(req.sampling.seed or int.from_bytes(uuid.uuid4().bytes[:7], "big"))
@@ -183,10 +197,10 @@ class SpeculativeController:
                 # The round's trace span (current while it runs) and metrics; nothing when both are off.
                 with self.instrumentation.round(trace_parent, len(rounds), req.mode) as observed:
                     t0 = time.perf_counter()
-                    depth = draft_length.next(self._room(req, context, len(output)))
-                    proposals, fallback_reason = self._propose(req, session_id, context, depth, generator, draft_timeout_s)
+                    choice = policy.next(self._room(req, context, len(output)))
+                    proposals, fallback_reason = self._propose(req, session_id, context, choice, generator, draft_timeout_s)
                     t1 = time.perf_counter()
-                    merged = merge(proposals, req.max_tree_nodes, self.limits.vocab_size, sampled=not req.sampling.greedy)
+                    merged = merge(proposals, choice.nodes or req.max_tree_nodes, self.limits.vocab_size, sampled=not req.sampling.greedy)
                     target = self._verify(session_id, context, merged, req.sampling, verify_timeout_s)
                     t2 = time.perf_counter()
                     verdict = accept(merged, target, generator)
@@ -194,7 +208,7 @@ class SpeculativeController:
                     verdict = verdict.cut(len(new_tokens))
                     output += new_tokens
                     first_token_ms = first_token_ms or (time.perf_counter() - start) * 1e3
-                    draft_length.update(max((p.depth for p in proposals), default=0), len(verdict.accepted))
+                    policy.update(choice, proposals, verdict)
                     observed.record = record = _round_record(
                         len(rounds), req.mode, proposals, fallback_reason, verdict, new_tokens, new_text, t1 - t0, t2 - t1
                     )
@@ -225,7 +239,7 @@ class SpeculativeController:
             room = min(room, self.limits.max_context - len(context))
         return room - 1
 
-    def _propose(self, req: GenerationRequest, session_id: str, context: list[int], depth: int,
+    def _propose(self, req: GenerationRequest, session_id: str, context: list[int], choice: Choice,
                  generator: torch.Generator, timeout_s: float) -> tuple[list[Proposal], str]:
         """Ask every usable draft at once; returns the proposals (in draft order) and, when there
         are none, why ("" in autoregressive mode)."""
@@ -233,8 +247,11 @@ class SpeculativeController:
             return [], ""
         if not self.drafts:
             return [], "no draft services configured"
-        if depth <= 0:
-            return [], "token budget leaves no room to draft"
+        if choice.depth <= 0:
+            if self._room(req, context, len(context) - len(req.prompt_ids)) <= 0:
+                return [], "token budget leaves no room to draft"
+            return [], "speculation does not pay at the measured costs and acceptance"
+        depth = choice.depth
         # Seeds are drawn for every draft, usable or not, so a fixed seed gives every draft the same
         # stream whichever others are down (greedy drafting ignores them).
         seeds = torch.randint(1 << 62, (len(self.drafts),), generator=generator).tolist()
@@ -244,7 +261,7 @@ class SpeculativeController:
         # Each call runs in a copy of this thread's context, so its trace span is the round's child.
         calls = {
             self._pool.submit(
-                contextvars.copy_context().run, d.draft, session_id, context, req.paths, depth, timeout_s,
+                contextvars.copy_context().run, d.draft, session_id, context, choice.width, depth, timeout_s,
                 req.sampling, seed, self.limits.vocab_size,
             ): d
             for d, seed in usable

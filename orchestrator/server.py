@@ -21,11 +21,12 @@ import uuid
 from typing import Iterator
 from pathlib import Path
 
-from specdec.orchestrator.clients import GrpcDraftClient, GrpcVerifyClient, check_fingerprints
+from specdec.orchestrator.clients import GrpcDraftClient, GrpcVerifyClient, check_fingerprints, cost_curve
 from specdec.orchestrator.instrumentation import GenerationInstrumentation
 from specdec.orchestrator.resilience import GenerationQueue, ReplicatedVerifier
 from specdec.orchestrator.controller import GenerationRequest, Limits, SpeculativeController
 from specdec import config
+from specdec.cost import RoundCosts
 from specdec.detokenize import TextStream, token_texts
 from specdec.errors import InvalidRequest, NotReady
 from specdec.records import DecodingMode, GenerationLog, GenerationResult, finish_reason_pb
@@ -43,7 +44,7 @@ MAX_STOP_CHARS = 1024
 
 class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
     def __init__(self, settings: config.OrchestratorSettings, tokenizer, verify_client, draft_clients, target_info,
-                 metrics=None) -> None:
+                 metrics=None, costs: RoundCosts | None = None) -> None:
         self.settings = settings
         self.tokenizer = tokenizer
         self.target_info = target_info
@@ -66,6 +67,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             draft_timeout_s=settings.draft_timeout_ms / 1e3,
             verify_timeout_s=settings.verify_timeout_ms / 1e3,
             instrumentation=self.instrumentation,
+            costs=costs,
         )
 
     def to_request(self, request) -> GenerationRequest:
@@ -235,7 +237,11 @@ def build_servicer(settings: config.OrchestratorSettings, startup_timeout_s: flo
     check_fingerprints(target_info, draft_infos, own=tokenizer_fingerprint(tokenizer))
     for client, info in zip(draft_clients, draft_infos.values()):
         client.model = info.model  # a field of its own (DraftStats.model), never part of the name
-    return GenerationServicer(settings, tokenizer, verify_client, draft_clients, target_info, metrics)
+    # What each service measured its forwards to cost: the cost model prices every round with them.
+    costs = RoundCosts(cost_curve(target_info), {c.name: cost_curve(i) for c, i in zip(draft_clients, draft_infos.values())})
+    log.info("forward costs, ms by rows: verify %s; %s", costs.verify.points,
+             "; ".join(f"{name} {curve.points}" for name, curve in costs.drafts.items()))
+    return GenerationServicer(settings, tokenizer, verify_client, draft_clients, target_info, metrics, costs)
 
 
 def main(argv: list[str] | None = None) -> None:

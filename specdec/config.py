@@ -18,6 +18,8 @@ from specdec.records import MODE_NAMES
 
 EMBEDDED_TARGET = "qwen2.5-coder-1.5b-instruct"
 EMBEDDED_DRAFT = "qwen2.5-coder-0.5b-instruct"
+QUANTIZE_MODES = ("none", "int8")  # --draft-quantize (specdec/quantize.py)
+PROMPT_LOOKUP = "prompt-lookup"  # the --draft-model of the model-free draft (draft_service/prompt_lookup.py)
 
 
 def _setting(default: Any, help: str, **extra: Any) -> Any:
@@ -68,6 +70,7 @@ class ModelServiceSettings(ServerSettings):
     threads: int = _setting(0, "torch CPU threads (0 = torch's default)")
     session_ttl_s: int = _setting(600, "a session's KV cache unused this long is dropped (0 = never)")
     max_concurrent_rpcs: int = _setting(64, "calls in progress or queued at once; beyond, RESOURCE_EXHAUSTED at once")
+    calibrate: bool = _setting(True, "before serving, time one forward of 1, 2, 4, 8 and 16 rows (reported in GetInfo for the orchestrator's cost model; also warms the model); restart to measure again")
 
 
 @dataclass
@@ -89,6 +92,10 @@ class VerifySettings(ModelServiceSettings, SpeculationLimits):
 class DraftSettings(ModelServiceSettings, SpeculationLimits):
     draft_model: str = _setting(EMBEDDED_DRAFT, "draft model: embedded alias, local path or hub id")
     draft_vocab: int = _setting(0, "greedy drafting scores only token ids below this (0 = the whole vocabulary): a cheaper output layer; the first ids of byte-level BPE vocabularies are the most frequent")
+    draft_quantize: str = _setting("none", "store the draft model's linear layers and output head as int8 weights (one scale per output channel; activations keep --dtype): a faster draft on CPU, never a different output (the target decides)", choices=QUANTIZE_MODES)
+    tokenizer: str = _setting(EMBEDDED_TARGET, "with --draft-model prompt-lookup (a model-free draft: n-gram matching over the context): the target model whose tokenizer, vocabulary, end-of-sequence ids and context length the service reports; only its tokenizer and config files are read")
+    lookup_max_ngram: int = _setting(4, "prompt-lookup: longest suffix of the context searched for earlier in it")
+    lookup_min_ngram: int = _setting(2, "prompt-lookup: shortest suffix searched; shorter ones match more often and are accepted less")
 
 
 @dataclass
@@ -98,7 +105,7 @@ class SpeculationDefaults:
     beam_width: int = _setting(2, "tree mode: beams per draft")
     beam_depth: int = _setting(4, "tree mode: tokens per beam")
     max_tree_nodes: int = _setting(64, "cap on the merged token tree's size")
-    adaptive: bool = _setting(True, "adapt the draft length (tree: depth) to acceptance, up to the value set: one less after a rejection, one more after full acceptance")
+    adaptive: bool = _setting(True, "cost-aware speculation: each round takes the shape (chain length; tree: beams x depth, or none) with the most expected tokens per second from the services' measured forward costs and the acceptance seen so far, within the values set; false = those values every round")
     max_new_tokens: int = _setting(128, "default max_new_tokens when a request sets none")
     max_new_tokens_limit: int = _setting(4096, "largest max_new_tokens a request may ask for")
 
@@ -125,6 +132,8 @@ class ClusterSettings(SpeculationDefaults, SpeculationLimits, TlsServerSettings,
     draft_devices: list[str] = _setting(lambda: ["cpu"], "devices of the draft services, comma-separated (one, or one each)")
     dtype: str = _setting("float32", "model dtype for every service")
     draft_vocab: int = _setting(0, "draft services score only token ids below this (0 = all); see specdec serve draft -- --help")
+    draft_quantize: str = _setting("none", "draft models' weights: none or int8 (see specdec serve draft -- --help)", choices=QUANTIZE_MODES)
+    prompt_lookup: bool = _setting(False, "also run a model-free prompt-lookup draft service (n-gram matching over the context) beside the model drafts")
     log_dir: str = _setting("logs", "orchestrator statistics directory")
     startup_timeout_s: int = _setting(600, "how long to wait for every service to report SERVING")
     trace_file: str = _setting("", "every service appends its spans to this JSON-lines file ('' = off)")

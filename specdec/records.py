@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -76,6 +77,28 @@ def finish_reason_from_pb(value: int) -> str:
     return "" if name == "unspecified" else name
 
 
+def same_named_fields(record_cls, message, source=None) -> dict[str, Any]:
+    """The values of the fields that a record (the dataclass ``record_cls``) and a protobuf message
+    (class or instance) both have under one name and that hold plain values (numbers, strings, lists
+    of them), read from ``source`` (a record), or from the message itself when there is none. These
+    convert as they are, in either direction; each conversion spells out the rest."""
+    by_name = message.DESCRIPTOR.fields_by_name
+    source = message if source is None else source
+    values = {}
+    for f in dataclasses.fields(record_cls):
+        if f.name in by_name and by_name[f.name].message_type is None:
+            value = getattr(source, f.name)
+            # A repeated field's container becomes a list.
+            values[f.name] = list(value) if isinstance(value, Iterable) and not isinstance(value, (str, bytes)) else value
+    return values
+
+
+def _fields_in(record_cls, data: dict, leave_out: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The entries of a JSON object that are fields of ``record_cls`` (a log may hold more)."""
+    names = {f.name for f in dataclasses.fields(record_cls)} - set(leave_out)
+    return {k: v for k, v in data.items() if k in names}
+
+
 @dataclass
 class RoundRecord:
     """One round: what each draft proposed and what the target decided."""
@@ -108,8 +131,7 @@ class RoundRecord:
 
     @classmethod
     def from_json(cls, data: dict) -> RoundRecord:
-        known = {f.name for f in dataclasses.fields(cls)}
-        values = {k: v for k, v in data.items() if k in known}
+        values = _fields_in(cls, data)
         values.setdefault("new_tokens", list(data.get("accepted", [])) + ([data["bonus_token"]] if data.get("bonus_token") is not None else []))
         return cls(**values)
 
@@ -117,20 +139,13 @@ class RoundRecord:
         from specdec.v1 import generation_pb2
 
         return generation_pb2.Round(
-            index=self.index,
+            **same_named_fields(RoundRecord, generation_pb2.Round, self),
             proposals=[
                 generation_pb2.DraftProposal(draft=name, beams=[generation_pb2.DraftBeamTokens(token_ids=b) for b in beams])
                 for name, beams in self.proposals.items()
             ],
             accepted_token_ids=self.accepted,
-            bonus_token_id=self.bonus_token if self.bonus_token is not None else -1,
-            bonus_is_correction=self.bonus_is_correction,
-            winning_draft=self.winning_draft,
-            tree_nodes=self.tree_nodes,
-            draft_ms=self.draft_ms,
-            verify_ms=self.verify_ms,
-            fallback=self.fallback,
-            fallback_reason=self.fallback_reason,
+            bonus_token_id=self.bonus_token if self.bonus_token is not None else -1,  # the message has no None
         )
 
     @classmethod
@@ -138,17 +153,10 @@ class RoundRecord:
         bonus = message.bonus_token_id if message.bonus_token_id >= 0 else None
         accepted = list(message.accepted_token_ids)
         return cls(
-            index=message.index,
+            **same_named_fields(cls, message),
             proposals={p.draft: [list(b.token_ids) for b in p.beams] for p in message.proposals},
             accepted=accepted,
             bonus_token=bonus,
-            bonus_is_correction=message.bonus_is_correction,
-            winning_draft=message.winning_draft,
-            tree_nodes=message.tree_nodes,
-            draft_ms=message.draft_ms,
-            verify_ms=message.verify_ms,
-            fallback=message.fallback,
-            fallback_reason=message.fallback_reason,
             new_tokens=accepted + ([bonus] if bonus is not None else []),
         )
 
@@ -182,6 +190,24 @@ class DraftStats:
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self) | {"acceptance_rate": self.acceptance_rate}
+
+    @classmethod
+    def from_json(cls, draft: str, data: dict) -> DraftStats:
+        """A draft's entry of a log's ``stats.drafts`` (keyed by ``draft``)."""
+        return cls(draft=draft, **_fields_in(cls, data, leave_out=("draft",)))
+
+    def to_pb(self):
+        from specdec.v1 import generation_pb2
+
+        return generation_pb2.DraftStats(**same_named_fields(DraftStats, generation_pb2.DraftStats, self),
+                                         acceptance_rate=self.acceptance_rate)
+
+    @classmethod
+    def from_pb(cls, message) -> DraftStats:
+        # The message carries the rate, not the positions it was computed over: keep the rate.
+        rate = message.acceptance_rate
+        return cls(**same_named_fields(cls, message),
+                   proposed_positions=round(message.accepted_tokens / rate) if rate else 0)
 
 
 @dataclass
@@ -245,12 +271,8 @@ class GenerationStats:
 
     @classmethod
     def from_json(cls, data: dict) -> GenerationStats:
-        known = {f.name for f in dataclasses.fields(cls)} - {"drafts"}
-        drafts = []
-        for name, d in (data.get("drafts") or {}).items():
-            fields = {k: v for k, v in d.items() if k in ("model", "proposed_tokens", "proposed_positions", "accepted_tokens")}
-            drafts.append(DraftStats(draft=name, **fields))
-        values = {k: v for k, v in data.items() if k in known}
+        drafts = [DraftStats.from_json(name, d) for name, d in (data.get("drafts") or {}).items()]
+        values = _fields_in(cls, data, leave_out=("drafts",))
         values.setdefault("mode", "")
         values.setdefault("prompt_tokens", 0)
         values.setdefault("tokens_generated", 0)
@@ -260,27 +282,15 @@ class GenerationStats:
     def to_pb(self):
         from specdec.v1 import generation_pb2
 
-        scalars = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "drafts"}
         return generation_pb2.GenerationStats(
-            **scalars,
+            **same_named_fields(GenerationStats, generation_pb2.GenerationStats, self),
             verification_calls=self.rounds,  # one verify call per round, always
-            drafts=[
-                generation_pb2.DraftStats(draft=d.draft, model=d.model, proposed_tokens=d.proposed_tokens,
-                                          accepted_tokens=d.accepted_tokens, acceptance_rate=d.acceptance_rate)
-                for d in self.drafts
-            ],
+            drafts=[d.to_pb() for d in self.drafts],
         )
 
     @classmethod
     def from_pb(cls, message) -> GenerationStats:
-        scalars = {f.name: getattr(message, f.name) for f in dataclasses.fields(cls) if f.name != "drafts"}
-        drafts = [
-            # The message carries the rate, not the positions it was computed over: keep the rate.
-            DraftStats(draft=d.draft, model=d.model, proposed_tokens=d.proposed_tokens, accepted_tokens=d.accepted_tokens,
-                       proposed_positions=round(d.accepted_tokens / d.acceptance_rate) if d.acceptance_rate else 0)
-            for d in message.drafts
-        ]
-        return cls(**scalars, drafts=drafts)
+        return cls(**same_named_fields(cls, message), drafts=[DraftStats.from_pb(d) for d in message.drafts])
 
 
 @dataclass

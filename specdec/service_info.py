@@ -18,6 +18,7 @@ class ModelDescription:
     max_context: int
     eos_token_ids: list[int] = field(default_factory=list)
     version: str = __version__
+    forward_costs: list[tuple[int, float]] = field(default_factory=list)  # (rows, ms) from the start-up calibration
 
 
 def describe_model(service: str, name: str, model, tokenizer) -> ModelDescription:

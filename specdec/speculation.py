@@ -17,7 +17,8 @@ arXiv:2211.17192, and SpecInfer, arXiv:2305.09781, for trees):
   *correction* when some draft had proposed a token at that position and the target took another;
   otherwise it is a free extra token past the end of every proposal.
 
-How long the next proposal should be is :class:`AdaptiveDraftLength`'s to say.
+How wide and deep the next proposal should be is :class:`SpeculationPolicy`'s to say (from the
+costs and acceptance statistics of ``specdec.cost``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from specdec.cost import AcceptanceStats, Choice, RoundCosts, choose, price
 from specdec.sampling import Candidate, accept_sampled_tree
 from specdec.tree import TokenTree, TokenTrie, greedy_accept
 
@@ -168,29 +170,44 @@ def accept(merged: DraftTree, target: list[int] | torch.Tensor, generator: torch
     return Verdict(merged, nodes, bonus)
 
 
-@dataclass
-class AdaptiveDraftLength:
-    """How many tokens the next round drafts (sequential: the chain's length; tree: the beams' depth).
+class SpeculationPolicy:
+    """The shape of each round's proposal in one generation: how many paths each draft proposes, how
+    deep, and the merged tree's node cap.
 
-    Verifying rows the target then rejects costs time (on a CPU a verify pass grows with its rows),
-    so when ``adaptive`` the length is one shorter after a round that rejected a draft token and one
-    longer, up to ``maximum``, after a round that accepted every position drafted (as transformers'
-    assisted generation does). Otherwise it stays at ``maximum``.
+    Fixed (``adaptive`` false): always the request's ``max_width`` × ``max_depth`` within
+    ``max_nodes``. Adaptive: before each round, :func:`specdec.cost.choose` picks, within those
+    bounds, the shape with the most expected tokens per second from the service's cost curves
+    (``costs``) and the acceptance seen so far (``stats``, updated after every round by
+    :meth:`update`); when no speculation is chosen, every ``probe_every`` rounds a one-token chain
+    is tried anyway, so that acceptance can be seen to have come back.
     """
 
-    maximum: int
-    adaptive: bool = True
-    length: int = field(init=False)  # this round's length; starts at the maximum
+    def __init__(self, drafts: list[str], max_width: int, max_depth: int, max_nodes: int, adaptive: bool = True,
+                 costs: RoundCosts | None = None, stats: AcceptanceStats | None = None, probe_every: int = 8) -> None:
+        self.drafts, self.max_width, self.max_depth, self.max_nodes = drafts, max_width, max_depth, max_nodes
+        self.adaptive, self.probe_every = adaptive, probe_every
+        self.costs = costs or RoundCosts()
+        self.stats = stats if stats is not None else AcceptanceStats()
+        self._quiet_rounds = 0  # rounds in a row chosen without speculation
 
-    def __post_init__(self) -> None:
-        self.length = self.maximum
+    def next(self, room: int) -> Choice:
+        """This round's shape, its depth within ``room`` (what the budget and context leave to draft)."""
+        if not self.adaptive:
+            return price(self.costs, self.stats, self.drafts, self.max_width, min(self.max_depth, room), self.max_nodes)
+        choice = choose(self.costs, self.stats, self.drafts, self.max_width, min(self.max_depth, room), self.max_nodes)
+        if choice.width == 0 and room > 0 and self.drafts:
+            self._quiet_rounds += 1
+            if self._quiet_rounds >= self.probe_every:
+                choice = price(self.costs, self.stats, self.drafts, 1, 1, self.max_nodes)
+        if choice.width:
+            self._quiet_rounds = 0
+        return choice
 
-    def next(self, room: int) -> int:
-        """This round's length, within ``room`` (what the budget and context leave to draft)."""
-        return min(self.length, room)
+    def update(self, choice: Choice, proposals: list[Proposal], verdict: Verdict) -> None:
+        """Record how much of each draft's proposal the target accepted (``cut``: the output ended in
+        the round, so what followed the accepted tokens was never judged)."""
+        accepted = verdict.accepted_by_draft
+        for proposal in proposals:
+            self.stats.record(proposal.draft, choice.width, proposal.depth, accepted.get(proposal.draft, 0),
+                              cut=verdict.bonus_token is None)
 
-    def update(self, drafted: int, accepted: int) -> None:
-        """After a round whose longest path had ``drafted`` tokens, ``accepted`` of them accepted."""
-        if not self.adaptive or not drafted:
-            return
-        self.length = min(self.maximum, self.length + 1) if accepted >= drafted else max(1, self.length - 1)

@@ -41,6 +41,9 @@ def tiny_cluster(tiny_dirs, tmp_path_factory):
         port=0,
         log_dir=str(tmp_path_factory.mktemp("logs")),
         startup_timeout_s=120,
+        # A tiny draft's forward costs about what the tiny target's does, so cost-aware speculation
+        # would rightly turn drafting off; these tests check the settings as asked.
+        adaptive=False,
     )
     with LocalCluster(settings) as cluster:
         yield cluster

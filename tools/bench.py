@@ -2,7 +2,8 @@
 
 One pipeline, driven by a sweep file (YAML): ``specdec bench`` runs the shipped quick set
 (``benchmarks/quick.yaml``); ``--config NAME`` picks another shipped one (``bench``, ``bench-gpu``)
-and ``--config FILE`` any file (``benchmarks/bench.yaml`` explains every key). Every configuration
+and ``--config FILE`` any file (``benchmarks/bench.yaml`` explains every key; :mod:`specdec.tools.sweep`
+reads it and plans the runs). Every configuration
 decodes the same prompts, greedily, for the same number of new tokens, from the same prompt token ids
 (the target tokenizer's, fed as ids):
 
@@ -46,243 +47,18 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from specdec import config
 from specdec.model_store import ModelStoreError, load_model, resolve_model
-from specdec.records import MODE_NAMES, DecodingMode, GenerationLog, GenerationResult, GenerationStats, RoundRecord
+from specdec.records import DecodingMode, GenerationLog, GenerationResult, GenerationStats, RoundRecord
 from specdec.tools import analyze
-from specdec.tools.prompts import (PROMPT_CLASSES, Prompt, PromptFileError, bundled_sweeps, encode_prompt, load_prompts,
-                                   prompt_from, sweep_file)
+from specdec.tools.prompts import PromptFileError, bundled_sweeps, encode_prompt, sweep_file
+from specdec.tools.sweep import (ASSISTED, TARGET_ONLY, BenchError, ModelSet, RunSpec, SweepConfig, load_sweep_config,
+                                 sweep_plan)
 
-TARGET_ONLY, ASSISTED = analyze.TARGET_ONLY, analyze.ASSISTED
-WARMUP_TOKENS = 8  # enough for a few rounds: every code path runs once before timing starts
 # transformers' assisted-generation knobs, recorded with their effective values.
 ASSISTED_KEYS = ("num_assistant_tokens", "num_assistant_tokens_schedule", "assistant_confidence_threshold")
-
-
-class BenchError(RuntimeError):
-    """A failure to report in one message (with the services' logs) rather than a traceback."""
-
-
-@dataclass
-class Method:
-    mode: str  # target-only, assisted, or a DecodingMode value
-    settings: dict = field(default_factory=dict)
-
-    @property
-    def name(self) -> str:
-        return self.mode if self.mode in analyze.BASELINES else f"specdec-{self.mode}"
-
-    @property
-    def label(self) -> str:
-        return analyze.configuration_label(self.mode, self.settings)
-
-
-# --------------------------------------------------------------------------- the sweep file
-
-SWEEP_KEYS = {
-    "name", "target_model", "draft_model_sets", "max_new_tokens", "modes", "baselines", "sequential", "tree",
-    "prompt_files", "prompts", "classes", "prompts_per_class", "repetitions", "dtype", "devices", "output_dir",
-    "warmup_tokens", "startup_timeout_s",
-}
-
-
-@dataclass(frozen=True)
-class ModelSet:
-    name: str
-    models: tuple[str, ...]
-
-
-@dataclass
-class SweepConfig:
-    path: Path
-    name: str
-    target_model: str
-    model_sets: list[ModelSet]
-    max_new_tokens: list[int]
-    modes: list[str]  # speculative modes, through the cluster
-    baselines: list[str]  # target-only always; assisted unless left out
-    draft_lengths: list[int]
-    tree_shapes: list[tuple[int, int]]  # (beam_width, beam_depth)
-    max_tree_nodes: int
-    prompts: list[Prompt]
-    repetitions: int
-    dtype: str
-    verify_device: str
-    draft_devices: list[str]
-    baseline_device: str
-    output_dir: Path
-    warmup_tokens: int
-    startup_timeout_s: int
-
-
-@dataclass(frozen=True)
-class RunSpec:
-    method: Method
-    model_set: ModelSet | None  # None for the baselines
-    prompt: Prompt
-    max_new_tokens: int
-    repeat: int
-
-    @property
-    def set_name(self) -> str:
-        if self.method.mode == TARGET_ONLY:
-            return "-"
-        if self.method.mode == ASSISTED:
-            return self.method.settings["draft_model"]
-        return self.model_set.name
-
-    @property
-    def draft_models(self) -> list[str]:
-        if self.method.mode == ASSISTED:
-            return [self.method.settings["draft_model"]]
-        return list(self.model_set.models) if self.model_set and self.method.mode != "autoregressive" else []
-
-    @property
-    def run_id(self) -> str:
-        s = self.method.settings
-        what = {
-            TARGET_ONLY: "target-only",
-            ASSISTED: f"assisted-{slug(s.get('draft_model', ''))}",
-            "autoregressive": "autoregressive",
-            "sequential": f"sequential-k{s.get('draft_length')}",
-            "tree": f"tree-w{s.get('beam_width')}-d{s.get('beam_depth')}-n{s.get('max_tree_nodes')}",
-        }[self.method.mode]
-        where = "baseline" if self.model_set is None else slug(self.model_set.name)
-        return f"{where}--{what}--n{self.max_new_tokens}--{slug(self.prompt.id)}--r{self.repeat}"
-
-
-def slug(text: str) -> str:
-    """A file-name-safe form: a model path keeps its last part."""
-    text = text.rstrip("/").rsplit("/", 1)[-1] if "/" in text else text
-    return "".join(c if c.isalnum() or c in "._+-" else "-" for c in text) or "x"
-
-
-def _list(value, kind, key: str, where: Path) -> list:
-    items = value if isinstance(value, list) else [value]
-    try:
-        return [kind(v) for v in items]
-    except (TypeError, ValueError):
-        raise BenchError(f"{where}: {key} must be a {kind.__name__} or a list of them, got {value!r}") from None
-
-
-def load_sweep_config(path: Path) -> SweepConfig:
-    """Read and check a sweep file (see benchmarks/bench.yaml for every key, with comments)."""
-    import yaml
-
-    if not path.is_file():
-        raise BenchError(f"no sweep config at {path}")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise BenchError(f"{path}: not YAML: {exc}") from None
-    if not isinstance(raw, dict):
-        raise BenchError(f"{path}: expected a mapping of settings")
-    unknown = sorted(set(raw) - SWEEP_KEYS)
-    if unknown:
-        raise BenchError(f"{path}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(SWEEP_KEYS))}")
-    defaults = config.SpeculationDefaults()
-    name = str(raw.get("name") or path.stem)
-    target = str(raw.get("target_model") or config.EMBEDDED_TARGET)
-
-    model_sets = []
-    for i, item in enumerate(raw.get("draft_model_sets") or [[config.EMBEDDED_DRAFT]]):
-        if isinstance(item, dict):
-            models, set_name = item.get("models"), item.get("name")
-        else:
-            models, set_name = item, None
-        models = [m.strip() for m in (models.split(",") if isinstance(models, str) else models or []) if str(m).strip()]
-        if not models:
-            raise BenchError(f"{path}: draft_model_sets[{i}] names no draft model")
-        model_sets.append(ModelSet(str(set_name or "+".join(slug(m) for m in models)), tuple(models)))
-    if len({m.name for m in model_sets}) != len(model_sets):
-        raise BenchError(f"{path}: draft_model_sets need distinct names")
-
-    modes = _list(raw.get("modes", ["sequential", "tree"]), str, "modes", path)
-    bad = [m for m in modes if m not in MODE_NAMES]
-    baselines = _list(raw.get("baselines", [TARGET_ONLY, ASSISTED]), str, "baselines", path)
-    bad += [b for b in baselines if b not in (TARGET_ONLY, ASSISTED)]
-    if bad:
-        raise BenchError(f"{path}: unknown mode(s) {', '.join(bad)}; modes: {', '.join(MODE_NAMES)}; "
-                         f"baselines: {TARGET_ONLY}, {ASSISTED}")
-    baselines = [TARGET_ONLY] + [b for b in baselines if b == ASSISTED][:1]  # target-only is the reference: always
-
-    sequential, tree = raw.get("sequential") or {}, raw.get("tree") or {}
-    draft_lengths = _list(sequential.get("draft_lengths", defaults.draft_length), int, "sequential.draft_lengths", path)
-    if "shapes" in tree:
-        shapes = [tuple(_list(shape, int, "tree.shapes", path)) for shape in tree["shapes"]]
-        if any(len(shape) != 2 for shape in shapes):
-            raise BenchError(f"{path}: tree.shapes holds [beam_width, beam_depth] pairs")
-    else:
-        widths = _list(tree.get("beam_widths", defaults.beam_width), int, "tree.beam_widths", path)
-        depths = _list(tree.get("beam_depths", defaults.beam_depth), int, "tree.beam_depths", path)
-        shapes = [(w, d) for w in widths for d in depths]
-    max_new_tokens = _list(raw.get("max_new_tokens", 64), int, "max_new_tokens", path)
-    numbers = [*draft_lengths, *(v for shape in shapes for v in shape), *max_new_tokens]
-    if any(n < 1 for n in numbers):
-        raise BenchError(f"{path}: draft lengths, beam widths and depths and max_new_tokens must be at least 1")
-
-    here = path.parent
-    prompts: list[Prompt] = []
-    try:
-        for file in _list(raw.get("prompt_files", []), str, "prompt_files", path):
-            prompts += load_prompts(here / file)
-        for i, item in enumerate(raw.get("prompts") or []):
-            prompts.append(prompt_from(item, f"{path}: prompts[{i}]"))
-    except PromptFileError as exc:
-        raise BenchError(str(exc)) from None
-    classes = _list(raw.get("classes", list(PROMPT_CLASSES)), str, "classes", path)
-    prompts = [p for p in prompts if p.cls in classes]
-    per_class = raw.get("prompts_per_class")
-    if per_class:
-        prompts = [p for p in prompts if [q.id for q in prompts if q.cls == p.cls].index(p.id) < int(per_class)]
-    if not prompts:
-        raise BenchError(f"{path}: no prompts (set prompt_files or prompts; check classes)")
-    if len({p.id for p in prompts}) != len(prompts):
-        raise BenchError(f"{path}: prompt ids must be unique across files")
-
-    devices = raw.get("devices") or {}
-    verify_device = str(devices.get("verify", "cpu"))
-    repetitions = int(raw.get("repetitions", 1))
-    if repetitions < 1:
-        raise BenchError(f"{path}: repetitions must be at least 1")
-    return SweepConfig(
-        path=path, name=name, target_model=target, model_sets=model_sets, max_new_tokens=max_new_tokens,
-        modes=[m for m in MODE_NAMES if m in modes], baselines=baselines, draft_lengths=draft_lengths,
-        tree_shapes=shapes, max_tree_nodes=int(tree.get("max_tree_nodes", defaults.max_tree_nodes)), prompts=prompts,
-        repetitions=repetitions, dtype=str(raw.get("dtype", "float32")), verify_device=verify_device,
-        draft_devices=_list(devices.get("drafts", verify_device), str, "devices.drafts", path),
-        baseline_device=str(devices.get("baselines", verify_device)),
-        output_dir=Path(raw.get("output_dir") or Path("bench_results") / slug(name)),
-        warmup_tokens=int(raw.get("warmup_tokens", WARMUP_TOKENS)),
-        startup_timeout_s=int(raw.get("startup_timeout_s", 600)),
-    )
-
-
-def sweep_plan(cfg: SweepConfig) -> list[RunSpec]:
-    """Every run, in the order they go: target-only, assisted, then each model set's modes on its own cluster."""
-    def each(method: Method, model_set: ModelSet | None) -> list[RunSpec]:
-        return [RunSpec(method, model_set, prompt, n, repeat)
-                for n in cfg.max_new_tokens for repeat in range(cfg.repetitions) for prompt in cfg.prompts]
-
-    plan = each(Method(TARGET_ONLY), None)
-    if ASSISTED in cfg.baselines:
-        for draft in dict.fromkeys(s.models[0] for s in cfg.model_sets):  # assisted takes one draft: each set's first
-            plan += each(Method(ASSISTED, {"draft_model": draft}), None)
-    for model_set in cfg.model_sets:
-        for mode in cfg.modes:
-            if mode == "sequential":
-                methods = [Method(mode, {"draft_length": k}) for k in cfg.draft_lengths]
-            elif mode == "tree":
-                methods = [Method(mode, {"beam_width": w, "beam_depth": d, "max_tree_nodes": cfg.max_tree_nodes})
-                           for w, d in cfg.tree_shapes]
-            else:
-                methods = [Method(mode)]
-            for method in methods:
-                plan += each(method, model_set)
-    return plan
 
 
 class Sweep:
@@ -546,6 +322,7 @@ def sweep_cluster(sweep: Sweep, model_set: ModelSet, pending: list[RunSpec], tok
         config.ClusterSettings, target_model=cfg.target_model, draft_models=list(model_set.models),
         verify_device=cfg.verify_device, draft_devices=cfg.draft_devices, dtype=cfg.dtype, port=0,
         log_dir=str(orchestrator_logs), startup_timeout_s=cfg.startup_timeout_s, trace_file="", metrics_port=0,
+        adaptive=cfg.adaptive,
     )
     sweep.bar.set_description(f"starting the cluster for {model_set.name}")
     try:

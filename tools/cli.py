@@ -26,11 +26,15 @@ def main(argv: list[str] | None = None) -> int:
     gen = commands.add_parser("generate", help="generate from one prompt")
     gen.add_argument("--prompt", required=True)
     config.add_arguments(gen, config.SpeculationDefaults, skip=("max_new_tokens", "max_new_tokens_limit"))
+    leave_to_orchestrator(gen, SERVER_DEFAULTED)
     gen.add_argument("--max-tokens", "--max-new-tokens", dest="max_new_tokens", type=int,
                      default=int(os.environ.get("SPECDEC_MAX_NEW_TOKENS", 64)), help="tokens to generate [default: 64]")
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     gen.add_argument("--verbose", action="store_true", help="colour accepted draft tokens and target corrections; print statistics")
-    gen.add_argument("--json", action="store_true", help="print one JSON object: text, token_ids, stats")
+    gen.add_argument("--json", action="store_true", help="print one JSON object: text, token_ids, stats (with --compare also target_alone and speedup)")
+    gen.add_argument("--compare", action="store_true",
+                     help="after one short warm-up request, run the same prompt with the target alone (mode autoregressive, "
+                          "same services) and then as asked; print both speeds and the ratio")
     where = gen.add_mutually_exclusive_group()
     where.add_argument("--orchestrator", default=DEFAULT_ORCHESTRATOR, help=f"a running orchestrator [SPECDEC_ORCHESTRATOR; default: {DEFAULT_ORCHESTRATOR}]")
     where.add_argument("--local", action="store_true", help="bring up a local cluster for this call")
@@ -88,6 +92,20 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+# Speculation settings a generate call sends only when given (flag or SPECDEC_* variable); otherwise
+# the orchestrator's own defaults apply, which may be cost-aware.
+SERVER_DEFAULTED = ("draft_length", "beam_width", "beam_depth", "max_tree_nodes", "adaptive")
+# --compare: a short request first, so that neither timed run pays for the services' first forwards.
+WARM_UP_TOKENS = 8
+
+
+def leave_to_orchestrator(parser: argparse.ArgumentParser, names: tuple[str, ...]) -> None:
+    for action in parser._actions:
+        if action.dest in names and config.env_name(action.dest) not in os.environ:
+            action.default = None
+            action.help = action.help.rpartition("default:")[0] + "default: the orchestrator's]"
+
+
 def cmd_generate(args) -> int:
     import grpc
 
@@ -96,17 +114,18 @@ def cmd_generate(args) -> int:
     from specdec.rpc import security
     from specdec.v1 import generation_pb2, generation_pb2_grpc
 
-    request = generation_pb2.GenerateRequest(
-        prompt=args.prompt,
-        max_new_tokens=args.max_new_tokens,
-        mode=DecodingMode.parse(args.mode).to_pb(),
-        speculation=generation_pb2.SpeculationParams(
-            draft_length=args.draft_length, beam_width=args.beam_width, beam_depth=args.beam_depth,
-            max_tree_nodes=args.max_tree_nodes, adaptive=args.adaptive,
-        ),
-        stop=args.stop,
-        include_rounds=args.verbose or args.json,
-    )
+    speculation = {name: getattr(args, name) for name in SERVER_DEFAULTED if getattr(args, name) is not None}
+
+    def request(mode: str, max_new_tokens: int):
+        return generation_pb2.GenerateRequest(
+            prompt=args.prompt,
+            max_new_tokens=max_new_tokens,
+            mode=DecodingMode.parse(mode).to_pb(),
+            speculation=generation_pb2.SpeculationParams(**speculation),
+            stop=args.stop,
+            include_rounds=args.verbose or args.json,
+        )
+
     try:
         metadata = security.token_metadata(security.load_token(args))
         security.channel_credentials(args)  # unreadable files are reported before any cluster starts
@@ -127,7 +146,12 @@ def cmd_generate(args) -> int:
         with security.client_channel(address, args) as channel:
             stub = generation_pb2_grpc.GenerationServiceStub(channel)
             try:
-                reply = stub.Generate(request, timeout=3600, metadata=metadata)
+                alone = None
+                if args.compare:
+                    print(f"warm-up ({WARM_UP_TOKENS} tokens), then the target alone, then {args.mode} ...", file=sys.stderr)
+                    stub.Generate(request(args.mode, min(WARM_UP_TOKENS, args.max_new_tokens)), timeout=3600, metadata=metadata)
+                    alone = stub.Generate(request("autoregressive", args.max_new_tokens), timeout=3600, metadata=metadata)
+                reply = stub.Generate(request(args.mode, args.max_new_tokens), timeout=3600, metadata=metadata)
             except grpc.RpcError as exc:
                 print(f"specdec: {exc.code().name}: {exc.details()}", file=sys.stderr)
                 return 1
@@ -135,12 +159,40 @@ def cmd_generate(args) -> int:
         if cluster:
             cluster.stop()
     if args.json:
-        print(json.dumps({"text": reply.text, "token_ids": list(reply.token_ids), "stats": stats_dict(reply.stats)}))
-    elif args.verbose:
+        out = reply_dict(reply)
+        if alone is not None:
+            out |= {"target_alone": reply_dict(alone), "speedup": speedup(alone, reply)}
+        print(json.dumps(out))
+        return 0
+    if args.verbose:
         print_verbose(args.prompt, reply)
     else:
         print(reply.text)
+    if alone is not None:
+        print(comparison(alone, reply))
     return 0
+
+
+def reply_dict(reply) -> dict:
+    return {"text": reply.text, "token_ids": list(reply.token_ids), "stats": stats_dict(reply.stats)}
+
+
+def speedup(alone, reply) -> float:
+    """Speculation's tokens/s over the target alone's, both as the orchestrator timed them."""
+    a, b = alone.stats.tokens_per_second, reply.stats.tokens_per_second
+    return b / a if a else 0.0
+
+
+def comparison(alone, reply) -> str:
+    """One line: both speeds, the ratio, and whether the tokens are the same (they must be, up to
+    float32's near-ties; see the README on exactness)."""
+    a, b = alone.stats.tokens_per_second, reply.stats.tokens_per_second
+    line = f"target alone {a:.2f} tokens/s; speculative ({reply.stats.mode}) {b:.2f} tokens/s: {speedup(alone, reply):.2f}x"
+    same, other = list(alone.token_ids), list(reply.token_ids)
+    if same == other:
+        return line + f" (same {len(same)} tokens)"
+    at = next((i for i, (x, y) in enumerate(zip(same, other)) if x != y), min(len(same), len(other)))
+    return line + f" (the outputs differ from token {at} on)"
 
 
 def stats_dict(stats) -> dict:
@@ -170,11 +222,22 @@ def print_verbose(prompt: str, reply) -> None:
     s = reply.stats
     print(f"\nmode {s.mode}: {s.tokens_generated} tokens in {s.rounds} rounds "
           f"({s.mean_accepted_per_round:.2f} per round), {s.tokens_per_second:.2f} tokens/s, {s.total_ms / 1e3:.2f} s")
-    print(f"drafted {s.draft_tokens_proposed}, accepted {s.draft_tokens_accepted}, bonus {s.bonus_tokens}, "
-          f"tree nodes {s.tree_nodes_total} (avg branching {s.tree_avg_branching_factor:.2f})")
+    print(f"{s.draft_tokens_accepted} drafted tokens accepted and {s.bonus_tokens} from the target itself; "
+          f"{s.draft_tokens_proposed} tokens drafted over all beams, {s.tree_nodes_total} tree nodes verified "
+          f"(avg branching {s.tree_avg_branching_factor:.2f})")
     print(f"time: drafting {s.draft_ms / 1e3:.2f} s, verifying {s.verify_ms / 1e3:.2f} s, other {s.other_ms / 1e3:.2f} s")
     for d in s.drafts:
-        print(f"  {d.draft}: proposed {d.proposed_tokens}, accepted {d.accepted_tokens}, acceptance rate {d.acceptance_rate:.2f}")
+        print(f"  {d.draft}: {draft_line(d, reply.rounds)}")
+
+
+def draft_line(d, rounds) -> str:
+    """A draft's share in words. Every beam's tokens count as drafted, but one round can accept at
+    most its longest beam's length, so that is what acceptance is a share of."""
+    proposed = [max(len(b.token_ids) for b in p.beams) for r in rounds for p in r.proposals if p.draft == d.draft and p.beams]
+    positions = sum(proposed)
+    share = f"{d.accepted_tokens / positions:.0%}" if positions else "-"
+    return (f"drafted {d.proposed_tokens} tokens in {len(proposed)} rounds (longest path per round: {positions} positions); "
+            f"accepted {d.accepted_tokens} of those {positions} positions ({share})")
 
 
 def cmd_cluster_up(args) -> int:

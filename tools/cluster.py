@@ -92,7 +92,7 @@ class LocalCluster:
             self.env = {**self.env, "SPECDEC_AUTH_TOKEN": s.auth_token}
         try:
             for r in range(max(1, s.verify_replicas)):
-                # Metrics ports: the orchestrator's first, then the verify service's, the drafts', extra replicas'.
+                # Metrics ports: the orchestrator's first, then the verify service's, the drafts', extra replicas', the prompt lookup's.
                 verify = self._settings(config.VerifySettings, metrics_offset=1 if r == 0 else 1 + len(s.draft_models) + r,
                                         device=s.verify_device)
                 self.verify_addresses.append(self._spawn("verify" if r == 0 else f"verify-{r}", "specdec.verify_service", verify).address)
@@ -101,6 +101,11 @@ class LocalCluster:
             for i, (model, device) in enumerate(zip(s.draft_models, devices)):
                 draft = self._settings(config.DraftSettings, metrics_offset=2 + i, draft_model=model, device=device)
                 self.draft_addresses.append(self._spawn(f"draft-{i}", "specdec.draft_service", draft).address)
+            if s.prompt_lookup:
+                # Model-free: on the CPU whatever the drafts' devices, describing itself by the target's tokenizer.
+                lookup = self._settings(config.DraftSettings, metrics_offset=1 + len(s.draft_models) + max(1, s.verify_replicas),
+                                        draft_model=config.PROMPT_LOOKUP, tokenizer=s.target_model, device="cpu")
+                self.draft_addresses.append(self._spawn("draft-lookup", "specdec.draft_service", lookup).address)
             for process in self.processes:
                 self._wait(process)
             # It calls the others as a TLS client and asks its own callers for the bearer token, not

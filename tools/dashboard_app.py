@@ -166,22 +166,12 @@ def plots_tab(frame: pd.DataFrame, rows: list[dict]) -> None:
     y = "speedup" if frame["speedup"].notna().any() else "tok/s"
     tooltip = ["configuration", "model set", "prompt", "class", "tok/s", "speedup", "acceptance"]
     left, right = st.columns(2)
-    seq = frame[frame["mode"] == "sequential"]
     with left:
-        if seq.empty:
-            st.caption("no sequential runs")
-        else:
-            st.altair_chart(alt.Chart(seq, title=f"{y} vs draft length (sequential)").mark_circle(size=70).encode(
-                x=alt.X("draft length:Q"), y=alt.Y(f"{y}:Q"), color="class:N", shape="model set:N", tooltip=tooltip),
-                use_container_width=True)
-    tree = frame[frame["mode"] == "tree"]
+        mode_scatter(frame, "sequential", f"{y} vs draft length (sequential)", x=alt.X("draft length:Q"), y=alt.Y(f"{y}:Q"),
+                     color="class:N", shape="model set:N", tooltip=tooltip)
     with right:
-        if tree.empty:
-            st.caption("no tree runs")
-        else:
-            st.altair_chart(alt.Chart(tree, title=f"{y} vs tree size (tree)").mark_circle(size=70).encode(
-                x=alt.X("tree nodes/round:Q"), y=alt.Y(f"{y}:Q"), color="configuration:N", shape="class:N",
-                tooltip=tooltip + ["tree nodes/round", "branching"]), use_container_width=True)
+        mode_scatter(frame, "tree", f"{y} vs tree size (tree)", x=alt.X("tree nodes/round:Q"), y=alt.Y(f"{y}:Q"),
+                     color="configuration:N", shape="class:N", tooltip=tooltip + ["tree nodes/round", "branching"])
     positions = [{"configuration": f"{r['label']} ({r['model_set']})", "position": int(p), "acceptance": v}
                  for r in rows if r["class"] == analyze.ALL_CLASSES and r["mode"] in ("sequential", "tree")
                  for p, v in json.loads(r["acceptance_by_position"]).items()]
@@ -201,6 +191,15 @@ def plots_tab(frame: pd.DataFrame, rows: list[dict]) -> None:
             st.altair_chart(alt.Chart(pd.DataFrame(split), title="time split per round (mean)").mark_bar().encode(
                 y=alt.Y("configuration:N", title=None), x=alt.X("ms per round:Q", stack="zero"), color="part:N",
                 tooltip=["configuration", "part", "ms per round"]), use_container_width=True)
+
+
+def mode_scatter(frame: pd.DataFrame, mode: str, title: str, **encoding) -> None:
+    """One mode's runs as points (``encoding``: Altair's channels), or a note that none passed the filters."""
+    runs = frame[frame["mode"] == mode]
+    if runs.empty:
+        st.caption(f"no {mode} runs")
+        return
+    st.altair_chart(alt.Chart(runs, title=title).mark_circle(size=70).encode(**encoding), use_container_width=True)
 
 
 def best_tab(rows: list[dict]) -> None:

@@ -205,29 +205,47 @@ def run_load(address: str, spec: LoadSpec, processes=(), tls=None, metadata=(), 
     ``processes``: the cluster's local processes (``specdec.tools.cluster.Process``), for memory.
     ``internal``: {name: (address, service)} of the draft and verify services, to count their sessions after.
     """
-    from specdec.rpc import security
-    from specdec.v1 import generation_pb2_grpc
-
-    internal = internal or {}
     pids = {p.name: p.popen.pid for p in processes}
     memory = {name: {"start": proc_status(pid).get("VmRSS")} for name, pid in pids.items()}
     requests = [build_request(spec, prompt) for prompt in spec.prompts]
 
-    # Each distinct prompt once, alone: the outputs every loaded call must reproduce (and a warm-up).
     progress(f"single-client pass over {len(spec.prompts)} prompts ...")
+    alone = single_client_pass(address, requests, spec, tls, metadata)
+
+    for name, pid in pids.items():
+        memory[name]["before"] = proc_status(pid).get("VmRSS")
+        memory[name]["peak_reset"] = reset_peak(pid)
+    progress(f"{spec.requests} requests from {spec.clients} concurrent clients ...")
+    with MemorySampler(pids) as sampler:
+        outcomes, wall_s = concurrent_load(address, requests, spec, tls, metadata)
+    for name, pid in pids.items():
+        settle_memory(memory[name], proc_status(pid), sampler.peak.get(name, 0))
+
+    memory_rows = [{"process": name, "pid": pids[name], **m} for name, m in memory.items()]
+    return load_report(address, spec, outcomes, alone, wall_s, memory_rows, sessions_left(address, internal or {}, tls, metadata))
+
+
+def single_client_pass(address: str, requests: list, spec: LoadSpec, tls, metadata) -> list[Outcome]:
+    """Each distinct prompt once, alone: the outputs every loaded call must reproduce (and a warm-up)."""
+    from specdec.rpc import security
+    from specdec.v1 import generation_pb2_grpc
+
     with security.client_channel(address, tls) as channel:
         stub = generation_pb2_grpc.GenerationServiceStub(channel)
         alone = [call_once(stub, r, spec, metadata, i, i) for i, r in enumerate(requests)]
     for outcome in alone:
         if outcome.code != "OK":
             raise RuntimeError(f"the single-client run of prompt {outcome.prompt} failed: {outcome.code}: {outcome.details}")
+    return alone
 
-    for name, pid in pids.items():
-        memory[name]["before"] = proc_status(pid).get("VmRSS")
-        memory[name]["peak_reset"] = reset_peak(pid)
 
-    # The load: each client takes the next request index until all are sent.
-    progress(f"{spec.requests} requests from {spec.clients} concurrent clients ...")
+def concurrent_load(address: str, requests: list, spec: LoadSpec, tls, metadata) -> tuple[list[Outcome], float]:
+    """``spec.requests`` calls from ``spec.clients`` concurrent clients, the prompts in turn: the
+    outcomes in request order, and the wall time of the whole load."""
+    from specdec.rpc import security
+    from specdec.v1 import generation_pb2_grpc
+
+    # Each client takes the next request index until all are sent.
     next_index = iter(range(spec.requests))
     lock = threading.Lock()
     outcomes: list[Outcome] = []
@@ -245,22 +263,27 @@ def run_load(address: str, spec: LoadSpec, processes=(), tls=None, metadata=(), 
                 with lock:
                     outcomes.append(outcome)
 
-    with MemorySampler(pids) as sampler:
-        start = time.perf_counter()
-        with ThreadPoolExecutor(spec.clients, thread_name_prefix="load-client") as pool:
-            for f in [pool.submit(client) for _ in range(spec.clients)]:
-                f.result()
-        wall_s = time.perf_counter() - start
-
-    for name, pid in pids.items():
-        status = proc_status(pid)
-        m = memory[name]
-        m["after"] = status.get("VmRSS")
-        hwm = status.get("VmHWM", 0) if m.pop("peak_reset") else 0
-        m["peak"] = max(hwm, sampler.peak.get(name, 0), m["after"] or 0) or None
-        m["growth_pct"] = 100.0 * (m["after"] - m["before"]) / m["before"] if m["after"] and m["before"] else None
-
+    start = time.perf_counter()
+    with ThreadPoolExecutor(spec.clients, thread_name_prefix="load-client") as pool:
+        for f in [pool.submit(client) for _ in range(spec.clients)]:
+            f.result()
+    wall_s = time.perf_counter() - start
     outcomes.sort(key=lambda o: o.index)
+    return outcomes, wall_s
+
+
+def settle_memory(m: dict, status: dict[str, int], sampled_peak: int) -> None:
+    """A process's memory once the load is over: RSS after, the peak (the kernel's high-water mark
+    where it could be reset before the load, else the sampled one) and the growth over the load."""
+    m["after"] = status.get("VmRSS")
+    hwm = status.get("VmHWM", 0) if m.pop("peak_reset") else 0
+    m["peak"] = max(hwm, sampled_peak, m["after"] or 0) or None
+    m["growth_pct"] = 100.0 * (m["after"] - m["before"]) / m["before"] if m["after"] and m["before"] else None
+
+
+def load_report(address: str, spec: LoadSpec, outcomes: list[Outcome], alone: list[Outcome], wall_s: float,
+                memory: list[dict], sessions_after: dict[str, int | None]) -> dict:
+    """The run judged: throughput and latency, errors by status code, outputs against the single client's."""
     done = [o for o in outcomes if o.code == "OK"]
     errors: dict[str, int] = {}
     for o in outcomes:
@@ -268,7 +291,7 @@ def run_load(address: str, spec: LoadSpec, processes=(), tls=None, metadata=(), 
             errors[o.code] = errors.get(o.code, 0) + 1
     mismatched = [o.index for o in done if o.token_ids != alone[o.prompt].token_ids]
     tokens = sum(len(o.token_ids) for o in done)
-    report = {
+    return {
         "orchestrator": address,
         "clients": spec.clients,
         "requests": spec.requests,
@@ -288,11 +311,10 @@ def run_load(address: str, spec: LoadSpec, processes=(), tls=None, metadata=(), 
         "time_to_first_token_s": percentiles([o.first_token_s for o in done if o.first_token_s is not None]) if spec.stream else None,
         "single_client_latency_s": percentiles([o.latency_s for o in alone]),
         "outputs": {"checked": len(done), "identical": len(done) - len(mismatched), "mismatched": mismatched},
-        "memory": [{"process": name, "pid": pids[name], **{k: v for k, v in m.items()}} for name, m in memory.items()],
-        "sessions_after": sessions_left(address, internal, tls, metadata),
+        "memory": memory,
+        "sessions_after": sessions_after,
+        "ok": not errors and not mismatched,
     }
-    report["ok"] = not errors and not mismatched
-    return report
 
 
 # --------------------------------------------------------------------------- the report

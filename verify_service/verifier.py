@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import torch
 
 from specdec import telemetry
-from specdec.engine import ModelWorker, on_model_thread, tree_forward
+from specdec.cost import CALIBRATION_CONTEXT, CALIBRATION_ROWS, CostCurve
+from specdec.engine import ModelWorker, calibrate_forward, make_batch_invariant, on_model_thread, tree_forward
 from specdec.kv_cache import SessionStore
 from specdec.sampling import SamplingParams, distribution
 from specdec.tree import TokenTree, validate_parents
@@ -35,7 +36,9 @@ class TreeVerifier:
     """Safe to call from any thread: :meth:`verify` runs one call at a time on its own model thread."""
 
     def __init__(self, model, store: SessionStore | None = None) -> None:
-        self.model = model
+        # In half precision every row's logits are made independent of the rows around it, so
+        # speculative output is the model's own one-token greedy output bit for bit (README, "Exactness").
+        self.model = make_batch_invariant(model) if model.dtype in (torch.bfloat16, torch.float16) else model
         self.store = store if store is not None else SessionStore()
         self.worker = ModelWorker()
 
@@ -65,3 +68,8 @@ class TreeVerifier:
         )
         self.store.enforce_limits(keep=session_id)
         return outcome
+
+    @on_model_thread
+    def calibrate(self, rows=CALIBRATION_ROWS, reps: int = 3, context_len: int = CALIBRATION_CONTEXT) -> CostCurve:
+        """What a verify pass of each row count costs here (the bonus token plus ``rows - 1`` nodes)."""
+        return calibrate_forward(self.model, self.store, rows, reps, context_len)

@@ -221,21 +221,31 @@ def load_for_service(service: str, name: str, settings):
     return model, tokenizer, describe_model(service, name, model, tokenizer)
 
 
-def run_model_service(service: str, settings, model_name: str, make_servicer, add_servicer, service_name: str) -> None:
+def run_model_service(service: str, settings, model_name: str, make_servicer, add_servicer, service_name: str,
+                      load=load_for_service) -> None:
     """Start-up shared by the draft and verify services: load the model, bound the session store,
-    start telemetry and the server, announce the port, serve until signalled.
+    start telemetry, measure the forward's cost curve (``--calibrate``; this warms the model), start
+    the server, announce the port, serve until signalled.
 
     ``make_servicer(model, store, info, metrics)`` builds the servicer; ``add_servicer(servicer,
-    server)`` is the generated ``add_*Servicer_to_server``.
+    server)`` is the generated ``add_*Servicer_to_server``. ``load(service, model_name, settings)``
+    returns ``(model, tokenizer, description)``; a model-free service's gives ``None`` for the model.
     """
     from specdec.kv_cache import SessionStore
 
     setup_logging()
-    model, _, info = load_for_service(service, model_name, settings)
+    model, _, info = load(service, model_name, settings)
     store = SessionStore(settings.max_sessions, settings.kv_cache_mb << 20, ttl_s=settings.session_ttl_s)
     store.start_sweeper()
     interceptors, metrics = start_telemetry(service, settings, store, {"specdec.model": model_name})
     servicer = make_servicer(model, store, info, metrics)
+    calibrate = getattr(servicer.engine, "calibrate", None)
+    if settings.calibrate and calibrate is not None:
+        # Before the server starts: health reports SERVING only once the model is warm.
+        info.forward_costs = list(calibrate().points)
+        log.info("%s: forward cost by rows fed: %s", service, ", ".join(f"{r}: {ms:.1f} ms" for r, ms in info.forward_costs))
+    elif model is None:
+        info.forward_costs = [(1, 0.0)]  # a model-free engine runs no forward: its proposals cost next to nothing
     server, port, health_servicer = start_server(
         lambda s: add_servicer(servicer, s),
         [service_name],

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from specdec.tools import bench, cli
+from specdec.tools import bench, cli, sweep
 from specdec.tools.prompts import PromptFileError, bundled_dir, sweep_file
 from tiny_models import reference_greedy
 
@@ -26,8 +26,8 @@ QUICK_LABELS = [
 
 
 def test_the_quick_set():
-    cfg = bench.load_sweep_config(sweep_file("quick"))
-    plan = bench.sweep_plan(cfg)
+    cfg = sweep.load_sweep_config(sweep_file("quick"))
+    plan = sweep.sweep_plan(cfg)
     assert list(dict.fromkeys(s.method.label for s in plan)) == QUICK_LABELS
     assert [p.cls for p in cfg.prompts] == ["code"] * 4 + ["prose"] * 2
     assert cfg.max_new_tokens == [64] and cfg.dtype == "float32" and cfg.baselines == ["target-only", "assisted"]
@@ -69,10 +69,10 @@ def test_bench_is_a_subcommand(monkeypatch, capsys):
 
 @pytest.mark.timeout(300)
 def test_quick_set_end_to_end_on_tiny_models(tiny_dirs, tiny_target, tmp_path):
-    quick = bench.load_sweep_config(sweep_file("quick"))
+    quick = sweep.load_sweep_config(sweep_file("quick"))
     prompts = [next(p for p in quick.prompts if p.cls == cls) for cls in ("code", "prose")]
     cfg = dataclasses.replace(
-        quick, target_model=str(tiny_dirs["target"]), model_sets=[bench.ModelSet("tiny", (str(tiny_dirs["draft"]),))],
+        quick, target_model=str(tiny_dirs["target"]), model_sets=[sweep.ModelSet("tiny", (str(tiny_dirs["draft"]),))],
         max_new_tokens=[MAX_NEW_TOKENS], prompts=prompts, output_dir=tmp_path / "out", warmup_tokens=2, startup_timeout_s=120,
     )
     assert bench.sweep(cfg) == 0

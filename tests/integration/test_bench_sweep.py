@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from specdec.tools import analyze, bench, cli
+from specdec.tools import analyze, bench, cli, sweep
 from tiny_models import reference_greedy
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -42,6 +42,8 @@ prompts:
 repetitions: 1
 warmup_tokens: 2
 startup_timeout_s: 120
+# The settings as named: tiny drafts cost as much as the tiny target, so the cost model would stop drafting.
+adaptive: false
 output_dir: {out}
 """)
     return config
@@ -78,8 +80,8 @@ def load_logs(out: Path) -> dict[str, dict]:
 
 
 def test_plan_covers_every_combination(tiny_dirs, tmp_path):
-    cfg = bench.load_sweep_config(write_config(tmp_path, tiny_dirs, tmp_path / "out"))
-    plan = bench.sweep_plan(cfg)
+    cfg = sweep.load_sweep_config(write_config(tmp_path, tiny_dirs, tmp_path / "out"))
+    plan = sweep.sweep_plan(cfg)
     # target-only and assisted (one distinct first draft), then per model set: sequential k=2 and tree 2x3.
     assert len(plan) == 3 * (1 + 1 + 2 + 2)
     assert [s.method.mode for s in plan[:6]] == ["target-only"] * 3 + ["assisted"] * 3
@@ -232,8 +234,8 @@ def test_expected_speedup_formula():
 
 @pytest.mark.parametrize("name", ["bench.yaml", "bench-gpu.yaml"])
 def test_shipped_sweep_files_are_valid(name):
-    cfg = bench.load_sweep_config(ROOT / "benchmarks" / name)
-    plan = bench.sweep_plan(cfg)
+    cfg = sweep.load_sweep_config(ROOT / "benchmarks" / name)
+    plan = sweep.sweep_plan(cfg)
     assert {p.cls for p in cfg.prompts} == {"code", "prose", "chat"}
     assert cfg.baselines == ["target-only", "assisted"] and cfg.modes
     assert len({s.run_id for s in plan}) == len(plan)
@@ -248,11 +250,11 @@ def test_shipped_sweep_files_are_valid(name):
 def test_sweep_file_errors_are_named(tmp_path):
     config = tmp_path / "bad.yaml"
     config.write_text("target_model: x\nmax_new_token: [8]\nprompts: [{id: a, class: code, prompt: hi}]\n")
-    with pytest.raises(bench.BenchError, match="unknown key.*max_new_token"):
-        bench.load_sweep_config(config)
+    with pytest.raises(sweep.BenchError, match="unknown key.*max_new_token"):
+        sweep.load_sweep_config(config)
     config.write_text("prompts: [{id: a, class: poem, prompt: hi}]\n")
-    with pytest.raises(bench.BenchError, match="class"):
-        bench.load_sweep_config(config)
+    with pytest.raises(sweep.BenchError, match="class"):
+        sweep.load_sweep_config(config)
     config.write_text("modes: [beam]\nprompts: [{id: a, class: code, prompt: hi}]\n")
-    with pytest.raises(bench.BenchError, match="unknown mode"):
-        bench.load_sweep_config(config)
+    with pytest.raises(sweep.BenchError, match="unknown mode"):
+        sweep.load_sweep_config(config)

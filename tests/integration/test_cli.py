@@ -237,3 +237,37 @@ def test_generate_verbose_with_stop_string(tiny_cluster):
                   "--max-tokens", "30", "--stop", stop)
     assert run.returncode == 0, run.stderr
     assert ANSI.sub("", run.stdout.splitlines()[0]) == prompt + full[: full.find(stop)]
+
+
+COMPARISON = re.compile(r"target alone ([\d.]+) tokens/s; speculative \((\w+)\) ([\d.]+) tokens/s: ([\d.]+)x \(same (\d+) tokens\)")
+
+
+def test_generate_compare_prints_both_speeds_and_the_ratio(tiny_cluster):
+    prompt = "def add(a, b):"
+    run = specdec("generate", "--compare", "--verbose", "--orchestrator", tiny_cluster.orchestrator_address,
+                  "--prompt", prompt, "--mode", "tree", "--max-tokens", "20")
+    assert run.returncode == 0, run.stderr
+    assert "warm-up" in run.stderr and "target alone" in run.stderr
+    last = ANSI.sub("", run.stdout.strip().splitlines()[-1])
+    match = COMPARISON.fullmatch(last)
+    assert match, run.stdout
+    alone, mode, speculative, ratio, same = match.groups()
+    assert mode == "tree" and int(same) == 20
+    assert float(alone) > 0 and float(speculative) > 0
+    assert float(ratio) == pytest.approx(float(speculative) / float(alone), abs=0.011 + 0.01 * float(ratio))
+    # The statistics name what each number counts.
+    assert re.search(r"drafted \d+ tokens in \d+ rounds \(longest path per round: \d+ positions\); "
+                     r"accepted \d+ of those \d+ positions \(\d+%\)", ANSI.sub("", run.stdout)), run.stdout
+
+
+def test_generate_compare_json(tiny_cluster, reference):
+    prompt = "x = ["
+    run = specdec("generate", "--compare", "--json", "--orchestrator", tiny_cluster.orchestrator_address,
+                  "--prompt", prompt, "--mode", "sequential", "--max-tokens", "12")
+    assert run.returncode == 0, run.stderr
+    out = json.loads(run.stdout)
+    assert set(out) == {"text", "token_ids", "stats", "target_alone", "speedup"}
+    alone = out["target_alone"]
+    assert alone["stats"]["mode"] == "autoregressive" and out["stats"]["mode"] == "sequential"
+    assert alone["token_ids"] == out["token_ids"] == reference(tiny_tokenizer()(prompt).input_ids, 12)
+    assert out["speedup"] == pytest.approx(out["stats"]["tokens_per_second"] / alone["stats"]["tokens_per_second"], rel=1e-5)

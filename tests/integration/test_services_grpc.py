@@ -335,6 +335,10 @@ def test_get_info(grpc_stubs, tiny_cluster):
         assert info.version
     assert verify.model == orchestrator.model == tiny_cluster.settings.target_model
     assert [d.model for d in drafts] == tiny_cluster.settings.draft_models
+    # Each model service timed its forwards before it served (the start-up calibration, also its warm-up).
+    for info in (verify, *drafts):
+        assert [c.rows for c in info.forward_costs] == [1, 2, 4, 8, 16]
+        assert all(c.ms > 0 for c in info.forward_costs)
 
 
 @pytest.mark.parametrize("mode", [SEQ, TREE])

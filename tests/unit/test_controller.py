@@ -221,11 +221,37 @@ def test_adaptive_depth_is_lossless_and_follows_acceptance(target, drafts, mode,
     assert result.token_ids == reference_greedy(target, PROMPTS[0], 40)
     lengths = [max(len(b) for beams in r.proposals.values() for b in beams) for r in result.rounds if r.proposals]
     assert max(lengths) <= 6
-    if draft_name == "stranger":  # rarely agrees: drafts shrink to one token
-        assert lengths[-1] == 1
-    if draft_name == "self" and mode == "sequential":  # always agrees: drafts stay at the full length
+    if draft_name == "stranger":  # rarely agrees: speculation stops but for one-token probes
+        assert lengths[-1] == 1 and len(lengths) < len(result.rounds)
+    if draft_name == "self" and mode == "sequential":  # always agrees: drafts grow to the full length and stay
         # (Not in tree mode: beam search's best beam need not be the greedy path.)
-        assert lengths[:-1] == [6] * (len(lengths) - 1)
+        assert lengths[1:-1] == [6] * (len(lengths) - 2)
+
+
+@pytest.mark.parametrize("mode", ["sequential", "tree"])
+def test_fixed_settings_are_kept_every_round(target, drafts, mode):
+    c = controller(target, [LocalDraft("stranger", drafts["stranger"])])
+    result = c.generate(request(PROMPTS[0], mode, max_new_tokens=30, draft_length=3, beam_width=2, beam_depth=3, adaptive=False))
+    assert result.token_ids == reference_greedy(target, PROMPTS[0], 30)
+    shapes, done = set(), 0
+    for r in result.rounds:
+        if 30 - done > 3:  # room for a full draft before the budget
+            shapes |= {(len(beams), max(map(len, beams))) for beams in r.proposals.values()}
+        done += len(r.new_tokens)
+    assert shapes == {(1 if mode == "sequential" else 2, 3)}
+
+
+def test_tree_mode_picks_by_measured_cost(target, drafts):
+    from specdec.cost import CostCurve, RoundCosts
+
+    flat = RoundCosts(CostCurve.of([(1, 100), (64, 101)]), {"self": CostCurve.of([(1, 1), (16, 1)])})
+    steep = RoundCosts(CostCurve.of([(1, 100), (2, 200), (64, 6400)]), {"self": CostCurve.of([(1, 1), (16, 1)])})
+    for costs, wide in [(flat, True), (steep, False)]:
+        c = controller(target, [LocalDraft("self", drafts["self"])], costs=costs)
+        result = c.generate(request(PROMPTS[0], "tree", max_new_tokens=30, draft_length=2, beam_width=3, beam_depth=5, adaptive=True))
+        assert result.token_ids == reference_greedy(target, PROMPTS[0], 30)
+        widths = [len(beams) for r in result.rounds for beams in r.proposals.values()]
+        assert (max(widths) == 3) is wide and (wide or set(widths) == {1})
 
 
 @pytest.mark.parametrize("mode", ["sequential", "tree"])

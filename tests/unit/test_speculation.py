@@ -1,10 +1,10 @@
 """One round on hand-built proposals: merge (greedy and sampled), accept, the verdict's words, and
-the adaptive draft length."""
+the speculation policy."""
 
 import pytest
 import torch
 
-from specdec.speculation import AdaptiveDraftLength, Proposal, accept, merge
+from specdec.speculation import Proposal, accept, merge
 
 VOCAB = 10
 
@@ -106,21 +106,30 @@ def test_proposal_cut():
     assert Proposal("A", [[], []]).cut(3) is None
 
 
-def test_adaptive_draft_length():
-    length = AdaptiveDraftLength(maximum=4)
-    assert length.next(room=10) == 4 and length.next(room=2) == 2
-    length.update(drafted=4, accepted=4)  # full acceptance at the maximum: stays
-    assert length.length == 4
-    length.update(drafted=4, accepted=2)  # a rejection: one shorter
-    assert length.length == 3
-    for _ in range(5):
-        length.update(drafted=3, accepted=0)
-    assert length.length == 1  # never below one
-    length.update(drafted=1, accepted=1)  # full acceptance: one longer
-    assert length.length == 2
-    length.update(drafted=0, accepted=0)  # nothing drafted (fallback): no evidence
-    assert length.length == 2
+def test_speculation_policy():
+    from specdec.cost import CostCurve, RoundCosts
+    from specdec.speculation import SpeculationPolicy, Verdict
 
-    fixed = AdaptiveDraftLength(maximum=4, adaptive=False)
-    fixed.update(drafted=4, accepted=0)
-    assert fixed.next(room=10) == 4
+    def verdict(accepted: int, drafted: int) -> Verdict:
+        proposal = Proposal("A", [list(range(drafted))])
+        return Verdict(merge([proposal], 64, VOCAB, sampled=False), list(range(accepted)), 0)
+
+    fixed = SpeculationPolicy(["A"], max_width=3, max_depth=4, max_nodes=64, adaptive=False)
+    assert (fixed.next(room=10).width, fixed.next(room=10).depth, fixed.next(room=10).nodes) == (3, 4, 12)
+    assert fixed.next(room=2).depth == 2 and fixed.next(room=0).width == 0
+
+    # A steep verify curve and a cheap draft: a well-accepted chain grows, a rejected one stops.
+    costs = RoundCosts(CostCurve.of([(1, 100), (16, 400)]), {"A": CostCurve.of([(1, 10), (16, 12)])})
+    policy = SpeculationPolicy(["A"], max_width=1, max_depth=8, max_nodes=64, costs=costs, probe_every=3)
+    for _ in range(20):
+        choice = policy.next(room=100)
+        policy.update(choice, [Proposal("A", [list(range(choice.depth))])], verdict(choice.depth, choice.depth))
+    assert policy.next(room=100).depth == 8 and policy.next(room=5).depth == 5
+    for _ in range(40):
+        choice = policy.next(room=100)
+        if choice.width:
+            policy.update(choice, [Proposal("A", [list(range(choice.depth))])], verdict(0, choice.depth))
+    assert policy.next(room=100).width == 0
+    # Off, it still probes with a one-token chain now and then, so a recovery can be seen.
+    shapes = [(c.width, c.depth) for c in (policy.next(room=100) for _ in range(6))]
+    assert (1, 1) in shapes and shapes.count((0, 0)) >= 4

@@ -1,0 +1,212 @@
+"""How big a round should be: what a forward costs, how much of a proposal the target accepts, and
+the proposal with the most expected tokens per second.
+
+- A :class:`CostCurve` maps the rows fed in one forward pass to its milliseconds, as a model
+  service measured them at start-up on its own device and dtype (:func:`measure_curve`; the
+  services report the curve in ``GetInfo``). On a CPU in float32 a 16-row pass costs about 2.5
+  one-row passes; in bfloat16 or on a GPU the curve stays nearly flat: the same tree is a bargain
+  on one device and a loss on another.
+- :class:`AcceptanceStats` keeps, per draft and proposal width, the probability that position
+  ``i`` of a draft's path is accepted given that positions ``1 .. i-1`` were (a Beta estimate with
+  a prior, slowly forgetting old rounds so it follows the text).
+- :func:`choose` weighs the two: for every shape allowed (``width`` paths per draft of ``depth``
+  tokens; width 1 is a chain), the expected tokens of a round (accepted tokens plus the bonus
+  token) over its cost (the drafts' ``depth`` forwards, then one verify pass over the bonus token
+  plus every node), and no speculation at all (one verify row, one token). A chain is a tree of
+  width 1, so a tree-mode choice is never predicted slower than a sequential one.
+
+Nothing here looks at a round's own draws: the shape comes from earlier rounds only, so sampled
+generation stays distributed exactly as the target's (the acceptance rule is unchanged).
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+CALIBRATION_ROWS = (1, 2, 4, 8, 16)
+CALIBRATION_CONTEXT = 64  # cached tokens the calibration's forwards attend to
+# When a service reports no curve (calibration off, or an older service): a verify pass in units of
+# a one-row pass, growing a little per row, and a draft forward at this share of it.
+ASSUMED_ROW_SLOPE = 0.05
+ASSUMED_DRAFT_SHARE = 0.3
+
+
+@dataclass(frozen=True)
+class CostCurve:
+    """Milliseconds of one forward by rows fed: ``points`` are (rows, ms), rows ascending."""
+
+    points: tuple[tuple[int, float], ...]
+
+    @classmethod
+    def of(cls, pairs) -> CostCurve:
+        return cls(tuple(sorted((int(r), float(ms)) for r, ms in pairs)))
+
+    def __bool__(self) -> bool:
+        return bool(self.points)
+
+    def ms(self, rows: int) -> float:
+        """Interpolated between measured row counts; below the first, its cost; past the last, the
+        last segment's slope continued (never falling)."""
+        pts = self.points
+        if rows <= pts[0][0] or len(pts) == 1:
+            return pts[0][1] if rows <= pts[0][0] else pts[0][1] * rows / pts[0][0]
+        for (r0, m0), (r1, m1) in zip(pts, pts[1:]):
+            if rows <= r1:
+                return m0 + (m1 - m0) * (rows - r0) / (r1 - r0)
+        (r0, m0), (r1, m1) = pts[-2], pts[-1]
+        return m1 + max(0.0, (m1 - m0) / (r1 - r0)) * (rows - r1)
+
+
+def measure_curve(forward: Callable[[int], None], rows=CALIBRATION_ROWS, reps: int = 3) -> CostCurve:
+    """Time ``forward(n)`` (one forward pass of ``n`` rows) for each row count: one untimed run to
+    warm it, then the median of ``reps``."""
+    points = []
+    for n in rows:
+        forward(n)
+        times = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            forward(n)
+            times.append((time.perf_counter() - start) * 1e3)
+        points.append((n, statistics.median(times)))
+    return CostCurve.of(points)
+
+
+@dataclass
+class RoundCosts:
+    """The curves a round is priced with: the verify service's, and each draft's by name. A draft
+    without a curve is priced at ``ASSUMED_DRAFT_SHARE`` of a one-row verify pass per forward; with
+    no verify curve every price is in units of a one-row verify pass."""
+
+    verify: CostCurve = field(default_factory=lambda: CostCurve(()))
+    drafts: dict[str, CostCurve] = field(default_factory=dict)
+    overhead_ms: float = 0.0  # per round: calls, merging, accepting
+
+    def verify_ms(self, rows: int) -> float:
+        if self.verify:
+            return self.verify.ms(rows)
+        return 1.0 + ASSUMED_ROW_SLOPE * (rows - 1)
+
+    def draft_ms(self, draft: str, width: int, depth: int) -> float:
+        """Beam search ``depth`` deep: a forward over the new context token, then ``depth - 1`` over ``width`` rows."""
+        curve = self.drafts.get(draft) if self.verify else None
+        if not curve:
+            return depth * ASSUMED_DRAFT_SHARE * self.verify_ms(1)
+        return curve.ms(1) + (depth - 1) * curve.ms(width)
+
+
+class AcceptanceStats:
+    """Per draft and width, for each path position ``i`` (1-based): P(position i accepted | i - 1 were).
+
+    Each estimate is a Beta posterior with ``prior_weight`` pseudo-rounds at a prior mean: for the
+    first position of a chain ``prior_mean``; for a later position, the estimate of the one before
+    (positions deep in a path are seen rarely, and acceptance changes slowly with depth); for a
+    width above one, the chain's estimate as if its paths were ``sqrt(width)`` independent tries
+    (``1 - (1 - a) ** sqrt(width)``: beams overlap) until rounds of that width say otherwise. Every observation
+    first discounts the old ones by ``decay``, so the estimates follow the text being written.
+    Safe to share between threads.
+    """
+
+    def __init__(self, prior_mean: float = 0.8, prior_weight: float = 1.0, decay: float = 0.98) -> None:
+        self.prior_mean, self.prior_weight, self.decay = prior_mean, prior_weight, decay
+        self._cells: dict[tuple[str, int], list[list[float]]] = {}  # (draft, width) -> [position][hits, trials]
+        self._lock = threading.Lock()
+
+    def copy(self) -> AcceptanceStats:
+        with self._lock:
+            other = copy.copy(self)
+            other._cells = copy.deepcopy(self._cells)
+            other._lock = threading.Lock()
+        return other
+
+    def rates(self, draft: str, width: int, depth: int) -> list[float]:
+        """[depth] the conditional acceptance of positions 1 .. depth."""
+        chain = self._rates(draft, 1, [self.prior_mean] + [None] * (depth - 1))
+        if width == 1:
+            return chain
+        return self._rates(draft, width, [1 - (1 - a) ** width**0.5 for a in chain])
+
+    def _rates(self, draft: str, width: int, priors: list[float | None]) -> list[float]:
+        with self._lock:
+            cells = self._cells.get((draft, width), [])
+            out = []
+            for i, prior in enumerate(priors):
+                prior = out[-1] if prior is None else prior
+                hits, trials = cells[i] if i < len(cells) else (0.0, 0.0)
+                out.append((hits + prior * self.prior_weight) / (trials + self.prior_weight))
+            return out
+
+    def record(self, draft: str, width: int, drafted: int, accepted: int, cut: bool = False) -> None:
+        """A round where the draft's longest path had ``drafted`` tokens and ``accepted`` of them were
+        accepted. ``cut``: the output ended inside the round (a stop, the budget), so what came after
+        the accepted tokens was never judged."""
+        if drafted <= 0:
+            return
+        judged = accepted if cut else min(drafted, accepted + 1)
+        with self._lock:
+            cells = self._cells.setdefault((draft, width), [])
+            while len(cells) < judged:
+                cells.append([0.0, 0.0])
+            for i in range(judged):
+                cells[i][0] = cells[i][0] * self.decay + (1.0 if i < accepted else 0.0)
+                cells[i][1] = cells[i][1] * self.decay + 1.0
+
+
+@dataclass(frozen=True)
+class Choice:
+    """A round's proposal shape and what it is expected to give."""
+
+    width: int  # paths per draft (1: a chain); 0: no speculation
+    depth: int  # tokens per path
+    nodes: int  # the merged tree's node cap
+    expected_tokens: float  # accepted tokens plus the bonus token
+    cost_ms: float  # drafting, then verifying (units of a one-row verify pass when no curve is known)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.expected_tokens / self.cost_ms * 1e3 if self.cost_ms > 0 else float("inf")
+
+
+def expected_tokens(rates_by_draft: list[list[float]]) -> float:
+    """Accepted tokens plus the bonus token, when each draft's paths hold position ``i`` with the given
+    conditional rates (drafts taken as independent: a position is lost when every draft misses it)."""
+    total, reach = 1.0, 1.0
+    for per_draft in zip(*rates_by_draft):
+        miss = 1.0
+        for rate in per_draft:
+            miss *= 1.0 - rate
+        reach *= 1.0 - miss
+        total += reach
+    return total
+
+
+def price(costs: RoundCosts, stats: AcceptanceStats, drafts: list[str], width: int, depth: int, max_nodes: int) -> Choice:
+    """One shape's expected tokens and cost; width or depth 0 prices a round without speculation."""
+    if width <= 0 or depth <= 0 or not drafts:
+        return Choice(0, 0, 0, 1.0, costs.verify_ms(1) + costs.overhead_ms)
+    nodes = min(width * depth * len(drafts), max_nodes)
+    tokens = expected_tokens([stats.rates(d, width, depth) for d in drafts])
+    draft_ms = max(costs.draft_ms(d, width, depth) for d in drafts)  # drafts run side by side
+    return Choice(width, depth, nodes, tokens, draft_ms + costs.verify_ms(1 + nodes) + costs.overhead_ms)
+
+
+def choose(costs: RoundCosts, stats: AcceptanceStats, drafts: list[str], max_width: int, max_depth: int,
+           max_nodes: int) -> Choice:
+    """The shape with the most expected tokens per second among no speculation and every ``width`` ×
+    ``depth`` within the bounds (the smaller shape on a tie)."""
+    best = price(costs, stats, drafts, 0, 0, max_nodes)
+    for width in range(1, max_width + 1):
+        if width * len(drafts) > max_nodes:
+            break  # a tree this wide does not fit even one level
+        for depth in range(1, max_depth + 1):
+            if width > 1 and width * depth * len(drafts) > max_nodes:
+                break  # the node cap would cut its paths: priced as whole, it would look better than it is
+            candidate = price(costs, stats, drafts, width, depth, max_nodes)
+            if candidate.tokens_per_s > best.tokens_per_s * (1 + 1e-9):
+                best = candidate
+    return best

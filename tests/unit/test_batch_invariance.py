@@ -1,0 +1,116 @@
+"""Batch invariance in bfloat16: every row of a forward pass gets the same bits whatever the number
+of rows and whatever tree surrounds it, so speculative output is the model's own one-token greedy
+output bit for bit, near-ties included."""
+
+import copy
+import random
+
+import pytest
+import torch
+
+from local_clients import LocalDraft, LocalVerify, local_controller
+from specdec.engine import make_batch_invariant, tree_forward
+from specdec.kv_cache import SessionKV
+from specdec.orchestrator.controller import GenerationRequest
+from specdec.tree import TokenTree
+from tiny_models import EOS, tiny_qwen2, truncated_copy
+
+PROMPT = [11, 40, 3, 77, 25, 60, 8, 19, 33]
+
+
+def bf16_model(seed: int, layers: int, sharpness: float = 20.0, hidden: int = 64):
+    return tiny_qwen2(seed=seed, layers=layers, sharpness=sharpness, hidden=hidden, eos_token_id=EOS).to(torch.bfloat16)
+
+
+@pytest.fixture(scope="module")
+def model():
+    # Wider than the other tiny models, so linear products take the kernels' blocked paths.
+    return make_batch_invariant(bf16_model(seed=3, layers=2, hidden=256))
+
+
+def random_tree(rng: random.Random, n: int) -> TokenTree:
+    shape = rng.choice(["chain", "star", "random"])
+    if shape == "chain":
+        parents = list(range(-1, n - 1))
+    elif shape == "star":
+        parents = [-1] * n
+    else:
+        parents = [rng.randint(-1, i - 1) for i in range(n)]
+    return TokenTree(tokens=[rng.randrange(90) for _ in range(n)], parents=parents)
+
+
+def mismatched_nodes(model, tree: TokenTree, context: list[int], cached: int) -> list[int]:
+    """Nodes (-1: the context end) whose tree-pass logits differ in any bit from stepping their
+    path one token per forward (each node's steps continue from a copy of its parent's cache)."""
+    session = SessionKV("tree")
+    if cached:
+        tree_forward(model, session, context[:cached])
+    logits = tree_forward(model, session, context[cached:], tree.tokens, tree.parents, logits_to_keep=len(tree) + 1)
+    steps = SessionKV("steps")
+    stepped = {-1: [tree_forward(model, steps, [token])[-1] for token in context][-1]}
+    sessions = {-1: steps}
+    for node, (token, parent) in enumerate(zip(tree.tokens, tree.parents)):
+        sessions[node] = copy.deepcopy(sessions[parent])
+        stepped[node] = tree_forward(model, sessions[node], [token])[-1]
+    return [node for node in range(-1, len(tree)) if not torch.equal(logits[node + 1], stepped[node])]
+
+
+@pytest.mark.parametrize("rows", range(1, 17))
+def test_each_node_matches_its_one_token_steps_bit_for_bit(model, rows):
+    rng = random.Random(rows)
+    tree = random_tree(rng, rows)
+    context = [rng.randrange(90) for _ in range(rng.randint(2, 24))]
+    assert mismatched_nodes(model, tree, context, cached=rng.randint(0, len(context) - 1)) == []
+
+
+@pytest.mark.parametrize("parents", [[-1, 0, 1, 0, -1, 4], [-1] * 16, list(range(-1, 15)), [-1, -1, 0, 0, 1, 1, 2, 2, 3]])
+def test_tree_shapes_match_bit_for_bit(model, parents):
+    tree = TokenTree(tokens=[(7 * i + 3) % 90 for i in range(len(parents))], parents=parents)
+    assert mismatched_nodes(model, tree, PROMPT, cached=len(PROMPT) - 1) == []
+
+
+def test_the_check_catches_a_different_path():
+    """The stock path (SDPA with a mask, products of any row count) is not batch-invariant: the
+    same check finds differing nodes there, so it can fail."""
+    stock = bf16_model(seed=3, layers=2, hidden=256)
+    rng = random.Random(0)
+    bad = 0
+    for rows in (4, 9, 16):
+        bad += len(mismatched_nodes(stock, random_tree(rng, rows), PROMPT, cached=3))
+    assert bad > 0
+
+
+def stepped_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
+    """The model alone, one token per forward, greedy, stopping at EOS."""
+    session, out = SessionKV("greedy"), []
+    logits = [tree_forward(model, session, [t])[-1] for t in prompt][-1]
+    while len(out) < max_new_tokens:
+        out.append(int(logits.argmax()))
+        if out[-1] == EOS:
+            break
+        logits = tree_forward(model, session, [out[-1]])[-1]
+    return out
+
+
+@pytest.fixture(scope="module")
+def flat_target():
+    # Flat logits: near-ties everywhere, where only exact arithmetic keeps the output equal.
+    return make_batch_invariant(bf16_model(seed=0, layers=3, sharpness=1.5, hidden=128))
+
+
+@pytest.mark.parametrize(
+    "mode, settings",
+    [
+        ("autoregressive", {}),
+        ("sequential", {"draft_length": 4}),
+        ("tree", {"beam_width": 3, "beam_depth": 4}),
+        ("tree", {"beam_width": 4, "beam_depth": 4, "max_tree_nodes": 16}),
+    ],
+)
+def test_speculative_output_is_one_token_greedy_bit_for_bit(flat_target, mode, settings):
+    drafts = [LocalDraft("self", flat_target), LocalDraft("truncated", truncated_copy(flat_target, 1))]
+    c = local_controller(LocalVerify(flat_target), drafts, eos_token_ids={EOS})
+    request = dict(draft_length=5, beam_width=2, beam_depth=4, max_tree_nodes=64) | settings
+    result = c.generate(GenerationRequest(PROMPT, 20, mode, request["draft_length"], request["beam_width"],
+                                          request["beam_depth"], request["max_tree_nodes"]))
+    assert result.token_ids == stepped_greedy(flat_target, PROMPT, 20)

@@ -1,0 +1,137 @@
+"""The cost model on synthetic curves: interpolation, acceptance statistics, and the chooser's picks
+(a flat verify curve picks big trees, a steep one short chains, zero acceptance no speculation, and
+a tree is never predicted slower than the best chain)."""
+
+import itertools
+import random
+
+import pytest
+
+from specdec.cost import AcceptanceStats, CostCurve, RoundCosts, choose, expected_tokens, measure_curve, price
+
+FLAT = CostCurve.of([(1, 100), (2, 100), (4, 101), (8, 102), (16, 104)])  # a GPU, or bfloat16 on a CPU
+STEEP = CostCurve.of([(1, 100), (2, 150), (4, 250), (8, 450), (16, 850)])  # every row costs half a step
+CHEAP_DRAFT = CostCurve.of([(1, 5), (16, 6)])
+
+
+def stats_with(rate: float, draft: str = "draft-0", width: int = 1, depth: int = 16, rounds: int = 400) -> AcceptanceStats:
+    """Statistics after many rounds where each position was accepted with probability ``rate``."""
+    stats, rng = AcceptanceStats(), random.Random(0)
+    for _ in range(rounds):
+        accepted = next((i for i in range(depth) if rng.random() >= rate), depth)
+        stats.record(draft, width, depth, accepted)
+    return stats
+
+
+def test_curve_interpolates_and_extrapolates():
+    curve = CostCurve.of([(4, 30), (1, 10), (2, 20)])
+    assert curve.points == ((1, 10.0), (2, 20.0), (4, 30.0))
+    assert curve.ms(1) == 10 and curve.ms(3) == 25 and curve.ms(0) == 10
+    assert curve.ms(8) == 50  # the last segment's slope, continued
+    assert CostCurve.of([(1, 10), (2, 5)]).ms(9) == 5  # never falls past the last point
+    assert CostCurve.of([(1, 0.0)]).ms(16) == 0 and not CostCurve(())
+
+
+def test_measure_curve_times_every_row_count():
+    calls = []
+    curve = measure_curve(calls.append, rows=(1, 4), reps=3)
+    assert calls == [1] * 4 + [4] * 4  # one warm run, then the timed ones
+    assert [r for r, _ in curve.points] == [1, 4] and all(ms >= 0 for _, ms in curve.points)
+
+
+def test_acceptance_stats_follow_observations():
+    stats = AcceptanceStats(prior_mean=0.8, prior_weight=2.0, decay=1.0)
+    assert stats.rates("a", 1, 3) == pytest.approx([0.8, 0.8, 0.8])  # the prior, position by position
+    stats.record("a", 1, drafted=3, accepted=1)  # position 1 accepted, position 2 rejected, 3 never judged
+    r1, r2, r3 = stats.rates("a", 1, 3)
+    assert r1 == pytest.approx(2.6 / 3) and r2 == pytest.approx(r1 * 2 / 3)  # its prior: the position before
+    assert r3 == pytest.approx(r2)  # unseen: the position before it
+    stats.record("a", 1, drafted=3, accepted=1, cut=True)  # the output ended there: nothing was rejected
+    r1, r2 = stats.rates("a", 1, 2)
+    assert r1 == pytest.approx(3.6 / 4) and r2 == pytest.approx(r1 * 2 / 3)  # position 2: still one rejection in one trial
+    stats.record("b", 1, drafted=0, accepted=0)  # nothing drafted: no evidence
+    assert stats.rates("b", 1, 1) == pytest.approx([0.8])
+    # A wider proposal starts from the chain's estimate with fewer misses, then follows its own rounds.
+    assert stats.rates("a", 4, 1)[0] == pytest.approx(1 - (1 - r1) ** 2)
+    for _ in range(50):
+        stats.record("a", 4, drafted=2, accepted=0)
+    assert stats.rates("a", 4, 1)[0] < 0.05
+
+
+def test_stats_forget_old_rounds():
+    stats = AcceptanceStats(decay=0.9)
+    for _ in range(100):
+        stats.record("a", 1, 1, 1)
+    for _ in range(30):
+        stats.record("a", 1, 1, 0)
+    assert stats.rates("a", 1, 1)[0] < 0.2  # without forgetting: about 0.75
+
+
+def test_expected_tokens():
+    assert expected_tokens([[1.0, 1.0, 1.0]]) == 4  # every token accepted, then the bonus
+    assert expected_tokens([[0.0, 1.0]]) == 1
+    assert expected_tokens([[0.5, 0.5]]) == pytest.approx(1.75)
+    assert expected_tokens([[0.5], [0.5]]) == pytest.approx(1.75)  # either of two drafts may hold it
+
+
+def test_flat_verify_curve_picks_big_trees():
+    choice = choose(RoundCosts(FLAT, {"draft-0": CHEAP_DRAFT}), stats_with(0.7), ["draft-0"], 4, 8, 64)
+    assert choice.width > 1 and choice.depth >= 4 and choice.nodes >= 16
+
+
+def test_steep_verify_curve_picks_short_chains():
+    choice = choose(RoundCosts(STEEP, {"draft-0": CHEAP_DRAFT}), stats_with(0.7), ["draft-0"], 4, 8, 64)
+    assert choice.width == 1 and 1 <= choice.depth <= 2
+
+
+def test_zero_acceptance_turns_speculation_off():
+    for verify in (FLAT, STEEP):
+        choice = choose(RoundCosts(verify, {"draft-0": CHEAP_DRAFT}), stats_with(0.0), ["draft-0"], 4, 8, 64)
+        assert choice.width == 0 and choice.depth == 0 and choice.expected_tokens == 1
+
+
+def test_expensive_draft_turns_speculation_off():
+    slow_draft = CostCurve.of([(1, 90), (16, 95)])
+    choice = choose(RoundCosts(STEEP, {"draft-0": slow_draft}), stats_with(0.5), ["draft-0"], 4, 8, 64)
+    assert choice.width == 0
+
+
+def test_tree_never_predicted_slower_than_sequential():
+    rng = random.Random(1)
+    for _ in range(200):
+        rows = [1, 2, 4, 8, 16]
+        verify = CostCurve.of(zip(rows, itertools.accumulate(rng.uniform(0, 80) for _ in rows)))
+        draft = CostCurve.of(zip(rows, itertools.accumulate(rng.uniform(0, 40) for _ in rows)))
+        stats = stats_with(rng.random(), rounds=50)
+        costs = RoundCosts(verify, {"draft-0": draft})
+        tree = choose(costs, stats, ["draft-0"], 4, 8, rng.choice([4, 16, 64]))
+        chain = choose(costs, stats, ["draft-0"], 1, 8, 64)
+        assert tree.tokens_per_s >= chain.tokens_per_s * (1 - 1e-9)
+
+
+def test_node_cap_bounds_trees():
+    choice = choose(RoundCosts(FLAT, {"draft-0": CHEAP_DRAFT}), stats_with(0.9), ["draft-0"], 8, 8, 10)
+    assert choice.width == 1 or choice.width * choice.depth <= 10
+
+
+def test_unmeasured_costs_are_priced_relative_to_a_step():
+    costs = RoundCosts()
+    assert price(costs, stats_with(0.0), ["d"], 0, 0, 64).cost_ms == 1.0
+    chain = price(costs, stats_with(1.0, "d"), ["d"], 1, 4, 64)
+    assert chain.cost_ms == pytest.approx(4 * 0.3 + 1 + 0.05 * 4)
+    assert chain.expected_tokens == pytest.approx(5, abs=0.1)
+    # A model-free draft (a zero curve) costs nothing beside a measured verify pass.
+    free = RoundCosts(STEEP, {"d": CostCurve.of([(1, 0.0)])})
+    assert price(free, stats_with(1.0, "d"), ["d"], 1, 2, 64).cost_ms == pytest.approx(STEEP.ms(3))
+
+
+def test_engines_calibrate_on_their_model_and_leave_no_session():
+    from specdec.draft_service.drafter import BeamDrafter
+    from specdec.verify_service.verifier import TreeVerifier
+    from tiny_models import VOCAB, tiny_qwen2
+
+    model = tiny_qwen2(seed=0, layers=1)
+    for engine in (TreeVerifier(model), BeamDrafter(model, vocab_limit=VOCAB // 2)):
+        curve = engine.calibrate(rows=(1, 3, 16), reps=2, context_len=8)
+        assert [r for r, _ in curve.points] == [1, 3, 16] and all(ms > 0 for _, ms in curve.points)
+        assert len(engine.store) == 0

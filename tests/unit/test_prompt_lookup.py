@@ -1,0 +1,145 @@
+"""The prompt-lookup draft on hand-built token lists: exact proposals, no match, overlapping
+matches, the depth cut, width and ranking; its one-hot distributions under sampling; and the
+acceptance rule's output distribution with one-hot drafts (chi-square against the target's)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from specdec.draft_service.prompt_lookup import PromptLookup, find_continuations
+from specdec.sampling import Candidate, SamplingParams, accept_sampled_tree, normalise16, unpack, pack
+
+
+def test_proposes_what_followed_the_last_ngram():
+    #          0  1  2  3  4  5  6  7  8
+    context = [5, 6, 7, 8, 9, 1, 5, 6, 7]
+    assert find_continuations(context, width=1, depth=2) == [[8, 9]]
+    assert find_continuations(context, width=1, depth=4) == [[8, 9, 1, 5]]
+
+
+def test_no_match_gives_no_proposal():
+    assert find_continuations([1, 2, 3, 4, 5], width=3, depth=4) == []
+    assert find_continuations([7], width=1, depth=4) == []
+    # A suffix shorter than min_ngram is never searched: only [4] recurs here.
+    assert find_continuations([4, 1, 2, 4], width=1, depth=2) == []
+    assert find_continuations([4, 1, 2, 4], width=1, depth=2, min_ngram=1) == [[1, 2]]
+
+
+def test_depth_cuts_the_continuation():
+    context = [1, 2, 3, 4, 5, 6, 7, 1, 2]
+    for depth in range(1, 6):
+        assert find_continuations(context, 1, depth) == [[3, 4, 5, 6, 7][:depth]]
+
+
+def test_overlapping_match_repeats_its_period():
+    # The last match of [1, 2] ends right before the suffix: what follows runs into the suffix
+    # and on through the proposal itself.
+    assert find_continuations([1, 2, 1, 2], width=1, depth=5) == [[1, 2, 1, 2, 1]]
+    assert find_continuations([3, 3, 3], width=1, depth=4, min_ngram=1) == [[3, 3, 3, 3]]
+    assert find_continuations([9, 1, 2, 3, 1, 2, 3, 1, 2], width=1, depth=4) == [[3, 1, 2, 3]]
+
+
+def test_longer_suffix_wins_over_a_more_recent_shorter_one():
+    # [3, 4] occurs at 2 (after [2]) and at 6 (after [9]); the context ends in [2, 3, 4]:
+    # the older match agrees on 3 tokens and is offered first, the recent 2-token one second.
+    context = [1, 2, 3, 4, 50, 9, 3, 4, 60, 2, 3, 4]
+    assert find_continuations(context, width=2, depth=2, max_ngram=2) == [[50, 9], [60, 2]]
+    assert find_continuations(context, width=2, depth=2, max_ngram=4) == [[50, 9], [60, 2]]
+
+
+def test_most_recent_first_among_equal_matches_and_distinct_paths():
+    context = [7, 8, 1, 7, 8, 2, 7, 8, 3, 0, 7, 8]
+    assert find_continuations(context, width=1, depth=1) == [[3]]
+    assert find_continuations(context, width=3, depth=1) == [[3], [2], [1]]
+    assert find_continuations(context, width=8, depth=1) == [[3], [2], [1]]  # no more to offer
+    # The same continuation twice is offered once.
+    assert find_continuations([7, 8, 1, 7, 8, 1, 7, 8], width=2, depth=1) == [[1]]
+
+
+def test_width_falls_back_to_shorter_suffixes():
+    # [6, 7, 8] recurs once (then 1); [7, 8] also after [0] (then 2); [8] alone after [5] (then 3).
+    context = [6, 7, 8, 1, 0, 7, 8, 2, 5, 8, 3, 6, 7, 8]
+    assert find_continuations(context, width=3, depth=1, max_ngram=3, min_ngram=1) == [[1], [2], [3]]
+    assert find_continuations(context, width=3, depth=1, max_ngram=3, min_ngram=2) == [[1], [2]]
+
+
+@pytest.mark.parametrize("depth", [1, 3, 8])
+@pytest.mark.parametrize("width", [1, 2, 4])
+def test_proposals_are_continuations_of_matches(width, depth):
+    """Every path proposed follows an earlier occurrence of the context's last n >= 2 tokens."""
+    generator = torch.Generator().manual_seed(width * 10 + depth)
+    context = torch.randint(0, 6, (300,), generator=generator).tolist()
+    paths = find_continuations(context, width, depth)
+    assert 1 <= len(paths) <= width and len({tuple(p) for p in paths}) == len(paths)
+    sequence = context
+    for path in paths:
+        assert len(path) == depth
+        extended = sequence + path
+        assert any(
+            extended[i:i + 2] == context[-2:] and extended[i + 2:i + 2 + depth] == path
+            for i in range(len(context) - 2)
+        )
+
+
+def test_engine_answers_like_a_drafter():
+    engine = PromptLookup(vocab_size=16)
+    outcome = engine.propose("s", [5, 6, 7, 8, 5, 6], beam_width=2, depth=3)
+    assert [b.tokens for b in outcome.beams] == [[7, 8, 5]]
+    assert outcome.reused_tokens == 0 and outcome.fed_tokens == 0 and outcome.forward_s >= 0
+    assert engine.propose("s", [1, 2, 3], 2, 3).beams == []
+    assert len(engine.store) == 0  # no cache kept
+    with pytest.raises(ValueError):
+        engine.propose("s", [], 1, 1)
+    with pytest.raises(ValueError):
+        PromptLookup(vocab_size=16, min_ngram=3, max_ngram=2)
+
+
+def test_sampled_chains_carry_one_hot_distributions():
+    engine = PromptLookup(vocab_size=16)
+    context = [7, 8, 1, 2, 7, 8, 2, 1, 7, 8]
+    outcome = engine.sample_chains("s", context, chains=2, depth=3, sampling=SamplingParams(temperature=0.8), seed=1)
+    assert [b.tokens for b in outcome.beams] == [[2, 1, 7], [1, 2, 7]]
+    assert len(outcome.sent_distributions) == 3  # one per distinct token
+    for beam, index in zip(outcome.beams, outcome.distribution_index):
+        for token, d in zip(beam.tokens, index):
+            q16 = outcome.sent_distributions[d]
+            assert q16.dtype == torch.float16 and q16.shape == (16,)
+            assert float(q16[token]) == 1.0 and float(q16.sum()) == 1.0
+            assert torch.equal(outcome.distributions[d], normalise16(q16))
+            data, ids = pack(q16)
+            assert ids == [token] and torch.equal(unpack(data, ids, 16, torch.float16), q16)  # sent sparse
+
+
+def test_one_hot_drafts_keep_sampling_exact():
+    """With one-hot q's the acceptance rule's output is distributed as p (chi-square): a root with
+    two candidates (the same token twice and another), over a 5-token vocabulary."""
+    p = torch.tensor([0.1, 0.4, 0.2, 0.25, 0.05], dtype=torch.float64)
+    one_hot = torch.eye(5, dtype=torch.float64)
+    tokens = [1, 1, 3]  # nodes 0, 1 (duplicates of a token under the same parent occur as candidates) and 2
+    candidates = {-1: [Candidate(0, one_hot[1]), Candidate(1, one_hot[1]), Candidate(2, one_hot[3])]}
+    target = torch.stack([p] + [p] * 3)  # p at the root, then after each node (unused beyond the root)
+    generator = torch.Generator().manual_seed(0)
+    draws = 20000
+    counts = torch.zeros(5)
+    for _ in range(draws):
+        nodes, bonus = accept_sampled_tree(tokens, target, candidates, generator)
+        counts[tokens[nodes[0]] if nodes else bonus] += 1
+    expected = p.float() * draws
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    assert chi2 < 18.47, (counts, expected)  # 4 degrees of freedom, p = 0.001
+
+
+def test_lookup_on_a_long_context_costs_well_under_a_millisecond():
+    generator = torch.Generator().manual_seed(3)
+    context = torch.randint(0, 2000, (2048,), generator=generator).tolist()
+    context += context[100:110]  # one 10-token repeat to find
+    find_continuations(context, 3, 8)
+    start = time.perf_counter()
+    for _ in range(50):
+        paths = find_continuations(context, 3, 8)
+    per_call_ms = (time.perf_counter() - start) / 50 * 1e3
+    assert paths[0] == context[110:118]
+    assert per_call_ms < 20, per_call_ms  # loose: a shared CPU; typically a fraction of a millisecond
