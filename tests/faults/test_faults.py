@@ -28,6 +28,7 @@ def start_cluster(tiny_dirs, tmp_path, drafts=("draft",), replicas=1, env=None):
         port=0,
         log_dir=str(tmp_path / "logs"),
         startup_timeout_s=120,
+        adaptive=False,  # every round drafts, as asked: the faults must land on drafting rounds
     )
     cluster = LocalCluster(settings, env=env or {})
     cluster.start()

@@ -138,7 +138,10 @@ def test_cut_draft_link_mid_generation(hosts, tiny_dirs, reference, tmp_path):
     serve("draft1", "specdec.draft_service.server", "--draft-model", str(tiny_dirs["draft"]))
     serve("orchestrator", "specdec.orchestrator.server", "--target-model", str(tiny_dirs["target"]),
           "--verify-address", addr["verify"], "--draft-addresses", f"{addr['draft0']},{addr['draft1']}",
-          "--draft-timeout-ms", "2000", "--log-dir", "")
+          "--draft-timeout-ms", "2000", "--log-dir", "",
+          # Every round drafts, as asked: the tiny drafts cost what the tiny target does, so the
+          # cost model could stop drafting and the cut would go unseen.
+          "--adaptive", "false")
     client = hosts.spawn("orchestrator", [python, "-c", CLIENT, addr["orchestrator"], json.dumps(PROMPT), str(LONG)],
                          subprocess.PIPE, stdin=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 240
