@@ -17,6 +17,7 @@ import torch
 from specdec import telemetry
 from specdec.cost import CALIBRATION_CONTEXT, CALIBRATION_ROWS, CostCurve
 from specdec.engine import ModelWorker, calibrate_forward, on_model_thread, tree_forward
+from specdec.kernels import pack_linears
 from specdec.kv_cache import SessionStore
 from specdec.quantize import Int8Linear
 from specdec.sampling import SamplingParams, draft_distribution, sample
@@ -68,6 +69,7 @@ class BeamDrafter:
         self.model = model
         self.store = store if store is not None else SessionStore()
         self.head = output_rows(model, vocab_limit)
+        self.kernel = pack_linears(model)  # speed only: a draft need not be batch-invariant
         self.worker = ModelWorker()
 
     @on_model_thread

@@ -87,7 +87,7 @@ def tree_forward(
             span.set_attribute("specdec.cached_tokens", cached_len)
     else:
         # Plain causal extension: let the model build its own (faster, is_causal) mask. A
-        # batch-invariant model (make_batch_invariant) attends row by row to the same keys either
+        # batch-invariant model (specdec.kernels.make_batch_invariant) attends row by row to the same keys either
         # way, so this path and the tree path give every row the same bits.
         mask, position_ids = None, cache_position[None]
     inputs = dict(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, cache_position=cache_position,
@@ -101,65 +101,6 @@ def tree_forward(
     session.extend_prefix(pending)
     session.extend_tail(new_tokens, new_parents)
     return logits.float()
-
-
-#: Rows per linear product in a batch-invariant model; every product is cut into blocks of exactly
-#: this many rows (the last one padded), whatever number of rows the forward carries.
-INVARIANT_ROWS = 16
-_ROWWISE = "specdec_rowwise"
-
-
-def make_batch_invariant(model, rows: int = INVARIANT_ROWS):
-    """Make every row of ``model``'s forward the same bits whatever else shares the pass.
-
-    Measured on CPU (oneDNN, bfloat16), a linear layer's row depends on how many rows the product
-    has (a 1536x8960 up projection from 18 rows, the 8960x1536 down projection from 2), but not on
-    where it sits among a fixed number of rows. So every linear product runs on blocks of exactly
-    ``rows`` rows. Attention runs one query row at a time over exactly the keys that row sees, in
-    cache order (:func:`rowwise_attention`): the same call, on the same data, as a one-token step
-    along that row's path. Changes the model in place (its linear layers and attention function)
-    and returns it.
-    """
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    AttentionInterface.register(_ROWWISE, rowwise_attention)
-    AttentionMaskInterface.register(_ROWWISE, sdpa_mask)
-    model.config._attn_implementation = _ROWWISE
-    for module in model.modules():
-        if isinstance(module, torch.nn.Linear) and not getattr(module, "_specdec_rows", 0):
-            module._specdec_rows = rows
-            module.forward = functools.partial(_fixed_rows_linear, module)
-    return model
-
-
-def _fixed_rows_linear(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    flat = x.reshape(-1, x.shape[-1])  # [m, in]
-    m, rows = flat.shape[0], module._specdec_rows
-    padded = torch.nn.functional.pad(flat, (0, 0, 0, -m % rows))
-    out = torch.cat([torch.nn.functional.linear(block, module.weight, module.bias) for block in padded.split(rows)])
-    return out[:m].reshape(*x.shape[:-1], out.shape[-1])
-
-
-def rowwise_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Attention for a batch of one, one query row at a time: row ``r`` attends to the keys its
-    mask row allows (``attention_mask`` ``[1, 1, q, kv]`` bool; None = causal), gathered into a
-    contiguous sequence, with no mask. A one-token step whose cache holds exactly those keys makes
-    the same call on the same data, so the row's output cannot depend on the other rows, the tree
-    around it, or masked-out cache entries."""
-    if query.shape[0] != 1:
-        raise ValueError("rowwise attention takes a batch of one")
-    q_len, kv_len = query.shape[2], key.shape[2]
-    out = []
-    for r in range(q_len):
-        if attention_mask is None:
-            visible = torch.arange(kv_len - q_len + r + 1, device=key.device)
-        else:
-            visible = attention_mask[0, 0, r].nonzero().squeeze(-1)
-        k, v = key.index_select(2, visible), value.index_select(2, visible)
-        out.append(torch.nn.functional.scaled_dot_product_attention(
-            query[:, :, r : r + 1].contiguous(), k, v, scale=scaling, enable_gqa=True))
-    return torch.cat(out, 2).transpose(1, 2).contiguous(), None
 
 
 def _cache_kwarg(model) -> str:

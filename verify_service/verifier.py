@@ -16,7 +16,8 @@ import torch
 
 from specdec import telemetry
 from specdec.cost import CALIBRATION_CONTEXT, CALIBRATION_ROWS, CostCurve
-from specdec.engine import ModelWorker, calibrate_forward, make_batch_invariant, on_model_thread, tree_forward
+from specdec.engine import ModelWorker, calibrate_forward, on_model_thread, tree_forward
+from specdec.kernels import make_batch_invariant
 from specdec.kv_cache import SessionStore
 from specdec.sampling import SamplingParams, distribution
 from specdec.tree import TokenTree, validate_parents
@@ -36,9 +37,10 @@ class TreeVerifier:
     """Safe to call from any thread: :meth:`verify` runs one call at a time on its own model thread."""
 
     def __init__(self, model, store: SessionStore | None = None) -> None:
-        # In half precision every row's logits are made independent of the rows around it, so
-        # speculative output is the model's own one-token greedy output bit for bit (README, "Exactness").
-        self.model = make_batch_invariant(model) if model.dtype in (torch.bfloat16, torch.float16) else model
+        # Every row's logits are made independent of the rows around it, so speculative output is
+        # the model's own one-token greedy output bit for bit, in every dtype (README, "Exactness").
+        self.model = model
+        self.kernel = make_batch_invariant(model)
         self.store = store if store is not None else SessionStore()
         self.worker = ModelWorker()
 

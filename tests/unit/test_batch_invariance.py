@@ -1,6 +1,8 @@
-"""Batch invariance in bfloat16: every row of a forward pass gets the same bits whatever the number
-of rows and whatever tree surrounds it, so speculative output is the model's own one-token greedy
-output bit for bit, near-ties included."""
+"""Batch invariance: every row of a forward pass gets the same bits whatever the number of rows and
+whatever tree surrounds it, so speculative output is the model's own one-token greedy output bit for
+bit, near-ties included. Each check runs in float32 and bfloat16 on the kernel this machine picks
+(oneDNN's packed product where it is row-invariant here), and in float32 on the fixed-row blocks
+every device has."""
 
 import copy
 import random
@@ -9,7 +11,8 @@ import pytest
 import torch
 
 from local_clients import LocalDraft, LocalVerify, local_controller
-from specdec.engine import make_batch_invariant, tree_forward
+from specdec.engine import tree_forward
+from specdec.kernels import make_batch_invariant
 from specdec.kv_cache import SessionKV
 from specdec.orchestrator.controller import GenerationRequest
 from specdec.tree import TokenTree
@@ -18,14 +21,23 @@ from tiny_models import EOS, tiny_qwen2, truncated_copy
 PROMPT = [11, 40, 3, 77, 25, 60, 8, 19, 33]
 
 
-def bf16_model(seed: int, layers: int, sharpness: float = 20.0, hidden: int = 64):
-    return tiny_qwen2(seed=seed, layers=layers, sharpness=sharpness, hidden=hidden, eos_token_id=EOS).to(torch.bfloat16)
+VARIANTS = [("float32", "auto"), ("bfloat16", "auto"), ("float32", "fixed-rows")]
 
 
-@pytest.fixture(scope="module")
-def model():
+def tiny_model(seed: int, layers: int, sharpness: float = 20.0, hidden: int = 64, dtype: str = "bfloat16"):
+    return tiny_qwen2(seed=seed, layers=layers, sharpness=sharpness, hidden=hidden, eos_token_id=EOS).to(getattr(torch, dtype))
+
+
+def invariant(model, kernel: str):
+    make_batch_invariant(model, kernel=kernel)
+    return model
+
+
+@pytest.fixture(scope="module", params=VARIANTS, ids="-".join)
+def model(request):
+    dtype, kernel = request.param
     # Wider than the other tiny models, so linear products take the kernels' blocked paths.
-    return make_batch_invariant(bf16_model(seed=3, layers=2, hidden=256))
+    return invariant(tiny_model(seed=3, layers=2, hidden=256, dtype=dtype), kernel)
 
 
 def random_tree(rng: random.Random, n: int) -> TokenTree:
@@ -69,10 +81,11 @@ def test_tree_shapes_match_bit_for_bit(model, parents):
     assert mismatched_nodes(model, tree, PROMPT, cached=len(PROMPT) - 1) == []
 
 
-def test_the_check_catches_a_different_path():
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_check_catches_a_different_path(dtype):
     """The stock path (SDPA with a mask, products of any row count) is not batch-invariant: the
     same check finds differing nodes there, so it can fail."""
-    stock = bf16_model(seed=3, layers=2, hidden=256)
+    stock = tiny_model(seed=3, layers=2, hidden=256, dtype=dtype)
     rng = random.Random(0)
     bad = 0
     for rows in (4, 9, 16):
@@ -92,10 +105,11 @@ def stepped_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
     return out
 
 
-@pytest.fixture(scope="module")
-def flat_target():
+@pytest.fixture(scope="module", params=VARIANTS, ids="-".join)
+def flat_target(request):
     # Flat logits: near-ties everywhere, where only exact arithmetic keeps the output equal.
-    return make_batch_invariant(bf16_model(seed=0, layers=3, sharpness=1.5, hidden=128))
+    dtype, kernel = request.param
+    return invariant(tiny_model(seed=0, layers=3, sharpness=1.5, hidden=128, dtype=dtype), kernel)
 
 
 @pytest.mark.parametrize(

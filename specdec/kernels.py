@@ -1,0 +1,174 @@
+"""Which kernels a model's forward runs on: fast linear products, and a verify pass in which every
+row gets the same bits whatever else shares it (batch invariance).
+
+Why this matters (measured on 2 cores, float32, one 1536x8960 product, README "Exactness"):
+
+- torch's default CPU product (MKL) gives row 0 of an M-row product other bits than the same row
+  alone, for every M > 1, and costs 2 to 4 times a one-row product from 2 rows up on CPUs where MKL
+  takes its generic path. A verify pass over a tree would then neither match one-token decoding bit
+  for bit nor cost about one token step.
+- oneDNN's product over a weight packed once (``torch.ops.mkldnn._reorder_linear_weight`` /
+  ``_linear_pointwise``, what torch's own compiler emits for CPU linears) gave the same bits for
+  every M from 1 to 64 and every row position, at 1.0 to 1.7 times a one-row product for up to 16
+  rows. It exists for float32 on any x86 CPU, and for bfloat16 where the CPU has native bfloat16.
+
+So :func:`make_batch_invariant` packs the linears through oneDNN when :func:`rows_invariant`
+confirms on the model's own weights that the product is row-invariant here, and otherwise (GPUs,
+CPUs without the packed path) cuts every product into blocks of exactly ``INVARIANT_ROWS`` rows, so
+a row's product never depends on how many rows the pass has. Attention runs one query row at a
+time over exactly the keys that row sees (:func:`rowwise_attention`). :func:`pack_linears` gives a
+draft model the fast product without the check (a draft need not be exact: the target decides).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+#: Rows per linear product where no row-invariant kernel exists: every product is cut into blocks of
+#: exactly this many rows (the last one padded), whatever number of rows the forward carries.
+INVARIANT_ROWS = 16
+#: Row counts at which :func:`rows_invariant` compares a row with the same row computed alone: every
+#: count a tree pass takes, then prefill-sized ones. Passes longer than the last are cut into blocks
+#: of that many rows, so no product runs at an unchecked count beyond it.
+CHECKED_ROWS = (*range(2, 34), 48, 64, 100, 128)
+PACKED_MAX_ROWS = CHECKED_ROWS[-1]
+_ROWWISE = "specdec_rowwise"
+
+
+def onednn_packed(weight: torch.Tensor) -> torch.Tensor | None:
+    """``weight`` packed for oneDNN's product, or None where torch has no such kernel for its device
+    and dtype (GPUs; bfloat16 on CPUs without native bfloat16)."""
+    if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return None
+
+
+class PackedProduct:
+    """``x @ weight.T + bias`` with the weight packed for oneDNN. Copies of a model share it (the
+    packed weight is read-only, and torch cannot copy it)."""
+
+    def __init__(self, packed: torch.Tensor, bias: torch.Tensor | None) -> None:
+        self.packed, self.bias = packed, bias
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+        # The bias is added apart: fused into the product, one-row results got other bits than rows
+        # of a larger product (measured: Qwen2.5-0.5B's 896x896 query projection).
+        return out if self.bias is None else out + self.bias
+
+    def __deepcopy__(self, memo) -> PackedProduct:
+        return self
+
+
+def _blocked(product, rows: int, x: torch.Tensor, pad: bool) -> torch.Tensor:
+    """``product`` over ``x``'s rows in blocks of ``rows`` (``pad``: the last block padded to that size)."""
+    flat = x.reshape(-1, x.shape[-1])
+    m = flat.shape[0]
+    if m <= rows and not pad:
+        out = product(flat)
+    else:
+        if pad:
+            flat = torch.nn.functional.pad(flat, (0, 0, 0, -m % rows))
+        out = torch.cat([product(block) for block in flat.split(rows)])[:m]
+    return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+def rows_invariant(product, in_features: int, dtype: torch.dtype, counts=CHECKED_ROWS, seed: int = 0) -> bool:
+    """Whether ``product(x)`` gives every row of ``x`` the bits it gets alone, at each row count."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(max(counts), in_features, generator=generator).to(dtype)
+    alone = torch.cat([product(x[r : r + 1]) for r in range(max(counts))])
+    return all(torch.equal(product(x[:m]), alone[:m]) for m in counts)
+
+
+def _linears(model) -> list[torch.nn.Linear]:
+    return [m for m in model.modules() if isinstance(m, torch.nn.Linear) and not hasattr(m, "_specdec_kernel")]
+
+
+def _use_packed(model, module: torch.nn.Linear, packed: torch.Tensor, max_rows: int | None) -> None:
+    product = PackedProduct(packed, module.bias)
+    module._specdec_kernel = "onednn"
+    module.forward = product if max_rows is None else functools.partial(_blocked, product, max_rows, pad=False)
+    if module is not model.get_output_embeddings():
+        # The packed copy replaces the weight; a shape-only stand-in stays for code that reads its
+        # shape. (The output head keeps its weight: it may be tied to the input embedding, and a
+        # draft scores a slice of it.)
+        module.weight = torch.nn.Parameter(torch.empty_like(module.weight, device="meta"), requires_grad=False)
+
+
+def pack_linears(model) -> str:
+    """Route ``model``'s linear layers through oneDNN's packed product where torch has it (faster from
+    one row up, and flatter in rows, on the CPUs measured); returns the kernel used, "onednn" or
+    "default". The packed copy is kept beside the weight (which other code reads)."""
+    linears = _linears(model)
+    packed = [onednn_packed(m.weight) for m in linears]
+    if not linears or any(p is None for p in packed):
+        return "default"
+    for module, weight in zip(linears, packed):
+        _use_packed(model, module, weight, None)
+    return "onednn"
+
+
+def make_batch_invariant(model, rows: int = INVARIANT_ROWS, kernel: str = "auto") -> str:
+    """Make every row of ``model``'s forward the same bits whatever else shares the pass; returns the
+    linear kernel used: "onednn" (packed, checked row-invariant on every distinct weight shape of
+    the model) or "fixed-rows" (blocks of exactly ``rows`` rows; ``kernel="fixed-rows"`` asks for
+    it). Changes the model in place."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(_ROWWISE, rowwise_attention)
+    AttentionMaskInterface.register(_ROWWISE, sdpa_mask)
+    model.config._attn_implementation = _ROWWISE
+    linears = _linears(model)
+    packed = [onednn_packed(m.weight) for m in linears] if kernel == "auto" else []
+    kernel = "onednn" if linears and len(packed) == len(linears) and None not in packed else "fixed-rows"
+    if kernel == "onednn":
+        checked: dict[tuple, bool] = {}
+        for module, weight in zip(linears, packed):
+            shape = tuple(module.weight.shape)
+            if shape not in checked:
+                product = PackedProduct(weight, module.bias)
+                # The output head is large: its check stops at tree sizes (prefill keeps one row of it).
+                counts = CHECKED_ROWS if shape[0] * shape[1] < 64 << 20 else CHECKED_ROWS[:32]
+                checked[shape] = rows_invariant(product, shape[1], module.weight.dtype, counts)
+            if not checked[shape]:
+                kernel = "fixed-rows"
+                break
+    for module, weight in zip(linears, packed or [None] * len(linears)):
+        if kernel == "onednn":
+            _use_packed(model, module, weight, PACKED_MAX_ROWS)
+        else:
+            module._specdec_kernel = "fixed-rows"
+            product = functools.partial(torch.nn.functional.linear, weight=module.weight, bias=module.bias)
+            module.forward = functools.partial(_blocked, product, rows, pad=True)
+    model._specdec_kernel = kernel
+    return kernel
+
+
+def rowwise_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Attention one query row at a time: row ``r`` of batch item ``b`` attends to the keys its
+    mask row allows (``attention_mask`` ``[batch, 1, q, kv]`` bool; None = causal), gathered into
+    a contiguous sequence, with no mask. A one-token step whose cache holds exactly those keys makes
+    the same call on the same data, so the row's output cannot depend on the other rows, the tree
+    around it, or masked-out cache entries."""
+    batch, _, q_len, _ = query.shape
+    kv_len = key.shape[2]
+    out = []
+    for b in range(batch):
+        rows = []
+        for r in range(q_len):
+            if attention_mask is None:
+                k, v = key[b : b + 1, :, : kv_len - q_len + r + 1], value[b : b + 1, :, : kv_len - q_len + r + 1]
+            else:
+                visible = attention_mask[b if attention_mask.shape[0] > 1 else 0, 0, r].nonzero().squeeze(-1)
+                k, v = key[b : b + 1].index_select(2, visible), value[b : b + 1].index_select(2, visible)
+            rows.append(torch.nn.functional.scaled_dot_product_attention(
+                query[b : b + 1, :, r : r + 1].contiguous(), k.contiguous(), v.contiguous(), scale=scaling, enable_gqa=True))
+        out.append(torch.cat(rows, 2))
+    return torch.cat(out, 0).transpose(1, 2).contiguous(), None
