@@ -208,9 +208,9 @@ class SpeculativeController:
                     verdict = verdict.cut(len(new_tokens))
                     output += new_tokens
                     first_token_ms = first_token_ms or (time.perf_counter() - start) * 1e3
-                    policy.update(choice, proposals, verdict)
+                    policy.update(choice, proposals, verdict, (t1 - t0) * 1e3, (t2 - t1) * 1e3, first=not rounds)
                     observed.record = record = _round_record(
-                        len(rounds), req.mode, proposals, fallback_reason, verdict, new_tokens, new_text, t1 - t0, t2 - t1
+                        len(rounds), req.mode, proposals, fallback_reason, verdict, new_tokens, new_text, t1 - t0, t2 - t1, choice
                     )
                     rounds.append(record)
                 yield record
@@ -320,7 +320,7 @@ class SpeculativeController:
 
 
 def _round_record(index: int, mode: str, proposals: list[Proposal], fallback_reason: str, verdict: Verdict,
-                  new_tokens: list[int], new_text: str, draft_s: float, verify_s: float) -> RoundRecord:
+                  new_tokens: list[int], new_text: str, draft_s: float, verify_s: float, choice: Choice) -> RoundRecord:
     tree = verdict.merged.tree
     return RoundRecord(
         index=index,
@@ -338,6 +338,10 @@ def _round_record(index: int, mode: str, proposals: list[Proposal], fallback_rea
         new_tokens=new_tokens,
         text=new_text,
         accepted_by_draft=verdict.accepted_by_draft,
+        chosen_width=choice.width if proposals else 0,
+        chosen_depth=choice.depth if proposals else 0,
+        expected_tokens=choice.expected_tokens if proposals else 1.0,
+        predicted_ms=choice.cost_ms,
     )
 
 

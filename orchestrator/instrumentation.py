@@ -200,6 +200,10 @@ def round_attributes(record, mode: str) -> dict:
         "specdec.tree.branching_factor": float(record.branching_factor),
         "specdec.winning_draft": record.winning_draft,
         "specdec.fallback": record.fallback,
+        "specdec.chosen.width": record.chosen_width,
+        "specdec.chosen.depth": record.chosen_depth,
+        "specdec.predicted.tokens": float(record.expected_tokens),
+        "specdec.predicted.ms": float(record.predicted_ms),
     }
     if record.fallback_reason:
         attributes["specdec.fallback_reason"] = record.fallback_reason

@@ -18,7 +18,7 @@ from specdec.records import MODE_NAMES
 
 EMBEDDED_TARGET = "qwen2.5-coder-1.5b-instruct"
 EMBEDDED_DRAFT = "qwen2.5-coder-0.5b-instruct"
-QUANTIZE_MODES = ("none", "int8")  # --draft-quantize (specdec/quantize.py)
+QUANTIZE_MODES = ("auto", "none", "int8")  # --draft-quantize (specdec/quantize.py); auto: int8 on a CPU
 PROMPT_LOOKUP = "prompt-lookup"  # the --draft-model of the model-free draft (draft_service/prompt_lookup.py)
 
 
@@ -92,7 +92,7 @@ class VerifySettings(ModelServiceSettings, SpeculationLimits):
 class DraftSettings(ModelServiceSettings, SpeculationLimits):
     draft_model: str = _setting(EMBEDDED_DRAFT, "draft model: embedded alias, local path or hub id")
     draft_vocab: int = _setting(0, "greedy drafting scores only token ids below this (0 = the whole vocabulary): a cheaper output layer; the first ids of byte-level BPE vocabularies are the most frequent")
-    draft_quantize: str = _setting("none", "store the draft model's linear layers and output head as int8 weights (one scale per output channel; activations keep --dtype): a faster draft on CPU, never a different output (the target decides)", choices=QUANTIZE_MODES)
+    draft_quantize: str = _setting("auto", "store the draft model's linear layers and output head as int8 weights (one scale per output channel, multiplied in bfloat16): a faster draft on CPU, never a different output (the target decides); auto: int8 on a CPU, none elsewhere", choices=QUANTIZE_MODES)
     tokenizer: str = _setting(EMBEDDED_TARGET, "with --draft-model prompt-lookup (a model-free draft: n-gram matching over the context): the target model whose tokenizer, vocabulary, end-of-sequence ids and context length the service reports; only its tokenizer and config files are read")
     lookup_max_ngram: int = _setting(4, "prompt-lookup: longest suffix of the context searched for earlier in it")
     lookup_min_ngram: int = _setting(2, "prompt-lookup: shortest suffix searched; shorter ones match more often and are accepted less")
@@ -132,7 +132,7 @@ class ClusterSettings(SpeculationDefaults, SpeculationLimits, TlsServerSettings,
     draft_devices: list[str] = _setting(lambda: ["cpu"], "devices of the draft services, comma-separated (one, or one each)")
     dtype: str = _setting("float32", "model dtype for every service")
     draft_vocab: int = _setting(0, "draft services score only token ids below this (0 = all); see specdec serve draft -- --help")
-    draft_quantize: str = _setting("none", "draft models' weights: none or int8 (see specdec serve draft -- --help)", choices=QUANTIZE_MODES)
+    draft_quantize: str = _setting("auto", "draft models' weights: auto (int8 on a CPU), none or int8 (see specdec serve draft -- --help)", choices=QUANTIZE_MODES)
     prompt_lookup: bool = _setting(False, "also run a model-free prompt-lookup draft service (n-gram matching over the context) beside the model drafts")
     log_dir: str = _setting("logs", "orchestrator statistics directory")
     startup_timeout_s: int = _setting(600, "how long to wait for every service to report SERVING")

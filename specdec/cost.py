@@ -77,27 +77,71 @@ def measure_curve(forward: Callable[[int], None], rows=CALIBRATION_ROWS, reps: i
     return CostCurve.of(points)
 
 
+class Corrections:
+    """What rounds really cost against what the curves predicted: per curve and row count (or draft
+    width), a running mean of measured / predicted, with old rounds fading. A service calibrates
+    while its neighbours load or calibrate too, and a round pays for calls and merging the curve
+    never saw; the ratios fix both as rounds come. A shape never run borrows the ratio of the
+    nearest row count that was. Safe to share between threads."""
+
+    def __init__(self, weight: float = 0.2, clamp: tuple[float, float] = (0.25, 4.0)) -> None:
+        self.weight, self.clamp = weight, clamp
+        self._ratios: dict[str, dict[int, float]] = {}
+        self._lock = threading.Lock()
+
+    def observe(self, key: str, rows: int, predicted_ms: float, measured_ms: float) -> None:
+        if predicted_ms <= 0 or measured_ms <= 0:
+            return
+        ratio = min(max(measured_ms / predicted_ms, self.clamp[0]), self.clamp[1])
+        with self._lock:
+            ratios = self._ratios.setdefault(key, {})
+            old = ratios.get(rows)
+            ratios[rows] = ratio if old is None else old + self.weight * (ratio - old)
+
+    def factor(self, key: str, rows: int) -> float:
+        with self._lock:
+            ratios = self._ratios.get(key)
+            if not ratios:
+                return 1.0
+            return ratios[min(ratios, key=lambda r: (abs(r - rows), r))]
+
+
 @dataclass
 class RoundCosts:
-    """The curves a round is priced with: the verify service's, and each draft's by name. A draft
+    """The curves a round is priced with: the verify service's, and each draft's by name, each times
+    what rounds have shown it really costs (:class:`Corrections`, from :meth:`observe`). A draft
     without a curve is priced at ``ASSUMED_DRAFT_SHARE`` of a one-row verify pass per forward; with
     no verify curve every price is in units of a one-row verify pass."""
 
     verify: CostCurve = field(default_factory=lambda: CostCurve(()))
     drafts: dict[str, CostCurve] = field(default_factory=dict)
     overhead_ms: float = 0.0  # per round: calls, merging, accepting
+    corrections: Corrections = field(default_factory=Corrections)
 
-    def verify_ms(self, rows: int) -> float:
+    def verify_ms(self, rows: int, corrected: bool = True) -> float:
         if self.verify:
-            return self.verify.ms(rows)
+            return self.verify.ms(rows) * (self.corrections.factor("verify", rows) if corrected else 1.0)
         return 1.0 + ASSUMED_ROW_SLOPE * (rows - 1)
 
-    def draft_ms(self, draft: str, width: int, depth: int) -> float:
+    def draft_ms(self, draft: str, width: int, depth: int, corrected: bool = True) -> float:
         """Beam search ``depth`` deep: a forward over the new context token, then ``depth - 1`` over ``width`` rows."""
         curve = self.drafts.get(draft) if self.verify else None
         if not curve:
             return depth * ASSUMED_DRAFT_SHARE * self.verify_ms(1)
-        return curve.ms(1) + (depth - 1) * curve.ms(width)
+        factor = self.corrections.factor(draft, width) if corrected else 1.0
+        return (curve.ms(1) + (depth - 1) * curve.ms(width)) * factor
+
+    def observe(self, verify_rows: int, verify_ms: float, drafts: dict[str, tuple[int, int]] | None = None,
+                draft_ms: float = 0.0) -> None:
+        """A round's measured times: its verify call over ``verify_rows`` rows, and its drafting
+        (``drafts``: each draft's (width, depth); they run side by side, so the slowest is charged)."""
+        if not self.verify:
+            return
+        self.corrections.observe("verify", verify_rows, self.verify_ms(verify_rows, corrected=False), verify_ms)
+        if drafts:
+            name, (width, depth) = max(drafts.items(), key=lambda kv: self.draft_ms(kv[0], *kv[1]))
+            if self.drafts.get(name):
+                self.corrections.observe(name, width, self.draft_ms(name, width, depth, corrected=False), draft_ms)
 
 
 class AcceptanceStats:
@@ -105,9 +149,10 @@ class AcceptanceStats:
 
     Each estimate is a Beta posterior with ``prior_weight`` pseudo-rounds at a prior mean: for the
     first position of a chain ``prior_mean``; for a later position, the estimate of the one before
-    (positions deep in a path are seen rarely, and acceptance changes slowly with depth); for a
-    width above one, the chain's estimate as if its paths were ``sqrt(width)`` independent tries
-    (``1 - (1 - a) ** sqrt(width)``: beams overlap) until rounds of that width say otherwise. Every observation
+    (positions deep in a path are seen rarely, and acceptance changes slowly with depth); for the
+    first position at a width above one, the chain's estimate as if its paths were ``sqrt(width)``
+    independent tries (``1 - (1 - a) ** sqrt(width)``: beams overlap) until rounds of that width say
+    otherwise. Every observation
     first discounts the old ones by ``decay``, so the estimates follow the text being written.
     Safe to share between threads.
     """
@@ -129,7 +174,7 @@ class AcceptanceStats:
         chain = self._rates(draft, 1, [self.prior_mean] + [None] * (depth - 1))
         if width == 1:
             return chain
-        return self._rates(draft, width, [1 - (1 - a) ** width**0.5 for a in chain])
+        return self._rates(draft, width, [1 - (1 - chain[0]) ** width**0.5] + [None] * (depth - 1))
 
     def _rates(self, draft: str, width: int, priors: list[float | None]) -> list[float]:
         with self._lock:

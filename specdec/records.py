@@ -120,6 +120,13 @@ class RoundRecord:
     # The text this round released: complete characters only, and a tail that may begin a stop
     # string waits for the next round (specdec.detokenize.TextStream). "" when not recorded.
     text: str = ""
+    # The shape the policy chose (width 0: no speculation) and what it predicted: tokens (accepted
+    # plus bonus) and milliseconds (drafting plus verifying; in units of a one-row verify pass when
+    # the services reported no cost curves).
+    chosen_width: int = 0
+    chosen_depth: int = 0
+    expected_tokens: float = 0.0
+    predicted_ms: float = 0.0
 
     @property
     def drafted_depth(self) -> int:

@@ -203,11 +203,15 @@ class SpeculationPolicy:
             self._quiet_rounds = 0
         return choice
 
-    def update(self, choice: Choice, proposals: list[Proposal], verdict: Verdict) -> None:
+    def update(self, choice: Choice, proposals: list[Proposal], verdict: Verdict, draft_ms: float = 0.0,
+               verify_ms: float = 0.0, first: bool = False) -> None:
         """Record how much of each draft's proposal the target accepted (``cut``: the output ended in
-        the round, so what followed the accepted tokens was never judged)."""
+        the round, so what followed the accepted tokens was never judged), and what the round's
+        drafting and verifying took (not for a generation's ``first`` round, which also reads the prompt)."""
         accepted = verdict.accepted_by_draft
         for proposal in proposals:
             self.stats.record(proposal.draft, choice.width, proposal.depth, accepted.get(proposal.draft, 0),
                               cut=verdict.bonus_token is None)
-
+        if not first and verify_ms > 0:
+            self.costs.observe(1 + len(verdict.merged.tree), verify_ms,
+                               {p.draft: (choice.width, choice.depth) for p in proposals}, draft_ms)

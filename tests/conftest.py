@@ -44,6 +44,7 @@ def tiny_cluster(tiny_dirs, tmp_path_factory):
         # A tiny draft's forward costs about what the tiny target's does, so cost-aware speculation
         # would rightly turn drafting off; these tests check the settings as asked.
         adaptive=False,
+        draft_quantize="none",  # acceptance figures here are the float drafts' (int8 drafts: test_quantize)
     )
     with LocalCluster(settings) as cluster:
         yield cluster

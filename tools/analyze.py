@@ -58,7 +58,7 @@ def configuration_label(mode: str, settings: dict) -> str:
     if mode == "tree":
         return f"specdec-tree w={settings['beam_width']} d={settings['beam_depth']} nodes<={settings['max_tree_nodes']}"
     if mode in BASELINES:
-        return mode
+        return " ".join([mode, *([settings["dtype"]] if settings.get("dtype") else [])])
     return f"specdec-{mode}"
 
 
@@ -105,6 +105,18 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     while n < len(a) and n < len(b) and a[n] == b[n]:
         n += 1
     return n
+
+
+def prediction(rounds) -> dict:
+    """What the cost model expected of a run's rounds against what they did, both in tokens per second
+    of drafting and verifying (the first round, which also reads the prompt, left out)."""
+    timed = [r for r in rounds[1:] if r.predicted_ms > 0 and r.draft_ms + r.verify_ms > 0]
+    if not timed:
+        return {"predicted_tokens_per_s": None, "round_tokens_per_s": None, "prediction_error": None}
+    predicted = sum(r.expected_tokens for r in timed) / sum(r.predicted_ms for r in timed) * 1e3
+    measured = sum(len(r.new_tokens) for r in timed) / sum(r.draft_ms + r.verify_ms for r in timed) * 1e3
+    return {"predicted_tokens_per_s": predicted, "round_tokens_per_s": measured,
+            "prediction_error": predicted / measured - 1 if measured else None}
 
 
 def run_metrics(log: GenerationLog) -> dict:
@@ -167,6 +179,7 @@ def run_metrics(log: GenerationLog) -> dict:
         "by_draft": by_draft,
         "acceptance_by_position": {name: {str(i): {"drafted": d, "accepted": a, "rate": ratio(a, d)} for i, (d, a) in table.items()}
                                    for name, table in positions.items()},
+        **prediction(rounds),
         "draft_ms": stats.draft_ms,
         "verify_ms": stats.verify_ms,
         "other_ms": stats.other_ms,
@@ -348,6 +361,8 @@ def summarise(records: list[dict]) -> list[dict]:
             "draft_share": ratio(sum(x["draft_ms"] for x in m), total_ms) if total_ms else None,
             "verify_share": ratio(sum(x["verify_ms"] for x in m), total_ms) if total_ms else None,
             "other_share": ratio(sum(x["other_ms"] for x in m), total_ms) if total_ms else None,
+            # The cost model's predicted tokens/s over what its rounds did, minus one (median over runs).
+            "prediction_error": statistics.median(errors) if (errors := [x["prediction_error"] for x in m if x.get("prediction_error") is not None]) else None,
             "lossless": all(r["lossless"] is not False for r in mine),
             "max_load_average_1m": max((r["load_average_1m"] for r in mine if r["load_average_1m"] is not None), default=None),
         })
@@ -381,9 +396,14 @@ def pool_drafts(tables) -> dict[str, dict]:
 
 
 def relate(rows: list[dict]) -> None:
-    """Speedups against the baselines measured in the same class and max_new_tokens, and the expected speedup."""
-    target = {(r["class"], r["max_new_tokens"]): r for r in rows if r["mode"] == TARGET_ONLY}
-    assisted = {(r["class"], r["max_new_tokens"], r["draft_models"]): r for r in rows if r["mode"] == ASSISTED}
+    """Speedups against the baselines measured in the same class and max_new_tokens (target-only: the
+    fastest of its dtypes), and the expected speedup."""
+    target, assisted = {}, {}
+    for r in sorted(rows, key=lambda r: r["tokens_per_s"] or 0.0):  # the fastest dtype's row is kept
+        if r["mode"] == TARGET_ONLY:
+            target[r["class"], r["max_new_tokens"]] = r
+        elif r["mode"] == ASSISTED:
+            assisted[r["class"], r["max_new_tokens"], r["draft_models"]] = r
     for row in rows:
         reference = target.get((row["class"], row["max_new_tokens"]))
         if reference and reference["tokens_per_s"]:
@@ -459,19 +479,22 @@ def best_per_class_table(rows: list[dict]) -> str:
         lines = []
         for mode in (TARGET_ONLY, ASSISTED, "autoregressive", "sequential", "tree"):
             for model_set in dict.fromkeys(r["model_set"] for r in rows if r["mode"] == mode):
-                best = best_rows(rows, mode, cls, max_new_tokens, model_set)
-                if best is None:
-                    continue
-                lines.append([
-                    best["label"] if mode in BASELINES else f"best {mode}: {best['label'].removeprefix('specdec-' + mode).strip() or '-'}",
-                    best["model_set"] if mode != TARGET_ONLY else "-",
-                    fmt(best["tokens_per_s"]), fmt(best["speedup"], ".2f", "x"), fmt(best["ttft_ms"], ".0f"),
-                    fmt(best["accepted_per_round"]), fmt(best["acceptance_rate"]), str(best["runs"]),
-                    "ok" if best["lossless"] else "MISMATCH",
-                ])
+                if mode in BASELINES:  # every dtype a baseline ran in
+                    shown = [r for r in rows if (r["mode"], r["class"], r["max_new_tokens"], r["model_set"]) == (mode, cls, max_new_tokens, model_set)]
+                else:
+                    shown = [b] if (b := best_rows(rows, mode, cls, max_new_tokens, model_set)) else []
+                for best in shown:
+                    lines.append([
+                        best["label"] if mode in BASELINES else f"best {mode}: {best['label'].removeprefix('specdec-' + mode).strip() or '-'}",
+                        best["model_set"] if mode != TARGET_ONLY else "-",
+                        fmt(best["tokens_per_s"]), fmt(best["speedup"], ".2f", "x"), fmt(best["ttft_ms"], ".0f"),
+                        fmt(best["accepted_per_round"]), fmt(best["acceptance_rate"]), fmt(best.get("prediction_error"), "+.0%"),
+                        str(best["runs"]), "ok" if best["lossless"] else "MISMATCH",
+                    ])
         n = max((r["prompts"] for r in rows if r["class"] == cls and r["max_new_tokens"] == max_new_tokens), default=0)
         out.append(f"\nclass {cls}, max_new_tokens {max_new_tokens} ({n} prompt{'s' if n != 1 else ''})")
-        out.append(text_table(["configuration", "model set", "tok/s", "speedup", "TTFT ms", "acc/round", "accept", "runs", "lossless"], lines))
+        out.append(text_table(["configuration", "model set", "tok/s", "speedup", "TTFT ms", "acc/round", "accept", "pred err",
+                               "runs", "lossless"], lines))
     return "\n".join(out)
 
 

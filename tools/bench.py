@@ -73,7 +73,8 @@ class Sweep:
         self.new_runs = 0
         self.mismatches: list[str] = []
         self.reference: dict[tuple[str, int], list[int]] = {}  # (prompt id, max_new_tokens) -> target-only tokens
-        self.target_tps: dict[tuple[str, int], list[float]] = defaultdict(list)
+        # target-only's tokens/s by (prompt, max_new_tokens), then dtype
+        self.target_tps: dict[tuple[str, int], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
         self.speedups: dict[tuple[str, str], list[float]] = defaultdict(list)  # (model set, label) -> per-run speedups
         for path in sorted(self.runs_dir.glob("*.json")):
             try:
@@ -97,8 +98,9 @@ class Sweep:
         b = log.bench
         key = (b["prompt_id"], b["max_new_tokens"])
         if b["mode"] == TARGET_ONLY:
-            self.reference.setdefault(key, log.result.token_ids)
-            self.target_tps[key].append(b["tokens_per_s"])
+            if "dtype" not in b["settings"]:
+                self.reference.setdefault(key, log.result.token_ids)
+            self.target_tps[key][b["settings"].get("dtype", "")].append(b["tokens_per_s"])
         elif b.get("speedup") is not None:
             self.speedups[(b["model_set"], b["label"])].append(b["speedup"])
         if b.get("matches_target") is False:
@@ -116,10 +118,15 @@ class Sweep:
         """Complete a run's log (the prompt, the lossless check, speedup, metrics) and write it into place."""
         tokens = log.result.token_ids
         key = (spec.prompt.id, spec.max_new_tokens)
-        reference = self.reference.setdefault(key, tokens) if spec.method.mode == TARGET_ONLY else self.reference.get(key)
+        # The reference: target-only in the sweep's dtype (another dtype's target-only is a speed figure only).
+        baseline_dtype = spec.method.settings.get("dtype")
+        if spec.method.mode == TARGET_ONLY and baseline_dtype is None:
+            reference = self.reference.setdefault(key, tokens)
+        else:
+            reference = None if baseline_dtype else self.reference.get(key)
         tokens_per_s = len(tokens) / seconds if seconds > 0 else 0.0
         if spec.method.mode == TARGET_ONLY:
-            self.target_tps[key].append(tokens_per_s)
+            self.target_tps[key][baseline_dtype or ""].append(tokens_per_s)
         check = {"matches_target": None, "first_mismatch": None}
         if reference is not None:
             check["matches_target"] = tokens == reference
@@ -130,7 +137,8 @@ class Sweep:
                         f"(got {tokens[at:at + 4]}, target-only {reference[at:at + 4]})")
                 self.mismatches.append(line)
                 self.bar.write(line)
-        target_tps = self.target_tps.get(key)
+        # The fastest target-only dtype's median on this prompt
+        target_tps = max((statistics.median(v) for v in self.target_tps.get(key, {}).values() if v), default=None)
         log.prompt, log.prompt_token_ids = prompt_text, prompt_ids
         log.bench = {
             "run_id": spec.run_id,
@@ -151,9 +159,9 @@ class Sweep:
             "tokens_per_s": tokens_per_s,
             "ttft_ms": ttft_ms,
             # Over target-only's median tokens/s on this prompt, measured in this sweep.
-            "speedup": tokens_per_s / statistics.median(target_tps) if target_tps else None,
+            "speedup": tokens_per_s / target_tps if target_tps else None,
             "load_average_1m": os.getloadavg()[0],
-            "dtype": self.cfg.dtype,
+            "dtype": baseline_dtype or self.cfg.dtype,
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
             **check,
         }
@@ -176,14 +184,20 @@ class Sweep:
 
 
 def sweep_baselines(sweep: Sweep, pending: list[RunSpec], tokenizer, encoded: dict[str, tuple[str, list[int]]]) -> None:
-    """target-only and assisted generation in this process (target loaded once, each draft in turn)."""
+    """target-only and assisted generation in this process (the target loaded once per dtype, each draft in turn)."""
+    cfg = sweep.cfg
+    for dtype in cfg.baseline_dtypes or [cfg.dtype]:
+        mine = [s for s in pending if s.method.settings.get("dtype", cfg.dtype) == dtype]
+        if mine and not sweep.stopped():
+            _baselines_in(sweep, mine, tokenizer, encoded, dtype)
+
+
+def _baselines_in(sweep: Sweep, pending: list[RunSpec], tokenizer, encoded: dict, dtype: str) -> None:
     from specdec.detokenize import token_texts
 
-    if not pending:
-        return
     cfg = sweep.cfg
-    sweep.bar.set_description("loading the target")
-    target, _ = load_model(cfg.target_model, device=cfg.baseline_device, dtype=cfg.dtype)
+    sweep.bar.set_description(f"loading the target ({dtype})")
+    target, _ = load_model(cfg.target_model, device=cfg.baseline_device, dtype=dtype)
     pad_token_id = pad_token_for(target, tokenizer)
     drafts = [None] + list(dict.fromkeys(s.method.settings["draft_model"] for s in pending if s.method.mode == ASSISTED))
     for draft_name in drafts:
@@ -193,7 +207,7 @@ def sweep_baselines(sweep: Sweep, pending: list[RunSpec], tokenizer, encoded: di
         assistant = None
         if draft_name is not None:
             sweep.bar.set_description(f"loading {draft_name}")
-            assistant = load_model(draft_name, device=cfg.baseline_device, dtype=cfg.dtype)[0]
+            assistant = load_model(draft_name, device=cfg.baseline_device, dtype=dtype)[0]
         call = baseline_call(target, assistant, pad_token_id, device=cfg.baseline_device)
         sweep.bar.set_description(mine[0].method.label + (f" ({draft_name})" if draft_name else ""))
         call(encoded[mine[0].prompt.id][1], min(cfg.warmup_tokens, mine[0].max_new_tokens))  # uncounted warm-up
@@ -218,7 +232,7 @@ def sweep_baselines(sweep: Sweep, pending: list[RunSpec], tokenizer, encoded: di
                 token_ids=tokens, text=tokenizer.decode(tokens, skip_special_tokens=True),  # as the orchestrator decodes
                 finish_reason="length" if len(tokens) >= spec.max_new_tokens else "stop", stats=stats,
             )
-            request = {"mode": spec.method.mode, "max_new_tokens": spec.max_new_tokens, "prompt_tokens": len(ids),
+            request = {"mode": spec.method.mode, "max_new_tokens": spec.max_new_tokens, "prompt_tokens": len(ids), "dtype": dtype,
                        **({"assistant": assisted_settings(assistant)} if assistant is not None else {})}
             log = GenerationLog(result, target_model=cfg.target_model, request=request,
                                 token_texts=token_texts(tokenizer, tokens))

@@ -42,7 +42,7 @@ class Method:
 SWEEP_KEYS = {
     "name", "target_model", "draft_model_sets", "max_new_tokens", "modes", "baselines", "sequential", "tree",
     "prompt_files", "prompts", "classes", "prompts_per_class", "repetitions", "dtype", "devices", "output_dir",
-    "warmup_tokens", "startup_timeout_s", "adaptive",
+    "warmup_tokens", "startup_timeout_s", "adaptive", "baseline_dtypes",
 }
 
 
@@ -76,6 +76,9 @@ class SweepConfig:
     # The cluster's default: true lets the cost model shape each round within the settings a run
     # names (they become upper bounds); false runs the settings as given.
     adaptive: bool = True
+    # target-only runs once in each; the first is ``dtype``, the reference every run must equal.
+    # Speedups are over the fastest of them.
+    baseline_dtypes: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -104,8 +107,8 @@ class RunSpec:
     def run_id(self) -> str:
         s = self.method.settings
         what = {
-            TARGET_ONLY: "target-only",
-            ASSISTED: f"assisted-{slug(s.get('draft_model', ''))}",
+            TARGET_ONLY: "-".join(["target-only", *([s["dtype"]] if "dtype" in s else [])]),
+            ASSISTED: "-".join(["assisted", slug(s.get("draft_model", "")), *([s["dtype"]] if "dtype" in s else [])]),
             "autoregressive": "autoregressive",
             "sequential": f"sequential-k{s.get('draft_length')}",
             "tree": f"tree-w{s.get('beam_width')}-d{s.get('beam_depth')}-n{s.get('max_tree_nodes')}",
@@ -159,7 +162,17 @@ def load_sweep_config(path: Path) -> SweepConfig:
         warmup_tokens=int(raw.get("warmup_tokens", WARMUP_TOKENS)),
         startup_timeout_s=int(raw.get("startup_timeout_s", 600)),
         adaptive=_flag(raw.get("adaptive", True), "adaptive", path),
+        baseline_dtypes=_baseline_dtypes(raw, path),
     )
+
+
+def _baseline_dtypes(raw: dict, path: Path) -> list[str]:
+    dtype = str(raw.get("dtype", "float32"))
+    extra = _list(raw.get("baseline_dtypes", []), str, "baseline_dtypes", path)
+    bad = [d for d in extra if d not in ("float32", "bfloat16", "float16")]
+    if bad:
+        raise BenchError(f"{path}: baseline_dtypes: unknown dtype {bad[0]!r} (float32, bfloat16, float16)")
+    return list(dict.fromkeys([dtype, *extra]))
 
 
 def _flag(value, key: str, path: Path) -> bool:
@@ -258,9 +271,12 @@ def sweep_plan(cfg: SweepConfig) -> list[RunSpec]:
                 for n in cfg.max_new_tokens for repeat in range(cfg.repetitions) for prompt in cfg.prompts]
 
     plan = each(Method(TARGET_ONLY), None)
+    for dtype in cfg.baseline_dtypes[1:]:
+        plan += each(Method(TARGET_ONLY, {"dtype": dtype}), None)
     if ASSISTED in cfg.baselines:
         for draft in dict.fromkeys(s.models[0] for s in cfg.model_sets):  # assisted takes one draft: each set's first
-            plan += each(Method(ASSISTED, {"draft_model": draft}), None)
+            for i, dtype in enumerate(cfg.baseline_dtypes or [cfg.dtype]):
+                plan += each(Method(ASSISTED, {"draft_model": draft, **({"dtype": dtype} if i else {})}), None)
     for model_set in cfg.model_sets:
         for mode in cfg.modes:
             if mode == "sequential":

@@ -135,3 +135,32 @@ def test_engines_calibrate_on_their_model_and_leave_no_session():
         curve = engine.calibrate(rows=(1, 3, 16), reps=2, context_len=8)
         assert [r for r, _ in curve.points] == [1, 3, 16] and all(ms > 0 for _, ms in curve.points)
         assert len(engine.store) == 0
+
+
+def test_round_times_correct_the_curves():
+    """A calibration taken while the machine was busy says the draft costs three times what rounds
+    show: after a few rounds the prices follow the rounds, at the row counts run and near them."""
+    costs = RoundCosts(FLAT, {"draft-0": CostCurve.of([(1, 300), (16, 330)])})
+    for _ in range(20):
+        costs.observe(9, FLAT.ms(9) * 1.5, {"draft-0": (2, 4)}, draft_ms=costs.draft_ms("draft-0", 2, 4, corrected=False) / 3)
+    assert costs.verify_ms(9) == pytest.approx(FLAT.ms(9) * 1.5, rel=0.02)
+    assert costs.verify_ms(12) == pytest.approx(FLAT.ms(12) * 1.5, rel=0.02)  # the nearest row count's ratio
+    assert costs.draft_ms("draft-0", 2, 3) == pytest.approx(costs.draft_ms("draft-0", 2, 3, corrected=False) / 3, rel=0.02)
+    assert costs.draft_ms("draft-0", 1, 3) == pytest.approx(costs.draft_ms("draft-0", 1, 3, corrected=False) / 3, rel=0.02)
+
+
+def test_a_cheaper_draft_than_calibrated_deepens_the_rounds():
+    stats = stats_with(0.9)
+    slow = RoundCosts(CostCurve.of([(1, 500), (16, 900)]), {"draft-0": CostCurve.of([(1, 450), (16, 500)])})
+    before = choose(slow, stats, ["draft-0"], 1, 8, 64)
+    for _ in range(20):
+        slow.observe(1 + before.depth, slow.verify_ms(1 + before.depth, corrected=False), {"draft-0": (1, max(before.depth, 1))},
+                     draft_ms=slow.draft_ms("draft-0", 1, max(before.depth, 1), corrected=False) / 4)
+    assert choose(slow, stats, ["draft-0"], 1, 8, 64).depth > before.depth
+
+
+def test_deeper_positions_follow_the_first_at_every_width():
+    stats = AcceptanceStats()
+    for _ in range(40):
+        stats.record("d", 2, 1, 1)  # only one-token paths of width 2 run so far, all accepted
+    assert min(stats.rates("d", 2, 4)) > 0.95
