@@ -8,7 +8,7 @@ PROTOS := $(wildcard protos/specdec/v1/*.proto)
 STUBS  := specdec/v1/.generated
 DEMO_PROMPT ?= def quicksort(arr):
 
-.PHONY: setup protos models demo test test-fast bench clean up down compose-cli certs chromium loadtest
+.PHONY: setup protos models demo test test-fast bench clean up down compose-cli certs chromium loadtest gpu-check llama-cpp
 
 setup: $(VENV)/.installed $(STUBS)
 
@@ -50,6 +50,17 @@ bench: setup models
 LOADTEST_ARGS ?= --clients 8 --requests 32 --max-tokens 32
 loadtest: setup models
 	$(BIN)/specdec loadtest --local $(LOADTEST_ARGS)
+
+# llama.cpp for the benchmark's llama-cpp baseline (baselines: [..., llama-cpp] in a sweep file). It
+# builds from source, about 7 minutes on 2 cores; AMX stays out of the build (with it, the first
+# decode crashed on a CPU that has AMX).
+llama-cpp: setup
+	CFLAGS="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16" CXXFLAGS="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16" \
+	  $(BIN)/pip install --quiet "$$(grep -o 'llama-cpp-python==[0-9.]*' pyproject.toml)"
+
+# Exactness, losslessness and cost curves of the real pair's shapes with random weights (tools/gpu_check.py); needs one NVIDIA GPU, no network.
+gpu-check:
+	$(BIN)/python -m specdec.tools.gpu_check --out logs/gpu_check.json
 
 # A development CA, one server certificate for every service (localhost, 127.0.0.1 and the compose
 # service names), a client certificate and a bearer token; once: delete $(CERTS_DIR) to make new ones.

@@ -86,6 +86,7 @@ class SpeculationLimits:
 @dataclass
 class VerifySettings(ModelServiceSettings, SpeculationLimits):
     target_model: str = _setting(EMBEDDED_TARGET, "target model: embedded alias, local path or hub id")
+    target_quantize: str = _setting("none", "store the target's linear layers and output head as int8 weights (one scale per output channel, multiplied in bfloat16): another model than the float one, exact against its own one-token decoding; faster on a CPU", choices=("none", "int8"))
 
 
 @dataclass
@@ -133,6 +134,7 @@ class ClusterSettings(SpeculationDefaults, SpeculationLimits, TlsServerSettings,
     dtype: str = _setting("float32", "model dtype for every service")
     draft_vocab: int = _setting(0, "draft services score only token ids below this (0 = all); see specdec serve draft -- --help")
     draft_quantize: str = _setting("auto", "draft models' weights: auto (int8 on a CPU), none or int8 (see specdec serve draft -- --help)", choices=QUANTIZE_MODES)
+    target_quantize: str = _setting("none", "the target's weights: none or int8 (see specdec serve verify -- --help)", choices=("none", "int8"))
     prompt_lookup: bool = _setting(False, "also run a model-free prompt-lookup draft service (n-gram matching over the context) beside the model drafts")
     log_dir: str = _setting("logs", "orchestrator statistics directory")
     startup_timeout_s: int = _setting(600, "how long to wait for every service to report SERVING")

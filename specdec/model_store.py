@@ -97,6 +97,17 @@ def model_path(alias: str, model_dir: str | os.PathLike | None = None) -> Path:
     return base / alias
 
 
+def gguf_name(alias: str) -> str:
+    return f"{alias}.Q4_K_M.gguf"
+
+
+def gguf_path(alias: str, model_dir: str | os.PathLike | None = None) -> Path | None:
+    """The embedded model's original GGUF file (kept by :func:`fetch`), or None when it is not there
+    (a model fetched before the files were kept: delete its directory and fetch again)."""
+    path = model_path(alias, model_dir) / gguf_name(alias)
+    return path if path.is_file() else None
+
+
 def is_fetched(alias: str, model_dir: str | os.PathLike | None = None) -> bool:
     return (model_path(alias, model_dir) / MARKER).is_file()
 
@@ -230,6 +241,8 @@ def fetch(alias: str, model_dir: str | os.PathLike | None = None, progress: bool
     tmp = Path(tempfile.mkdtemp(prefix=f".{alias}-", dir=base))
     try:
         convert(gguf, tmp)
+        # The GGUF stays beside the converted weights: llama.cpp runs it (specdec bench's llama-cpp baseline).
+        shutil.move(gguf, tmp / gguf_name(alias))
         # The marker is written last and the directory renamed into place, so a directory
         # named after the alias with a marker in it is always a complete model.
         (tmp / MARKER).write_text(json.dumps({
@@ -243,7 +256,7 @@ def fetch(alias: str, model_dir: str | os.PathLike | None = None, progress: bool
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-    shutil.rmtree(work)  # the wheels and the GGUF are no longer needed
+    shutil.rmtree(work)  # the wheels are no longer needed
     try:
         work.parent.rmdir()
     except OSError:

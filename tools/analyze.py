@@ -42,8 +42,8 @@ from pathlib import Path
 
 from specdec.records import DecodingMode, GenerationLog, RoundRecord
 
-TARGET_ONLY, ASSISTED = "target-only", "assisted"
-BASELINES = (TARGET_ONLY, ASSISTED)
+TARGET_ONLY, ASSISTED, LLAMA_CPP = "target-only", "assisted", "llama-cpp"
+BASELINES = (TARGET_ONLY, ASSISTED, LLAMA_CPP)
 ALL_CLASSES = "all"
 NO_CLASS = "-"  # orchestrator logs carry no prompt class
 
@@ -477,7 +477,7 @@ def best_per_class_table(rows: list[dict]) -> str:
     out = []
     for cls, max_new_tokens in dict.fromkeys((r["class"], r["max_new_tokens"]) for r in rows):
         lines = []
-        for mode in (TARGET_ONLY, ASSISTED, "autoregressive", "sequential", "tree"):
+        for mode in (TARGET_ONLY, ASSISTED, LLAMA_CPP, "autoregressive", "sequential", "tree"):
             for model_set in dict.fromkeys(r["model_set"] for r in rows if r["mode"] == mode):
                 if mode in BASELINES:  # every dtype a baseline ran in
                     shown = [r for r in rows if (r["mode"], r["class"], r["max_new_tokens"], r["model_set"]) == (mode, cls, max_new_tokens, model_set)]

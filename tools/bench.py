@@ -54,7 +54,7 @@ from specdec.model_store import ModelStoreError, load_model, resolve_model
 from specdec.records import DecodingMode, GenerationLog, GenerationResult, GenerationStats, RoundRecord
 from specdec.tools import analyze
 from specdec.tools.prompts import PromptFileError, bundled_sweeps, encode_prompt, sweep_file
-from specdec.tools.sweep import (ASSISTED, TARGET_ONLY, BenchError, ModelSet, RunSpec, SweepConfig, load_sweep_config,
+from specdec.tools.sweep import (ASSISTED, LLAMA_CPP, TARGET_ONLY, BenchError, ModelSet, RunSpec, SweepConfig, load_sweep_config,
                                  sweep_plan)
 
 # transformers' assisted-generation knobs, recorded with their effective values.
@@ -118,12 +118,13 @@ class Sweep:
         """Complete a run's log (the prompt, the lossless check, speedup, metrics) and write it into place."""
         tokens = log.result.token_ids
         key = (spec.prompt.id, spec.max_new_tokens)
-        # The reference: target-only in the sweep's dtype (another dtype's target-only is a speed figure only).
+        # The reference: target-only in the sweep's dtype. Another dtype's runs and llama.cpp's (its
+        # own quantized weights) are speed figures only.
         baseline_dtype = spec.method.settings.get("dtype")
         if spec.method.mode == TARGET_ONLY and baseline_dtype is None:
             reference = self.reference.setdefault(key, tokens)
         else:
-            reference = None if baseline_dtype else self.reference.get(key)
+            reference = None if baseline_dtype or spec.method.mode == LLAMA_CPP else self.reference.get(key)
         tokens_per_s = len(tokens) / seconds if seconds > 0 else 0.0
         if spec.method.mode == TARGET_ONLY:
             self.target_tps[key][baseline_dtype or ""].append(tokens_per_s)
@@ -187,9 +188,72 @@ def sweep_baselines(sweep: Sweep, pending: list[RunSpec], tokenizer, encoded: di
     """target-only and assisted generation in this process (the target loaded once per dtype, each draft in turn)."""
     cfg = sweep.cfg
     for dtype in cfg.baseline_dtypes or [cfg.dtype]:
-        mine = [s for s in pending if s.method.settings.get("dtype", cfg.dtype) == dtype]
+        mine = [s for s in pending if s.method.settings.get("dtype", cfg.dtype) == dtype and s.method.mode != LLAMA_CPP]
         if mine and not sweep.stopped():
             _baselines_in(sweep, mine, tokenizer, encoded, dtype)
+    llama = [s for s in pending if s.method.mode == LLAMA_CPP]
+    if llama and not sweep.stopped():
+        llama_baseline(sweep, llama, tokenizer, encoded)
+
+
+def llama_baseline(sweep: Sweep, pending: list[RunSpec], tokenizer, encoded: dict) -> None:
+    """llama.cpp (llama-cpp-python) greedy decoding of the target's own GGUF file, with as many threads
+    as torch uses here: what users run on a CPU instead. A speed figure only: its Q4_K_M arithmetic
+    is not the converted model's, so its tokens are not held to target-only's. Skipped, with a
+    message, where llama-cpp-python is not installed (``make llama-cpp``) or no GGUF file was kept."""
+    import torch
+
+    from specdec.detokenize import token_texts
+    from specdec.model_store import EMBEDDED_MODELS, gguf_path
+
+    cfg = sweep.cfg
+    try:
+        import llama_cpp
+    except ImportError:
+        sweep.bar.write("llama-cpp baseline skipped: llama-cpp-python is not installed (make llama-cpp)")
+        return
+    target = cfg.target_model
+    gguf = gguf_path(target) if target in EMBEDDED_MODELS else (Path(target) if target.endswith(".gguf") else None)
+    if gguf is None:
+        sweep.bar.write(f"llama-cpp baseline skipped: no GGUF file for {target} (an embedded model fetched before GGUF "
+                        f"files were kept: delete its directory and run `specdec models fetch` again)")
+        return
+    threads = torch.get_num_threads()
+    sweep.bar.set_description(f"loading {gguf.name} into llama.cpp ({threads} threads)")
+    llm = llama_cpp.Llama(model_path=str(gguf), n_threads=threads, n_threads_batch=threads, n_ctx=4096, verbose=False)
+    eos = {llm.token_eos(), *(tokenizer.eos_token_id if isinstance(tokenizer.eos_token_id, list) else [tokenizer.eos_token_id])}
+
+    def call(ids: list[int], max_new_tokens: int) -> tuple[list[int], float | None]:
+        out, start, first = [], time.perf_counter(), None
+        for token in llm.generate(ids, temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0, reset=True):
+            first = first if first is not None else time.perf_counter() - start
+            out.append(token)
+            if token in eos or len(out) >= max_new_tokens:
+                break
+        return out, first
+
+    sweep.bar.set_description("llama-cpp")
+    call(encoded[pending[0].prompt.id][1], min(cfg.warmup_tokens, pending[0].max_new_tokens))  # uncounted warm-up
+    for spec in pending:
+        if sweep.stopped():
+            break
+        text, ids = encoded[spec.prompt.id]
+        start = time.perf_counter()
+        tokens, first = call(ids, spec.max_new_tokens)
+        seconds = time.perf_counter() - start
+        stats = GenerationStats(
+            mode=LLAMA_CPP, prompt_tokens=len(ids), tokens_generated=len(tokens), rounds=len(tokens),
+            total_ms=seconds * 1e3, tokens_per_second=len(tokens) / seconds if seconds else 0.0,
+            time_to_first_token_ms=first * 1e3 if first is not None else 0.0,
+        )
+        result = GenerationResult(token_ids=tokens, text=tokenizer.decode(tokens, skip_special_tokens=True),
+                                  finish_reason="length" if len(tokens) >= spec.max_new_tokens else "stop", stats=stats)
+        request = {"mode": LLAMA_CPP, "max_new_tokens": spec.max_new_tokens, "prompt_tokens": len(ids),
+                   "gguf": gguf.name, "threads": threads, "llama_cpp_python": llama_cpp.__version__}
+        log = GenerationLog(result, target_model=target, request=request, token_texts=token_texts(tokenizer, tokens))
+        sweep.record(spec, log, seconds, first * 1e3 if first is not None else None, text, ids)
+    del llm
+    gc.collect()
 
 
 def _baselines_in(sweep: Sweep, pending: list[RunSpec], tokenizer, encoded: dict, dtype: str) -> None:

@@ -241,7 +241,7 @@ def draft_line(d, rounds) -> str:
 
 
 def cmd_cluster_up(args) -> int:
-    from specdec.tools.cluster import LocalCluster
+    from specdec.tools.cluster import LocalCluster, Supervisor
 
     settings = config.from_args(config.ClusterSettings, args)
     stop = threading.Event()
@@ -251,11 +251,12 @@ def cmd_cluster_up(args) -> int:
     with LocalCluster(settings, quiet=False) as cluster:
         print(f"specdec cluster serving; orchestrator at {cluster.orchestrator_address}", flush=True)
         print(f"  verify {cluster.verify_address}; drafts {', '.join(cluster.draft_addresses)}; Ctrl-C stops all", flush=True)
-        while not stop.wait(1.0):
-            dead = [p.name for p in cluster.processes if p.popen.poll() is not None]
-            if dead:
-                print(f"specdec: {', '.join(dead)} exited; stopping the cluster", file=sys.stderr)
-                return 1
+        # A child that dies is started again with backoff while the others keep serving: the
+        # orchestrator skips a missing draft and retries a missing verifier within each request's deadline.
+        supervisor = Supervisor()
+        while not stop.wait(0.5):
+            for event in cluster.supervise(supervisor):
+                print(f"specdec: {event}", file=sys.stderr, flush=True)
     return 0
 
 

@@ -196,3 +196,67 @@ class LocalCluster:
 
     def process(self, name: str) -> Process:
         return next(p for p in self.processes if p.name == name)
+
+    def supervise(self, supervisor: "Supervisor", now: float | None = None) -> list[str]:
+        """One look at every child: a child that has exited is started again on its address once
+        its backoff has passed (without waiting for it to serve: the orchestrator skips a draft, or
+        retries the verifier, until it answers). Returns what happened, one line per event."""
+        now = time.monotonic() if now is None else now
+        events = []
+        for process in self.processes:
+            code = process.popen.poll()
+            if code is None:
+                supervisor.running(process.name, now)
+                continue
+            due = supervisor.exited(process.name, now)
+            if due is None:
+                continue
+            if now >= due:
+                process.popen = self._popen(process.command, process.log_path, "a")
+                supervisor.restarted(process.name, now)
+                events.append(f"{process.name} exited with status {code}; restarted "
+                              f"(restart {supervisor.restarts[process.name]})")
+            elif supervisor.announce(process.name):
+                events.append(f"{process.name} exited with status {code}; restarting in {due - now:.0f} s")
+        return events
+
+
+@dataclass
+class Supervisor:
+    """Restart backoff for a cluster's children, as compose's ``restart`` policy does: a child that
+    exits is started again after ``base_s``, doubling with each exit in a row up to ``max_s``; one
+    that has stayed up ``stable_s`` starts from ``base_s`` again."""
+
+    base_s: float = 1.0
+    max_s: float = 30.0
+    stable_s: float = 60.0
+    restarts: dict[str, int] = field(default_factory=dict)  # total restarts per child
+    _streak: dict[str, int] = field(default_factory=dict)  # exits in a row
+    _since: dict[str, float] = field(default_factory=dict)  # when it was last (re)started
+    _due: dict[str, float] = field(default_factory=dict)  # when an exited child is started again
+    _told: set[str] = field(default_factory=set)
+
+    def running(self, name: str, now: float) -> None:
+        self._since.setdefault(name, now)
+        if now - self._since[name] >= self.stable_s:
+            self._streak[name] = 0
+
+    def exited(self, name: str, now: float) -> float:
+        if name not in self._due:
+            streak = self._streak.get(name, 0)
+            self._due[name] = now + min(self.max_s, self.base_s * 2**streak)
+            self._streak[name] = streak + 1
+        return self._due[name]
+
+    def announce(self, name: str) -> bool:
+        """True once per exit: the first time the wait is reported."""
+        if name in self._told:
+            return False
+        self._told.add(name)
+        return True
+
+    def restarted(self, name: str, now: float) -> None:
+        self._due.pop(name, None)
+        self._told.discard(name)
+        self._since[name] = now
+        self.restarts[name] = self.restarts.get(name, 0) + 1

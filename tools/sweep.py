@@ -17,7 +17,7 @@ from specdec.records import MODE_NAMES
 from specdec.tools import analyze
 from specdec.tools.prompts import PROMPT_CLASSES, Prompt, PromptFileError, load_prompts, prompt_from
 
-TARGET_ONLY, ASSISTED = analyze.TARGET_ONLY, analyze.ASSISTED
+TARGET_ONLY, ASSISTED, LLAMA_CPP = analyze.TARGET_ONLY, analyze.ASSISTED, analyze.LLAMA_CPP
 WARMUP_TOKENS = 8  # enough for a few rounds: every code path runs once before timing starts
 
 
@@ -91,7 +91,7 @@ class RunSpec:
 
     @property
     def set_name(self) -> str:
-        if self.method.mode == TARGET_ONLY:
+        if self.method.mode in (TARGET_ONLY, LLAMA_CPP):
             return "-"
         if self.method.mode == ASSISTED:
             return self.method.settings["draft_model"]
@@ -108,6 +108,7 @@ class RunSpec:
         s = self.method.settings
         what = {
             TARGET_ONLY: "-".join(["target-only", *([s["dtype"]] if "dtype" in s else [])]),
+            LLAMA_CPP: "llama-cpp",
             ASSISTED: "-".join(["assisted", slug(s.get("draft_model", "")), *([s["dtype"]] if "dtype" in s else [])]),
             "autoregressive": "autoregressive",
             "sequential": f"sequential-k{s.get('draft_length')}",
@@ -221,12 +222,12 @@ def _modes_and_baselines(raw: dict, path: Path) -> tuple[list[str], list[str]]:
     modes = _list(raw.get("modes", ["sequential", "tree"]), str, "modes", path)
     bad = [m for m in modes if m not in MODE_NAMES]
     baselines = _list(raw.get("baselines", [TARGET_ONLY, ASSISTED]), str, "baselines", path)
-    bad += [b for b in baselines if b not in (TARGET_ONLY, ASSISTED)]
+    bad += [b for b in baselines if b not in analyze.BASELINES]
     if bad:
         raise BenchError(f"{path}: unknown mode(s) {', '.join(bad)}; modes: {', '.join(MODE_NAMES)}; "
-                         f"baselines: {TARGET_ONLY}, {ASSISTED}")
+                         f"baselines: {', '.join(analyze.BASELINES)}")
     # target-only is the reference every run is checked against, so it is never left out.
-    return [m for m in MODE_NAMES if m in modes], [TARGET_ONLY] + [b for b in baselines if b == ASSISTED][:1]
+    return [m for m in MODE_NAMES if m in modes], [TARGET_ONLY] + [b for b in analyze.BASELINES[1:] if b in baselines]
 
 
 def _tree_shapes(tree: dict, defaults: config.SpeculationDefaults, path: Path) -> list[tuple[int, int]]:
@@ -277,6 +278,8 @@ def sweep_plan(cfg: SweepConfig) -> list[RunSpec]:
         for draft in dict.fromkeys(s.models[0] for s in cfg.model_sets):  # assisted takes one draft: each set's first
             for i, dtype in enumerate(cfg.baseline_dtypes or [cfg.dtype]):
                 plan += each(Method(ASSISTED, {"draft_model": draft, **({"dtype": dtype} if i else {})}), None)
+    if LLAMA_CPP in cfg.baselines:
+        plan += each(Method(LLAMA_CPP), None)
     for model_set in cfg.model_sets:
         for mode in cfg.modes:
             if mode == "sequential":

@@ -7,7 +7,8 @@ import argparse
 from specdec import config
 from specdec.errors import InvalidRequest, check_range, check_token_ids
 from specdec.rpc.convert import distribution_pb, sampling_params
-from specdec.rpc.server import ModelServicer, run_model_service
+from specdec.quantize import quantize_model
+from specdec.rpc.server import ModelServicer, load_for_service, run_model_service
 from specdec.rpc.status import rpc_method
 from specdec.tree import TokenTree, validate_parents
 from specdec.v1 import common_pb2, verify_pb2, verify_pb2_grpc
@@ -62,7 +63,15 @@ def main(argv: list[str] | None = None) -> None:
         lambda model, store, info, metrics: VerifyServicer(TreeVerifier(model, store), info, settings, metrics),
         verify_pb2_grpc.add_VerifyServiceServicer_to_server,
         SERVICE_NAME,
+        load=load_target,
     )
+
+
+def load_target(service: str, name: str, settings):
+    """The target as every model service loads it, then quantized as ``--target-quantize`` says
+    (before the kernels are chosen and the cost calibrated)."""
+    model, tokenizer, info = load_for_service(service, name, settings)
+    return quantize_model(model, settings.target_quantize), tokenizer, info
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import time
 import grpc
 import pytest
 
+from specdec.tools.cluster import Supervisor
 from specdec.v1 import common_pb2, draft_pb2_grpc, generation_pb2, generation_pb2_grpc, verify_pb2_grpc
 
 RPC_TIMEOUT_S = 120
@@ -129,8 +130,12 @@ def test_draft_killed_mid_generation_then_restarted(cluster, reference):
     down_tokens, _ = collect(stubs.generation.GenerateStream(request(PROMPT, "tree", max_new_tokens=40, beam_width=2, beam_depth=3), timeout=RPC_TIMEOUT_S))
     assert down_tokens == reference(PROMPT, 40)
 
-    # Restarted on the same address, it is brought back within the backoff.
-    c.restart("draft-0")
+    # The launcher's supervisor (what `specdec cluster up` runs) starts it again on the same address,
+    # and the orchestrator brings it back within its backoff.
+    supervisor = Supervisor(base_s=0.0)
+    events = c.supervise(supervisor)
+    assert [e for e in events if e.startswith("draft-0 exited") and e.endswith("restarted (restart 1)")], events
+    assert c.supervise(supervisor) == []  # running again: nothing more to do
     deadline = time.monotonic() + 30
     while True:
         tokens, rounds = collect(stubs.generation.GenerateStream(request(PROMPT, "sequential", max_new_tokens=40, draft_length=3), timeout=RPC_TIMEOUT_S))

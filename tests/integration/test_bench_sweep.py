@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 import statistics
 from pathlib import Path
 
@@ -258,3 +259,25 @@ def test_sweep_file_errors_are_named(tmp_path):
     config.write_text("modes: [beam]\nprompts: [{id: a, class: code, prompt: hi}]\n")
     with pytest.raises(sweep.BenchError, match="unknown mode"):
         sweep.load_sweep_config(config)
+
+
+def test_baselines_in_more_dtypes_and_llama_cpp(tiny_dirs, tmp_path, monkeypatch):
+    """target-only and assisted run once per baseline dtype; llama.cpp's baseline is planned, and
+    skipped with a message where llama-cpp-python is not installed."""
+    import types
+
+    path = write_config(tmp_path, tiny_dirs, tmp_path / "out")
+    path.write_text(path.read_text() + "baseline_dtypes: [bfloat16]\nbaselines: [target-only, assisted, llama-cpp]\n")
+    cfg = sweep.load_sweep_config(path)
+    plan = sweep.sweep_plan(cfg)
+    ids = {s.run_id for s in plan}
+    assert cfg.baseline_dtypes == ["float32", "bfloat16"] and cfg.baselines == ["target-only", "assisted", "llama-cpp"]
+    assert {f"baseline--{m}--n{MAX_NEW_TOKENS}--code-add--r0" for m in
+            ("target-only", "target-only-bfloat16", "assisted-draft", "assisted-draft-bfloat16", "llama-cpp")} <= ids
+    assert len(ids) == len(plan)
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # as if not installed
+    written = []
+    runner = types.SimpleNamespace(cfg=cfg, bar=types.SimpleNamespace(write=written.append, set_description=print),
+                                   stopped=lambda: False)
+    bench.llama_baseline(runner, [s for s in plan if s.method.mode == "llama-cpp"], None, {})
+    assert len(written) == 1 and "not installed (make llama-cpp)" in written[0]

@@ -128,3 +128,24 @@ def test_speculative_output_is_one_token_greedy_bit_for_bit(flat_target, mode, s
     result = c.generate(GenerationRequest(PROMPT, 20, mode, request["draft_length"], request["beam_width"],
                                           request["beam_depth"], request["max_tree_nodes"]))
     assert result.token_ids == stepped_greedy(flat_target, PROMPT, 20)
+
+
+@pytest.fixture(scope="module")
+def int8_target():
+    from specdec.quantize import quantize_model
+
+    model = quantize_model(tiny_model(seed=0, layers=3, sharpness=1.5, hidden=128, dtype="bfloat16"), "int8")
+    make_batch_invariant(model)
+    return model
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8, 16])
+def test_an_int8_target_is_batch_invariant(int8_target, rows):
+    """An int8 weight-only target (--target-quantize int8) is another model, but exact against its
+    own one-token decoding the same way."""
+    assert int8_target._specdec_kernel in ("int8", "int8-fixed-rows")
+    rng = random.Random(rows)
+    assert mismatched_nodes(int8_target, random_tree(rng, rows), PROMPT, cached=4) == []
+    c = local_controller(LocalVerify(int8_target), [LocalDraft("self", int8_target)], eos_token_ids={EOS})
+    result = c.generate(GenerationRequest(PROMPT, 16, "tree", 3, 2, rows, 64))
+    assert result.token_ids == stepped_greedy(int8_target, PROMPT, 16)

@@ -103,6 +103,8 @@ def test_fetch_is_idempotent_and_cleans_up(tmp_path, fake_model):
     assert path == tmp_path / fake_model.alias
     assert ms.is_fetched(fake_model.alias, tmp_path)
     assert (path / ms.MARKER).is_file() and (path / "model.safetensors").is_file()
+    # The original GGUF is kept beside the converted model (llama.cpp's baseline runs it).
+    assert ms.gguf_path(fake_model.alias, tmp_path).read_bytes() == b"".join(CHUNKS)
     assert not (tmp_path / ".download" / fake_model.alias).exists()
     assert [p.name for p in tmp_path.iterdir()] == [fake_model.alias]
 
