@@ -9,14 +9,15 @@ request keeps the part of it the target accepted.
 
 from __future__ import annotations
 
+import functools
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from specdec import telemetry
+from specdec.batching import BatchInfo, BatchWorker, Caller, feed
 from specdec.cost import CALIBRATION_CONTEXT, CALIBRATION_ROWS, CostCurve
-from specdec.engine import ModelWorker, calibrate_forward, on_model_thread, tree_forward
+from specdec.engine import Part, calibrate_forward, forward_batch
 from specdec.kernels import pack_linears
 from specdec.kv_cache import SessionStore
 from specdec.quantize import Int8Linear
@@ -40,6 +41,8 @@ class DraftOutcome:
     sent_distributions: list[torch.Tensor] | None = None
     distributions: list[torch.Tensor] | None = None
     distribution_index: list[list[int]] | None = None
+    queue_s: float = 0.0  # waiting for the model before its first pass
+    batch: BatchInfo = field(default_factory=BatchInfo)  # the last pass of the call
 
 
 def output_rows(model, vocab_limit: int) -> torch.Tensor | None:
@@ -63,27 +66,41 @@ class BeamDrafter:
     is rarer. Losslessness is unaffected: the target checks every token. Sampling always uses the
     whole vocabulary (its acceptance rule needs the draft's true distribution).
 
-    Safe to call from any thread: its methods run one at a time on its own model thread."""
+    Safe to call from any thread: calls run on one model thread, batched across sessions
+    (:class:`specdec.batching.BatchWorker`): each level of every waiting beam search (and each
+    sampled chain step) shares one forward pass, up to ``max_batch_rows`` rows."""
 
-    def __init__(self, model, store: SessionStore | None = None, vocab_limit: int = 0) -> None:
+    def __init__(self, model, store: SessionStore | None = None, vocab_limit: int = 0, max_batch_rows: int = 256,
+                 gather_s: float = 0.002, observe=None) -> None:
         self.model = model
         self.store = store if store is not None else SessionStore()
         self.head = output_rows(model, vocab_limit)
         self.kernel = pack_linears(model)  # speed only: a draft need not be batch-invariant
-        self.worker = ModelWorker()
+        self.max_batch_rows = max_batch_rows
+        self.worker = BatchWorker(functools.partial(forward_batch, model), self.store, max_batch_rows, gather_s, observe)
 
-    @on_model_thread
-    def propose(self, session_id: str, context: list[int], beam_width: int, depth: int) -> DraftOutcome:
+    def _run(self, steps, session_id: str, context: list[int], caller: Caller | None) -> DraftOutcome:
         if not context:
             raise ValueError("context must hold at least one token")
+        outcome, stats = self.worker.submit(steps, session_id, caller)
+        outcome.queue_s, outcome.batch = stats.queue_s, stats.batch
+        return outcome
+
+    def release(self, session_id: str) -> bool:
+        return self.worker.release(session_id)
+
+    def propose(self, session_id: str, context: list[int], beam_width: int, depth: int, caller: Caller | None = None) -> DraftOutcome:
+        """Beam search: up to ``beam_width`` beams of ``depth`` tokens, best first."""
+        return self._run(lambda: self._beams(session_id, context, beam_width, depth), session_id, context, caller)
+
+    def _beams(self, session_id: str, context: list[int], beam_width: int, depth: int):
         session = self.store.get(session_id)
         reused = session.sync(context)
         pending = context[reused:]
         start = time.perf_counter()
         fed = len(pending)
-        with telemetry.span("specdec.forward") as span:
-            logprobs = torch.log_softmax(tree_forward(self.model, session, pending, head=self.head), -1)  # [1, vocab]
-            span.set_attribute("specdec.fed_tokens", len(pending))
+        logits = yield from feed(session, pending, head=self.head, chunk=self.max_batch_rows)
+        logprobs = torch.log_softmax(logits, -1)  # [1, vocab]
         # A frontier entry: (tail index of its last node or -1, cumulative logprob, tokens).
         frontier: list[tuple[int, float, list[int]]] = [(-1, 0.0, [])]
         for level in range(depth):
@@ -98,41 +115,36 @@ class BeamDrafter:
             base = len(session.tail_tokens)
             tokens = [path[-1] for _, _, path in next_frontier]
             parents = [parent for parent, _, _ in next_frontier]
-            with telemetry.span("specdec.forward") as span:
-                logits = tree_forward(self.model, session, [], tokens, parents, logits_to_keep=len(tokens), head=self.head)
-                span.set_attribute("specdec.fed_tokens", len(tokens))
-                span.set_attribute("specdec.beam.level", level + 1)
+            logits = yield Part(session, [], tokens, parents, keep=len(tokens), head=self.head)
             logprobs = torch.log_softmax(logits, -1)
             fed += len(tokens)
             frontier = [(base + k, s, path) for k, (_, s, path) in enumerate(next_frontier)]
         forward_s = time.perf_counter() - start
-        self.store.enforce_limits(keep=session_id)
         beams = [Beam(tokens=path, logprob=score) for _, score, path in frontier if path]
         return DraftOutcome(beams=beams, reused_tokens=reused, fed_tokens=fed, forward_s=forward_s)
 
-    @on_model_thread
     def calibrate(self, rows=CALIBRATION_ROWS, reps: int = 3, context_len: int = CALIBRATION_CONTEXT) -> CostCurve:
         """What one beam-search level of each width costs here (greedy drafting's output layer)."""
-        return calibrate_forward(self.model, self.store, rows, reps, context_len, head=self.head)
+        return self.worker.run(calibrate_forward, self.model, self.store, rows, reps, context_len, head=self.head)
 
-    @on_model_thread
-    def sample_chains(
-        self, session_id: str, context: list[int], chains: int, depth: int, sampling: SamplingParams, seed: int
-    ) -> DraftOutcome:
+    def sample_chains(self, session_id: str, context: list[int], chains: int, depth: int, sampling: SamplingParams,
+                      seed: int, caller: Caller | None = None) -> DraftOutcome:
         """Draw ``chains`` independent chains of ``depth`` tokens from the draft's warped distribution.
 
         Under sampling the acceptance rule needs independent draws with known distributions, so
         this replaces beam search. Chains that agree so far share a cache node (and a distribution);
         each chain still draws its own next token.
         """
-        if not context:
-            raise ValueError("context must hold at least one token")
+        return self._run(lambda: self._chains(session_id, context, chains, depth, sampling, seed), session_id, context, caller)
+
+    def _chains(self, session_id: str, context: list[int], chains: int, depth: int, sampling: SamplingParams, seed: int):
         generator = torch.Generator().manual_seed(seed)
         session = self.store.get(session_id)
         reused = session.sync(context)
         pending = context[reused:]
         start = time.perf_counter()
-        q, q16 = draft_distribution(tree_forward(self.model, session, pending)[-1].cpu(), sampling)
+        first = yield from feed(session, pending, chunk=self.max_batch_rows)
+        q, q16 = draft_distribution(first[-1].cpu(), sampling)
         sent, used = [q16], [q]
         dist_of_node = {-1: 0}  # tail node (-1: the context end) -> its distribution's index
         node_of = {}  # (parent tail node, token) -> tail node
@@ -155,7 +167,7 @@ class BeamDrafter:
             base = len(session.tail_tokens)
             if new:
                 # Drawn on the CPU: the seeded generator is a CPU one and the distributions leave as bytes.
-                logits = tree_forward(self.model, session, [], [t for _, t in new], [p for p, _ in new], logits_to_keep=len(new)).cpu()
+                logits = (yield Part(session, [], [t for _, t in new], [p for p, _ in new], keep=len(new))).cpu()
                 fed += len(new)
                 for k, key in enumerate(new):
                     node_of[key] = base + k
@@ -165,7 +177,6 @@ class BeamDrafter:
                     used.append(q)
             at = [node_of[(at[c], paths[c][-1])] for c in range(chains)]
         forward_s = time.perf_counter() - start
-        self.store.enforce_limits(keep=session_id)
         return DraftOutcome(
             beams=[Beam(tokens=path, logprob=0.0) for path in paths],
             reused_tokens=reused,

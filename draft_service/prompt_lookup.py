@@ -107,7 +107,7 @@ class PromptLookup:
         self.max_ngram = max_ngram
         self.min_ngram = min_ngram
 
-    def propose(self, session_id: str, context: list[int], beam_width: int, depth: int) -> DraftOutcome:
+    def propose(self, session_id: str, context: list[int], beam_width: int, depth: int, caller=None) -> DraftOutcome:
         if not context:
             raise ValueError("context must hold at least one token")
         start = time.perf_counter()
@@ -116,8 +116,11 @@ class PromptLookup:
         return DraftOutcome(beams=[Beam(tokens=p, logprob=0.0) for p in paths], reused_tokens=0, fed_tokens=0,
                             forward_s=time.perf_counter() - start)
 
+    def release(self, session_id: str) -> bool:
+        return self.store.release(session_id)
+
     def sample_chains(self, session_id: str, context: list[int], chains: int, depth: int, sampling: SamplingParams,
-                      seed: int) -> DraftOutcome:
+                      seed: int, caller=None) -> DraftOutcome:
         """The greedy continuations, each token with the one-hot distribution it is "drawn" from
         (see the module docstring for why that keeps sampling exact)."""
         outcome = self.propose(session_id, context, chains, depth)

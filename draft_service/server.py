@@ -11,7 +11,7 @@ from specdec.draft_service.drafter import BeamDrafter
 from specdec.errors import InvalidRequest, check_range, check_token_ids
 from specdec.rpc.convert import distribution_pb, sampling_params
 from specdec.quantize import quantize_model
-from specdec.rpc.server import ModelServicer, load_for_service, run_model_service
+from specdec.rpc.server import ModelServicer, load_for_service, observe_batches, run_model_service
 from specdec.rpc.status import rpc_method
 from specdec.v1 import common_pb2, draft_pb2, draft_pb2_grpc
 
@@ -33,10 +33,11 @@ class DraftServicer(ModelServicer, draft_pb2_grpc.DraftServiceServicer):
             )
         sampling = sampling_params(request)
         if sampling.greedy:
-            outcome = self.in_session("DraftBeams", request, lambda session: self.engine.propose(session, context_ids, width, depth))
+            outcome = self.in_session("DraftBeams", request, context, lambda session, caller: self.engine.propose(
+                session, context_ids, width, depth, caller))
         else:
-            outcome = self.in_session("DraftBeams", request, lambda session: self.engine.sample_chains(
-                session, context_ids, width, depth, sampling, request.seed))
+            outcome = self.in_session("DraftBeams", request, context, lambda session, caller: self.engine.sample_chains(
+                session, context_ids, width, depth, sampling, request.seed, caller))
         index = outcome.distribution_index or [[] for _ in outcome.beams]
         return draft_pb2.DraftBeamsResponse(
             beams=[
@@ -47,6 +48,9 @@ class DraftServicer(ModelServicer, draft_pb2_grpc.DraftServiceServicer):
             reused_tokens=outcome.reused_tokens,
             fed_tokens=outcome.fed_tokens,
             compute_ms=outcome.forward_s * 1e3,
+            batch_sessions=outcome.batch.sessions,
+            batch_rows=outcome.batch.rows,
+            queue_ms=outcome.queue_s * 1e3,
         )
 
 
@@ -72,7 +76,10 @@ def main(argv: list[str] | None = None) -> None:
         "draft",
         settings,
         settings.draft_model,
-        lambda model, store, info, metrics: DraftServicer(BeamDrafter(model, store, settings.draft_vocab), info, settings, metrics),
+        lambda model, store, info, metrics: DraftServicer(
+            BeamDrafter(model, store, settings.draft_vocab, settings.max_batch_rows, settings.batch_wait_ms / 1e3,
+                        observe_batches(metrics)),
+            info, settings, metrics),
         draft_pb2_grpc.add_DraftServiceServicer_to_server,
         SERVICE_NAME,
         load=load_draft,

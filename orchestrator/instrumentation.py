@@ -50,15 +50,20 @@ _NULL_ROUND = contextlib.nullcontext(ObservedRound())  # shared: tracing and met
 class ObservedGeneration:
     """Handed to the servicer for one generation: the root span and what the metrics need."""
 
-    def __init__(self, span: trace.Span) -> None:
+    def __init__(self, span: trace.Span, start: float | None = None) -> None:
         self.span = span
         # Even an unsampled root is the rounds' parent: they inherit its sampling decision.
         self.trace_parent = trace.set_span_in_context(span) if span is not trace.INVALID_SPAN else None
         self.mode = ""
         self.code = grpc.StatusCode.OK
+        self.start = time.perf_counter() if start is None else start  # when the call arrived
+        self.admitted: float | None = None  # when it was given a generation slot
+        self.first_token_s: float | None = None  # from arrival to the first token, once finished
 
     def set_request(self, req, temperature: float = 0.0) -> None:
+        """Once the request is checked and holds a generation slot."""
         self.mode = req.mode
+        self.admitted = time.perf_counter()
         if not self.span.is_recording():
             return
         self.span.set_attributes({
@@ -74,6 +79,9 @@ class ObservedGeneration:
 
     def finish(self, result) -> None:
         """From the generation's specdec.records.GenerationResult."""
+        if result.token_ids and self.admitted is not None:
+            # The controller times its first token from its own start, right after the slot was given.
+            self.first_token_s = self.admitted - self.start + result.stats.time_to_first_token_ms / 1e3
         if not self.span.is_recording():
             return
         self.span.set_attributes({
@@ -112,7 +120,7 @@ class GenerationInstrumentation:
                     "rpc.method": method,
                 },
             )
-        observed = ObservedGeneration(span)
+        observed = ObservedGeneration(span, start)
         if self.metrics is not None:
             self.metrics.in_flight.labels(method).inc()
         try:
@@ -131,6 +139,8 @@ class GenerationInstrumentation:
                 self.metrics.in_flight.labels(method).dec()
                 self.metrics.request_duration.labels(method).observe(time.perf_counter() - start)
                 self.metrics.requests.labels(method, observed.code.name).inc()
+                if observed.first_token_s is not None:
+                    self.metrics.time_to_first_token.labels(observed.mode).observe(observed.first_token_s)
 
     def round(self, trace_parent, index: int, mode: str):
         """Around one round of the controller (no ``yield`` inside): ``with ... as observed:``,
@@ -167,6 +177,11 @@ class GenerationInstrumentation:
         m = self.metrics
         m.round_duration.labels(mode).observe(seconds)
         m.tokens_generated.labels(mode).inc(len(record.new_tokens))
+        if record.new_tokens:
+            # The round's tokens arrive together: each is given an equal share of its time.
+            latency, share = m.inter_token_latency.labels(mode), seconds / len(record.new_tokens)
+            for _ in record.new_tokens:
+                latency.observe(share)
         m.accepted_tokens.labels(mode).inc(len(record.accepted))
         m.tree_nodes.labels(mode).inc(record.tree_nodes)
         if record.bonus_token is not None:
@@ -204,6 +219,8 @@ def round_attributes(record, mode: str) -> dict:
         "specdec.chosen.depth": record.chosen_depth,
         "specdec.predicted.tokens": float(record.expected_tokens),
         "specdec.predicted.ms": float(record.predicted_ms),
+        "specdec.batch.company_sessions": record.company_sessions,
+        "specdec.batch.company_rows": record.company_rows,
     }
     if record.fallback_reason:
         attributes["specdec.fallback_reason"] = record.fallback_reason

@@ -32,7 +32,7 @@ from specdec.errors import InvalidRequest, NotReady
 from specdec.records import DecodingMode, GenerationLog, GenerationResult, finish_reason_pb
 from specdec.rpc.convert import sampling_params
 from specdec.rpc.security import SecurityConfigError, auth_interceptors, describe_server_tls, use_client_tls
-from specdec.rpc.server import announce, serve_until_signalled, setup_logging, start_server, start_telemetry
+from specdec.rpc.server import announce, exit_if_ports_in_use, serve_until_signalled, setup_logging, start_server, start_telemetry
 from specdec.rpc.status import rpc_method
 from specdec.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 
@@ -83,6 +83,11 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
                 )
             prompt_ids = self.tokenizer(request.prompt).input_ids
         elif request.prompt_token_ids:
+            # Counted before copied (the repeated field knows its length): a message may carry
+            # millions of ids, the context holds far fewer.
+            count, context = len(request.prompt_token_ids), self.target_info.max_context
+            if context and count >= context:
+                raise InvalidRequest(f"prompt has {count} tokens; the model's context is {context}")
             prompt_ids = list(request.prompt_token_ids)
         else:
             raise InvalidRequest("prompt is empty: set prompt or prompt_token_ids")
@@ -249,6 +254,7 @@ def main(argv: list[str] | None = None) -> None:
     config.add_arguments(parser, config.OrchestratorSettings)
     settings = config.from_args(config.OrchestratorSettings, parser.parse_args(argv))
     setup_logging()
+    exit_if_ports_in_use("orchestrator", settings)  # before waiting for the other services and loading the tokenizer
     # Before the clients are built: their channels carry trace context only when tracing is on.
     _, metrics = start_telemetry("orchestrator", settings, attributes={"specdec.model": settings.target_model})
     try:

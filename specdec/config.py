@@ -70,7 +70,9 @@ class ModelServiceSettings(ServerSettings):
     threads: int = _setting(0, "torch CPU threads (0 = torch's default)")
     session_ttl_s: int = _setting(600, "a session's KV cache unused this long is dropped (0 = never)")
     max_concurrent_rpcs: int = _setting(64, "calls in progress or queued at once; beyond, RESOURCE_EXHAUSTED at once")
-    calibrate: bool = _setting(True, "before serving, time one forward of 1, 2, 4, 8 and 16 rows (reported in GetInfo for the orchestrator's cost model; also warms the model); restart to measure again")
+    calibrate: bool = _setting(True, "before serving, time one forward of 1 to 64 rows (reported in GetInfo for the orchestrator's cost model, which prices rounds at the batch they join; also warms the model); restart to measure again")
+    max_batch_rows: int = _setting(256, "rows one forward pass feeds at most, over every session batched in it; a longer context is fed in passes of this many, so that it never holds the others up for more than one pass")
+    batch_wait_ms: float = _setting(10.0, "once a call arrives, wait up to this long (until calls stop arriving) for more to share the forward pass")
 
 
 @dataclass

@@ -15,6 +15,13 @@ the proposal with the most expected tokens per second.
   plus every node), and no speculation at all (one verify row, one token). A chain is a tree of
   width 1, so a tree-mode choice is never predicted slower than a sequential one.
 
+Under load the services batch the rounds of every generation in flight into shared passes
+(``specdec.batching``). A :class:`Company` is what the other generations put into the passes a
+round joins (their rows and the tokens they expect); a shape is then priced at the pass's whole row
+count, and weighed by the tokens the whole pass gives over its cost, so that as the batch grows (and
+a pass stops being bound by reading the weights) trees shrink, down to no speculation; alone,
+nothing changes.
+
 Nothing here looks at a round's own draws: the shape comes from earlier rounds only, so sampled
 generation stays distributed exactly as the target's (the acceptance rule is unchanged).
 """
@@ -28,7 +35,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-CALIBRATION_ROWS = (1, 2, 4, 8, 16)
+CALIBRATION_ROWS = (1, 2, 4, 8, 16, 32, 64)
 CALIBRATION_CONTEXT = 64  # cached tokens the calibration's forwards attend to
 # When a service reports no curve (calibration off, or an older service): a verify pass in units of
 # a one-row pass, growing a little per row, and a draft forward at this share of it.
@@ -123,25 +130,66 @@ class RoundCosts:
             return self.verify.ms(rows) * (self.corrections.factor("verify", rows) if corrected else 1.0)
         return 1.0 + ASSUMED_ROW_SLOPE * (rows - 1)
 
-    def draft_ms(self, draft: str, width: int, depth: int, corrected: bool = True) -> float:
-        """Beam search ``depth`` deep: a forward over the new context token, then ``depth - 1`` over ``width`` rows."""
+    def draft_ms(self, draft: str, width: int, depth: int, corrected: bool = True, company: Company | None = None) -> float:
+        """Beam search ``depth`` deep: a forward over the new context token, then ``depth - 1`` over
+        ``width`` rows, each pass shared with the ``company``'s rows."""
         curve = self.drafts.get(draft) if self.verify else None
         if not curve:
             return depth * ASSUMED_DRAFT_SHARE * self.verify_ms(1)
-        factor = self.corrections.factor(draft, width) if corrected else 1.0
-        return (curve.ms(1) + (depth - 1) * curve.ms(width)) * factor
+        sessions, rows = (company.sessions, company.draft_rows) if company else (0, 0)
+        factor = self.corrections.factor(draft, width + rows) if corrected else 1.0
+        return (curve.ms(1 + sessions) + (depth - 1) * curve.ms(width + rows)) * factor
 
     def observe(self, verify_rows: int, verify_ms: float, drafts: dict[str, tuple[int, int]] | None = None,
-                draft_ms: float = 0.0) -> None:
+                draft_ms: float = 0.0, company: Company | None = None) -> None:
         """A round's measured times: its verify call over ``verify_rows`` rows, and its drafting
-        (``drafts``: each draft's (width, depth); they run side by side, so the slowest is charged)."""
+        (``drafts``: each draft's (width, depth); they run side by side, so the slowest is charged),
+        in passes shared with ``company``."""
         if not self.verify:
             return
-        self.corrections.observe("verify", verify_rows, self.verify_ms(verify_rows, corrected=False), verify_ms)
+        rows = verify_rows + (company.rows if company else 0)
+        self.corrections.observe("verify", rows, self.verify_ms(rows, corrected=False), verify_ms)
         if drafts:
-            name, (width, depth) = max(drafts.items(), key=lambda kv: self.draft_ms(kv[0], *kv[1]))
+            name, (width, depth) = max(drafts.items(), key=lambda kv: self.draft_ms(kv[0], *kv[1], company=company))
             if self.drafts.get(name):
-                self.corrections.observe(name, width, self.draft_ms(name, width, depth, corrected=False), draft_ms)
+                predicted = self.draft_ms(name, width, depth, corrected=False, company=company)
+                self.corrections.observe(name, width + (company.draft_rows if company else 0), predicted, draft_ms)
+
+
+@dataclass(frozen=True)
+class Company:
+    """What the other generations in flight put into the passes a round shares with them."""
+
+    sessions: int = 0
+    rows: int = 0  # their rows in the verify pass
+    draft_rows: int = 0  # their rows in each draft level (beams)
+    tokens: float = 0.0  # the tokens they expect from the pass
+
+
+class Traffic:
+    """The generations in flight, each with its current round's rows and expected tokens: the
+    :class:`Company` any one of them keeps. Safe to share between threads."""
+
+    def __init__(self) -> None:
+        self._rounds: dict[str, tuple[int, int, float]] = {}
+        self._lock = threading.Lock()
+
+    def set(self, generation: str, rows: int, draft_rows: int, tokens: float) -> None:
+        with self._lock:
+            self._rounds[generation] = (rows, draft_rows, tokens)
+
+    def drop(self, generation: str) -> None:
+        with self._lock:
+            self._rounds.pop(generation, None)
+
+    def company(self, generation: str) -> Company:
+        with self._lock:
+            others = [r for g, r in self._rounds.items() if g != generation]
+        return Company(len(others), sum(r[0] for r in others), sum(r[1] for r in others), sum(r[2] for r in others))
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._rounds)
 
 
 class AcceptanceStats:
@@ -211,10 +259,17 @@ class Choice:
     nodes: int  # the merged tree's node cap
     expected_tokens: float  # accepted tokens plus the bonus token
     cost_ms: float  # drafting, then verifying (units of a one-row verify pass when no curve is known)
+    company: Company = Company()  # the other generations sharing the round's passes
 
     @property
     def tokens_per_s(self) -> float:
-        return self.expected_tokens / self.cost_ms * 1e3 if self.cost_ms > 0 else float("inf")
+        """Tokens per second from the passes the round shares: its own and its company's."""
+        tokens = self.expected_tokens + self.company.tokens
+        return tokens / self.cost_ms * 1e3 if self.cost_ms > 0 else float("inf")
+
+    @property
+    def verify_rows(self) -> int:
+        return 1 + self.nodes
 
 
 def expected_tokens(rates_by_draft: list[list[float]]) -> float:
@@ -230,28 +285,31 @@ def expected_tokens(rates_by_draft: list[list[float]]) -> float:
     return total
 
 
-def price(costs: RoundCosts, stats: AcceptanceStats, drafts: list[str], width: int, depth: int, max_nodes: int) -> Choice:
-    """One shape's expected tokens and cost; width or depth 0 prices a round without speculation."""
+def price(costs: RoundCosts, stats: AcceptanceStats, drafts: list[str], width: int, depth: int, max_nodes: int,
+          company: Company = Company()) -> Choice:
+    """One shape's expected tokens and cost, its passes shared with ``company``; width or depth 0
+    prices a round without speculation."""
     if width <= 0 or depth <= 0 or not drafts:
-        return Choice(0, 0, 0, 1.0, costs.verify_ms(1) + costs.overhead_ms)
+        return Choice(0, 0, 0, 1.0, costs.verify_ms(1 + company.rows) + costs.overhead_ms, company)
     nodes = min(width * depth * len(drafts), max_nodes)
     tokens = expected_tokens([stats.rates(d, width, depth) for d in drafts])
-    draft_ms = max(costs.draft_ms(d, width, depth) for d in drafts)  # drafts run side by side
-    return Choice(width, depth, nodes, tokens, draft_ms + costs.verify_ms(1 + nodes) + costs.overhead_ms)
+    draft_ms = max(costs.draft_ms(d, width, depth, company=company) for d in drafts)  # drafts run side by side
+    return Choice(width, depth, nodes, tokens, draft_ms + costs.verify_ms(1 + nodes + company.rows) + costs.overhead_ms, company)
 
 
 def choose(costs: RoundCosts, stats: AcceptanceStats, drafts: list[str], max_width: int, max_depth: int,
-           max_nodes: int) -> Choice:
+           max_nodes: int, company: Company = Company()) -> Choice:
     """The shape with the most expected tokens per second among no speculation and every ``width`` ×
-    ``depth`` within the bounds (the smaller shape on a tie)."""
-    best = price(costs, stats, drafts, 0, 0, max_nodes)
+    ``depth`` within the bounds (the smaller shape on a tie), counting the ``company``'s tokens and
+    rows in the passes it shares."""
+    best = price(costs, stats, drafts, 0, 0, max_nodes, company)
     for width in range(1, max_width + 1):
         if width * len(drafts) > max_nodes:
             break  # a tree this wide does not fit even one level
         for depth in range(1, max_depth + 1):
             if width > 1 and width * depth * len(drafts) > max_nodes:
                 break  # the node cap would cut its paths: priced as whole, it would look better than it is
-            candidate = price(costs, stats, drafts, width, depth, max_nodes)
+            candidate = price(costs, stats, drafts, width, depth, max_nodes, company)
             if candidate.tokens_per_s > best.tokens_per_s * (1 + 1e-9):
                 best = candidate
     return best

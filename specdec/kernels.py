@@ -125,7 +125,7 @@ def make_batch_invariant(model, rows: int = INVARIANT_ROWS, kernel: str = "auto"
 
     if getattr(model, "_specdec_kernel", None):
         return model._specdec_kernel  # made batch-invariant before
-    AttentionInterface.register(_ROWWISE, rowwise_attention)
+    AttentionInterface.register(_ROWWISE, segmented(rowwise_attention))
     AttentionMaskInterface.register(_ROWWISE, sdpa_mask)
     model.config._attn_implementation = _ROWWISE
     linears = _linears(model)
@@ -179,6 +179,71 @@ def _int8_rows_invariant(model, rows: int) -> bool | None:
         if not invariant:
             module.forward = functools.partial(_blocked, module.forward, rows, pad=True)
     return invariant
+
+
+class Segments:
+    """What one flattened pass carries per session (its row count and its attention mask, None =
+    causal over its own cache), handed to the attention function in place of a mask."""
+
+    def __init__(self, lengths: list[int], masks: list[torch.Tensor | None]) -> None:
+        self.lengths, self.masks = lengths, masks
+
+
+class SegmentedKeys(list):
+    """Each session's whole key (or value) sequence for one layer, as :class:`BatchCache` returns it."""
+
+
+class BatchCache:
+    """The ``cache`` a flattened pass over several sessions runs with: each layer's new keys and values
+    are split by session and appended to that session's own DynamicCache, and the attention function
+    gets each session's whole sequence (:class:`SegmentedKeys`), never a concatenation of them."""
+
+    def __init__(self, caches: list, lengths: list[int]) -> None:
+        self.caches, self.lengths = caches, lengths
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        keys, values = SegmentedKeys(), SegmentedKeys()
+        for cache, k, v in zip(self.caches, key_states.split(self.lengths, 2), value_states.split(self.lengths, 2)):
+            k, v = cache.update(k, v, layer_idx)
+            keys.append(k)
+            values.append(v)
+        return keys, values
+
+
+def segmented(attention):
+    """An attention function that runs ``attention`` once per session of a flattened pass (its own
+    queries, keys, values and mask: exactly the call the session alone would make) and plain
+    ``attention`` otherwise."""
+
+    @functools.wraps(attention)
+    def run(module, query, key, value, attention_mask, *args, **kwargs):
+        if not isinstance(key, SegmentedKeys):
+            return attention(module, query, key, value, attention_mask, *args, **kwargs)
+        outputs = [
+            attention(module, q, k, v, mask, *args, **kwargs)[0]
+            for q, k, v, mask in zip(query.split(attention_mask.lengths, 2), key, value, attention_mask.masks)
+        ]
+        return torch.cat(outputs, 1), None
+
+    return run
+
+
+def segmented_attention(model) -> None:
+    """Let ``model``'s attention take flattened passes over several sessions
+    (:func:`specdec.engine.forward_batch`): its attention function, wrapped by :func:`segmented`."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
+
+    impl = model.config._attn_implementation or "sdpa"
+    if impl.startswith("specdec_"):
+        return
+    # Eager attention is each model's own function; any model's sdpa path serves every session alike.
+    attention = AttentionInterface._global_mapping.get(impl, sdpa_attention_forward)
+    name = f"specdec_segmented_{impl}"
+    AttentionInterface.register(name, segmented(attention))
+    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.get(impl, sdpa_mask))
+    model.config._attn_implementation = name
 
 
 def rowwise_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):

@@ -59,7 +59,7 @@ def cache_nbytes(cache: DynamicCache) -> int:
 @dataclass
 class SessionKV:
     """One session's cache and the tokens its entries stand for. Only the model's thread
-    (:class:`specdec.engine.ModelWorker`) changes it."""
+    (:class:`specdec.batching.BatchWorker`) changes it."""
 
     session_id: str
     cache: DynamicCache = field(default_factory=DynamicCache)
@@ -201,15 +201,16 @@ class SessionStore:
             self._used_at.pop(session_id, None)
             return self._sessions.pop(session_id, None) is not None
 
-    def enforce_limits(self, keep: str | None = None) -> None:
-        """Evict least recently used sessions (never ``keep``) until within both budgets."""
+    def enforce_limits(self, keep: str | set[str] | None = None) -> None:
+        """Evict least recently used sessions (never those in ``keep``: one id or a set) until within both budgets."""
+        keep = {keep} if isinstance(keep, str) else keep or set()
         with self._lock:
             total = sum(s.nbytes for s in self._sessions.values())
             for session_id in list(self._sessions):
                 over_count = len(self._sessions) > self.max_sessions
                 if not over_count and total <= self.max_bytes:
                     break
-                if session_id == keep:
+                if session_id in keep:
                     continue
                 total -= self._sessions.pop(session_id).nbytes
                 self._used_at.pop(session_id, None)

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from specdec.cost import AcceptanceStats, Choice, RoundCosts, choose, price
+from specdec.cost import AcceptanceStats, Choice, Company, RoundCosts, choose, price
 from specdec.sampling import Candidate, accept_sampled_tree
 from specdec.tree import TokenTree, TokenTrie, greedy_accept
 
@@ -190,15 +190,16 @@ class SpeculationPolicy:
         self.stats = stats if stats is not None else AcceptanceStats()
         self._quiet_rounds = 0  # rounds in a row chosen without speculation
 
-    def next(self, room: int) -> Choice:
-        """This round's shape, its depth within ``room`` (what the budget and context leave to draft)."""
+    def next(self, room: int, company: Company = Company()) -> Choice:
+        """This round's shape, its depth within ``room`` (what the budget and context leave to draft),
+        its passes shared with ``company`` (the other generations in flight)."""
         if not self.adaptive:
-            return price(self.costs, self.stats, self.drafts, self.max_width, min(self.max_depth, room), self.max_nodes)
-        choice = choose(self.costs, self.stats, self.drafts, self.max_width, min(self.max_depth, room), self.max_nodes)
+            return price(self.costs, self.stats, self.drafts, self.max_width, min(self.max_depth, room), self.max_nodes, company)
+        choice = choose(self.costs, self.stats, self.drafts, self.max_width, min(self.max_depth, room), self.max_nodes, company)
         if choice.width == 0 and room > 0 and self.drafts:
             self._quiet_rounds += 1
             if self._quiet_rounds >= self.probe_every:
-                choice = price(self.costs, self.stats, self.drafts, 1, 1, self.max_nodes)
+                choice = price(self.costs, self.stats, self.drafts, 1, 1, self.max_nodes, company)
         if choice.width:
             self._quiet_rounds = 0
         return choice
@@ -214,4 +215,4 @@ class SpeculationPolicy:
                               cut=verdict.bonus_token is None)
         if not first and verify_ms > 0:
             self.costs.observe(1 + len(verdict.merged.tree), verify_ms,
-                               {p.draft: (choice.width, choice.depth) for p in proposals}, draft_ms)
+                               {p.draft: (choice.width, choice.depth) for p in proposals}, draft_ms, choice.company)

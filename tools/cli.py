@@ -241,9 +241,16 @@ def draft_line(d, rounds) -> str:
 
 
 def cmd_cluster_up(args) -> int:
+    from specdec.rpc.server import PortInUse
     from specdec.tools.cluster import LocalCluster, Supervisor
 
     settings = config.from_args(config.ClusterSettings, args)
+    try:
+        # Before any child starts: a second cluster on the same ports would load its models first.
+        LocalCluster(settings).check_ports()
+    except PortInUse as exc:
+        print(f"specdec cluster: cannot start: {exc}", file=sys.stderr)
+        return 1
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

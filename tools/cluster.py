@@ -23,7 +23,7 @@ from pathlib import Path
 
 from specdec import config
 from specdec.config import ClusterSettings
-from specdec.rpc.server import wait_until_serving
+from specdec.rpc.server import check_port_free, wait_until_serving
 
 HOST = "127.0.0.1"
 
@@ -85,7 +85,11 @@ class LocalCluster:
         self.stop()
 
     def start(self) -> str:
+        """Start every child and return the orchestrator's address. A fixed port already taken (the
+        orchestrator's, or a metrics port) raises :class:`~specdec.rpc.server.PortInUse` at once,
+        before any child loads a model."""
         s = self.settings
+        self.check_ports()
         self._logs = Path(tempfile.mkdtemp(prefix="specdec-cluster-"))
         if s.auth_token:
             # The token reaches the orchestrator in its environment: a command line is visible to every user.
@@ -120,6 +124,16 @@ class LocalCluster:
             raise
         self.orchestrator_address = orchestrator.address
         return self.orchestrator_address
+
+    def check_ports(self) -> None:
+        """Raise :class:`~specdec.rpc.server.PortInUse` when a port the settings name is taken: the
+        orchestrator's, or with metrics on, one of the metrics ports from ``metrics_port`` on (one
+        for each child, at the offsets :meth:`start` gives them). The other ports are free ones."""
+        s = self.settings
+        children = 1 + max(1, s.verify_replicas) + len(s.draft_models) + int(bool(s.prompt_lookup))
+        metrics = range(s.metrics_port, s.metrics_port + children) if s.metrics_port else []
+        for port in (s.port, *metrics):
+            check_port_free(HOST, port)
 
     def _settings(self, cls: type, metrics_offset: int, **values):
         """A child's settings: on loopback, on a free port unless ``values`` name one; what the

@@ -8,7 +8,7 @@ from specdec import config
 from specdec.errors import InvalidRequest, check_range, check_token_ids
 from specdec.rpc.convert import distribution_pb, sampling_params
 from specdec.quantize import quantize_model
-from specdec.rpc.server import ModelServicer, load_for_service, run_model_service
+from specdec.rpc.server import ModelServicer, load_for_service, observe_batches, run_model_service
 from specdec.rpc.status import rpc_method
 from specdec.tree import TokenTree, validate_parents
 from specdec.v1 import common_pb2, verify_pb2, verify_pb2_grpc
@@ -39,7 +39,8 @@ class VerifyServicer(ModelServicer, verify_pb2_grpc.VerifyServiceServicer):
                 f"context_token_ids ({len(context_ids)} tokens) plus tree depth {depth} exceeds the model's context of {max_context}"
             )
         sampling = sampling_params(request)
-        outcome = self.in_session("VerifyTree", request, lambda session: self.engine.verify(session, context_ids, tree, sampling))
+        outcome = self.in_session("VerifyTree", request, context,
+                                  lambda session, caller: self.engine.verify(session, context_ids, tree, sampling, caller))
         return verify_pb2.VerifyTreeResponse(
             target_token_ids=outcome.target_tokens,
             target_distributions=[
@@ -49,6 +50,9 @@ class VerifyServicer(ModelServicer, verify_pb2_grpc.VerifyServiceServicer):
             fed_tokens=outcome.fed_tokens,
             cached_tokens=outcome.cached_tokens,
             compute_ms=outcome.forward_s * 1e3,
+            batch_sessions=outcome.batch.sessions,
+            batch_rows=outcome.batch.rows,
+            queue_ms=outcome.queue_s * 1e3,
         )
 
 
@@ -60,7 +64,9 @@ def main(argv: list[str] | None = None) -> None:
         "verify",
         settings,
         settings.target_model,
-        lambda model, store, info, metrics: VerifyServicer(TreeVerifier(model, store), info, settings, metrics),
+        lambda model, store, info, metrics: VerifyServicer(
+            TreeVerifier(model, store, settings.max_batch_rows, settings.batch_wait_ms / 1e3, observe_batches(metrics)),
+            info, settings, metrics),
         verify_pb2_grpc.add_VerifyServiceServicer_to_server,
         SERVICE_NAME,
         load=load_target,

@@ -9,14 +9,15 @@ context end and after every node: ``n + 1`` entries for a tree of ``n`` nodes.
 
 from __future__ import annotations
 
+import functools
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from specdec import telemetry
+from specdec.batching import BatchInfo, BatchWorker, Caller, feed
 from specdec.cost import CALIBRATION_CONTEXT, CALIBRATION_ROWS, CostCurve
-from specdec.engine import ModelWorker, calibrate_forward, on_model_thread, tree_forward
+from specdec.engine import calibrate_forward, forward_batch
 from specdec.kernels import make_batch_invariant
 from specdec.kv_cache import SessionStore
 from specdec.sampling import SamplingParams, distribution
@@ -30,48 +31,62 @@ class VerifyOutcome:
     fed_tokens: int  # tokens in the forward pass (missing context + tree nodes)
     cached_tokens: int  # cache length after the call (context + tree)
     target_probs: torch.Tensor | None = None  # [n + 1, vocab] float32, the warped distributions (sampling only)
-    forward_s: float = 0.0
+    forward_s: float = 0.0  # from the call's first pass to its last
+    queue_s: float = 0.0  # waiting for the model before its first pass
+    batch: BatchInfo = field(default_factory=BatchInfo)  # the pass that scored the tree
 
 
 class TreeVerifier:
-    """Safe to call from any thread: :meth:`verify` runs one call at a time on its own model thread."""
+    """Safe to call from any thread: calls run on one model thread, batched across sessions
+    (:class:`specdec.batching.BatchWorker`): each pass scores the trees of every session waiting,
+    up to ``max_batch_rows`` rows, and a long context is fed in passes of at most that many."""
 
-    def __init__(self, model, store: SessionStore | None = None) -> None:
+    def __init__(self, model, store: SessionStore | None = None, max_batch_rows: int = 256, gather_s: float = 0.002,
+                 observe=None) -> None:
         # Every row's logits are made independent of the rows around it, so speculative output is
-        # the model's own one-token greedy output bit for bit, in every dtype (README, "Exactness").
+        # the model's own one-token greedy output bit for bit, in every dtype, alone or batched with
+        # other sessions (README, "Exactness").
         self.model = model
         self.kernel = make_batch_invariant(model)
         self.store = store if store is not None else SessionStore()
-        self.worker = ModelWorker()
+        self.max_batch_rows = max_batch_rows
+        self.worker = BatchWorker(functools.partial(forward_batch, model), self.store, max_batch_rows, gather_s, observe)
 
-    @on_model_thread
-    def verify(self, session_id: str, context: list[int], tree: TokenTree, sampling: SamplingParams | None = None) -> VerifyOutcome:
+    def verify(self, session_id: str, context: list[int], tree: TokenTree, sampling: SamplingParams | None = None,
+               caller: Caller | None = None) -> VerifyOutcome:
         """Score the tree; with ``sampling`` (temperature > 0) also return the target's warped
-        distributions, which the acceptance rule needs."""
+        distributions, which the acceptance rule needs. ``caller``: dropped unrun once it has gone."""
         if not context:
             raise ValueError("context must hold at least one token")
         validate_parents(tree.parents)
+        outcome, stats = self.worker.submit(lambda: self._verify(session_id, context, tree, sampling), session_id, caller)
+        outcome.queue_s, outcome.batch = stats.queue_s, stats.batch
+        return outcome
+
+    def _verify(self, session_id: str, context: list[int], tree: TokenTree, sampling: SamplingParams | None):
         session = self.store.get(session_id)
         reused = session.sync(context)
         pending = context[reused:]
         start = time.perf_counter()
-        with telemetry.span("specdec.forward") as span:
-            logits = tree_forward(self.model, session, pending, tree.tokens, tree.parents, logits_to_keep=len(tree) + 1)
-            span.set_attribute("specdec.fed_tokens", len(pending) + len(tree))
-            span.set_attribute("specdec.tree.nodes", len(tree))
-        forward_s = time.perf_counter() - start
-        outcome = VerifyOutcome(
-            target_tokens=logits.argmax(-1).tolist(),
+        sampled = sampling is not None and not sampling.greedy
+        scored = yield from feed(session, pending, tree.tokens, tree.parents, keep=len(tree) + 1,
+                                 reduce=None if sampled else _argmax, chunk=self.max_batch_rows)
+        return VerifyOutcome(
+            target_tokens=(scored.argmax(-1) if sampled else scored).tolist(),
             reused_tokens=reused,
             fed_tokens=len(pending) + len(tree),
             cached_tokens=session.cached_len,
-            target_probs=distribution(logits.cpu(), sampling) if sampling and not sampling.greedy else None,
-            forward_s=forward_s,
+            target_probs=distribution(scored.cpu(), sampling) if sampled else None,
+            forward_s=time.perf_counter() - start,
         )
-        self.store.enforce_limits(keep=session_id)
-        return outcome
 
-    @on_model_thread
+    def release(self, session_id: str) -> bool:
+        return self.worker.release(session_id)
+
     def calibrate(self, rows=CALIBRATION_ROWS, reps: int = 3, context_len: int = CALIBRATION_CONTEXT) -> CostCurve:
         """What a verify pass of each row count costs here (the bonus token plus ``rows - 1`` nodes)."""
-        return calibrate_forward(self.model, self.store, rows, reps, context_len)
+        return self.worker.run(calibrate_forward, self.model, self.store, rows, reps, context_len)
+
+
+def _argmax(logits: torch.Tensor) -> torch.Tensor:
+    return logits.argmax(-1)

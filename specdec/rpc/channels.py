@@ -16,9 +16,15 @@ def message_options(max_message_mb: int) -> list[tuple[str, int]]:
 
 
 def server_options(max_message_mb: int) -> list[tuple[str, int]]:
-    # Accept the clients' keepalive pings (client_options) instead of closing the connection.
-    return [*message_options(max_message_mb), ("grpc.http2.min_recv_ping_interval_without_data_ms", 5000),
-            ("grpc.http2.max_ping_strikes", 0)]
+    return [
+        *message_options(max_message_mb),
+        # Accept the clients' keepalive pings (client_options) instead of closing the connection.
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 5000),
+        ("grpc.http2.max_ping_strikes", 0),
+        # gRPC sets SO_REUSEPORT by default: a second server on a port in use would then start and
+        # take half of the new connections. Without it, that second server fails to bind.
+        ("grpc.so_reuseport", 0),
+    ]
 
 
 def client_options(max_message_mb: int) -> list[tuple[str, int]]:

@@ -9,7 +9,9 @@ Useful ratios come straight out of the counters, e.g.
 - acceptance rate: ``sum(rate(specdec_draft_tokens_accepted_total[5m])) / sum(rate(specdec_draft_tokens_proposed_total[5m]))``
   (``by (position)`` for the rate at each draft position, ``by (draft)`` per draft service);
 - mean tokens per round (accepted + bonus): ``rate(specdec_tokens_generated_total[5m]) / rate(specdec_round_duration_seconds_count[5m])``;
-- mean accepted draft tokens per round: ``rate(specdec_accepted_tokens_total[5m]) / rate(specdec_round_duration_seconds_count[5m])``.
+- mean accepted draft tokens per round: ``rate(specdec_accepted_tokens_total[5m]) / rate(specdec_round_duration_seconds_count[5m])``;
+- 95th percentile time to first token: ``histogram_quantile(0.95, sum by (le) (rate(specdec_time_to_first_token_seconds_bucket[5m])))``;
+- mean time per output token: ``rate(specdec_inter_token_latency_seconds_sum[5m]) / rate(specdec_inter_token_latency_seconds_count[5m])``.
 
 The draft and verify services count their RPCs with :class:`ServerMetricsInterceptor`; the
 orchestrator counts its generations itself (``specdec.orchestrator.instrumentation``). Each process
@@ -45,6 +47,8 @@ disable_created_metrics()
 
 # From a cached decoding step on a GPU (~1 ms) to a long CPU generation (minutes).
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+# One token's share of a round: well under a millisecond when a GPU round accepts several tokens.
+TOKEN_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 def new_registry() -> CollectorRegistry:
@@ -84,6 +88,19 @@ class ModelServiceMetrics(ServiceMetrics):
         self.fed_tokens = Counter(
             "specdec_forward_tokens", "tokens fed through the model (missing context + tree nodes or beams)", ["method"], registry=r
         )
+        # Continuous batching (specdec.batching), observed at each call's first forward pass.
+        self.batch_sessions = Histogram(
+            "specdec_batch_sessions", "calls sharing the forward pass a call first ran in, that call included",
+            buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64), registry=r,
+        )
+        self.batch_rows = Histogram(
+            "specdec_batch_rows", "rows fed by the forward pass a call first ran in, over every call in it",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512), registry=r,
+        )
+        self.queue_seconds = Histogram(
+            "specdec_queue_seconds", "time a call waited for the model before its first forward pass",
+            buckets=DURATION_BUCKETS, registry=r,
+        )
 
 
 class OrchestratorMetrics(ServiceMetrics):
@@ -97,6 +114,14 @@ class OrchestratorMetrics(ServiceMetrics):
             ["mode"], buckets=DURATION_BUCKETS, registry=r,
         )
         self.tokens_generated = Counter("specdec_tokens_generated", "tokens added to outputs", ["mode"], registry=r)
+        self.time_to_first_token = Histogram(
+            "specdec_time_to_first_token_seconds", "from a generation's arrival (its wait for a slot included) to its first "
+            "token, observed when the generation completes", ["mode"], buckets=DURATION_BUCKETS, registry=r,
+        )
+        self.inter_token_latency = Histogram(
+            "specdec_inter_token_latency_seconds", "time per output token: each round's duration spread evenly over the tokens "
+            "it added (one observation per token, so _sum over _count is the mean)", ["mode"], buckets=TOKEN_BUCKETS, registry=r,
+        )
         self.draft_proposed = Counter(
             "specdec_draft_tokens_proposed", "draft tokens proposed (every beam's), by draft service and position in the beam (1 = first)",
             ["draft", "position"], registry=r,

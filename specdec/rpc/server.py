@@ -6,9 +6,11 @@ the whole ``main`` of the draft and verify services.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -18,6 +20,7 @@ from concurrent import futures
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from opentelemetry import trace
 
 from specdec import telemetry
 from specdec.rpc.channels import server_options
@@ -60,6 +63,43 @@ def start_telemetry(service: str, settings, store=None, attributes: dict | None 
     return interceptors, metrics
 
 
+class PortInUse(RuntimeError):
+    """Another process listens on the port a service was asked to serve on."""
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Raise :class:`PortInUse` naming ``host:port`` when something already listens there (port 0,
+    a free one picked at bind time, is never in use). Called before a service loads its model, so
+    that a second server on a busy port fails at once rather than minutes later."""
+    if not port:
+        return
+    try:
+        addresses = socket.getaddrinfo(host.strip("[]") or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror:
+        return  # an address that does not resolve: the server's own bind reports it
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as probe:
+            # As a server binds: a port held only by closed connections (TIME_WAIT) is free.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    raise PortInUse(f"port {host}:{port} is in use: something already listens on it") from None
+                # Any other failure (an address this host lacks, a privileged port) is left to the server's bind.
+
+
+def exit_if_ports_in_use(service: str, settings) -> None:
+    """Exit 1 with one plain line when the service's port or metrics port (``settings.host``,
+    ``port``, ``metrics_port``) is taken."""
+    try:
+        for port in (settings.port, settings.metrics_port):
+            check_port_free(settings.host, port)
+    except PortInUse as exc:
+        print(f"specdec {service}: cannot start: {exc}", file=sys.stderr, flush=True)
+        sys.exit(1)
+
+
 class ServingHealth(health.HealthServicer):
     """grpc.health.v1 plus the server's :class:`~specdec.rpc.interceptors.Admission`, which graceful
     shutdown closes when it turns health to NOT_SERVING."""
@@ -77,7 +117,8 @@ def start_server(add_servicers, service_names: list[str], host: str, port: int, 
     call beyond it with RESOURCE_EXHAUSTED at once. ``tls``: settings with ``tls_cert``,
     ``tls_key`` and ``tls_client_ca`` (see :mod:`specdec.rpc.security`); ``None`` or unset = plaintext.
     Returns ``(server, bound_port, health_servicer)``; every service is marked SERVING, and
-    :func:`serve_until_signalled` shuts the server down gracefully.
+    :func:`serve_until_signalled` shuts the server down gracefully. A port another server listens
+    on is refused (no SO_REUSEPORT): ``RuntimeError``.
     """
     credentials = server_credentials(tls) if tls is not None else None
     admission = Admission()
@@ -184,15 +225,23 @@ class ModelServicer:
         self.settings = settings
         self.metrics = metrics  # specdec.rpc.metrics.ModelServiceMetrics, or None when metrics are off
 
-    def in_session(self, method: str, request, run):
-        """``run(session_id)`` in the request's session. Without a session id the call is stateless:
-        its cache is dropped right after."""
+    def in_session(self, method: str, request, context, run):
+        """``run(session_id, caller)`` in the request's session (``caller``: a
+        :class:`~specdec.batching.Caller`, so that the model skips the call once its caller has
+        gone). Without a session id the call is stateless: its cache is dropped right after. The
+        forward pass it shared with other sessions is noted on the call's span."""
+        from specdec.batching import Caller
+
         session_id = request.session_id or f"oneshot-{uuid.uuid4()}"
         try:
-            outcome = run(session_id)
+            outcome = run(session_id, Caller.of_rpc(context))
         finally:
             if not request.session_id:
-                self.engine.store.release(session_id)
+                self.engine.release(session_id)
+        batch = getattr(outcome, "batch", None)
+        if batch is not None:
+            trace.get_current_span().set_attributes({"specdec.batch.sessions": batch.sessions, "specdec.batch.rows": batch.rows,
+                                      "specdec.queue_ms": outcome.queue_s * 1e3})
         if self.metrics is not None:
             self.metrics.reused_tokens.labels(method).inc(outcome.reused_tokens)
             self.metrics.fed_tokens.labels(method).inc(outcome.fed_tokens)
@@ -204,7 +253,21 @@ class ModelServicer:
 
     @rpc_method
     def ReleaseSession(self, request, context):
-        return common_pb2.ReleaseSessionResponse(released=self.engine.store.release(request.session_id))
+        return common_pb2.ReleaseSessionResponse(released=self.engine.release(request.session_id))
+
+
+def observe_batches(metrics):
+    """What a :class:`~specdec.batching.BatchWorker` reports of each call's first pass, into the
+    service's metrics (None when metrics are off)."""
+    if metrics is None:
+        return None
+
+    def observe(batch, queue_s: float) -> None:
+        metrics.batch_sessions.observe(batch.sessions)
+        metrics.batch_rows.observe(batch.rows)
+        metrics.queue_seconds.observe(queue_s)
+
+    return observe
 
 
 def load_for_service(service: str, name: str, settings):
@@ -223,7 +286,8 @@ def load_for_service(service: str, name: str, settings):
 
 def run_model_service(service: str, settings, model_name: str, make_servicer, add_servicer, service_name: str,
                       load=load_for_service) -> None:
-    """Start-up shared by the draft and verify services: load the model, bound the session store,
+    """Start-up shared by the draft and verify services: refuse a port in use (before anything is
+    loaded), load the model, bound the session store,
     start telemetry, measure the forward's cost curve (``--calibrate``; this warms the model), start
     the server, announce the port, serve until signalled.
 
@@ -234,6 +298,7 @@ def run_model_service(service: str, settings, model_name: str, make_servicer, ad
     from specdec.kv_cache import SessionStore
 
     setup_logging()
+    exit_if_ports_in_use(service, settings)  # before the model: loading it may take minutes
     model, _, info = load(service, model_name, settings)
     store = SessionStore(settings.max_sessions, settings.kv_cache_mb << 20, ttl_s=settings.session_ttl_s)
     store.start_sweeper()

@@ -369,6 +369,15 @@ def test_metrics_move_by_what_the_response_reports(traced_cluster):
     assert moved(o, "specdec_request_duration_seconds_count", method="Generate") == 1
     assert moved(o, "specdec_round_duration_seconds_count", mode="sequential") == s.rounds
     assert moved(o, "specdec_tokens_generated_total", mode="sequential") == s.tokens_generated
+    # The first token: at least what the response timed from the controller's start (the call's
+    # wait for a slot comes on top), within the call.
+    assert moved(o, "specdec_time_to_first_token_seconds_count", mode="sequential") == 1
+    first_token_s = moved(o, "specdec_time_to_first_token_seconds_sum", mode="sequential")
+    assert s.time_to_first_token_ms / 1e3 - 1e-6 <= first_token_s <= moved(o, "specdec_request_duration_seconds_sum", method="Generate")
+    # One latency for each token, each round's time shared among its tokens: together, the rounds' time.
+    assert moved(o, "specdec_inter_token_latency_seconds_count", mode="sequential") == s.tokens_generated
+    assert moved(o, "specdec_inter_token_latency_seconds_sum", mode="sequential") == pytest.approx(
+        moved(o, "specdec_round_duration_seconds_sum", mode="sequential"))
     assert moved(o, "specdec_accepted_tokens_total", mode="sequential") == s.draft_tokens_accepted
     assert moved(o, "specdec_bonus_tokens_total", mode="sequential") == s.bonus_tokens
     assert moved(o, "specdec_tree_nodes_total", mode="sequential") == s.tree_nodes_total

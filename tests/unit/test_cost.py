@@ -164,3 +164,26 @@ def test_deeper_positions_follow_the_first_at_every_width():
     for _ in range(40):
         stats.record("d", 2, 1, 1)  # only one-token paths of width 2 run so far, all accepted
     assert min(stats.rates("d", 2, 4)) > 0.95
+
+
+# A pass bound by reading the weights up to 8 rows, then every row costs a tenth of a step.
+SATURATING = CostCurve.of([(1, 100), (8, 104), (16, 180), (64, 660)])
+
+
+def test_trees_shrink_as_the_batch_grows_down_to_no_speculation():
+    from specdec.cost import Company, Traffic
+
+    costs, stats = RoundCosts(SATURATING, {"draft-0": CHEAP_DRAFT}), stats_with(0.6)
+    alone = choose(costs, stats, ["draft-0"], 4, 8, 64)
+    assert alone == choose(costs, stats, ["draft-0"], 4, 8, 64, Company())  # alone, nothing changes
+    nodes = [alone.nodes]
+    for others in (3, 7, 15, 40):
+        company = Company(sessions=others, rows=others * 3, draft_rows=others, tokens=others * 1.5)
+        nodes.append(choose(costs, stats, ["draft-0"], 4, 8, 64, company).nodes)
+    assert nodes == sorted(nodes, reverse=True) and nodes[0] > nodes[-1] and nodes[-1] == 0, nodes
+    traffic = Traffic()
+    traffic.set("a", 5, 2, 2.0)
+    traffic.set("b", 3, 1, 1.5)
+    assert traffic.company("a") == Company(1, 3, 1, 1.5) and len(traffic) == 2
+    traffic.drop("b")
+    assert traffic.company("a") == Company()
