@@ -38,6 +38,7 @@ from specdec.engine import Part, forward_attributes
 from specdec.errors import Cancelled, DeadlineExceeded
 
 Steps = Generator[Part, torch.Tensor, object]
+STALE_S = 60.0  # a session away this much longer than usual is no longer expected back
 
 
 @dataclass(frozen=True)
@@ -118,9 +119,13 @@ class BatchWorker:
     """
 
     def __init__(self, forward: Callable[[list[Part]], list[torch.Tensor]], store, max_rows: int = 256,
-                 gather_s: float = 0.002, observe: Callable[[BatchInfo, float], None] | None = None) -> None:
+                 gather_s: float = 0.002, observe: Callable[[BatchInfo, float], None] | None = None,
+                 company_wait: float = 0.5) -> None:
         self.forward, self.store = forward, store
         self.max_rows, self.gather_s = max(1, max_rows), gather_s
+        self.company_wait = company_wait  # share of a pass a pass may wait for sessions due back
+        self._returns: dict[str, list[float]] = {}  # session -> [when its last call ended, its usual time away]
+        self._pass_s = 0.0  # recent passes' duration (a running mean)
         self.observe = observe  # (a pass's batch, seconds it waited in the queue), for metrics
         self._incoming: deque = deque()
         self._waiting: list[_Job] = []  # admitted, not started (their session is busy)
@@ -152,6 +157,7 @@ class BatchWorker:
             for job in self._active:
                 if job.session_id == session_id:
                     job.released = True
+            self._returns.pop(session_id, None)
         return self.store.release(session_id)
 
     @property
@@ -163,8 +169,31 @@ class BatchWorker:
     def _put(self, item) -> None:
         with self._cond:
             self._incoming.append(item)
-            self._last_arrival = time.monotonic()
+            self._last_arrival = now = time.monotonic()
+            if isinstance(item, _Job) and (back := self._returns.get(item.session_id)) is not None and back[0]:
+                away = now - back[0]
+                back[1] = away if back[1] is None else back[1] + 0.3 * (away - back[1])
+                back[0] = 0.0  # here now
             self._cond.notify()
+
+    def _due_back(self, now: float) -> float:
+        """When to start the next pass, waiting for sessions due back soon (under the lock).
+
+        Under load, each generation's rounds come back to this service after the other service's
+        part of the round: the verify service sees a session again a drafting step after it
+        answered it. Sessions that fall out of step would split into cohorts that each pay for a
+        pass of their own, so a pass waits for the sessions whose usual time away says they are
+        about to arrive, up to ``company_wait`` of a pass; a session that is late past that, or
+        away longer than that, is not waited for (the draft service, whose sessions are away for a
+        whole verify pass, never waits this way)."""
+        bound = now + self.company_wait * self._pass_s
+        start = now
+        for session_id, (ended, away) in list(self._returns.items()):
+            if ended and now > ended + (away or 0.0) + STALE_S:
+                del self._returns[session_id]  # a caller that never came back nor released its session
+            elif ended and away is not None and now <= ended + away + self.gather_s <= bound:
+                start = max(start, ended + away + self.gather_s)
+        return start
 
     # ------------------------------------------------------------------ the model thread
 
@@ -179,6 +208,8 @@ class BatchWorker:
                     end = time.monotonic() + self.gather_s
                     while (now := time.monotonic()) < min(end, self._last_arrival + self.gather_s / 4):
                         self._cond.wait(min(end, self._last_arrival + self.gather_s / 4) - now)
+                while (now := time.monotonic()) < (start := self._due_back(now)):
+                    self._cond.wait(start - now)
                 incoming = list(self._incoming)
                 self._incoming.clear()
             for item in incoming:
@@ -222,10 +253,14 @@ class BatchWorker:
             with self._cond:
                 self._active.append(job)
 
-    def _finish(self, job: _Job) -> None:
+    def _finish(self, job: _Job, completed: bool = True) -> None:
         with self._cond:
             if job in self._active:
                 self._active.remove(job)
+            if completed and not job.released:
+                self._returns.setdefault(job.session_id, [0.0, None])[0] = time.monotonic()
+            else:
+                self._returns.pop(job.session_id, None)
         if job.released:
             self.store.release(job.session_id)
         self.store.enforce_limits(keep={j.session_id for j in self._active} | {job.session_id})
@@ -233,7 +268,7 @@ class BatchWorker:
     def _fail(self, job: _Job, error: BaseException) -> None:
         if job.steps is not None:
             job.steps.close()
-        self._finish(job)
+        self._finish(job, completed=False)
         if job.created_session or job.released:
             self.store.release(job.session_id)  # no cache is kept for a call that did not complete
         job.future.set_exception(error)
@@ -253,8 +288,11 @@ class BatchWorker:
             return
         for job in batch:  # each call's trace gets a span over the pass it shared
             job.part.span = job.context.run(_forward_span, job.part, len(batch), rows)
+        started = time.monotonic()
         try:
             outputs = self._forward(batch)
+            took = time.monotonic() - started
+            self._pass_s = took if not self._pass_s else self._pass_s + 0.2 * (took - self._pass_s)
         finally:
             for job in batch:
                 if job.part.span is not None:

@@ -213,6 +213,8 @@ class SpeculationPolicy:
         for proposal in proposals:
             self.stats.record(proposal.draft, choice.width, proposal.depth, accepted.get(proposal.draft, 0),
                               cut=verdict.bonus_token is None)
-        if not first and verify_ms > 0:
+        # Only rounds alone correct the curves: in company a round's times include waiting for the
+        # passes of others, which its own shape did not cost.
+        if not first and verify_ms > 0 and not choice.company.sessions:
             self.costs.observe(1 + len(verdict.merged.tree), verify_ms,
                                {p.draft: (choice.width, choice.depth) for p in proposals}, draft_ms, choice.company)
