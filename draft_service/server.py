@@ -26,7 +26,8 @@ class DraftServicer(ModelServicer, draft_pb2_grpc.DraftServiceServicer):
         # The largest beams a request may ask for: config.SpeculationLimits.
         width = check_range("beam_width", request.beam_width, 1, self.settings.max_beam_width)
         depth = check_range("beam_depth", request.beam_depth, 1, self.settings.max_beam_depth)
-        context_ids = check_token_ids("context_token_ids", request.context_token_ids, self.info.vocab_size)
+        context_ids = check_token_ids("context_token_ids", request.context_token_ids, self.info.vocab_size,
+                                      max_len=self.info.max_context)
         if self.info.max_context and len(context_ids) + depth > self.info.max_context:
             raise InvalidRequest(
                 f"context_token_ids ({len(context_ids)} tokens) plus beam_depth {depth} exceeds the model's context of {self.info.max_context}"

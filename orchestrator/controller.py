@@ -42,7 +42,7 @@ import torch
 from specdec.config import SpeculationLimits
 from specdec.cost import AcceptanceStats, Choice, RoundCosts, Traffic
 from specdec.detokenize import TextStream
-from specdec.errors import Cancelled, DeadlineExceeded, InvalidRequest, Unavailable, check_range
+from specdec.errors import Cancelled, DeadlineExceeded, InvalidRequest, Unavailable, check_range, check_token_ids
 from specdec.orchestrator.instrumentation import GenerationInstrumentation
 from specdec.orchestrator.resilience import DraftHealth
 from specdec.records import DecodingMode, DraftStats, GenerationResult, GenerationStats, RoundRecord
@@ -145,8 +145,8 @@ class SpeculativeController:
         # Acceptance per draft and depth, shared by every generation: a new one starts from what
         # the last ones saw, and old rounds fade as new ones come.
         self.acceptance = AcceptanceStats()
-        # Every generation in flight and its round: the company each round shares passes with, once
-        # the services batch them (specdec.batching); a round's shape is priced at the batch it joins.
+        # Every generation in flight: the company each round shares passes with, once the services
+        # batch them (specdec.batching); a round's shape is priced for the batch it joins.
         self.traffic = Traffic()
 
     def check(self, req: GenerationRequest) -> None:
@@ -157,10 +157,7 @@ class SpeculativeController:
         # The size first: the token checks after it then read at most a context's worth.
         if lim.max_context and len(req.prompt_ids) >= lim.max_context:
             raise InvalidRequest(f"prompt has {len(req.prompt_ids)} tokens; the model's context is {lim.max_context}")
-        # min and max run in C; the loop that names the first bad token runs only when there is one.
-        if min(req.prompt_ids) < 0 or max(req.prompt_ids) >= lim.vocab_size:
-            i, token = next((i, t) for i, t in enumerate(req.prompt_ids) if not 0 <= t < lim.vocab_size)
-            raise InvalidRequest(f"prompt_token_ids[{i}] = {token} is outside the vocabulary [0, {lim.vocab_size})")
+        check_token_ids("prompt_token_ids", req.prompt_ids, lim.vocab_size)
         check_range("max_new_tokens", req.max_new_tokens, 1, lim.max_new_tokens_limit)
         if lim.max_context and len(req.prompt_ids) + req.max_new_tokens > lim.max_context:
             # Refused up front: the verify service would reject the context mid-generation.
@@ -195,6 +192,7 @@ class SpeculativeController:
         # One generator per request drives every random choice (draft seeds, accept coins, bonus
         # draws): a fixed seed replays the same output on the same cluster configuration.
         generator = torch.Generator().manual_seed(req.sampling.seed or int.from_bytes(uuid.uuid4().bytes[:7], "big"))
+        self.traffic.join(session_id)
         try:
             while len(output) < req.max_new_tokens and not stopped:
                 context = req.prompt_ids + output
@@ -203,7 +201,6 @@ class SpeculativeController:
                 with self.instrumentation.round(trace_parent, len(rounds), req.mode) as observed:
                     t0 = time.perf_counter()
                     choice = policy.next(self._room(req, context, len(output)), self.traffic.company(session_id))
-                    self.traffic.set(session_id, choice.verify_rows, choice.width, choice.expected_tokens)
                     proposals, fallback_reason = self._propose(req, session_id, context, choice, generator, draft_timeout_s)
                     t1 = time.perf_counter()
                     merged = merge(proposals, choice.nodes or req.max_tree_nodes, self.limits.vocab_size, sampled=not req.sampling.greedy)
@@ -221,7 +218,7 @@ class SpeculativeController:
                     rounds.append(record)
                 yield record
         finally:
-            self.traffic.drop(session_id)
+            self.traffic.leave(session_id)
             self._release(session_id)
         text.finish()
         return self._result(req, output, text.text, "stop" if stopped else "length", rounds, start, first_token_ms)
@@ -350,7 +347,6 @@ def _round_record(index: int, mode: str, proposals: list[Proposal], fallback_rea
         expected_tokens=choice.expected_tokens if proposals else 1.0,
         predicted_ms=choice.cost_ms,
         company_sessions=choice.company.sessions,
-        company_rows=choice.company.rows,
     )
 
 

@@ -220,7 +220,6 @@ def round_attributes(record, mode: str) -> dict:
         "specdec.predicted.tokens": float(record.expected_tokens),
         "specdec.predicted.ms": float(record.predicted_ms),
         "specdec.batch.company_sessions": record.company_sessions,
-        "specdec.batch.company_rows": record.company_rows,
     }
     if record.fallback_reason:
         attributes["specdec.fallback_reason"] = record.fallback_reason

@@ -16,11 +16,14 @@ the proposal with the most expected tokens per second.
   width 1, so a tree-mode choice is never predicted slower than a sequential one.
 
 Under load the services batch the rounds of every generation in flight into shared passes
-(``specdec.batching``). A :class:`Company` is what the other generations put into the passes a
-round joins (their rows and the tokens they expect); a shape is then priced at the pass's whole row
-count, and weighed by the tokens the whole pass gives over its cost, so that as the batch grows (and
-a pass stops being bound by reading the weights) trees shrink, down to no speculation; alone,
-nothing changes.
+(``specdec.batching``). A round's shape is then priced for the whole batch (its :class:`Company`:
+the other generations in flight), as if every generation in it took the same shape, which they do
+when their acceptance is alike (the statistics are shared): the verify pass over every
+generation's rows, each draft level over every generation's beams, against the tokens all of them
+get. As the batch grows and a pass stops being bound by reading the weights, trees shrink, down to
+no speculation; alone, nothing changes. (Pricing a shape for one generation against the others'
+current choice would trap them: when none drafts, a lone draft pays a whole draft pass for one
+token, so none starts, even where all drafting together is faster.)
 
 Nothing here looks at a round's own draws: the shape comes from earlier rounds only, so sampled
 generation stays distributed exactly as the target's (the acceptance rule is unchanged).
@@ -29,7 +32,6 @@ generation stays distributed exactly as the target's (the acceptance rule is unc
 from __future__ import annotations
 
 import copy
-import statistics
 import threading
 import time
 from dataclasses import dataclass, field
@@ -71,16 +73,19 @@ class CostCurve:
 
 def measure_curve(forward: Callable[[int], None], rows=CALIBRATION_ROWS, reps: int = 3) -> CostCurve:
     """Time ``forward(n)`` (one forward pass of ``n`` rows) for each row count: one untimed run to
-    warm it, then the median of ``reps``."""
-    points = []
-    for n in rows:
+    warm it, then the fastest of ``reps`` (interference only ever adds time), never below the cost
+    of fewer rows (a pass over more rows does all the work of one over fewer: a dip is noise, and
+    the chooser would take it for a bargain)."""
+    points, floor = [], 0.0
+    for n in sorted(rows):
         forward(n)
         times = []
         for _ in range(reps):
             start = time.perf_counter()
             forward(n)
             times.append((time.perf_counter() - start) * 1e3)
-        points.append((n, statistics.median(times)))
+        floor = max(floor, min(times))
+        points.append((n, floor))
     return CostCurve.of(points)
 
 
@@ -130,66 +135,62 @@ class RoundCosts:
             return self.verify.ms(rows) * (self.corrections.factor("verify", rows) if corrected else 1.0)
         return 1.0 + ASSUMED_ROW_SLOPE * (rows - 1)
 
-    def draft_ms(self, draft: str, width: int, depth: int, corrected: bool = True, company: Company | None = None) -> float:
+    def draft_ms(self, draft: str, width: int, depth: int, corrected: bool = True, batch: int = 1) -> float:
         """Beam search ``depth`` deep: a forward over the new context token, then ``depth - 1`` over
-        ``width`` rows, each pass shared with the ``company``'s rows."""
+        ``width`` rows, for each of ``batch`` generations drafting together."""
         curve = self.drafts.get(draft) if self.verify else None
         if not curve:
             return depth * ASSUMED_DRAFT_SHARE * self.verify_ms(1)
-        sessions, rows = (company.sessions, company.draft_rows) if company else (0, 0)
-        factor = self.corrections.factor(draft, width + rows) if corrected else 1.0
-        return (curve.ms(1 + sessions) + (depth - 1) * curve.ms(width + rows)) * factor
+        factor = self.corrections.factor(draft, width * batch) if corrected else 1.0
+        return (curve.ms(batch) + (depth - 1) * curve.ms(width * batch)) * factor
 
     def observe(self, verify_rows: int, verify_ms: float, drafts: dict[str, tuple[int, int]] | None = None,
-                draft_ms: float = 0.0, company: Company | None = None) -> None:
-        """A round's measured times: its verify call over ``verify_rows`` rows, and its drafting
-        (``drafts``: each draft's (width, depth); they run side by side, so the slowest is charged),
-        in passes shared with ``company``."""
+                draft_ms: float = 0.0) -> None:
+        """A round's measured times, alone: its verify call over ``verify_rows`` rows, and its drafting
+        (``drafts``: each draft's (width, depth); they run side by side, so the slowest is charged)."""
         if not self.verify:
             return
-        rows = verify_rows + (company.rows if company else 0)
-        self.corrections.observe("verify", rows, self.verify_ms(rows, corrected=False), verify_ms)
+        self.corrections.observe("verify", verify_rows, self.verify_ms(verify_rows, corrected=False), verify_ms)
         if drafts:
-            name, (width, depth) = max(drafts.items(), key=lambda kv: self.draft_ms(kv[0], *kv[1], company=company))
+            name, (width, depth) = max(drafts.items(), key=lambda kv: self.draft_ms(kv[0], *kv[1]))
             if self.drafts.get(name):
-                predicted = self.draft_ms(name, width, depth, corrected=False, company=company)
-                self.corrections.observe(name, width + (company.draft_rows if company else 0), predicted, draft_ms)
+                self.corrections.observe(name, width, self.draft_ms(name, width, depth, corrected=False), draft_ms)
 
 
 @dataclass(frozen=True)
 class Company:
-    """What the other generations in flight put into the passes a round shares with them."""
+    """The other generations in flight, whose rounds share the services' passes with a round's."""
 
     sessions: int = 0
-    rows: int = 0  # their rows in the verify pass
-    draft_rows: int = 0  # their rows in each draft level (beams)
-    tokens: float = 0.0  # the tokens they expect from the pass
+
+    @property
+    def batch(self) -> int:
+        """Generations in each pass, the round's own included."""
+        return 1 + self.sessions
 
 
 class Traffic:
-    """The generations in flight, each with its current round's rows and expected tokens: the
-    :class:`Company` any one of them keeps. Safe to share between threads."""
+    """The generations in flight: the :class:`Company` any one of them keeps. Safe to share between threads."""
 
     def __init__(self) -> None:
-        self._rounds: dict[str, tuple[int, int, float]] = {}
+        self._generations: set[str] = set()
         self._lock = threading.Lock()
 
-    def set(self, generation: str, rows: int, draft_rows: int, tokens: float) -> None:
+    def join(self, generation: str) -> None:
         with self._lock:
-            self._rounds[generation] = (rows, draft_rows, tokens)
+            self._generations.add(generation)
 
-    def drop(self, generation: str) -> None:
+    def leave(self, generation: str) -> None:
         with self._lock:
-            self._rounds.pop(generation, None)
+            self._generations.discard(generation)
 
     def company(self, generation: str) -> Company:
         with self._lock:
-            others = [r for g, r in self._rounds.items() if g != generation]
-        return Company(len(others), sum(r[0] for r in others), sum(r[1] for r in others), sum(r[2] for r in others))
+            return Company(len(self._generations - {generation}))
 
     def __len__(self) -> int:
         with self._lock:
-            return len(self._rounds)
+            return len(self._generations)
 
 
 class AcceptanceStats:
@@ -259,13 +260,12 @@ class Choice:
     nodes: int  # the merged tree's node cap
     expected_tokens: float  # accepted tokens plus the bonus token
     cost_ms: float  # drafting, then verifying (units of a one-row verify pass when no curve is known)
-    company: Company = Company()  # the other generations sharing the round's passes
+    company: Company = Company()  # the other generations sharing the round's passes (cost_ms is the batch's)
 
     @property
     def tokens_per_s(self) -> float:
-        """Tokens per second from the passes the round shares: its own and its company's."""
-        tokens = self.expected_tokens + self.company.tokens
-        return tokens / self.cost_ms * 1e3 if self.cost_ms > 0 else float("inf")
+        """Tokens per second of one generation (the batch's, over the generations in it)."""
+        return self.expected_tokens / self.cost_ms * 1e3 if self.cost_ms > 0 else float("inf")
 
     @property
     def verify_rows(self) -> int:
@@ -287,21 +287,21 @@ def expected_tokens(rates_by_draft: list[list[float]]) -> float:
 
 def price(costs: RoundCosts, stats: AcceptanceStats, drafts: list[str], width: int, depth: int, max_nodes: int,
           company: Company = Company()) -> Choice:
-    """One shape's expected tokens and cost, its passes shared with ``company``; width or depth 0
-    prices a round without speculation."""
+    """One shape's expected tokens and cost, every generation of the batch (``company`` and this
+    one) taking it; width or depth 0 prices a round without speculation."""
+    batch = company.batch
     if width <= 0 or depth <= 0 or not drafts:
-        return Choice(0, 0, 0, 1.0, costs.verify_ms(1 + company.rows) + costs.overhead_ms, company)
+        return Choice(0, 0, 0, 1.0, costs.verify_ms(batch) + costs.overhead_ms, company)
     nodes = min(width * depth * len(drafts), max_nodes)
     tokens = expected_tokens([stats.rates(d, width, depth) for d in drafts])
-    draft_ms = max(costs.draft_ms(d, width, depth, company=company) for d in drafts)  # drafts run side by side
-    return Choice(width, depth, nodes, tokens, draft_ms + costs.verify_ms(1 + nodes + company.rows) + costs.overhead_ms, company)
+    draft_ms = max(costs.draft_ms(d, width, depth, batch=batch) for d in drafts)  # drafts run side by side
+    return Choice(width, depth, nodes, tokens, draft_ms + costs.verify_ms(batch * (1 + nodes)) + costs.overhead_ms, company)
 
 
 def choose(costs: RoundCosts, stats: AcceptanceStats, drafts: list[str], max_width: int, max_depth: int,
            max_nodes: int, company: Company = Company()) -> Choice:
     """The shape with the most expected tokens per second among no speculation and every ``width`` ×
-    ``depth`` within the bounds (the smaller shape on a tie), counting the ``company``'s tokens and
-    rows in the passes it shares."""
+    ``depth`` within the bounds (the smaller shape on a tie), for the batch it shares with ``company``."""
     best = price(costs, stats, drafts, 0, 0, max_nodes, company)
     for width in range(1, max_width + 1):
         if width * len(drafts) > max_nodes:

@@ -34,14 +34,18 @@ class Cancelled(SpecdecError):
     """The client went away; the work was stopped (CANCELLED)."""
 
 
-def check_token_ids(field: str, token_ids, vocab_size: int, *, allow_empty: bool = False) -> list[int]:
-    ids = list(token_ids)
-    if not ids and not allow_empty:
+def check_token_ids(field: str, token_ids, vocab_size: int, *, allow_empty: bool = False, max_len: int = 0) -> list[int]:
+    """``token_ids`` (a repeated field, or any sequence) as a list, once its size is within
+    ``max_len`` (0: any) and every id is in the vocabulary. The size is checked before anything
+    is copied; min and max run in C, and the loop that names the first bad id runs only when there is one."""
+    if max_len and len(token_ids) > max_len:
+        raise InvalidRequest(f"{field} has {len(token_ids)} tokens; the most accepted is {max_len}")
+    if not len(token_ids) and not allow_empty:
         raise InvalidRequest(f"{field} is empty")
-    for i, token in enumerate(ids):
-        if not 0 <= token < vocab_size:
-            raise InvalidRequest(f"{field}[{i}] = {token} is outside the vocabulary [0, {vocab_size})")
-    return ids
+    if len(token_ids) and (min(token_ids) < 0 or max(token_ids) >= vocab_size):
+        i, token = next((i, t) for i, t in enumerate(token_ids) if not 0 <= t < vocab_size)
+        raise InvalidRequest(f"{field}[{i}] = {token} is outside the vocabulary [0, {vocab_size})")
+    return list(token_ids)
 
 
 def check_range(field: str, value: int, low: int, high: int) -> int:

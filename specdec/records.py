@@ -128,7 +128,6 @@ class RoundRecord:
     expected_tokens: float = 0.0
     predicted_ms: float = 0.0
     company_sessions: int = 0  # other generations in flight when the round chose its shape (batched with it)
-    company_rows: int = 0  # their rows in the verify pass it expected to share
 
     @property
     def drafted_depth(self) -> int:

@@ -217,4 +217,4 @@ class SpeculationPolicy:
         # passes of others, which its own shape did not cost.
         if not first and verify_ms > 0 and not choice.company.sessions:
             self.costs.observe(1 + len(verdict.merged.tree), verify_ms,
-                               {p.draft: (choice.width, choice.depth) for p in proposals}, draft_ms, choice.company)
+                               {p.draft: (choice.width, choice.depth) for p in proposals}, draft_ms)

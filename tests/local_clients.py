@@ -27,12 +27,12 @@ class LocalDraft:
         return Proposal(self.name, [b.tokens for b in out.beams], dists)
 
     def release(self, session_id):
-        self.drafter.store.release(session_id)
+        self.drafter.release(session_id)
 
 
 class LocalVerify:
-    def __init__(self, model) -> None:
-        self.verifier = TreeVerifier(model)
+    def __init__(self, model, **batching) -> None:
+        self.verifier = TreeVerifier(model, **batching)
 
     def verify(self, session_id, context, tree, timeout_s):
         return self.verifier.verify(session_id, context, tree).target_tokens
@@ -41,7 +41,7 @@ class LocalVerify:
         return self.verifier.verify(session_id, context, tree, sampling).target_probs
 
     def release(self, session_id):
-        self.verifier.store.release(session_id)
+        self.verifier.release(session_id)
 
 
 @functools.cache

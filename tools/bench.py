@@ -232,15 +232,7 @@ def llama_baseline(sweep: Sweep, pending: list[RunSpec], tokenizer, encoded: dic
                 break
         return out, first
 
-    sweep.bar.set_description("llama-cpp")
-    call(encoded[pending[0].prompt.id][1], min(cfg.warmup_tokens, pending[0].max_new_tokens))  # uncounted warm-up
-    for spec in pending:
-        if sweep.stopped():
-            break
-        text, ids = encoded[spec.prompt.id]
-        start = time.perf_counter()
-        tokens, first = call(ids, spec.max_new_tokens)
-        seconds = time.perf_counter() - start
+    def log_of(spec: RunSpec, ids: list[int], tokens: list[int], first: float | None, seconds: float):
         stats = GenerationStats(
             mode=LLAMA_CPP, prompt_tokens=len(ids), tokens_generated=len(tokens), rounds=len(tokens),
             total_ms=seconds * 1e3, tokens_per_second=len(tokens) / seconds if seconds else 0.0,
@@ -251,9 +243,28 @@ def llama_baseline(sweep: Sweep, pending: list[RunSpec], tokenizer, encoded: dic
         request = {"mode": LLAMA_CPP, "max_new_tokens": spec.max_new_tokens, "prompt_tokens": len(ids),
                    "gguf": gguf.name, "threads": threads, "llama_cpp_python": llama_cpp.__version__}
         log = GenerationLog(result, target_model=target, request=request, token_texts=token_texts(tokenizer, tokens))
-        sweep.record(spec, log, seconds, first * 1e3 if first is not None else None, text, ids)
+        return log, first * 1e3 if first is not None else None
+
+    sweep.bar.set_description("llama-cpp")
+    _time_each(sweep, pending, encoded, call, log_of)
     del llm
     gc.collect()
+
+
+def _time_each(sweep: Sweep, specs: list[RunSpec], encoded: dict, call, log_of) -> None:
+    """Baseline runs timed alike: one uncounted warm-up, then each run's wall time around
+    ``call(ids, max_new_tokens)`` (which returns the tokens and what else it measured), recorded as
+    ``log_of(spec, ids, tokens, measured, seconds)`` makes it: (GenerationLog, time to first token in ms)."""
+    call(encoded[specs[0].prompt.id][1], min(sweep.cfg.warmup_tokens, specs[0].max_new_tokens))  # uncounted warm-up
+    for spec in specs:
+        if sweep.stopped():
+            break
+        text, ids = encoded[spec.prompt.id]
+        start = time.perf_counter()
+        tokens, measured = call(ids, spec.max_new_tokens)
+        seconds = time.perf_counter() - start
+        log, ttft_ms = log_of(spec, ids, tokens, measured, seconds)
+        sweep.record(spec, log, seconds, ttft_ms, text, ids)
 
 
 def _baselines_in(sweep: Sweep, pending: list[RunSpec], tokenizer, encoded: dict, dtype: str) -> None:
@@ -274,14 +285,7 @@ def _baselines_in(sweep: Sweep, pending: list[RunSpec], tokenizer, encoded: dict
             assistant = load_model(draft_name, device=cfg.baseline_device, dtype=dtype)[0]
         call = baseline_call(target, assistant, pad_token_id, device=cfg.baseline_device)
         sweep.bar.set_description(mine[0].method.label + (f" ({draft_name})" if draft_name else ""))
-        call(encoded[mine[0].prompt.id][1], min(cfg.warmup_tokens, mine[0].max_new_tokens))  # uncounted warm-up
-        for spec in mine:
-            if sweep.stopped():
-                break
-            text, ids = encoded[spec.prompt.id]
-            start = time.perf_counter()
-            tokens, extra = call(ids, spec.max_new_tokens)
-            seconds = time.perf_counter() - start
+        def log_of(spec: RunSpec, ids: list[int], tokens: list[int], extra: dict, seconds: float):
             ttft_ms = extra["time_to_first_token_ms"]
             # Assisted generation hands over one piece per round: its accepted draft tokens, then the target's.
             rounds = extra["output_pieces"] if spec.method.mode == ASSISTED else len(tokens)
@@ -298,9 +302,9 @@ def _baselines_in(sweep: Sweep, pending: list[RunSpec], tokenizer, encoded: dict
             )
             request = {"mode": spec.method.mode, "max_new_tokens": spec.max_new_tokens, "prompt_tokens": len(ids), "dtype": dtype,
                        **({"assistant": assisted_settings(assistant)} if assistant is not None else {})}
-            log = GenerationLog(result, target_model=cfg.target_model, request=request,
-                                token_texts=token_texts(tokenizer, tokens))
-            sweep.record(spec, log, seconds, ttft_ms, text, ids)
+            return GenerationLog(result, target_model=cfg.target_model, request=request, token_texts=token_texts(tokenizer, tokens)), ttft_ms
+
+        _time_each(sweep, mine, encoded, call, log_of)
         del assistant, call
         gc.collect()
     del target

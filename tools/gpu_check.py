@@ -135,9 +135,13 @@ def curve_table(curves: dict[str, CostCurve]) -> str:
 # --------------------------------------------------------------------------- exactness
 
 
-def check_tree(n: int, rng: random.Random, vocab: int) -> TokenTree:
-    """A tree of ``n`` nodes: a chain, a star or random parents, in turn, so every shape is checked."""
-    shape = ("chain", "star", "random")[n % 3]
+TREE_SHAPES = ("chain", "star", "random")
+
+
+def check_tree(n: int, rng: random.Random, vocab: int, shape: str | None = None) -> TokenTree:
+    """A tree of ``n`` nodes: a chain, a star or random parents (``shape``; by default the three in
+    turn as ``n`` grows, so every shape is checked)."""
+    shape = shape or TREE_SHAPES[n % 3]
     if shape == "chain":
         parents = list(range(-1, n - 1))
     elif shape == "star":

@@ -23,17 +23,18 @@ class VerifyServicer(ModelServicer, verify_pb2_grpc.VerifyServiceServicer):
     @rpc_method
     def VerifyTree(self, request, context):
         vocab = self.info.vocab_size
+        # Sizes first, before anything is copied: the largest tree a request may send
+        # (config.SpeculationLimits), and a context that fits the model.
+        check_range("tree size", len(request.tree_token_ids), 0, self.settings.max_tree_nodes_limit)
+        if len(request.tree_parents) != len(request.tree_token_ids):
+            raise InvalidRequest(f"tree_parents has {len(request.tree_parents)} entries but tree_token_ids has {len(request.tree_token_ids)}")
+        max_context = self.info.max_context or 1 << 30
+        context_ids = check_token_ids("context_token_ids", request.context_token_ids, vocab, max_len=max_context)
         tokens = check_token_ids("tree_token_ids", request.tree_token_ids, vocab, allow_empty=True)
         parents = list(request.tree_parents)
-        if len(parents) != len(tokens):
-            raise InvalidRequest(f"tree_parents has {len(parents)} entries but tree_token_ids has {len(tokens)}")
-        # The largest tree a request may send: config.SpeculationLimits.
-        check_range("tree size", len(tokens), 0, self.settings.max_tree_nodes_limit)
         validate_parents(parents)  # before anything walks the tree: a bad parent index would crash it
         tree = TokenTree(tokens=tokens, parents=parents)
         depth = check_range("tree depth", tree.max_depth(), 0, self.settings.max_beam_depth)
-        max_context = self.info.max_context or 1 << 30
-        context_ids = check_token_ids("context_token_ids", request.context_token_ids, vocab)
         if len(context_ids) + depth > max_context:
             raise InvalidRequest(
                 f"context_token_ids ({len(context_ids)} tokens) plus tree depth {depth} exceeds the model's context of {max_context}"

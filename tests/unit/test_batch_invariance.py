@@ -4,7 +4,6 @@ bit, near-ties included. Each check runs in float32 and bfloat16 on the kernel t
 (oneDNN's packed product where it is row-invariant here), and in float32 on the fixed-row blocks
 every device has."""
 
-import copy
 import random
 
 import pytest
@@ -15,6 +14,8 @@ from specdec.engine import tree_forward
 from specdec.kernels import make_batch_invariant
 from specdec.kv_cache import SessionKV
 from specdec.orchestrator.controller import GenerationRequest
+from specdec.tools.gpu_check import TREE_SHAPES, check_tree
+from specdec.tools.gpu_check import mismatched_nodes as check_mismatched_nodes
 from specdec.tree import TokenTree
 from tiny_models import EOS, tiny_qwen2, truncated_copy
 
@@ -41,30 +42,15 @@ def model(request):
 
 
 def random_tree(rng: random.Random, n: int) -> TokenTree:
-    shape = rng.choice(["chain", "star", "random"])
-    if shape == "chain":
-        parents = list(range(-1, n - 1))
-    elif shape == "star":
-        parents = [-1] * n
-    else:
-        parents = [rng.randint(-1, i - 1) for i in range(n)]
-    return TokenTree(tokens=[rng.randrange(90) for _ in range(n)], parents=parents)
+    return check_tree(n, rng, 90, shape=rng.choice(TREE_SHAPES))
 
 
 def mismatched_nodes(model, tree: TokenTree, context: list[int], cached: int) -> list[int]:
     """Nodes (-1: the context end) whose tree-pass logits differ in any bit from stepping their
-    path one token per forward (each node's steps continue from a copy of its parent's cache)."""
-    session = SessionKV("tree")
-    if cached:
-        tree_forward(model, session, context[:cached])
-    logits = tree_forward(model, session, context[cached:], tree.tokens, tree.parents, logits_to_keep=len(tree) + 1)
+    path one token per forward (``tools/gpu_check.py`` runs the same check on a GPU)."""
     steps = SessionKV("steps")
-    stepped = {-1: [tree_forward(model, steps, [token])[-1] for token in context][-1]}
-    sessions = {-1: steps}
-    for node, (token, parent) in enumerate(zip(tree.tokens, tree.parents)):
-        sessions[node] = copy.deepcopy(sessions[parent])
-        stepped[node] = tree_forward(model, sessions[node], [token])[-1]
-    return [node for node in range(-1, len(tree)) if not torch.equal(logits[node + 1], stepped[node])]
+    last = [tree_forward(model, steps, [token])[-1] for token in context][-1]
+    return check_mismatched_nodes(model, tree, context, cached, (steps, last))
 
 
 @pytest.mark.parametrize("rows", range(1, 17))

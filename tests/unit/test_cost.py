@@ -176,14 +176,43 @@ def test_trees_shrink_as_the_batch_grows_down_to_no_speculation():
     costs, stats = RoundCosts(SATURATING, {"draft-0": CHEAP_DRAFT}), stats_with(0.6)
     alone = choose(costs, stats, ["draft-0"], 4, 8, 64)
     assert alone == choose(costs, stats, ["draft-0"], 4, 8, 64, Company())  # alone, nothing changes
-    nodes = [alone.nodes]
-    for others in (3, 7, 15, 40):
-        company = Company(sessions=others, rows=others * 3, draft_rows=others, tokens=others * 1.5)
-        nodes.append(choose(costs, stats, ["draft-0"], 4, 8, 64, company).nodes)
+    nodes = [alone.nodes] + [choose(costs, stats, ["draft-0"], 4, 8, 64, Company(others)).nodes for others in (3, 7, 15, 40)]
     assert nodes == sorted(nodes, reverse=True) and nodes[0] > nodes[-1] and nodes[-1] == 0, nodes
     traffic = Traffic()
-    traffic.set("a", 5, 2, 2.0)
-    traffic.set("b", 3, 1, 1.5)
-    assert traffic.company("a") == Company(1, 3, 1, 1.5) and len(traffic) == 2
-    traffic.drop("b")
+    traffic.join("a")
+    traffic.join("b")
+    assert traffic.company("a") == Company(1) and len(traffic) == 2
+    traffic.leave("b")
     assert traffic.company("a") == Company()
+
+
+def test_a_batch_drafts_together_where_one_generation_alone_would_not():
+    """A draft pass shared by the whole batch costs each generation a share of it: a shape every
+    generation takes can pay where one generation drafting among others that do not would not."""
+    from specdec.cost import Company
+
+    # The embedded target's verify curve on 2 cores (float32), roughly.
+    verify = CostCurve.of([(1, 500), (8, 660), (16, 930), (64, 2600)])
+    costs, stats = RoundCosts(verify, {"draft-0": CostCurve.of([(1, 40), (8, 45), (64, 90)])}), stats_with(0.95)
+    together = choose(costs, stats, ["draft-0"], 1, 4, 64, Company(7))
+    assert together.depth >= 1
+    assert together.cost_ms == pytest.approx(costs.draft_ms("draft-0", 1, together.depth, batch=8)
+                                             + costs.verify_ms(8 * (1 + together.nodes)))
+
+
+def test_calibration_keeps_the_fastest_run_and_never_falls():
+    times = iter([5, 3, 4, 9, 20, 8, 30, 9, 6, 7, 6, 7])  # per call: warm-up, then three timed, per row count
+    clock = {"t": 0.0}
+
+    def forward(n):
+        clock["t"] += next(times) / 1e3
+
+    import specdec.cost as cost
+
+    real = cost.time.perf_counter
+    cost.time.perf_counter = lambda: clock["t"]
+    try:
+        curve = measure_curve(forward, rows=(1, 2, 4), reps=3)
+    finally:
+        cost.time.perf_counter = real
+    assert [ms for _, ms in curve.points] == pytest.approx([3, 8, 8])  # 4 rows measured 6 at best: below 2 rows' 8
