@@ -94,8 +94,7 @@ class BeamDrafter:
         return self._run(lambda: self._beams(session_id, context, beam_width, depth), session_id, context, caller)
 
     def _beams(self, session_id: str, context: list[int], beam_width: int, depth: int):
-        session = self.store.get(session_id)
-        reused = session.sync(context)
+        session, reused = self.store.open(session_id, context)
         pending = context[reused:]
         start = time.perf_counter()
         fed = len(pending)
@@ -139,8 +138,7 @@ class BeamDrafter:
 
     def _chains(self, session_id: str, context: list[int], chains: int, depth: int, sampling: SamplingParams, seed: int):
         generator = torch.Generator().manual_seed(seed)
-        session = self.store.get(session_id)
-        reused = session.sync(context)
+        session, reused = self.store.open(session_id, context)
         pending = context[reused:]
         start = time.perf_counter()
         first = yield from feed(session, pending, chunk=self.max_batch_rows)

@@ -144,6 +144,7 @@ class SessionStore:
         self._lock = threading.Lock()
         self.evictions = 0
         self.expirations = 0
+        self.shared_tokens = 0  # context tokens copied from another session's cache (share_prefix)
 
     def get(self, session_id: str) -> SessionKV:
         """The session's cache, created empty on a miss; marks it most recently used."""
@@ -191,6 +192,43 @@ class SessionStore:
         thread = threading.Thread(target=sweep, name="session-sweeper", daemon=True)
         thread.start()
         return thread
+
+    def open(self, session_id: str, context: list[int]) -> tuple[SessionKV, int]:
+        """The session's cache made ready for ``context`` (:meth:`SessionKV.sync`), a new one started
+        from another session's shared prefix (:meth:`share_prefix`); returns it and how many
+        context tokens it holds."""
+        session = self.get(session_id)
+        self.share_prefix(session, context)
+        return session, session.sync(context)
+
+    def share_prefix(self, session: SessionKV, context: list[int], min_tokens: int = 8) -> int:
+        """Start an empty ``session`` from the cache of the session sharing the longest prefix with
+        ``context`` (a system prompt, a few-shot preamble, the same document asked about twice):
+        those tokens' keys and values are copied rather than computed again. Returns how many.
+
+        Exact: a token's keys and values depend only on the tokens before it, and in a
+        batch-invariant model (the verify service's) not on the pass that computed them either.
+        Only sequential context (a donor's prefix, never its tree) is shared, and at least one
+        context token is always left to feed. Runs on the model thread, like every cache change."""
+        if session.cached_len:
+            return 0
+        with self._lock:
+            donors = [s for s in self._sessions.values() if s is not session and s.prefix_tokens]
+        best, shared = None, 0
+        for donor in donors:
+            n = common_prefix_len(donor.prefix_tokens, context)
+            if n > shared:
+                best, shared = donor, n
+        shared = min(shared, len(context) - 1)
+        if best is None or shared < min_tokens:
+            return 0
+        with telemetry.span("specdec.cache.share_prefix") as span:
+            for index, layer in enumerate(best.cache.layers):
+                session.cache.update(layer.keys[..., :shared, :].clone(), layer.values[..., :shared, :].clone(), index)
+            session.prefix_tokens = list(context[:shared])
+            span.set_attribute("specdec.shared_tokens", shared)
+        self.shared_tokens += shared
+        return shared
 
     def peek(self, session_id: str) -> SessionKV | None:
         with self._lock:

@@ -64,8 +64,7 @@ class TreeVerifier:
         return outcome
 
     def _verify(self, session_id: str, context: list[int], tree: TokenTree, sampling: SamplingParams | None):
-        session = self.store.get(session_id)
-        reused = session.sync(context)
+        session, reused = self.store.open(session_id, context)
         pending = context[reused:]
         start = time.perf_counter()
         sampled = sampling is not None and not sampling.greedy

@@ -155,6 +155,8 @@ class SessionStoreCollector:
         yield GaugeMetricFamily("specdec_kv_cache_tokens", "tokens held in KV caches over all sessions", value=self.store.cached_tokens())
         yield GaugeMetricFamily("specdec_kv_cache_bytes", "KV-cache memory over all sessions", value=self.store.cached_bytes())
         yield CounterMetricFamily("specdec_kv_cache_evictions", "sessions evicted to stay within the limits", value=self.store.evictions)
+        yield CounterMetricFamily("specdec_kv_cache_shared_tokens", "context tokens a new session copied from another's cache "
+                                  "(a shared prefix) instead of computing them", value=self.store.shared_tokens)
 
 
 def serve_metrics(registry: CollectorRegistry, port: int, host: str = "127.0.0.1") -> None:

@@ -216,3 +216,25 @@ def test_the_check_catches_a_path_that_is_not_batch_invariant():
         batched = forward_batch(stock, [Part(s, p, t.tokens, t.parents, keep=len(t) + 1) for s, p, t in cases])
         differing += sum(not torch.equal(a, b) for a, b in zip(batched, alone))
     assert differing > 0
+
+
+def test_a_new_session_starts_from_a_shared_prefix_with_the_same_bits(model):
+    """A second session whose context begins like the first's copies those tokens' cache instead of
+    computing them, and scores its tree with exactly the bits of a session that computed them all."""
+    system = [(7 * i + 2) % 90 for i in range(20)]
+    tree = TokenTree(tokens=[3, 4, 5], parents=[-1, 0, 0])
+    verifier = TreeVerifier(model)
+    verifier.verify("first", system + [11, 12], tree)
+    shared = verifier.verify("second", system + [40, 41, 42], tree)
+    assert shared.reused_tokens == len(system) and verifier.store.shared_tokens == len(system)
+    alone = TreeVerifier(model).verify("alone", system + [40, 41, 42], tree)
+    assert alone.reused_tokens == 0 and shared.target_tokens == alone.target_tokens
+    session = SessionKV("check")
+    reference = tree_forward(model, session, system + [40, 41, 42], tree.tokens, tree.parents, logits_to_keep=4)
+    store = SessionStore()
+    donor = store.get("donor")
+    tree_forward(model, donor, system + [11, 12])
+    fresh = store.get("fresh")
+    assert store.share_prefix(fresh, system + [40, 41, 42]) == len(system)
+    logits = tree_forward(model, fresh, [40, 41, 42], tree.tokens, tree.parents, logits_to_keep=4)
+    assert torch.equal(logits, reference)
