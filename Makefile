@@ -45,9 +45,10 @@ BENCH_CONFIG ?= benchmarks/bench.yaml
 bench: setup models
 	$(BIN)/specdec bench --config $(BENCH_CONFIG)
 
-# Concurrent clients against a local cluster of the embedded pair: throughput, latency, errors,
-# memory of each service, outputs checked against single-client runs (specdec loadtest --help).
-LOADTEST_ARGS ?= --clients 8 --requests 32 --max-tokens 32
+# Concurrent clients against a local cluster of the embedded pair, 1 to 16 at once: throughput,
+# latency, time to first token, batch size, errors, memory of each service, outputs checked against
+# single-client runs, and a plot (specdec loadtest --help).
+LOADTEST_ARGS ?= --clients 1,4,8,16 --requests 16 --max-tokens 64 --stream --plot bench_results/loadtest.png
 loadtest: setup models
 	$(BIN)/specdec loadtest --local $(LOADTEST_ARGS)
 

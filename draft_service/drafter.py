@@ -47,9 +47,12 @@ class DraftOutcome:
 
 def output_rows(model, vocab_limit: int) -> torch.Tensor | None:
     """The first ``vocab_limit`` rows of the model's output layer (a view, no copy), or None for the
-    whole vocabulary (also when the model's head is not a plain bias-free linear layer)."""
+    whole vocabulary (also when the model's head is not a plain bias-free linear layer or keeps no
+    weight of its own)."""
     head = model.get_output_embeddings() if vocab_limit > 0 else None
     if head is None or getattr(head, "bias", None) is not None or vocab_limit >= head.weight.shape[0]:
+        return None
+    if head.weight.is_meta:  # packed for a verify pass (specdec.kernels), its weight gone
         return None
     if type(model).__name__.startswith(("Gemma", "Cohere")):  # heads with soft-capping or scaling
         return None
@@ -74,8 +77,8 @@ class BeamDrafter:
                  gather_s: float = 0.002, observe=None) -> None:
         self.model = model
         self.store = store if store is not None else SessionStore()
-        self.head = output_rows(model, vocab_limit)
         self.kernel = pack_linears(model)  # speed only: a draft need not be batch-invariant
+        self.head = output_rows(model, vocab_limit)  # after packing: a view of the weight it keeps
         self.max_batch_rows = max_batch_rows
         self.worker = BatchWorker(functools.partial(forward_batch, model), self.store, max_batch_rows, gather_s, observe)
 

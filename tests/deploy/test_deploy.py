@@ -216,12 +216,12 @@ def test_env_example_names_only_settings_the_services_read(services):
                 int(value)
             if f.metadata.get("choices"):
                 assert value in f.metadata["choices"], f"{name}={value}: one of {f.metadata['choices']}"
-        elif name.startswith(("OTEL_", "HF_")):
+        elif name.startswith(("OTEL_", "HF_", "OMP_")):  # libraries' own settings
             continue
         else:
             match = WIRING_RE.match(name)
             service = match and match.group(1).lower().replace("_", "-")
-            assert service in services, f"{name}: not a SPECDEC_/OTEL_/HF_ name nor a per-service setting (VERIFY_GPU, DRAFT_0_MODEL, ...)"
+            assert service in services, f"{name}: not a SPECDEC_/OTEL_/HF_/OMP_ name nor a per-service setting (VERIFY_GPU, DRAFT_0_MODEL, ...)"
 
 
 def test_each_model_service_reserves_its_own_gpu(services):

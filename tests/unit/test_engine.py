@@ -131,9 +131,10 @@ def test_store_evicts_by_count_and_bytes(model):
     assert store.release("c") and len(store) == 0
 
 
-def test_limited_draft_vocabulary_scores_only_the_first_ids(model):
+def test_limited_draft_vocabulary_scores_only_the_first_ids():
     """With vocab_limit the drafter is greedy search over ids below the limit: the same as the
     full model's greedy search with every other id's logit pushed to -inf."""
+    model = tiny_qwen2(seed=3, layers=2)  # as a draft service loads it (a verifier packs its head away)
     limit = 48
     drafter = BeamDrafter(model, vocab_limit=limit)
     assert drafter.head is not None and drafter.head.shape[0] == limit
