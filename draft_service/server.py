@@ -57,8 +57,7 @@ class DraftServicer(ModelServicer, draft_pb2_grpc.DraftServiceServicer):
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="specdec serve draft", description="Run a draft service (one small model).")
-    config.add_arguments(parser, config.DraftSettings)
-    settings = config.from_args(config.DraftSettings, parser.parse_args(argv))
+    settings = config.parse_or_exit(parser, config.DraftSettings, argv, "draft")  # a refused setting: one line, exit 2
     if settings.draft_model == prompt_lookup.NAME:
         # No model: the target's tokenizer and config files describe the service.
         run_model_service(

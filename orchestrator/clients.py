@@ -66,16 +66,23 @@ class GrpcVerifyClient(_Client):
     stub_class = verify_pb2_grpc.VerifyServiceStub
 
     def verify(self, session_id: str, context: list[int], tree: TokenTree, timeout_s: float) -> list[int]:
+        return self.verify_with_logprobs(session_id, context, tree, timeout_s, 0)[0]
+
+    def verify_with_logprobs(self, session_id: str, context: list[int], tree: TokenTree, timeout_s: float,
+                             top: int) -> tuple[list[int], list[tuple[list[int], list[float]]]]:
+        """The target's greedy tokens and, at each of the same places, its ``top`` most likely tokens
+        and their log-probabilities."""
         reply = self.stub.VerifyTree(
             verify_pb2.VerifyTreeRequest(
                 session_id=session_id,
                 context_token_ids=context,
                 tree_token_ids=tree.tokens,
                 tree_parents=tree.parents,
+                top_logprobs=top,
             ),
             timeout=timeout_s,
         )
-        return list(reply.target_token_ids)
+        return list(reply.target_token_ids), [(list(t.token_ids), list(t.logprobs)) for t in reply.target_logprobs]
 
     def verify_sampled(self, session_id, context, tree: TokenTree, timeout_s: float, sampling, vocab_size: int):
         """The target's warped distributions at the context end and after each node: ``[n + 1, vocab]``."""

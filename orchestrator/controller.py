@@ -14,8 +14,10 @@ Each *round* (:meth:`SpeculativeController.stream`; the words are defined in ``s
 4. *accept*: the accepted tokens and the bonus token, so every round yields at least one token and
    the output is exactly what the target alone would produce (greedy) or is distributed as its own
    sampling (sampled);
-5. *truncate*: the round's tokens end at the token budget, an end-of-sequence token or the token
-   that completes a stop string (``specdec.detokenize.TextStream`` finds it);
+5. *truncate*: the round's tokens end at the token budget, an end-of-sequence token (unless
+   ``ignore_eos``), one of ``stop_token_ids`` or the token that completes a stop string
+   (``specdec.detokenize.TextStream`` finds it); with ``logprobs`` each token kept gets the
+   target's log-probability from the verify pass that decided it;
 6. *record*: a :class:`specdec.records.RoundRecord`, yielded as the round completes; the policy
    learns from the verdict what the drafts' proposals are worth.
 
@@ -45,12 +47,13 @@ from specdec.detokenize import TextStream
 from specdec.errors import Cancelled, DeadlineExceeded, InvalidRequest, Unavailable, check_range, check_token_ids
 from specdec.orchestrator.instrumentation import GenerationInstrumentation
 from specdec.orchestrator.resilience import DraftHealth
-from specdec.records import DecodingMode, DraftStats, GenerationResult, GenerationStats, RoundRecord
-from specdec.sampling import SamplingParams
+from specdec.records import DecodingMode, DraftStats, GenerationResult, GenerationStats, RoundRecord, TokenLogprob
+from specdec.sampling import MAX_TOP_LOGPROBS, SamplingParams, top_of
 from specdec.speculation import DraftTree, Proposal, SpeculationPolicy, Verdict, accept, merge
 from specdec.tree import TokenTree
 
 log = logging.getLogger("specdec.orchestrator")
+MAX_STOP_TOKEN_IDS = 64
 
 
 class DraftClient(Protocol):
@@ -69,6 +72,10 @@ class DraftClient(Protocol):
 class VerifyClient(Protocol):
     def verify(self, session_id: str, context: list[int], tree: TokenTree, timeout_s: float) -> list[int]:
         """The target's token at the context end and after each node: ``len(tree) + 1`` entries."""
+
+    def verify_with_logprobs(self, session_id, context, tree, timeout_s, top) -> tuple[list[int], list]:
+        """:meth:`verify`'s tokens, and at the same places the ``top`` most likely tokens and their
+        log-probabilities: ``[(token ids, log-probabilities)]``, best first."""
 
     def verify_sampled(self, session_id, context, tree, timeout_s, sampling, vocab_size) -> torch.Tensor:
         """The target's warped distributions at the context end and after each node: ``[n + 1, vocab]``."""
@@ -91,6 +98,11 @@ class GenerationRequest:
     deadline: float | None = None  # time.monotonic() by which the whole generation must end
     adaptive: bool = False  # each round's shape chosen by cost and acceptance, within the requested values
     cancelled: Callable[[], bool] | None = None  # true once the client has gone away
+    request_id: str = ""
+    stop_token_ids: list[int] = field(default_factory=list)  # they end the generation as EOS does
+    ignore_eos: bool = False  # generate past the model's end-of-sequence tokens
+    logprobs: bool = False  # each token's log-probability under the target
+    top_logprobs: int = 0  # with logprobs: this many most likely tokens at each place
 
     @property
     def paths(self) -> int:
@@ -169,6 +181,11 @@ class SpeculativeController:
         check_range("speculation.beam_width", req.beam_width, 1, spec.max_beam_width)
         check_range("speculation.beam_depth", req.beam_depth, 1, spec.max_beam_depth)
         check_range("speculation.max_tree_nodes", req.max_tree_nodes, 1, spec.max_tree_nodes_limit)
+        check_range("stop_token_ids count", len(req.stop_token_ids), 0, MAX_STOP_TOKEN_IDS)
+        check_token_ids("stop_token_ids", req.stop_token_ids, lim.vocab_size, allow_empty=True)
+        check_range("top_logprobs", req.top_logprobs, 0, MAX_TOP_LOGPROBS)
+        if req.top_logprobs and not req.logprobs:
+            raise InvalidRequest("top_logprobs needs logprobs = true")
 
     def generate(self, req: GenerationRequest, trace_parent=None) -> GenerationResult:
         stream = self.stream(req, trace_parent)
@@ -185,7 +202,8 @@ class SpeculativeController:
         """
         self.check(req)
         session_id, start = f"gen-{uuid.uuid4()}", time.perf_counter()
-        output, rounds, first_token_ms, stopped = [], [], 0.0, False
+        output, rounds, first_token_ms, stop = [], [], 0.0, None
+        logprobs: list[TokenLogprob] = []
         text = self.detokenizer(req.stop)
         policy = SpeculationPolicy([d.name for d in self.drafts] if req.mode != DecodingMode.AUTOREGRESSIVE else [],
                                    req.paths, req.max_depth, req.max_tree_nodes, req.adaptive, self.costs, self.acceptance)
@@ -194,7 +212,7 @@ class SpeculativeController:
         generator = torch.Generator().manual_seed(req.sampling.seed or int.from_bytes(uuid.uuid4().bytes[:7], "big"))
         self.traffic.join(session_id)
         try:
-            while len(output) < req.max_new_tokens and not stopped:
+            while len(output) < req.max_new_tokens and stop is None:
                 context = req.prompt_ids + output
                 draft_timeout_s, verify_timeout_s = self._budget(req, len(rounds))
                 # The round's trace span (current while it runs) and metrics; nothing when both are off.
@@ -204,24 +222,30 @@ class SpeculativeController:
                     proposals, fallback_reason = self._propose(req, session_id, context, choice, generator, draft_timeout_s)
                     t1 = time.perf_counter()
                     merged = merge(proposals, choice.nodes or req.max_tree_nodes, self.limits.vocab_size, sampled=not req.sampling.greedy)
-                    target = self._verify(session_id, context, merged, req.sampling, verify_timeout_s)
+                    target, tops = self._verify(session_id, context, merged, req, verify_timeout_s)
                     t2 = time.perf_counter()
                     verdict = accept(merged, target, generator)
-                    new_tokens, new_text, stopped = self._truncate(verdict.tokens, req.max_new_tokens - len(output), text)
+                    new_tokens, new_text, stop = self._truncate(req, verdict.tokens, req.max_new_tokens - len(output), text)
                     verdict = verdict.cut(len(new_tokens))
+                    new_logprobs = _logprobs(verdict, target, tops, req.top_logprobs) if req.logprobs else []
                     output += new_tokens
+                    logprobs += new_logprobs
                     first_token_ms = first_token_ms or (time.perf_counter() - start) * 1e3
                     policy.update(choice, proposals, verdict, (t1 - t0) * 1e3, (t2 - t1) * 1e3, first=not rounds)
                     observed.record = record = _round_record(
                         len(rounds), req.mode, proposals, fallback_reason, verdict, new_tokens, new_text, t1 - t0, t2 - t1, choice
                     )
+                    record.logprobs = new_logprobs
                     rounds.append(record)
                 yield record
         finally:
             self.traffic.leave(session_id)
             self._release(session_id)
         text.finish()
-        return self._result(req, output, text.text, "stop" if stopped else "length", rounds, start, first_token_ms)
+        result = self._result(req, output, text.text, stop[0] if stop else "length", rounds, start, first_token_ms)
+        result.stop_reason = stop[1] if stop else None
+        result.logprobs = logprobs if req.logprobs else None
+        return result
 
     def _budget(self, req: GenerationRequest, round_index: int) -> tuple[float, float]:
         """(draft timeout, verify timeout) for this round, within the request's deadline; raises
@@ -288,34 +312,46 @@ class SpeculativeController:
                 proposals.append(proposal)
         return proposals, "; ".join(failures) if not proposals else ""
 
-    def _verify(self, session_id: str, context: list[int], merged: DraftTree, sampling: SamplingParams, timeout_s: float):
+    def _verify(self, session_id: str, context: list[int], merged: DraftTree, req: GenerationRequest, timeout_s: float):
         """The target's answer on the tree: greedy, its tokens (``[nodes + 1]``); sampled, its
-        distributions (``[nodes + 1, vocab]``)."""
+        distributions (``[nodes + 1, vocab]``); and, greedy with logprobs, its most likely tokens at
+        the same places (else None)."""
+        tops = None
         if merged.sampled:
-            target = self.verifier.verify_sampled(session_id, context, merged.tree, timeout_s, sampling, self.limits.vocab_size)
+            target = self.verifier.verify_sampled(session_id, context, merged.tree, timeout_s, req.sampling, self.limits.vocab_size)
+        elif req.logprobs:
+            # At least the top one: the greedy token's own log-probability.
+            target, tops = self.verifier.verify_with_logprobs(session_id, context, merged.tree, timeout_s, max(1, req.top_logprobs))
         else:
             target = self.verifier.verify(session_id, context, merged.tree, timeout_s)
-        if len(target) != len(merged.tree) + 1:
+        if len(target) != len(merged.tree) + 1 or (tops is not None and len(tops) != len(target)):
             raise Unavailable(f"verify service returned {len(target)} predictions for a tree of {len(merged.tree)}")
-        return target
+        return target, tops
 
-    def _truncate(self, tokens: list[int], remaining: int, text: TextStream) -> tuple[list[int], str, bool]:
-        """Cut a round's tokens at the budget, an end-of-sequence token or the token that completes
-        a stop string; returns (tokens kept, the text they released, whether generation stops here)."""
+    def _truncate(self, req: GenerationRequest, tokens: list[int], remaining: int,
+                  text: TextStream) -> tuple[list[int], str, tuple[str, str | int | None] | None]:
+        """Cut a round's tokens at the budget, an end-of-sequence token, a stop token or the token
+        that completes a stop string; returns (tokens kept, the text they released, and what stopped
+        the generation: (finish reason, stop string or token) or None)."""
         kept, released = [], []
         for token in tokens[:remaining]:
             kept.append(token)
             released.append(text.push([token]))
-            if token in self.limits.eos_token_ids or text.stopped:
-                return kept, "".join(released), True
-        return kept, "".join(released), False
+            if token in req.stop_token_ids:
+                return kept, "".join(released), ("stop_token", token)
+            if token in self.limits.eos_token_ids and not req.ignore_eos:
+                return kept, "".join(released), ("eos", None)
+            if text.stopped:
+                return kept, "".join(released), ("stop_string", text.stopped_by)
+        return kept, "".join(released), None
 
     def _result(self, req: GenerationRequest, output: list[int], text: str, finish_reason: str, rounds: list[RoundRecord],
                 start: float, first_token_ms: float) -> GenerationResult:
         drafts = [DraftStats.of(d.name, d.model, rounds) for d in self.drafts] if req.mode != DecodingMode.AUTOREGRESSIVE else []
         stats = GenerationStats.of(str(req.mode), len(req.prompt_ids), len(output), rounds, drafts,
                                    (time.perf_counter() - start) * 1e3, first_token_ms)
-        return GenerationResult(token_ids=output, text=text, finish_reason=finish_reason, stats=stats, rounds=rounds)
+        return GenerationResult(token_ids=output, text=text, finish_reason=finish_reason, stats=stats, rounds=rounds,
+                                request_id=req.request_id)
 
     def _release(self, session_id: str) -> None:
         """Free the session's caches everywhere now, without holding up the reply."""
@@ -348,6 +384,24 @@ def _round_record(index: int, mode: str, proposals: list[Proposal], fallback_rea
         predicted_ms=choice.cost_ms,
         company_sessions=choice.company.sessions,
     )
+
+
+def _logprobs(verdict: Verdict, target: list[int] | torch.Tensor, tops, k: int) -> list[TokenLogprob]:
+    """Each of the round's output tokens with its log-probability under the target: greedy, from the
+    verify pass's most likely tokens (the output token is the first of them); sampled, from the
+    distribution it was drawn from."""
+    entries = []
+    for token, place in zip(verdict.tokens, verdict.places):
+        if tops is not None:
+            ids, values = tops[place]
+            top = list(zip(ids, values))
+            logprob = dict(top).get(token, values[0])  # the greedy token is the first; a tie may order it second
+        else:
+            probs = target[place]
+            logprob = float(probs[token].log())
+            top = list(zip(*top_of(probs, k)))
+        entries.append(TokenLogprob(token, logprob, top[:k]))
+    return entries
 
 
 def _describe(exc: BaseException) -> str:

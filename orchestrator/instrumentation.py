@@ -71,6 +71,7 @@ class ObservedGeneration:
             "gen_ai.request.temperature": float(temperature),
             "gen_ai.usage.input_tokens": len(req.prompt_ids),
             "specdec.mode": req.mode,
+            "specdec.request_id": req.request_id,
             "specdec.request.draft_length": req.draft_length,
             "specdec.request.beam_width": req.beam_width,
             "specdec.request.beam_depth": req.beam_depth,
@@ -100,24 +101,31 @@ class GenerationInstrumentation:
         self.metrics = metrics
 
     @contextlib.contextmanager
-    def generation(self, method: str, grpc_context=None) -> Iterator[ObservedGeneration]:
-        """Around one Generate or GenerateStream call: the root span, the request metrics."""
+    def generation(self, method: str, grpc_context=None, http_headers=None,
+                   operation: str = "text_completion") -> Iterator[ObservedGeneration]:
+        """Around one generation: the root span, the request metrics. ``method`` is the gRPC method
+        (Generate, GenerateStream) or the HTTP route (/v1/completions, /v1/chat/completions; then
+        ``http_headers`` are the request's headers, and ``operation`` is "chat" for chat completions)."""
         start = time.perf_counter()
         span = trace.INVALID_SPAN
         if telemetry.enabled():
             parent = None
+            # A caller that traces (W3C traceparent in the metadata or headers) gets the generation under its span.
             if grpc_context is not None:
-                # A caller that traces (W3C traceparent in the metadata) gets the generation under its span.
                 parent = propagate.extract({m.key: m.value for m in grpc_context.invocation_metadata() or ()})
+            elif http_headers is not None:
+                parent = propagate.extract(dict(http_headers))
+            if http_headers is None:
+                protocol = {"rpc.system": "grpc", "rpc.service": "specdec.v1.GenerationService", "rpc.method": method}
+            else:
+                protocol = {"http.request.method": "POST", "http.route": method}
             span = telemetry.tracer().start_span(
-                f"text_completion {self.model}", context=parent, kind=SpanKind.SERVER,
+                f"{operation} {self.model}", context=parent, kind=SpanKind.SERVER,
                 attributes={
-                    "gen_ai.operation.name": "text_completion",
+                    "gen_ai.operation.name": operation,
                     "gen_ai.provider.name": PROVIDER,
                     "gen_ai.request.model": self.model,
-                    "rpc.system": "grpc",
-                    "rpc.service": "specdec.v1.GenerationService",
-                    "rpc.method": method,
+                    **protocol,
                 },
             )
         observed = ObservedGeneration(span, start)

@@ -112,6 +112,9 @@ class ReplicatedVerifier:
     def verify(self, session_id, context, tree, timeout_s: float):
         return self._call("verify", session_id, timeout_s, context, tree)
 
+    def verify_with_logprobs(self, session_id, context, tree, timeout_s: float, top: int):
+        return self._call("verify_with_logprobs", session_id, timeout_s, context, tree, top=top)
+
     def verify_sampled(self, session_id, context, tree, timeout_s: float, sampling, vocab_size: int):
         return self._call("verify_sampled", session_id, timeout_s, context, tree, sampling=sampling, vocab_size=vocab_size)
 

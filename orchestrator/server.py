@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import dataclasses
 import functools
 import json
@@ -18,20 +19,21 @@ import logging
 import sys
 import time
 import uuid
-from typing import Iterator
+from typing import Callable, Iterator
 from pathlib import Path
 
+from specdec.orchestrator.calls import Call, StreamPiece
 from specdec.orchestrator.clients import GrpcDraftClient, GrpcVerifyClient, check_fingerprints, cost_curve
 from specdec.orchestrator.instrumentation import GenerationInstrumentation
 from specdec.orchestrator.resilience import GenerationQueue, ReplicatedVerifier
-from specdec.orchestrator.controller import GenerationRequest, Limits, SpeculativeController
+from specdec.orchestrator.controller import MAX_STOP_TOKEN_IDS, GenerationRequest, Limits, SpeculativeController
 from specdec import config
 from specdec.cost import RoundCosts
 from specdec.detokenize import TextStream, token_texts
-from specdec.errors import InvalidRequest, NotReady
-from specdec.records import DecodingMode, GenerationLog, GenerationResult, finish_reason_pb
+from specdec.errors import InvalidRequest, NotReady, check_range
+from specdec.records import DecodingMode, GenerationLog, GenerationResult, finish_reason_pb, stop_reason_pb
 from specdec.rpc.convert import sampling_params
-from specdec.rpc.security import SecurityConfigError, auth_interceptors, describe_server_tls, use_client_tls
+from specdec.rpc.security import SecurityConfigError, auth_interceptors, describe_server_tls, load_token, use_client_tls
 from specdec.rpc.server import announce, exit_if_ports_in_use, serve_until_signalled, setup_logging, start_server, start_telemetry
 from specdec.rpc.status import rpc_method
 from specdec.v1 import common_pb2, generation_pb2, generation_pb2_grpc
@@ -40,6 +42,18 @@ log = logging.getLogger("specdec.orchestrator")
 SERVICE_NAME = generation_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 1024
+
+
+MAX_REQUEST_ID_CHARS = 128
+
+
+def request_id(given: str) -> str:
+    """The client's request id, checked (it goes into logs and traces), or a new one."""
+    if not given:
+        return f"req-{uuid.uuid4().hex}"
+    if len(given) > MAX_REQUEST_ID_CHARS or not (given.isascii() and given.isprintable()):
+        raise InvalidRequest(f"request_id must be 1 to {MAX_REQUEST_ID_CHARS} printable ASCII characters")
+    return given
 
 
 class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
@@ -104,6 +118,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
                 raise InvalidRequest(f"stop[{i}] is empty")
             if len(stop) > MAX_STOP_CHARS:
                 raise InvalidRequest(f"stop[{i}] has {len(stop)} characters; at most {MAX_STOP_CHARS} are allowed")
+        check_range("stop_token_ids count", len(request.stop_token_ids), 0, MAX_STOP_TOKEN_IDS)
         return GenerationRequest(
             prompt_ids=prompt_ids,
             max_new_tokens=request.max_new_tokens or self.default_max_new_tokens(len(prompt_ids)),
@@ -116,6 +131,12 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             stop=list(request.stop),
             include_rounds=request.include_rounds,
             sampling=sampling,
+            request_id=request_id(request.request_id),
+            # Counted before copied, as the prompt's ids are (the controller checks each).
+            stop_token_ids=list(request.stop_token_ids[:MAX_STOP_TOKEN_IDS]),
+            ignore_eos=request.ignore_eos,
+            logprobs=request.logprobs,
+            top_logprobs=request.top_logprobs,
         )
 
     @functools.cached_property
@@ -129,15 +150,15 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         return max(1, min(self.settings.max_new_tokens, room))
 
     @contextlib.contextmanager
-    def admitted(self, request, context, observed) -> Iterator[GenerationRequest]:
-        """The checked request, bound to the client's deadline and liveness (the controller stops
-        between rounds when either ends), holding a generation slot while the block runs."""
+    def admitted(self, request, observed, deadline: float | None = None,
+                 cancelled: Callable[[], bool] | None = None) -> Iterator[GenerationRequest]:
+        """The checked request, bound to the client's ``deadline`` (``time.monotonic()``; None: none)
+        and liveness (``cancelled()`` true once the client has gone; the controller stops between
+        rounds when either ends), holding a generation slot while the block runs."""
         req = self.to_request(request)
         self.controller.check(req)
-        remaining = context.time_remaining()  # None when the client set no deadline
-        if remaining is not None and remaining < 1e6:
-            req.deadline = time.monotonic() + remaining
-        req.cancelled = lambda: not context.is_active()
+        req.deadline = deadline
+        req.cancelled = cancelled
         self.queue.acquire(req.deadline, req.cancelled)
         try:
             observed.set_request(req, request.sampling.temperature)
@@ -145,32 +166,36 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         finally:
             self.queue.release()
 
-    @rpc_method
-    def Generate(self, request, context):
-        with self.instrumentation.generation("Generate", context) as observed:
-            with self.admitted(request, context, observed) as req:
+    # The front doors (gRPC here, HTTP in specdec.orchestrator.http_api) run every generation
+    # through the two methods below: the same checks, admission, instrumentation and run log.
+
+    def run_generation(self, request, call: Call) -> tuple[GenerationRequest, GenerationResult, list[str]]:
+        """One whole generation of a ``GenerateRequest``: the checked request, its result, and the
+        text each generated token adds."""
+        with self.instrumentation.generation(call.method, call.grpc_context, call.http_headers, call.operation) as observed:
+            with self.admitted(request, observed, call.deadline, call.cancelled) as req:
                 result = self.controller.generate(req, observed.trace_parent)
             observed.finish(result)
         texts = token_texts(self.tokenizer, result.token_ids)
         self.write_log(req, result, texts)
-        return result.to_pb(req.include_rounds, texts)
+        return req, result, texts
 
-    @rpc_method
-    def GenerateStream(self, request, context):
+    def stream_generation(self, request, call: Call) -> Iterator[GenerationRequest | StreamPiece]:
+        """A generation as it goes: first the checked request once it holds a generation slot (a
+        refusal raises before it), then a :class:`StreamPiece` per round, then the last piece, with
+        the text held back until the end and the result. Closing the iterator early (the client
+        went away) stops the generation and releases its sessions in every service."""
         # The generation span is not made current here: this generator yields inside it.
-        with self.instrumentation.generation("GenerateStream", context) as observed:
-            with self.admitted(request, context, observed) as req:
+        with self.instrumentation.generation(call.method, call.grpc_context, call.http_headers, call.operation) as observed:
+            with self.admitted(request, observed, call.deadline, call.cancelled) as req:
+                yield req
                 stream = self.controller.stream(req, observed.trace_parent)
-                sent = 0  # characters of text sent so far
+                sent = 0  # characters of text handed out so far
                 try:
                     while True:
                         record = next(stream)
                         sent += len(record.text)
-                        yield generation_pb2.GenerateStreamResponse(
-                            token_ids=record.new_tokens,
-                            text=record.text,
-                            round=record.to_pb() if req.include_rounds else None,
-                        )
+                        yield StreamPiece(record.new_tokens, record.text, record.logprobs, record=record)
                 except StopIteration as done:
                     result = done.value
                 finally:
@@ -179,10 +204,34 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
                     stream.close()
             observed.finish(result)
         self.write_log(req, result)
-        # The last message: any text held back (it might have begun a stop string), and the totals.
-        yield generation_pb2.GenerateStreamResponse(
-            text=result.text[sent:], finish_reason=finish_reason_pb(result.finish_reason), stats=result.stats.to_pb()
-        )
+        # Any text held back (it might have begun a stop string), and the totals.
+        yield StreamPiece([], result.text[sent:], [], result=result)
+
+    @rpc_method
+    def Generate(self, request, context):
+        req, result, texts = self.run_generation(request, Call.of_grpc("Generate", context))
+        return result.to_pb(req.include_rounds, texts)
+
+    @rpc_method
+    def GenerateStream(self, request, context):
+        with contextlib.closing(self.stream_generation(request, Call.of_grpc("GenerateStream", context))) as pieces:
+            req = next(pieces)
+            for piece in pieces:
+                if piece.result is None:
+                    yield generation_pb2.GenerateStreamResponse(
+                        token_ids=piece.token_ids,
+                        text=piece.text,
+                        round=piece.record.to_pb() if req.include_rounds else None,
+                        logprobs=[t.to_pb() for t in piece.logprobs],
+                        request_id=req.request_id,
+                    )
+                else:
+                    result = piece.result
+                    # The last message: any text held back, and the totals.
+                    yield generation_pb2.GenerateStreamResponse(
+                        text=piece.text, finish_reason=finish_reason_pb(result.finish_reason), stats=result.stats.to_pb(),
+                        request_id=req.request_id, **stop_reason_pb(result.stop_reason),
+                    )
 
     @rpc_method
     def GetInfo(self, request, context):
@@ -200,14 +249,20 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         try:
             self.log_dir.mkdir(parents=True, exist_ok=True)
             path = self.log_dir / f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}.json"
+            with_text = self.settings.log_text
             entry = GenerationLog(
                 result=result,
                 target_model=self.target_info.model,
-                request={k: v for k, v in dataclasses.asdict(req).items() if k not in ("prompt_ids", "deadline", "cancelled")}
-                | {"prompt_tokens": len(req.prompt_ids)},
-                # So that the log alone can be shown (specdec dashboard): the prompt and each token's text.
-                prompt=self.tokenizer.decode(req.prompt_ids, skip_special_tokens=True),
-                token_texts=texts if texts is not None else token_texts(self.tokenizer, result.token_ids),
+                # Field by field: the left-out ones (a callable, the prompt) are never copied.
+                request={f.name: copy.deepcopy(getattr(req, f.name)) for f in dataclasses.fields(req)
+                         if f.name not in ("prompt_ids", "deadline", "cancelled")}
+                | {"prompt_tokens": len(req.prompt_ids), "sampling": dataclasses.asdict(req.sampling)},
+                # Only with --log-text (GenerationLog.counts_json leaves every text and token id out
+                # otherwise): the prompt and each token's text, so that the log alone can be shown.
+                prompt=self.tokenizer.decode(req.prompt_ids, skip_special_tokens=True) if with_text else "",
+                prompt_token_ids=list(req.prompt_ids) if with_text else [],
+                token_texts=(texts if texts is not None else token_texts(self.tokenizer, result.token_ids)) if with_text else [],
+                with_text=with_text,
             )
             path.write_text(json.dumps(entry.to_json(), indent=1))
         except OSError as exc:
@@ -251,12 +306,15 @@ def build_servicer(settings: config.OrchestratorSettings, startup_timeout_s: flo
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="specdec serve orchestrator", description="Run the orchestrator (public API).")
-    config.add_arguments(parser, config.OrchestratorSettings)
-    settings = config.from_args(config.OrchestratorSettings, parser.parse_args(argv))
+    settings = config.parse_or_exit(parser, config.OrchestratorSettings, argv, "orchestrator")  # a refused setting: one line, exit 2
     setup_logging()
     exit_if_ports_in_use("orchestrator", settings)  # before waiting for the other services and loading the tokenizer
     # Before the clients are built: their channels carry trace context only when tracing is on.
     _, metrics = start_telemetry("orchestrator", settings, attributes={"specdec.model": settings.target_model})
+    if metrics is None and settings.http_port:
+        from specdec.rpc.metrics import OrchestratorMetrics
+
+        metrics = OrchestratorMetrics()  # the HTTP port serves /metrics too
     try:
         use_client_tls(settings)  # the draft and verify clients built next open their channels with it
         interceptors = auth_interceptors(settings)
@@ -265,7 +323,12 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(1)
     try:
         servicer = build_servicer(settings, metrics=metrics)
-    except NotReady as exc:
+        http = None
+        if settings.http_port:
+            from specdec.orchestrator.http_api import start_http
+
+            http = start_http(servicer, settings, load_token(settings), metrics.registry)  # its port bound now
+    except (NotReady, SecurityConfigError, OSError) as exc:
         # A refused configuration is the operator's to fix: say why plainly, no traceback.
         print(f"specdec orchestrator: cannot start: {exc}", file=sys.stderr, flush=True)
         sys.exit(1)
@@ -282,8 +345,14 @@ def main(argv: list[str] | None = None) -> None:
         tls=settings,
     )
     log.info("public port: %s; bearer token %s", describe_server_tls(settings), "required" if interceptors else "not asked")
+    if http is not None:
+        # Beside the gRPC port: the same generations, admission, token and TLS; closed by the same shutdown.
+        http.start(health.admission)
+        log.info("OpenAI-compatible HTTP API on %s/v1", http.url)
     announce("orchestrator", settings.host, port)
     serve_until_signalled(server, health, settings.shutdown_grace_s)
+    if http is not None:
+        http.stop()
 
 
 if __name__ == "__main__":

@@ -85,6 +85,7 @@ class TextStream:
         self._decoder = _Decoder(tokenizer)
         self.stop = [s for s in stop if s]
         self.stopped = False
+        self.stopped_by: str | None = None  # the stop string found (the earliest in the text)
         self._released: list[str] = []
         # Decoded, not yet released: no stop string starts in released text (the held tail always
         # covers the earliest place one could), so looking here alone finds every stop.
@@ -118,10 +119,10 @@ class TextStream:
         if not piece:
             return ""
         held = self._held + piece
-        starts = [i for i in (held.find(s) for s in self.stop) if i >= 0]
+        starts = [(i, s) for s, i in ((s, held.find(s)) for s in self.stop) if i >= 0]
         if starts:
             self.stopped = True
-            ready = min(starts)
+            ready, self.stopped_by = min(starts)
         else:
             ready = len(held) - self._stop_prefix(held)
         out, self._held = held[:ready], ("" if self.stopped else held[ready:])

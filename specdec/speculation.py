@@ -126,6 +126,12 @@ class Verdict:
         return self.accepted + ([self.bonus_token] if self.bonus_token is not None else [])
 
     @property
+    def places(self) -> list[int]:
+        """Where the target decided each of :attr:`tokens`: 0 at the context end, ``node + 1`` after
+        a node (the index into the verify service's ``n + 1`` answers)."""
+        return [0, *(node + 1 for node in self.accepted_nodes)][: len(self.tokens)]
+
+    @property
     def correction(self) -> bool:
         """Whether the bonus token replaced a draft's proposal (some draft proposed a token at its position)."""
         at = self.accepted_nodes[-1] if self.accepted_nodes else -1

@@ -28,18 +28,31 @@ def tiny_dirs(tmp_path_factory, tiny_target):
     }
 
 
+# Printable ASCII only: every other character is the tiny tokenizer's unknown token.
+TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</{{ m['role'] }}>{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
+
+
 @pytest.fixture(scope="session")
 def tiny_cluster(tiny_dirs, tmp_path_factory):
     """verify + two drafts + orchestrator as real processes over the tiny models."""
-    from specdec.tools.cluster import LocalCluster
+    from specdec.tools.cluster import LocalCluster, free_port
     from specdec import config
 
+    # The tiny tokenizer has no chat template: the HTTP API's chat route reads this one (--chat-template).
+    chat_template = tmp_path_factory.mktemp("chat") / "template.jinja"
+    chat_template.write_text(TINY_CHAT_TEMPLATE)
     settings = config.from_env(
         config.ClusterSettings,
         target_model=str(tiny_dirs["target"]),
         draft_models=[str(tiny_dirs["draft"]), str(tiny_dirs["other"])],
         port=0,
+        http_port=free_port(),  # the OpenAI-compatible HTTP API (tests/integration/test_http_api.py)
+        chat_template=str(chat_template),
         log_dir=str(tmp_path_factory.mktemp("logs")),
+        log_text=True,  # the run-log and dashboard tests read the tokens and text (off by default: test_private_logs)
         startup_timeout_s=120,
         # A tiny draft's forward costs about what the tiny target's does, so cost-aware speculation
         # would rightly turn drafting off; these tests check the settings as asked.

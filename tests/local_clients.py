@@ -37,6 +37,10 @@ class LocalVerify:
     def verify(self, session_id, context, tree, timeout_s):
         return self.verifier.verify(session_id, context, tree).target_tokens
 
+    def verify_with_logprobs(self, session_id, context, tree, timeout_s, top):
+        outcome = self.verifier.verify(session_id, context, tree, top_logprobs=top)
+        return outcome.target_tokens, outcome.top_logprobs
+
     def verify_sampled(self, session_id, context, tree, timeout_s, sampling, vocab_size):
         return self.verifier.verify(session_id, context, tree, sampling).target_probs
 

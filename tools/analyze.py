@@ -4,8 +4,8 @@ It reads every generation log (:class:`specdec.records.GenerationLog`, the one f
 anywhere under LOG_DIR, and skips other JSON:
 
 - the orchestrator's own logs (``--log-dir``, one per generation: stats and every round's
-  proposals, accepted tokens and bonus token; each draft by its service name, its model a field of
-  its stats), and
+  proposals, accepted tokens and bonus token, or by default, without ``--log-text``, their counts
+  only; each draft by its service name, its model a field of its stats), and
 - the per-run logs of ``specdec bench`` (``runs/*.json``): the same record plus a ``bench``
   section (model set, prompt and its class, wall time, time to first token, the lossless check),
   including the baselines, transformers' target-only and assisted generation, measured in the same
@@ -88,15 +88,20 @@ def acceptance_by_draft_position(rounds: list[RoundRecord]) -> dict[str, dict[in
     """:func:`acceptance_by_position` for each draft, and over all drafts (``all``).
 
     A draft is credited with position i when one of its beams carries the accepted path's first i
-    tokens, as the controller credits a draft whose beam passed through an accepted tree node."""
+    tokens, as the controller credits a draft whose beam passed through an accepted tree node. A log
+    written without text has beam lengths only: there the controller's own credit (accepted_by_draft)
+    says how far each draft's beams agreed."""
     per_draft: dict[str, list[tuple[int, int]]] = defaultdict(list)
     for r in rounds:
-        for name, beams in r.proposals.items():
-            if beams:
-                agreed = max(common_prefix(beam, r.accepted) for beam in beams)
-                per_draft[name].append((max(len(b) for b in beams), agreed))
+        for name, lengths in r.beam_lengths.items():
+            if lengths:
+                if r.token_counts is None:
+                    agreed = max(common_prefix(beam, r.accepted) for beam in r.proposals[name])
+                else:
+                    agreed = r.accepted_by_draft.get(name, 0)
+                per_draft[name].append((max(lengths), agreed))
     tables = {name: acceptance_by_position(pairs) for name, pairs in per_draft.items()}
-    everything = acceptance_by_position((r.drafted_depth, len(r.accepted)) for r in rounds)
+    everything = acceptance_by_position((r.drafted_depth, r.accepted_count) for r in rounds)
     return tables | ({ALL_CLASSES: everything} if everything else {})
 
 
@@ -114,7 +119,7 @@ def prediction(rounds) -> dict:
     if not timed:
         return {"predicted_tokens_per_s": None, "round_tokens_per_s": None, "prediction_error": None}
     predicted = sum(r.expected_tokens for r in timed) / sum(r.predicted_ms for r in timed) * 1e3
-    measured = sum(len(r.new_tokens) for r in timed) / sum(r.draft_ms + r.verify_ms for r in timed) * 1e3
+    measured = sum(r.new_token_count for r in timed) / sum(r.draft_ms + r.verify_ms for r in timed) * 1e3
     return {"predicted_tokens_per_s": predicted, "round_tokens_per_s": measured,
             "prediction_error": predicted / measured - 1 if measured else None}
 
@@ -129,7 +134,7 @@ def run_metrics(log: GenerationLog) -> dict:
     tokens = stats.tokens_generated or len(log.result.token_ids)
     n_rounds = len(rounds) or stats.rounds
     depths = [r.drafted_depth for r in rounds]
-    accepted = [len(r.accepted) for r in rounds]
+    accepted = [r.accepted_count for r in rounds]
     if not rounds and stats.mode == ASSISTED and n_rounds:
         # transformers' assisted generation logs no rounds, only how many there were: each added its
         # accepted draft tokens and one target token.

@@ -239,7 +239,7 @@ def llama_baseline(sweep: Sweep, pending: list[RunSpec], tokenizer, encoded: dic
             time_to_first_token_ms=first * 1e3 if first is not None else 0.0,
         )
         result = GenerationResult(token_ids=tokens, text=tokenizer.decode(tokens, skip_special_tokens=True),
-                                  finish_reason="length" if len(tokens) >= spec.max_new_tokens else "stop", stats=stats)
+                                  finish_reason="length" if len(tokens) >= spec.max_new_tokens else "eos", stats=stats)
         request = {"mode": LLAMA_CPP, "max_new_tokens": spec.max_new_tokens, "prompt_tokens": len(ids),
                    "gguf": gguf.name, "threads": threads, "llama_cpp_python": llama_cpp.__version__}
         log = GenerationLog(result, target_model=target, request=request, token_texts=token_texts(tokenizer, tokens))
@@ -298,7 +298,7 @@ def _baselines_in(sweep: Sweep, pending: list[RunSpec], tokenizer, encoded: dict
             )
             result = GenerationResult(
                 token_ids=tokens, text=tokenizer.decode(tokens, skip_special_tokens=True),  # as the orchestrator decodes
-                finish_reason="length" if len(tokens) >= spec.max_new_tokens else "stop", stats=stats,
+                finish_reason="length" if len(tokens) >= spec.max_new_tokens else "eos", stats=stats,
             )
             request = {"mode": spec.method.mode, "max_new_tokens": spec.max_new_tokens, "prompt_tokens": len(ids), "dtype": dtype,
                        **({"assistant": assisted_settings(assistant)} if assistant is not None else {})}
@@ -398,12 +398,14 @@ def sweep_cluster(sweep: Sweep, model_set: ModelSet, pending: list[RunSpec], tok
     if not pending or sweep.stopped():
         return
     cfg = sweep.cfg
-    # The orchestrator's own log of each generation is the base of the run's log; it is read, then removed.
+    # The orchestrator's own log of each generation is the base of the run's log; it is read, then
+    # removed. With its tokens and text (log_text): the run's log shows them, and the lossless check
+    # compares them.
     orchestrator_logs = Path(tempfile.mkdtemp(prefix="specdec-bench-logs-"))
     settings = config.from_env(
         config.ClusterSettings, target_model=cfg.target_model, draft_models=list(model_set.models),
         verify_device=cfg.verify_device, draft_devices=cfg.draft_devices, dtype=cfg.dtype, port=0,
-        log_dir=str(orchestrator_logs), startup_timeout_s=cfg.startup_timeout_s, trace_file="", metrics_port=0,
+        log_dir=str(orchestrator_logs), log_text=True, startup_timeout_s=cfg.startup_timeout_s, trace_file="", metrics_port=0,
         adaptive=cfg.adaptive,
     )
     sweep.bar.set_description(f"starting the cluster for {model_set.name}")

@@ -19,6 +19,15 @@ DEFAULT_ORCHESTRATOR = os.environ.get("SPECDEC_ORCHESTRATOR", "127.0.0.1:50051")
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return run(argv)
+    except config.SettingError as exc:
+        # A setting (flag or SPECDEC_* variable) given a value it does not accept: one line, status 2.
+        print(f"specdec: {exc}", file=sys.stderr)
+        return 2
+
+
+def run(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="specdec", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -28,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     config.add_arguments(gen, config.SpeculationDefaults, skip=("max_new_tokens", "max_new_tokens_limit"))
     leave_to_orchestrator(gen, SERVER_DEFAULTED)
     gen.add_argument("--max-tokens", "--max-new-tokens", dest="max_new_tokens", type=int,
-                     default=int(os.environ.get("SPECDEC_MAX_NEW_TOKENS", 64)), help="tokens to generate [default: 64]")
+                     default=config.env_setting(config.SpeculationDefaults, "max_new_tokens", 64), help="tokens to generate [default: 64]")
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     gen.add_argument("--verbose", action="store_true", help="colour accepted draft tokens and target corrections; print statistics")
     gen.add_argument("--json", action="store_true", help="print one JSON object: text, token_ids, stats (with --compare also target_alone and speedup)")
@@ -47,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     cluster = commands.add_parser("cluster", help="run a local cluster").add_subparsers(dest="action", required=True)
     up = cluster.add_parser("up", help="start verify, draft and orchestrator processes; stop them on Ctrl-C")
     config.add_arguments(up, config.ClusterSettings)
+    serve_http_by_default(up)
     up.set_defaults(func=cmd_cluster_up)
 
     models = commands.add_parser("models", help="the embedded model pair").add_subparsers(dest="action", required=True)
@@ -99,6 +109,20 @@ SERVER_DEFAULTED = ("draft_length", "beam_width", "beam_depth", "max_tree_nodes"
 WARM_UP_TOKENS = 8
 
 
+# `specdec cluster up` serves the OpenAI-compatible HTTP API here unless told otherwise (0 = off);
+# the launcher embedded in tests, benchmarks and `generate --local` leaves it off.
+CLUSTER_HTTP_PORT = 8000
+
+
+def serve_http_by_default(parser: argparse.ArgumentParser) -> None:
+    if config.env_name("http_port") in os.environ:
+        return
+    for action in parser._actions:
+        if action.dest == "http_port":
+            action.default = CLUSTER_HTTP_PORT
+            action.help = action.help.rpartition("default:")[0] + f"default: {CLUSTER_HTTP_PORT}]"
+
+
 def leave_to_orchestrator(parser: argparse.ArgumentParser, names: tuple[str, ...]) -> None:
     for action in parser._actions:
         if action.dest in names and config.env_name(action.dest) not in os.environ:
@@ -109,25 +133,19 @@ def leave_to_orchestrator(parser: argparse.ArgumentParser, names: tuple[str, ...
 def cmd_generate(args) -> int:
     import grpc
 
+    from specdec.client import Client
     from specdec.tools.cluster import LocalCluster
     from specdec.records import DecodingMode
     from specdec.rpc import security
-    from specdec.v1 import generation_pb2, generation_pb2_grpc
 
     speculation = {name: getattr(args, name) for name in SERVER_DEFAULTED if getattr(args, name) is not None}
 
-    def request(mode: str, max_new_tokens: int):
-        return generation_pb2.GenerateRequest(
-            prompt=args.prompt,
-            max_new_tokens=max_new_tokens,
-            mode=DecodingMode.parse(mode).to_pb(),
-            speculation=generation_pb2.SpeculationParams(**speculation),
-            stop=args.stop,
-            include_rounds=args.verbose or args.json,
-        )
+    def request(mode: str, max_new_tokens: int) -> dict:
+        return dict(prompt=args.prompt, max_new_tokens=max_new_tokens, mode=DecodingMode.parse(mode).to_pb(),
+                    stop=args.stop, include_rounds=args.verbose or args.json, **speculation)
 
     try:
-        metadata = security.token_metadata(security.load_token(args))
+        token = security.load_token(args)
         security.channel_credentials(args)  # unreadable files are reported before any cluster starts
     except security.SecurityConfigError as exc:
         print(f"specdec: {exc}", file=sys.stderr)
@@ -143,15 +161,15 @@ def cmd_generate(args) -> int:
         cluster = LocalCluster(settings)
         address = cluster.start()
     try:
-        with security.client_channel(address, args) as channel:
-            stub = generation_pb2_grpc.GenerationServiceStub(channel)
+        with Client(address, tls=args.tls_ca or False, client_cert=args.tls_client_cert or None,
+                    client_key=args.tls_client_key or None, token=token, timeout_s=3600) as client:
             try:
                 alone = None
                 if args.compare:
                     print(f"warm-up ({WARM_UP_TOKENS} tokens), then the target alone, then {args.mode} ...", file=sys.stderr)
-                    stub.Generate(request(args.mode, min(WARM_UP_TOKENS, args.max_new_tokens)), timeout=3600, metadata=metadata)
-                    alone = stub.Generate(request("autoregressive", args.max_new_tokens), timeout=3600, metadata=metadata)
-                reply = stub.Generate(request(args.mode, args.max_new_tokens), timeout=3600, metadata=metadata)
+                    client.generate(**request(args.mode, min(WARM_UP_TOKENS, args.max_new_tokens)))
+                    alone = client.generate(**request("autoregressive", args.max_new_tokens))
+                reply = client.generate(**request(args.mode, args.max_new_tokens))
             except grpc.RpcError as exc:
                 print(f"specdec: {exc.code().name}: {exc.details()}", file=sys.stderr)
                 return 1
@@ -248,6 +266,7 @@ def cmd_cluster_up(args) -> int:
     try:
         # Before any child starts: a second cluster on the same ports would load its models first.
         LocalCluster(settings).check_ports()
+        LocalCluster(settings).check_settings()  # a SettingError: one line from main, status 2
     except PortInUse as exc:
         print(f"specdec cluster: cannot start: {exc}", file=sys.stderr)
         return 1
@@ -255,8 +274,16 @@ def cmd_cluster_up(args) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     print(f"starting verify ({settings.target_model}) and {len(settings.draft_models)} draft service(s) ...", file=sys.stderr)
-    with LocalCluster(settings, quiet=False) as cluster:
+    cluster = LocalCluster(settings, quiet=False)
+    try:
+        cluster.start()
+    except RuntimeError as exc:  # a service that did not come up (its own output went to this terminal)
+        print(f"specdec cluster: cannot start: {exc}".rstrip(), file=sys.stderr)
+        return 1
+    try:
         print(f"specdec cluster serving; orchestrator at {cluster.orchestrator_address}", flush=True)
+        if cluster.http_url:
+            print(f"  OpenAI-compatible HTTP API at {cluster.http_url}/v1 (model {settings.target_model})", flush=True)
         print(f"  verify {cluster.verify_address}; drafts {', '.join(cluster.draft_addresses)}; Ctrl-C stops all", flush=True)
         # A child that dies is started again with backoff while the others keep serving: the
         # orchestrator skips a missing draft and retries a missing verifier within each request's deadline.
@@ -264,6 +291,8 @@ def cmd_cluster_up(args) -> int:
         while not stop.wait(0.5):
             for event in cluster.supervise(supervisor):
                 print(f"specdec: {event}", file=sys.stderr, flush=True)
+    finally:
+        cluster.stop()
     return 0
 
 

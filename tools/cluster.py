@@ -83,6 +83,7 @@ class LocalCluster:
     draft_addresses: list[str] = field(default_factory=list)
     verify_address: str = ""  # the first verify replica
     verify_addresses: list[str] = field(default_factory=list)
+    http_url: str = ""  # the orchestrator's OpenAI-compatible HTTP API (http://host:port), when http_port is set
 
     def __enter__(self) -> "LocalCluster":
         self.start()
@@ -97,6 +98,7 @@ class LocalCluster:
         before any child loads a model."""
         s = self.settings
         self.check_ports()
+        self.check_settings()
         self._logs = Path(tempfile.mkdtemp(prefix="specdec-cluster-"))
         if s.auth_token:
             # The token reaches the orchestrator in its environment: a command line is visible to every user.
@@ -132,16 +134,29 @@ class LocalCluster:
             self.stop()
             raise
         self.orchestrator_address = orchestrator.address
+        if s.http_port:
+            self.http_url = f"{'https' if s.tls_cert else 'http'}://{HOST}:{s.http_port}"
         return self.orchestrator_address
+
+    def check_settings(self) -> None:
+        """Raise :class:`~specdec.config.SettingError` when a child would refuse its settings (the
+        cluster's, or a ``SPECDEC_*`` variable only the services read, such as SPECDEC_MAX_SESSIONS),
+        before any child starts. The ports are placeholders here; :meth:`start` picks the real ones."""
+        s = self.settings
+        self._settings(config.VerifySettings, 0, device=s.verify_device, port=0)
+        for model in s.draft_models:
+            self._settings(config.DraftSettings, 0, draft_model=model, device=s.draft_devices[0] if s.draft_devices else "cpu", port=0)
+        self._settings(config.OrchestratorSettings, 0, port=0, tls_client_ca="")
 
     def check_ports(self) -> None:
         """Raise :class:`~specdec.rpc.server.PortInUse` when a port the settings name is taken: the
-        orchestrator's, or with metrics on, one of the metrics ports from ``metrics_port`` on (one
-        for each child, at the offsets :meth:`start` gives them). The other ports are free ones."""
+        orchestrator's, its HTTP API's, or with metrics on, one of the metrics ports from
+        ``metrics_port`` on (one for each child, at the offsets :meth:`start` gives them). The other
+        ports are free ones."""
         s = self.settings
         children = 1 + max(1, s.verify_replicas) + len(s.draft_models) + int(bool(s.prompt_lookup))
         metrics = range(s.metrics_port, s.metrics_port + children) if s.metrics_port else []
-        for port in (s.port, *metrics):
+        for port in (s.port, s.http_port, *metrics):
             check_port_free(HOST, port)
 
     def _settings(self, cls: type, metrics_offset: int, **values):
@@ -208,7 +223,15 @@ class LocalCluster:
             wait_until_serving(process.address, self.settings.startup_timeout_s, alive=lambda: process.popen.poll() is None,
                                tls=self.settings)
         except (RuntimeError, TimeoutError) as exc:
-            raise RuntimeError(f"{process.name} did not start: {exc}\n{process.log_tail()}") from None
+            tail = process.log_tail()
+            code = process.popen.poll()
+            # A service that refused its settings or its model says why in one line ("specdec
+            # verify: cannot start: ..."): that line is the whole story, the rest of its log is not.
+            refusal = next((line for line in reversed(tail.splitlines()) if " cannot start: " in line), None)
+            if code is not None and refusal:
+                raise RuntimeError(f"{process.name} did not start (exit status {code}): {refusal.strip()}") from None
+            status = f" (exit status {code})" if code is not None else ""
+            raise RuntimeError(f"{process.name} did not start{status}: {exc}\n{tail}") from None
 
     def stop(self, grace_s: float = 10.0) -> None:
         """SIGTERM the orchestrator first, so that it finishes its generations while the drafts and

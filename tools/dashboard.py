@@ -50,7 +50,7 @@ def token_kinds(log: GenerationLog) -> list[tuple[int, str, int | None]]:
 
 def round_tooltip(r: RoundRecord, decode) -> str:
     """Plain text for a title attribute: what each draft proposed this round and what the target kept."""
-    lines = [f"round {r.index}: {len(r.accepted)} accepted"
+    lines = [f"round {r.index}: {r.accepted_count} accepted"
              + (", then a correction" if r.bonus_is_correction else ", then the target's token")
              + (f" (fallback: {r.fallback_reason})" if r.fallback else "")]
     for draft, beams in r.proposals.items():

@@ -137,20 +137,25 @@ def generation_tab(records: list[dict]) -> None:
     cols[4].metric("accepted/round", f"{m['accepted_per_round']:.2f}" if m["rounds"] else "-")
     cols[5].metric("acceptance", f"{m['acceptance_rate']:.2f}" if m["drafted_positions"] else "-")
     texts = token_texts(record)
-    st.html(dashboard.LEGEND_HTML)
     log: GenerationLog = record["log"]
-    st.html(dashboard.generation_html(log, texts, decoder(record, texts)))
+    if log.with_text:
+        st.html(dashboard.LEGEND_HTML)
+        st.html(dashboard.generation_html(log, texts, decoder(record, texts)))
+    else:
+        st.caption("This log holds statistics and token counts only: the orchestrator writes the prompt, "
+                   "the output and each round's tokens with --log-text (SPECDEC_LOG_TEXT=true).")
     if not log.result.rounds:
         st.caption("A baseline (or a log without rounds): no drafts to colour.")
         return
     decode = decoder(record, texts)
     st.subheader("Rounds")
     rounds = pd.DataFrame([{
-        "round": r.index, "accepted": len(r.accepted), "accepted text": decode(r.accepted),
+        "round": r.index, "accepted": r.accepted_count, "accepted text": decode(r.accepted),
         "target token": decode([r.bonus_token]) if r.bonus_token is not None else "",
         "correction": r.bonus_is_correction, "winning draft": r.winning_draft,
         "tree nodes": r.tree_nodes, "draft ms": r.draft_ms, "verify ms": r.verify_ms,
-        "proposals": " | ".join(f"{d}: " + " / ".join(repr(decode(b)) for b in beams) for d, beams in r.proposals.items()),
+        "proposals": " | ".join(f"{d}: " + " / ".join(repr(decode(b)) for b in beams) for d, beams in r.proposals.items())
+        if r.token_counts is None else " | ".join(f"{d}: beams of {', '.join(map(str, n))} tokens" for d, n in r.beam_lengths.items()),
     } for r in log.result.rounds])
     split = rounds.melt(id_vars=["round"], value_vars=["draft ms", "verify ms"], var_name="part", value_name="ms")
     st.altair_chart(alt.Chart(split, title="time per round").mark_bar().encode(

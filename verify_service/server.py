@@ -8,6 +8,7 @@ from specdec import config
 from specdec.errors import InvalidRequest, check_range, check_token_ids
 from specdec.rpc.convert import distribution_pb, sampling_params
 from specdec.quantize import quantize_model
+from specdec.sampling import MAX_TOP_LOGPROBS
 from specdec.rpc.server import ModelServicer, load_for_service, observe_batches, run_model_service
 from specdec.rpc.status import rpc_method
 from specdec.tree import TokenTree, validate_parents
@@ -40,8 +41,9 @@ class VerifyServicer(ModelServicer, verify_pb2_grpc.VerifyServiceServicer):
                 f"context_token_ids ({len(context_ids)} tokens) plus tree depth {depth} exceeds the model's context of {max_context}"
             )
         sampling = sampling_params(request)
+        top = check_range("top_logprobs", request.top_logprobs, 0, MAX_TOP_LOGPROBS)
         outcome = self.in_session("VerifyTree", request, context,
-                                  lambda session, caller: self.engine.verify(session, context_ids, tree, sampling, caller))
+                                  lambda session, caller: self.engine.verify(session, context_ids, tree, sampling, caller, top))
         return verify_pb2.VerifyTreeResponse(
             target_token_ids=outcome.target_tokens,
             target_distributions=[
@@ -54,13 +56,14 @@ class VerifyServicer(ModelServicer, verify_pb2_grpc.VerifyServiceServicer):
             batch_sessions=outcome.batch.sessions,
             batch_rows=outcome.batch.rows,
             queue_ms=outcome.queue_s * 1e3,
+            target_logprobs=[verify_pb2.TopLogprobs(token_ids=ids, logprobs=values)
+                             for ids, values in outcome.top_logprobs or ()],
         )
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="specdec serve verify", description="Run the verify service (target model).")
-    config.add_arguments(parser, config.VerifySettings)
-    settings = config.from_args(config.VerifySettings, parser.parse_args(argv))
+    settings = config.parse_or_exit(parser, config.VerifySettings, argv, "verify")  # a refused setting: one line, exit 2
     run_model_service(
         "verify",
         settings,

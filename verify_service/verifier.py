@@ -31,6 +31,8 @@ class VerifyOutcome:
     fed_tokens: int  # tokens in the forward pass (missing context + tree nodes)
     cached_tokens: int  # cache length after the call (context + tree)
     target_probs: torch.Tensor | None = None  # [n + 1, vocab] float32, the warped distributions (sampling only)
+    # [n + 1] (token ids, log-probabilities), most likely first (greedy with top_logprobs only)
+    top_logprobs: list[tuple[list[int], list[float]]] | None = None
     forward_s: float = 0.0  # from the call's first pass to its last
     queue_s: float = 0.0  # waiting for the model before its first pass
     batch: BatchInfo = field(default_factory=BatchInfo)  # the pass that scored the tree
@@ -53,23 +55,31 @@ class TreeVerifier:
         self.worker = BatchWorker(functools.partial(forward_batch, model), self.store, max_batch_rows, gather_s, observe)
 
     def verify(self, session_id: str, context: list[int], tree: TokenTree, sampling: SamplingParams | None = None,
-               caller: Caller | None = None) -> VerifyOutcome:
+               caller: Caller | None = None, top_logprobs: int = 0) -> VerifyOutcome:
         """Score the tree; with ``sampling`` (temperature > 0) also return the target's warped
-        distributions, which the acceptance rule needs. ``caller``: dropped unrun once it has gone."""
+        distributions, which the acceptance rule needs; greedy with ``top_logprobs`` > 0, the most
+        likely tokens at each place and their log-probabilities. ``caller``: dropped unrun once it
+        has gone."""
         if not context:
             raise ValueError("context must hold at least one token")
         validate_parents(tree.parents)
-        outcome, stats = self.worker.submit(lambda: self._verify(session_id, context, tree, sampling), session_id, caller)
+        outcome, stats = self.worker.submit(lambda: self._verify(session_id, context, tree, sampling, top_logprobs),
+                                            session_id, caller)
         outcome.queue_s, outcome.batch = stats.queue_s, stats.batch
         return outcome
 
-    def _verify(self, session_id: str, context: list[int], tree: TokenTree, sampling: SamplingParams | None):
+    def _verify(self, session_id: str, context: list[int], tree: TokenTree, sampling: SamplingParams | None, top: int):
         session, reused = self.store.open(session_id, context)
         pending = context[reused:]
         start = time.perf_counter()
         sampled = sampling is not None and not sampling.greedy
+        reduce = None if sampled else functools.partial(_argmax_and_top, k=top) if top > 0 else _argmax
         scored = yield from feed(session, pending, tree.tokens, tree.parents, keep=len(tree) + 1,
-                                 reduce=None if sampled else _argmax, chunk=self.max_batch_rows)
+                                 reduce=reduce, chunk=self.max_batch_rows)
+        tops = None
+        if top > 0 and not sampled:
+            tops = [(row[1 : top + 1].long().tolist(), row[top + 1 :].tolist()) for row in scored]
+            scored = scored[:, 0].long()
         return VerifyOutcome(
             target_tokens=(scored.argmax(-1) if sampled else scored).tolist(),
             reused_tokens=reused,
@@ -77,6 +87,7 @@ class TreeVerifier:
             cached_tokens=session.cached_len,
             target_probs=distribution(scored.cpu(), sampling) if sampled else None,
             forward_s=time.perf_counter() - start,
+            top_logprobs=tops,
         )
 
     def release(self, session_id: str) -> bool:
@@ -89,3 +100,11 @@ class TreeVerifier:
 
 def _argmax(logits: torch.Tensor) -> torch.Tensor:
     return logits.argmax(-1)
+
+
+def _argmax_and_top(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Per row, in one float64 tensor (exact for token ids): the argmax (what decides the output,
+    taken as :func:`_argmax` takes it, whatever order ``topk`` gives ties), then the ``k`` most
+    likely token ids and their log-probabilities."""
+    top = torch.log_softmax(logits, -1).topk(k, -1)
+    return torch.cat([_argmax(logits)[:, None].double(), top.indices.double(), top.values.double()], -1)

@@ -5,7 +5,8 @@
   that CA (mutual TLS), which is how the draft and verify services let only the orchestrator in.
 - **TLS on clients.** :func:`client_channel` opens a channel that trusts ``tls_ca`` and presents
   ``tls_client_cert`` / ``tls_client_key``; plaintext when none is set. The orchestrator's clients,
-  the launcher's health waits and ``specdec generate`` all open their channels here. A process that
+  the launcher's health waits and the client package (:mod:`specdec.client`, which
+  ``specdec generate`` uses) all open their channels here. A process that
   calls internal services names its client identity once, with :func:`use_client_tls`.
 - **Bearer tokens on the public API.** :class:`BearerTokenInterceptor` asks every
   GenerationService call for ``authorization: Bearer <token>`` metadata: UNAUTHENTICATED without
@@ -84,8 +85,11 @@ def use_client_tls(settings) -> None:
 
 
 def client_tls_on(settings) -> bool:
+    """TLS when a CA or a client certificate is named, or ``tls`` (an optional attribute) is true:
+    TLS with the system's trusted roots."""
     return settings is not None and bool(
-        getattr(settings, "tls_ca", "") or getattr(settings, "tls_client_cert", "") or getattr(settings, "tls_client_key", "")
+        getattr(settings, "tls", False)
+        or getattr(settings, "tls_ca", "") or getattr(settings, "tls_client_cert", "") or getattr(settings, "tls_client_key", "")
     )
 
 
@@ -94,7 +98,7 @@ def channel_credentials(settings) -> grpc.ChannelCredentials | None:
     certificate pair; ``None`` means plaintext."""
     if not client_tls_on(settings):
         return None
-    ca, cert, key = settings.tls_ca, getattr(settings, "tls_client_cert", ""), getattr(settings, "tls_client_key", "")
+    ca, cert, key = getattr(settings, "tls_ca", ""), getattr(settings, "tls_client_cert", ""), getattr(settings, "tls_client_key", "")
     if bool(cert) != bool(key):
         raise SecurityConfigError("a client certificate needs both --tls-client-cert and --tls-client-key")
     return grpc.ssl_channel_credentials(
@@ -104,13 +108,15 @@ def channel_credentials(settings) -> grpc.ChannelCredentials | None:
     )
 
 
-def client_channel(address: str, tls=None, options=None) -> grpc.Channel:
+def client_channel(address: str, tls=None, options=None, aio: bool = False):
     """A channel to ``address``: TLS when ``tls`` (or the process default) names a CA or a client
-    certificate, plaintext otherwise. The server's certificate must name the host of ``address``."""
+    certificate, plaintext otherwise. The server's certificate must name the host of ``address``.
+    ``aio``: a ``grpc.aio`` channel instead of a blocking one."""
     credentials = channel_credentials(tls if tls is not None else _process_client_tls)
+    kind = grpc.aio if aio else grpc
     if credentials is None:
-        return grpc.insecure_channel(address, options=options)
-    return grpc.secure_channel(address, credentials, options=options)
+        return kind.insecure_channel(address, options=options)
+    return kind.secure_channel(address, credentials, options=options)
 
 
 # --------------------------------------------------------------------------- bearer tokens

@@ -90,10 +90,10 @@ def check_port_free(host: str, port: int) -> None:
 
 
 def exit_if_ports_in_use(service: str, settings) -> None:
-    """Exit 1 with one plain line when the service's port or metrics port (``settings.host``,
-    ``port``, ``metrics_port``) is taken."""
+    """Exit 1 with one plain line when the service's port, metrics port or HTTP port (``settings.host``,
+    ``port``, ``metrics_port``, the orchestrator's ``http_port``) is taken."""
     try:
-        for port in (settings.port, settings.metrics_port):
+        for port in (settings.port, settings.metrics_port, getattr(settings, "http_port", 0)):
             check_port_free(settings.host, port)
     except PortInUse as exc:
         print(f"specdec {service}: cannot start: {exc}", file=sys.stderr, flush=True)
@@ -299,7 +299,14 @@ def run_model_service(service: str, settings, model_name: str, make_servicer, ad
 
     setup_logging()
     exit_if_ports_in_use(service, settings)  # before the model: loading it may take minutes
-    model, _, info = load(service, model_name, settings)
+    from specdec.model_store import ModelStoreError
+
+    try:
+        model, _, info = load(service, model_name, settings)
+    except ModelStoreError as exc:
+        # A model that is not there (not fetched, no such path, unknown to the hub): one line, no traceback.
+        print(f"specdec {service}: cannot start: {exc}", file=sys.stderr, flush=True)
+        sys.exit(2)
     store = SessionStore(settings.max_sessions, settings.kv_cache_mb << 20, ttl_s=settings.session_ttl_s)
     store.start_sweeper()
     interceptors, metrics = start_telemetry(service, settings, store, {"specdec.model": model_name})

@@ -1,4 +1,5 @@
-"""End to end on the real Qwen2.5-Coder-0.5B-Instruct as the target, through real services.
+"""End to end on the real Qwen2.5-Coder-0.5B-Instruct as the target, through real services, over
+gRPC and over the OpenAI-compatible HTTP API (with the model's own chat template).
 
 The draft is a layer-truncated copy of the target (same vocabulary, cheaper, sometimes right), so the
 test exercises acceptance, corrections and cache compaction on real weights. The model is fetched
@@ -6,11 +7,12 @@ once into the model directory (SPECDEC_MODEL_DIR) on first use.
 """
 
 import grpc
+import openai
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from specdec.tools.cluster import LocalCluster
+from specdec.tools.cluster import LocalCluster, free_port
 from specdec import config
 from specdec.model_store import fetch
 from specdec.v1 import generation_pb2, generation_pb2_grpc
@@ -42,7 +44,7 @@ def cluster(target_dir, reference, tmp_path_factory):
     truncated_copy(reference[2], [*range(12), *range(20, 24)]).save_pretrained(draft_dir)
     AutoTokenizer.from_pretrained(target_dir).save_pretrained(draft_dir)
     settings = config.from_env(
-        config.ClusterSettings, target_model=MODEL, draft_models=[str(draft_dir)], port=0,
+        config.ClusterSettings, target_model=MODEL, draft_models=[str(draft_dir)], port=0, http_port=free_port(),
         log_dir=str(tmp_path_factory.mktemp("logs")), startup_timeout_s=300,
         # The settings as asked: a 16-layer draft costs most of a target step, so the cost model
         # would rightly stop drafting, and this test is about acceptance on real weights.
@@ -72,3 +74,28 @@ def test_real_model_output_equals_target_generate(cluster, reference, mode, spec
     stats = by_ids.stats
     assert stats.draft_tokens_accepted > 0, "a layer-truncated copy should be right some of the time"
     assert stats.rounds < NEW_TOKENS
+
+
+MESSAGES = [{"role": "user", "content": "Write a Python function is_even(n)."}]
+
+
+def test_chat_over_http_equals_grpc(cluster, target_dir):
+    """A chat request through HTTP (the official openai package) gives the gRPC API's tokens for the
+    same prompt, streamed or not, with the target's own chat template."""
+    tokenizer = AutoTokenizer.from_pretrained(target_dir)
+    text = tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False)
+    prompt_ids = tokenizer(text, add_special_tokens=False).input_ids
+    ask = dict(messages=MESSAGES, max_tokens=12, temperature=0, extra_body={"return_token_ids": True})
+    with openai.OpenAI(base_url=cluster.http_url + "/v1", api_key="unused", max_retries=0, timeout=600) as client:
+        model = client.models.list().data[0].id
+        chat = client.chat.completions.create(model=model, **ask)
+        streamed = list(client.chat.completions.create(model=model, stream=True, **ask))
+    with grpc.insecure_channel(cluster.orchestrator_address) as channel:
+        reply = generation_pb2_grpc.GenerationServiceStub(channel).Generate(
+            generation_pb2.GenerateRequest(prompt_token_ids=prompt_ids, max_new_tokens=12), timeout=600)
+    assert chat.prompt_token_ids == prompt_ids
+    assert chat.choices[0].token_ids == list(reply.token_ids)
+    assert chat.choices[0].message.content == reply.text
+    assert [t for c in streamed if c.choices for t in c.choices[0].token_ids or []] == list(reply.token_ids)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == reply.text
+    assert chat.usage.completion_tokens == len(reply.token_ids)

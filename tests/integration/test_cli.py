@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -105,10 +106,10 @@ def test_generate_verbose_colours(tiny_cluster):
         (["--max-tokens", "-5"], ["INVALID_ARGUMENT", "max_new_tokens"]),
         (["--max-tokens", "100000"], ["INVALID_ARGUMENT", "max_new_tokens"]),
         (["--beam-width", "1000"], ["INVALID_ARGUMENT", "beam_width"]),
-        (["--draft-length", "-1", "--mode", "sequential"], ["INVALID_ARGUMENT", "draft_length"]),
+        (["--draft-length", "1000", "--mode", "sequential"], ["INVALID_ARGUMENT", "draft_length"]),
         (["--stop", ""], ["INVALID_ARGUMENT", "stop"]),
     ],
-    ids=["negative-max-tokens", "max-tokens-over-limit", "huge-beam-width", "negative-draft-length", "empty-stop"],
+    ids=["negative-max-tokens", "max-tokens-over-limit", "huge-beam-width", "huge-draft-length", "empty-stop"],
 )
 def test_generate_invalid_input(tiny_cluster, args, named):
     run = specdec("generate", "--orchestrator", tiny_cluster.orchestrator_address, "--prompt", "abc", *args)
@@ -125,8 +126,10 @@ def test_generate_invalid_input(tiny_cluster, args, named):
         (["--prompt", "abc", "--mode", "bogus"], ["--mode", "bogus"]),
         (["--prompt", "abc", "--max-tokens", "many"], ["--max-tokens", "many"]),
         (["--mode", "tree"], ["--prompt"]),
+        # Refused before any call: a draft length is at least 1 whatever the orchestrator allows.
+        (["--prompt", "abc", "--draft-length", "-1", "--mode", "sequential"], ["--draft-length", "-1", "at least 1"]),
     ],
-    ids=["unknown-mode", "non-integer-max-tokens", "no-prompt"],
+    ids=["unknown-mode", "non-integer-max-tokens", "no-prompt", "negative-draft-length"],
 )
 def test_generate_bad_flags(args, named):
     run = specdec("generate", "--orchestrator", "127.0.0.1:1", *args)
@@ -179,13 +182,13 @@ def read_line_matching(stream, pattern: re.Pattern, timeout_s: float, lines: lis
 
 
 def test_cluster_up_serves_and_stops_on_sigint(tiny_dirs, tmp_path, reference):
-    port = free_port()
+    port, http_port = free_port(), free_port()
     stderr_path = tmp_path / "cluster.stderr"
     with open(stderr_path, "w") as stderr:
         cli = subprocess.Popen(
             [*specdec_command(), "cluster", "up", "--target-model", str(tiny_dirs["target"]),
              "--draft-models", str(tiny_dirs["draft"]), "--port", str(port), "--log-dir", str(tmp_path / "logs"),
-             "--startup-timeout-s", "120"],
+             "--startup-timeout-s", "120", "--http-port", str(http_port)],
             stdout=subprocess.PIPE, stderr=stderr, text=True, env=clean_env(), start_new_session=True,
         )
     children: list[psutil.Process] = []
@@ -195,6 +198,10 @@ def test_cluster_up_serves_and_stops_on_sigint(tiny_dirs, tmp_path, reference):
         assert match, f"no address printed; stdout {lines}, stderr:\n{stderr_path.read_text()[-3000:]}"
         address = match.group(1)
         assert address == f"127.0.0.1:{port}"
+        match = read_line_matching(cli.stdout, re.compile(r"HTTP API at (\S+)/v1"), CLI_TIMEOUT_S, lines)
+        assert match and match.group(1) == f"http://127.0.0.1:{http_port}", lines
+        with urllib.request.urlopen(match.group(1) + "/health", timeout=30) as health:
+            assert json.loads(health.read()) == {"status": "SERVING"}
         children = psutil.Process(cli.pid).children(recursive=True)
         assert len(children) == 3, children  # verify, one draft, orchestrator
 

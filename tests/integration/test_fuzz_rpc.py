@@ -2,7 +2,7 @@
 loopback): Generate, GenerateStream, DraftBeams and VerifyTree get random field values, malformed
 trees, out-of-vocabulary ids, oversized fields, unknown enum values, and, at the wire level, random
 bytes, mutated and hand-encoded messages (wrong wire types, invalid UTF-8 in string fields) and
-messages over the size limit.
+messages over the size limit. The HTTP API's routes get random JSON bodies the same way.
 
 What must hold for every call: it answers within its deadline, either OK (a random request can be
 a valid one: then its output must be right) or a status that names the caller's fault
@@ -17,6 +17,7 @@ random seed each time, for a longer search.
 
 from __future__ import annotations
 
+import json
 import os
 import string
 
@@ -203,7 +204,8 @@ def sampling_fields(field: Fields, prefix: str = "") -> dict:
 
 
 GENERATE_FIELDS = ["prompt", "prompt_token_ids", "both", "max_new_tokens", "mode", "draft_length", "beam_width",
-                   "beam_depth", "max_tree_nodes", "sampling.temperature", "sampling.top_p", "sampling.top_k", "stop"]
+                   "beam_depth", "max_tree_nodes", "sampling.temperature", "sampling.top_p", "sampling.top_k", "stop",
+                   "request_id", "stop_token_ids", "top_logprobs"]
 
 
 @st.composite
@@ -215,6 +217,7 @@ def generate_requests(draw) -> generation_pb2.GenerateRequest:
     ids = field("prompt_token_ids", st.just([]) if as_text else good_token_ids, bad_token_ids())
     if "both" in field.bad:
         prompt, ids = prompt or "abc", ids or [1, 2]
+    logprobs = draw(st.booleans())
     return generation_pb2.GenerateRequest(
         prompt=prompt,
         prompt_token_ids=ids,
@@ -229,6 +232,13 @@ def generate_requests(draw) -> generation_pb2.GenerateRequest:
         sampling=generation_pb2.SamplingParams(**sampling_fields(field, "sampling."), seed=draw(st.integers(0, 2**64 - 1))),
         stop=field("stop", st.one_of(st.just([]), st.lists(printable_text, max_size=3)), bad_stop),
         include_rounds=draw(st.booleans()),
+        request_id=field("request_id", st.one_of(st.just(""), st.text(st.characters(min_codepoint=33, max_codepoint=126), max_size=128)),
+                         st.one_of(st.builds(lambda n: "r" * n, st.sampled_from([129, 100_000])), st.text(min_size=1).filter(lambda t: not (t.isascii() and t.isprintable())))),
+        stop_token_ids=field("stop_token_ids", st.lists(st.integers(0, VOCAB - 1), max_size=3),
+                             st.one_of(st.lists(bad_token_id, min_size=1, max_size=3), st.just(list(range(65))))),
+        logprobs=logprobs,
+        top_logprobs=field("top_logprobs", st.integers(0, 5) if logprobs else st.just(0),
+                           st.one_of(st.integers(21, INT32_MAX), st.integers(INT32_MIN, -1), st.integers(1, 5) if not logprobs else st.just(21))),
     )
 
 
@@ -306,7 +316,7 @@ def check_generation(request, token_ids: list[int], reference, model, tally) -> 
             assert is_tie(model, prompt + token_ids[:k], got), f"token {k} is {got}; the target's greedy token is {want}"
             tally.ties += 1
             return  # past a tie the two continuations differ, both correctly
-    if not request.stop:
+    if not request.stop and not request.stop_token_ids:
         assert len(token_ids) == len(expected)
 
 
@@ -323,6 +333,8 @@ def test_generate_fuzz(grpc_stubs, cluster, tally, reference, reference_model, r
         code, reply = answer(lambda: stub.Generate(request, timeout=CALL_TIMEOUT_S), "Generate", tally, cluster)
         if code == grpc.StatusCode.OK:
             check_generation(request, list(reply.token_ids), reference, reference_model, tally)
+            assert [t.token_id for t in reply.logprobs] == (list(reply.token_ids) if request.logprobs else [])
+            assert reply.request_id == (request.request_id or reply.request_id) != ""
 
 
 @fuzz(70)
@@ -494,6 +506,70 @@ def test_refused_quickly(grpc_stubs, cluster, tally, fields, named, streamed):
         assert word in error.details(), (word, error.details())
 
 
+# --------------------------------------------------------------------------- the HTTP API
+# The OpenAI-compatible routes (specdec.orchestrator.http_api) get valid requests with up to three
+# fields replaced by random JSON, random JSON documents, and bytes that are not JSON. Every answer
+# is a 200 (a stream then ends with [DONE] and carries no error) or a 4xx in OpenAI's error shape:
+# never a 5xx, never a dead process.
+
+json_value = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=False, allow_infinity=False),
+              any_text, st.sampled_from([-1, 0, 1, 2, 20, 21, 513, INT32_MAX, 2**31, 2**64, 0.5, "tree", "user", ""])),
+    lambda children: st.one_of(st.lists(children, max_size=4), st.dictionaries(any_text, children, max_size=4)),
+    max_leaves=8,
+)
+HTTP_FIELDS = ["model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream", "stream_options", "n",
+               "logprobs", "stop_token_ids", "ignore_eos", "mode", "speculation", "return_token_ids", "presence_penalty",
+               "logit_bias", "user"]
+COMPLETION_FIELDS = [*HTTP_FIELDS, "prompt", "echo", "best_of", "suffix"]
+CHAT_FIELDS = [*HTTP_FIELDS, "messages", "max_completion_tokens", "top_logprobs", "response_format", "tools"]
+message = st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "assistant"]), "content": printable_text})
+
+
+@st.composite
+def http_bodies(draw, chat: bool) -> bytes:
+    kind = draw(st.sampled_from(["fields", "fields", "fields", "json", "bytes"]))
+    if kind == "bytes":
+        return draw(st.one_of(st.binary(max_size=64), st.sampled_from([b"", b"{", b'{"prompt": NaN}', b'{"a": "\\ud800"}'])))
+    if kind == "json":
+        return json.dumps(draw(json_value)).encode()
+    body = {"max_tokens": draw(st.integers(1, 8)), "temperature": draw(st.sampled_from([0, 0, 0.7])),
+            "stream": draw(st.booleans())}
+    if chat:
+        body["messages"] = draw(st.lists(message, min_size=1, max_size=3))
+    else:
+        body["prompt"] = draw(st.one_of(printable_text, good_token_ids))
+    for name in draw(st.sets(st.sampled_from(CHAT_FIELDS if chat else COMPLETION_FIELDS), max_size=3)):
+        body[name] = draw(json_value)
+    return json.dumps(body).encode()
+
+
+def http_answer(base_url: str, path: str, body: bytes, tally, cluster) -> int:
+    from test_http_api import events, raw
+
+    status, headers, reply = raw(base_url, path, body)
+    assert status == 200 or 400 <= status < 500, (status, reply)
+    if status == 200 and headers["content-type"].startswith("text/event-stream"):
+        chunks = events(reply)
+        assert chunks[-1] == "[DONE]" and not any("error" in c for c in chunks[:-1]), chunks
+    elif status == 200:
+        assert len(reply["choices"]) == 1 and reply["usage"]["completion_tokens"] >= 0
+    else:
+        error = reply["error"]
+        assert set(error) == {"message", "type", "param", "code"} and error["message"], reply
+    assert_alive(cluster)
+    tally.counts[f"HTTP {path}", str(status)] = tally.counts.get((f"HTTP {path}", str(status)), 0) + 1
+    return status
+
+
+@fuzz(40)
+@given(data=st.data(), chat=st.booleans())
+def test_http_api_fuzz(cluster, tally, data, chat):
+    from specdec.orchestrator.http_api import CHAT, COMPLETIONS
+
+    http_answer(cluster.http_url, CHAT if chat else COMPLETIONS, data.draw(http_bodies(chat)), tally, cluster)
+
+
 # --------------------------------------------------------------------------- afterwards
 
 
@@ -506,5 +582,10 @@ def test_cluster_correct_after_fuzzing(grpc_stubs, cluster, tally, reference):
             generation_pb2.GenerateRequest(prompt_token_ids=prompt_ids, max_new_tokens=16, mode=mode), timeout=CALL_TIMEOUT_S
         )
         assert list(reply.token_ids) == reference(prompt_ids, 16)
+    from test_http_api import raw
+
+    status, _, reply = raw(cluster.http_url, "/v1/completions", {"prompt": prompt_ids, "max_tokens": 16, "temperature": 0,
+                                                                 "return_token_ids": True})
+    assert status == 200 and reply["choices"][0]["token_ids"] == reference(prompt_ids, 16)
     release_sessions(grpc_stubs, tally.sessions)
     assert wait_for_no_sessions(grpc_stubs) == [0, 0, 0]

@@ -54,7 +54,7 @@ def mtls_client(certs):
 
 @pytest.fixture(scope="module")
 def secure_cluster(tiny_dirs, certs, tmp_path_factory):
-    from specdec.tools.cluster import LocalCluster
+    from specdec.tools.cluster import LocalCluster, free_port
 
     work = tmp_path_factory.mktemp("secure")
     settings = config.from_env(
@@ -68,6 +68,7 @@ def secure_cluster(tiny_dirs, certs, tmp_path_factory):
         tls_cert=str(certs.server_cert), tls_key=str(certs.server_key), tls_client_ca=str(certs.ca),
         tls_ca=str(certs.ca), tls_client_cert=str(certs.client_cert), tls_client_key=str(certs.client_key),
         auth_token_file=str(certs.token),
+        http_port=free_port(),  # the OpenAI-compatible HTTP API: the same TLS and token
     )
     # Spans reach the trace file within 100 ms of ending, so the secrets test can read them.
     with LocalCluster(settings, env={"OTEL_BSP_SCHEDULE_DELAY": "100"}) as cluster:
@@ -221,6 +222,84 @@ def test_generate_command_speaks_tls_and_sends_the_token(secure_cluster, certs, 
     assert "UNAUTHENTICATED" in capsys.readouterr().err
 
 
+def test_client_package_speaks_tls_and_sends_the_token(secure_cluster, certs, reference):
+    import asyncio
+
+    from specdec.client import AsyncClient, Client
+
+    address, want = secure_cluster.orchestrator_address, reference(tiny_tokenizer().encode("def hello(x):"), 12)
+    with Client(address, tls=str(certs.ca), token_file=str(certs.token), timeout_s=RPC_TIMEOUT_S) as client:
+        assert list(client.generate("def hello(x):", max_new_tokens=12, mode="tree").token_ids) == want
+        assert [t for chunk in client.stream("def hello(x):", max_new_tokens=12) for t in chunk.token_ids] == want
+    with Client(address, tls=str(certs.ca), token=WRONG_TOKEN, timeout_s=REFUSED_TIMEOUT_S) as wrong:
+        with pytest.raises(grpc.RpcError) as refused:
+            wrong.info()
+        assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    with Client(address, tls=str(certs.ca), timeout_s=REFUSED_TIMEOUT_S) as anonymous:
+        with pytest.raises(grpc.RpcError) as refused:
+            anonymous.generate("def hello(x):", max_new_tokens=4)
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+    async def calls():
+        async with AsyncClient(address, tls=str(certs.ca), token=token(certs), timeout_s=RPC_TIMEOUT_S) as client:
+            reply = await client.generate("def hello(x):", max_new_tokens=12)
+            return list(reply.token_ids), [t async for c in client.stream("def hello(x):", max_new_tokens=12) for t in c.token_ids]
+
+    assert asyncio.run(calls()) == (want, want)
+    with Client(address, timeout_s=REFUSED_TIMEOUT_S) as plaintext:  # the port speaks TLS only
+        with pytest.raises(grpc.RpcError) as refused:
+            plaintext.info()
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+# --------------------------------------------------------------------------- the HTTP API
+
+
+def http_call(cluster, certs, path: str, body=None, bearer: str | None = None, tls: bool = True):
+    """(status, JSON body) of one call to the HTTP API; ``tls=False`` speaks plaintext to it."""
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    url = cluster.http_url if tls else cluster.http_url.replace("https://", "http://")
+    headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {bearer}"} if bearer is not None else {})
+    request = urllib.request.Request(url + path, data=json.dumps(body).encode() if body is not None else None, headers=headers)
+    context = ssl.create_default_context(cafile=str(certs.ca)) if tls else None
+    try:
+        with urllib.request.urlopen(request, timeout=RPC_TIMEOUT_S, context=context) as reply:
+            return reply.status, json.loads(reply.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def test_http_api_speaks_tls_and_wants_the_token(secure_cluster, certs, reference):
+    import ssl
+
+    import openai
+
+    assert secure_cluster.http_url.startswith("https://")
+    body = {"prompt": "def hello(x):", "max_tokens": 12, "temperature": 0, "return_token_ids": True}
+    for bearer, words in [(None, "missing"), (WRONG_TOKEN, "not valid"), ("", "Bearer <token>")]:
+        status, reply = http_call(secure_cluster, certs, "/v1/completions", body, bearer)
+        assert status == 401 and reply["error"]["type"] == "authentication_error" and words in reply["error"]["message"]
+    assert http_call(secure_cluster, certs, "/v1/models", bearer=WRONG_TOKEN)[0] == 401
+    assert http_call(secure_cluster, certs, "/health") == (200, {"status": "SERVING"})  # open, as gRPC health is
+    with pytest.raises(OSError):  # the port speaks TLS only
+        http_call(secure_cluster, certs, "/health", tls=False)
+
+    want = reference(tiny_tokenizer().encode("def hello(x):"), 12)
+    client = openai.OpenAI(base_url=secure_cluster.http_url + "/v1", api_key=token(certs), max_retries=0,
+                           http_client=openai.DefaultHttpxClient(verify=ssl.create_default_context(cafile=str(certs.ca))))
+    with client:
+        model = client.models.list().data[0].id
+        completion = client.completions.create(model=model, prompt="def hello(x):", max_tokens=12, temperature=0,
+                                               extra_body={"return_token_ids": True})
+        assert completion.choices[0].token_ids == want
+        streamed = client.completions.create(model=model, prompt="def hello(x):", max_tokens=12, temperature=0, stream=True,
+                                             extra_body={"return_token_ids": True})
+        assert [t for chunk in streamed for t in chunk.choices[0].token_ids] == want
+
+
 # --------------------------------------------------------------------------- secrets
 
 
@@ -232,6 +311,8 @@ def test_secrets_appear_in_no_log_and_no_trace(secure_cluster, certs):
     for metadata in [(), (("authorization", f"Bearer {WRONG_TOKEN}"),)]:
         with pytest.raises(grpc.RpcError):
             generate(secure_cluster, orchestrator_client(certs), metadata)
+    for bearer in (token(certs), WRONG_TOKEN):  # the HTTP API's calls too
+        http_call(secure_cluster, certs, "/v1/completions", {"prompt": "def hello(x):", "max_tokens": 4}, bearer)
     trace_file = Path(secure_cluster.settings.trace_file)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:  # the generation's spans, exported within OTEL_BSP_SCHEDULE_DELAY

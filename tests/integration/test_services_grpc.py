@@ -70,7 +70,7 @@ def generate(stubs, prompt: str = "", prompt_ids=(), max_new_tokens: int = 24, m
 
 def expected_finish(reference_tokens: list[int], max_new_tokens: int) -> int:
     if len(reference_tokens) < max_new_tokens or reference_tokens[-1] == EOS:
-        return generation_pb2.FINISH_REASON_STOP
+        return generation_pb2.FINISH_REASON_EOS
     return generation_pb2.FINISH_REASON_LENGTH
 
 
@@ -237,7 +237,7 @@ def test_rounds_end_at_stop_string(grpc_stubs, tokenizer, reference, prompt, mod
     text = tokenizer.decode(reference(tokenizer(prompt).input_ids, 30), skip_special_tokens=True)
     for stop in sorted({text[i] for i in range(0, 28, 2)}):
         _, reply = generate(grpc_stubs, prompt=prompt, max_new_tokens=30, mode=mode, stop=[stop], include_rounds=True)
-        assert reply.finish_reason == generation_pb2.FINISH_REASON_STOP
+        assert reply.finish_reason == generation_pb2.FINISH_REASON_STOP_STRING
         assert round_tokens(reply.rounds) == list(reply.token_ids), stop
         assert sum(len(r.accepted_token_ids) for r in reply.rounds) == reply.stats.draft_tokens_accepted
         assert all(r.bonus_token_id >= 0 or not r.bonus_is_correction for r in reply.rounds)
@@ -259,7 +259,8 @@ def test_stop_string(grpc_stubs, reference, tokenizer, mode, stop_at):
     n = next(n for n in range(1, len(full) + 1) if stop in tokenizer.decode(full[:n], skip_special_tokens=True))
 
     _, reply = generate(grpc_stubs, prompt=prompt, max_new_tokens=40, mode=mode, stop=[stop, "never-there"])
-    assert reply.finish_reason == generation_pb2.FINISH_REASON_STOP
+    assert reply.finish_reason == generation_pb2.FINISH_REASON_STOP_STRING
+    assert reply.WhichOneof("stop_reason") == "stop_string" and reply.stop_string == stop
     assert reply.text == full_text[:cut]
     assert stop not in reply.text
     assert list(reply.token_ids) == full[:n]
@@ -476,3 +477,40 @@ def test_orchestrator_refuses_mismatched_draft_tokenizer(tiny_cluster, tiny_dirs
     assert str(bad_dir) in orchestrator.stderr
     assert str(tiny_dirs["target"]) in orchestrator.stderr
     assert "tokenizer" in orchestrator.stderr
+
+
+# --------------------------------------------------------------------------- request parity
+
+
+def test_logprobs_request_id_and_stop_tokens_over_the_wire(grpc_stubs, reference, tokenizer):
+    """The target's log-probabilities come back one per token (and the same streamed), the client's
+    request id is echoed on every message, a stop token ends the output where it first comes."""
+    prompt_ids = tokenizer("def hello(x):").input_ids
+    full = reference(prompt_ids, 16)
+    fields = dict(prompt_ids=prompt_ids, max_new_tokens=16, logprobs=True, top_logprobs=2, request_id="client-7")
+    _, reply = generate(grpc_stubs, **fields)
+    assert list(reply.token_ids) == full and reply.request_id == "client-7"
+    assert [t.token_id for t in reply.logprobs] == full
+    assert all(t.top_token_ids[0] == t.token_id and len(t.top_logprobs) == 2 and t.logprob <= 0 for t in reply.logprobs)
+    request, _ = generate(grpc_stubs, **fields)
+    chunks = list(grpc_stubs["generation"].GenerateStream(request, timeout=RPC_TIMEOUT_S))
+    assert all(c.request_id == "client-7" for c in chunks)
+    assert [t for c in chunks for t in c.logprobs] == list(reply.logprobs)
+    stop = full[3]
+    _, stopped = generate(grpc_stubs, prompt_ids=prompt_ids, max_new_tokens=16, stop_token_ids=[stop])
+    assert list(stopped.token_ids) == full[: full.index(stop) + 1]
+    assert stopped.finish_reason == generation_pb2.FINISH_REASON_STOP_TOKEN and stopped.stop_token_id == stop
+    assert stopped.request_id.startswith("req-")  # made up when the client sets none
+
+
+@pytest.mark.parametrize("fields, words", [
+    ({"request_id": "x" * 129}, ["request_id"]),
+    ({"request_id": "bad\nid"}, ["request_id"]),
+    ({"top_logprobs": 2}, ["top_logprobs", "logprobs"]),
+    ({"stop_token_ids": [-1]}, ["stop_token_ids"]),
+])
+def test_bad_parity_fields_are_invalid_argument(grpc_stubs, fields, words):
+    with pytest.raises(grpc.RpcError) as err:
+        generate(grpc_stubs, prompt_ids=[10, 11, 12], max_new_tokens=4, **fields)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert all(w in err.value.details() for w in words), err.value.details()

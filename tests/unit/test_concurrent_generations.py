@@ -57,7 +57,7 @@ def test_every_output_is_the_targets_own_under_batching(target, clients):
     outputs = run_concurrently(controller, requests)
     for request, output in zip(requests, outputs):
         assert output == stepped_greedy(target, request.prompt_ids, request.max_new_tokens)
-    if clients > 1:
+    if clients >= 4:  # two may well never overlap on a busy machine; four starting together do
         assert max(batches) > 1, "the generations should have shared verify passes"
     assert len(verify.verifier.store) == 0 and all(len(d.drafter.store) == 0 for d in drafts)
 

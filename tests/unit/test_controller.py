@@ -1,6 +1,7 @@
 """The accept/fallback loop with in-process engines: greedy output equals the target's own
 ``generate`` for every mode and setting, and statistics add up."""
 
+import itertools
 import time
 
 import pytest
@@ -90,7 +91,7 @@ def test_stops_at_eos_like_generate():
     c = local_controller(LocalVerify(target), [LocalDraft("self", target)], eos_token_ids={eos}, max_new_tokens_limit=100)
     result = c.generate(request(PROMPTS[0], "tree", max_new_tokens=40))
     assert result.token_ids == reference_greedy(target, PROMPTS[0], 40) == reference[:6]
-    assert result.finish_reason == "stop"
+    assert result.finish_reason == "eos" and result.stop_reason is None
 
 
 def test_stats_add_up(target, drafts):
@@ -139,7 +140,7 @@ def test_stop_string_cuts_output(target, drafts):
     stop = tokenizer.decode(full.token_ids[4:6], skip_special_tokens=True)
     assert stop
     result = c.generate(request(PROMPTS[0], "tree", max_new_tokens=20, stop=[stop]))
-    assert result.finish_reason == "stop"
+    assert result.finish_reason == "stop_string" and result.stop_reason == stop
     # Up to the first token whose text completes the stop string; the text is cut before it.
     n = next(n for n in range(1, 21) if stop in tokenizer.decode(full.token_ids[:n], skip_special_tokens=True))
     assert result.token_ids == full.token_ids[:n]
@@ -177,7 +178,9 @@ def test_a_failed_draft_is_left_out_then_brought_back(target, drafts):
 
     flaky = FlakyDraft("flaky", drafts["self"], fail=2)
     c = controller(target, [flaky])
-    c.draft_health = DraftHealth(Backoff(initial_s=0.02, max_s=0.02))
+    # A clock that moves one tick each time it is read (about once a round), so the backoff spans
+    # rounds whatever the machine's speed: 2 to 4 ticks.
+    c.draft_health = DraftHealth(Backoff(initial_s=4, max_s=4), clock=itertools.count().__next__)
     result = c.generate(request(PROMPTS[0], "sequential", max_new_tokens=60, draft_length=2))
     assert result.token_ids == reference_greedy(target, PROMPTS[0], 60)
     # Left out between failures (fewer calls than rounds), and back: later rounds use its drafts.

@@ -2,7 +2,8 @@
 
 - the algorithm library (``specdec/`` less ``specdec/rpc``) has no gRPC in it and imports neither
   the edge, the services nor the tools;
-- the gRPC edge (``specdec/rpc``) imports no service and no tool;
+- the gRPC edge (``specdec/rpc``, and ``specdec/client.py``, the client other services call the
+  public API with) imports no service and no tool;
 - a service imports no tool and no other service;
 - no module imports another that imports it back, directly or around a longer cycle.
 
@@ -28,6 +29,7 @@ PACKAGES = {
 SERVICES = ("specdec.orchestrator", "specdec.draft_service", "specdec.verify_service")
 TOOLS = "specdec.tools"
 EDGE = "specdec.rpc"
+CLIENT = "specdec.client"  # part of the edge: gRPC on the caller's side
 
 
 def project_modules() -> dict[str, Path]:
@@ -84,7 +86,7 @@ def layer(module: str) -> str:
         return "tools"
     if any(under(module, s) for s in SERVICES):
         return next(s for s in SERVICES if under(module, s))
-    if under(module, EDGE):
+    if under(module, EDGE) or module == CLIENT:
         return "edge"
     return "library"
 

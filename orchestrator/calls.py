@@ -1,0 +1,42 @@
+"""What the orchestrator's front doors (the gRPC servicer in ``specdec.orchestrator.server``, the
+HTTP API in ``specdec.orchestrator.http_api``) hand the generation code and get back from it."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable, Mapping
+
+from specdec.records import GenerationResult, RoundRecord, TokenLogprob
+
+
+@dataclasses.dataclass
+class Call:
+    """One call for a generation, as a front door received it: gRPC (Generate, GenerateStream) or
+    HTTP (specdec.orchestrator.http_api)."""
+
+    method: str  # the metrics' method label and the span's: the gRPC method or the HTTP route
+    deadline: float | None = None  # time.monotonic() by which the generation must end (None: no deadline)
+    cancelled: Callable[[], bool] | None = None  # true once the client has gone away
+    grpc_context: Any = None  # a gRPC call's context (the caller's trace context is in its metadata)
+    http_headers: Mapping[str, str] | None = None  # an HTTP call's headers (its traceparent)
+    operation: str = "text_completion"  # gen_ai.operation.name: "chat" for chat completions
+
+    @classmethod
+    def of_grpc(cls, method: str, context) -> Call:
+        remaining = context.time_remaining()  # None when the client set no deadline
+        deadline = time.monotonic() + remaining if remaining is not None and remaining < 1e6 else None
+        return cls(method, deadline, lambda: not context.is_active(), grpc_context=context)
+
+
+@dataclasses.dataclass
+class StreamPiece:
+    """One step of a streamed generation, for every front door: a round's tokens, the text they
+    release and their log-probabilities (when asked for); or, last, the text held back until the
+    end (it might have begun a stop string) and the result."""
+
+    token_ids: list[int]
+    text: str
+    logprobs: list[TokenLogprob]
+    record: RoundRecord | None = None  # the round; None on the last piece
+    result: GenerationResult | None = None  # on the last piece only
