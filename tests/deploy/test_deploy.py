@@ -477,7 +477,7 @@ def test_make_up_and_down_wrap_the_compose_file():
         pytest.skip("make is not installed")
 
     def dry_run(*args: str) -> str:
-        return subprocess.run(["make", "-n", *args, "COMPOSE_CLI=docker compose"], cwd=ROOT,
+        return subprocess.run(["make", "-n", "--no-print-directory", *args, "COMPOSE_CLI=docker compose"], cwd=ROOT,
                               capture_output=True, text=True, check=True).stdout
 
     up = dry_run("up")
