@@ -290,23 +290,10 @@ def refuse_unsupported(body: _Body) -> None:
 
 # --------------------------------------------------------------------------- JSON -> GenerateRequest
 
-# The names the HTTP API relies on in GenerateRequest beyond prompt, max_new_tokens, mode, speculation,
-# sampling and stop; one missing from the message refuses a request that uses it, never silently.
-OPTIONAL_FIELDS = ("request_id", "stop_token_ids", "ignore_eos", "logprobs", "top_logprobs")
-
-
 def generate_request(body: _Body, prompt: dict[str, Any], rid: str, logprobs: bool, top_logprobs: int,
                      max_tokens: int | None) -> generation_pb2.GenerateRequest:
     """The ``GenerateRequest`` a gRPC client would send for the same thing (``prompt``: ``prompt=``
     or ``prompt_token_ids=``)."""
-    known = generation_pb2.GenerateRequest.DESCRIPTOR.fields_by_name
-    optional = {"request_id": rid, "stop_token_ids": body.stop_token_ids or [], "ignore_eos": bool(body.ignore_eos),
-                "logprobs": logprobs, "top_logprobs": top_logprobs}
-    for name in OPTIONAL_FIELDS:
-        if name not in known:
-            if optional[name] and name != "request_id":
-                raise ApiError(400, f"{name} is not supported by this server", param=name)
-            del optional[name]
     stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     spec = body.speculation or Speculation()
     return generation_pb2.GenerateRequest(
@@ -324,7 +311,11 @@ def generate_request(body: _Body, prompt: dict[str, Any], rid: str, logprobs: bo
             seed=body.seed or 0,
         ),
         stop=stops,
-        **optional,
+        request_id=rid,
+        stop_token_ids=body.stop_token_ids or [],
+        ignore_eos=bool(body.ignore_eos),
+        logprobs=logprobs,
+        top_logprobs=top_logprobs,
     )
 
 
@@ -483,7 +474,7 @@ class Formatter:
             choice["message"] = {"role": "assistant", "content": result.text}
         else:
             choice["text"] = result.text
-        choice["logprobs"] = self.logprobs_json(getattr(result, "logprobs", None) or [])
+        choice["logprobs"] = self.logprobs_json(result.logprobs or [])
         choice |= self.finish(result)
         body = self.head() | {"choices": [choice], "usage": self.usage(result), "spec_decode": spec_decode_stats(result)}
         if self.return_token_ids:
@@ -494,7 +485,7 @@ class Formatter:
     @staticmethod
     def finish(result: GenerationResult) -> dict:
         return {"finish_reason": FINISH_REASON.get(result.finish_reason, result.finish_reason),
-                "stop_reason": getattr(result, "stop_reason", None)}
+                "stop_reason": result.stop_reason}
 
     def chunk(self, text: str | None, token_ids: list[int], entries: list[TokenLogprob], finish: dict | None = None,
               role: bool = False) -> dict:

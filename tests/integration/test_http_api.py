@@ -30,9 +30,6 @@ from tiny_models import EOS, tiny_tokenizer
 TIMEOUT_S = 60
 PROMPT = "def hello(x):"
 MODES = {"autoregressive": AR, "sequential": SEQ, "tree": TREE}
-HAS_LOGPROBS = "logprobs" in generation_pb2.GenerateRequest.DESCRIPTOR.fields_by_name
-needs_logprobs = pytest.mark.skipif(not HAS_LOGPROBS, reason="GenerateRequest has no logprobs field yet (the HTTP API maps "
-                                                              "OpenAI's logprobs onto it)")
 
 
 @pytest.fixture(scope="module")
@@ -225,7 +222,6 @@ def test_stop_token_ids(client, model, reference, tokenizer):
     assert (choice.finish_reason, choice.stop_reason) == ("stop", tokens[3])
 
 
-@needs_logprobs
 def test_completion_logprobs(client, model):
     completion = client.completions.create(model=model, prompt=PROMPT, max_tokens=10, temperature=0, logprobs=3)
     logprobs, text = completion.choices[0].logprobs, completion.choices[0].text
@@ -275,7 +271,6 @@ def test_chat_content_parts_and_stream(client, model):
     assert chunks[-2].spec_decode["num_accepted_tokens"] >= 0
 
 
-@needs_logprobs
 def test_chat_logprobs(client, model):
     chat = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=8, temperature=0, logprobs=True, top_logprobs=2)
     content = chat.choices[0].logprobs.content
