@@ -132,8 +132,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             include_rounds=request.include_rounds,
             sampling=sampling,
             request_id=request_id(request.request_id),
-            # Counted before copied, as the prompt's ids are (the controller checks each).
-            stop_token_ids=list(request.stop_token_ids[:MAX_STOP_TOKEN_IDS]),
+            stop_token_ids=list(request.stop_token_ids),  # counted above, before copied; the controller checks each
             ignore_eos=request.ignore_eos,
             logprobs=request.logprobs,
             top_logprobs=request.top_logprobs,

@@ -388,11 +388,6 @@ class GenerationResult:
     stop_reason: str | int | None = None  # the stop string or stop token that ended it
 
     @property
-    def stopped(self) -> bool:
-        """Whether it ended on a stop (end-of-sequence, a stop string or a stop token), not the length."""
-        return self.finish_reason not in ("length", "")
-
-    @property
     def mode(self) -> str:
         return self.stats.mode
 
