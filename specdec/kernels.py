@@ -11,6 +11,9 @@ Why this matters (measured on 2 cores, float32, one 1536x8960 product, README "E
   ``_linear_pointwise``, what torch's own compiler emits for CPU linears) gave the same bits for
   every M from 1 to 64 and every row position, at 1.0 to 1.7 times a one-row product for up to 16
   rows. It exists for float32 on any x86 CPU, and for bfloat16 where the CPU has native bfloat16.
+  On some CPUs (AMD EPYC with AVX-512) it takes a matrix-vector path for one row whose bits differ
+  from every M >= 2, which all agree: a one-row product padded to two rows is then invariant, at
+  the same cost (:func:`invariant_min_rows` finds the padding on the model's own weights).
 
 So :func:`make_batch_invariant` packs the linears through oneDNN when :func:`rows_invariant`
 confirms on the model's own weights that the product is row-invariant here, and otherwise (GPUs,
@@ -65,17 +68,39 @@ class PackedProduct:
         return self
 
 
-def _blocked(product, rows: int, x: torch.Tensor, pad: bool) -> torch.Tensor:
-    """``product`` over ``x``'s rows in blocks of ``rows`` (``pad``: the last block padded to that size)."""
+def _blocked(product, rows: int, x: torch.Tensor, pad: bool, min_rows: int = 1) -> torch.Tensor:
+    """``product`` over ``x``'s rows in blocks of ``rows`` (``pad``: the last block padded to that
+    size); a block of fewer than ``min_rows`` rows is padded to ``min_rows``."""
     flat = x.reshape(-1, x.shape[-1])
     m = flat.shape[0]
     if m <= rows and not pad:
-        out = product(flat)
+        out = product(torch.nn.functional.pad(flat, (0, 0, 0, min_rows - m)) if m < min_rows else flat)[:m]
     else:
         if pad:
             flat = torch.nn.functional.pad(flat, (0, 0, 0, -m % rows))
-        out = torch.cat([product(block) for block in flat.split(rows)])[:m]
+        blocks = flat.split(rows)
+        if blocks[-1].shape[0] < min_rows:
+            blocks = (*blocks[:-1], torch.nn.functional.pad(blocks[-1], (0, 0, 0, min_rows - blocks[-1].shape[0])))
+        out = torch.cat([product(block) for block in blocks])[:m]
     return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+#: Smallest row counts a packed product may be run at, tried in this order: on some CPUs oneDNN
+#: takes another path for a single row (a matrix-vector kernel, with its own summation order) than
+#: for two or more, which all agree (measured: AMD EPYC with AVX-512, float32 and bfloat16). A
+#: one-row product padded to two costs the same there, so padding restores invariance for free.
+MIN_ROWS_TRIED = (1, 2, 4, 8)
+
+
+def invariant_min_rows(product, in_features: int, dtype: torch.dtype, counts=CHECKED_ROWS) -> int | None:
+    """The smallest row count in :data:`MIN_ROWS_TRIED` from which ``product`` is row-invariant: run
+    with every pass of fewer rows padded to it, each row gets the bits it gets alone at every count
+    in ``counts``; None when padding does not help."""
+    for min_rows in MIN_ROWS_TRIED:
+        padded = functools.partial(_blocked, product, max(counts), pad=False, min_rows=min_rows)
+        if rows_invariant(padded, in_features, dtype, counts):
+            return min_rows
+    return None
 
 
 def rows_invariant(product, in_features: int, dtype: torch.dtype, counts=CHECKED_ROWS, seed: int = 0) -> bool:
@@ -91,10 +116,11 @@ def _linears(model) -> list[torch.nn.Linear]:
 
 
 def _use_packed(model, module: torch.nn.Linear, packed: torch.Tensor, max_rows: int | None,
-                keep_head: bool = True) -> None:
+                keep_head: bool = True, min_rows: int = 1) -> None:
     product = PackedProduct(packed, module.bias)
     module._specdec_kernel = "onednn"
-    module.forward = product if max_rows is None else functools.partial(_blocked, product, max_rows, pad=False)
+    module._specdec_min_rows = min_rows
+    module.forward = product if max_rows is None else functools.partial(_blocked, product, max_rows, pad=False, min_rows=min_rows)
     head = module is model.get_output_embeddings()
     tied = head and module.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
     if not head or not (keep_head or tied):
@@ -152,21 +178,21 @@ def make_batch_invariant(model, rows: int = INVARIANT_ROWS, kernel: str = "auto"
     linears = _linears(model)
     packed = [onednn_packed(m.weight) for m in linears] if kernel == "auto" else []
     kernel = "onednn" if linears and len(packed) == len(linears) and None not in packed else "fixed-rows"
+    min_rows: dict[tuple, int | None] = {}  # per weight shape: the fewest rows a product runs at
     if kernel == "onednn":
-        checked: dict[tuple, bool] = {}
         for module, weight in zip(linears, packed):
             shape = tuple(module.weight.shape)
-            if shape not in checked:
+            if shape not in min_rows:
                 product = PackedProduct(weight, module.bias)
                 # The output head is large: its check stops at tree sizes (prefill keeps one row of it).
                 counts = CHECKED_ROWS if shape[0] * shape[1] < 64 << 20 else CHECKED_ROWS[:32]
-                checked[shape] = rows_invariant(product, shape[1], module.weight.dtype, counts)
-            if not checked[shape]:
+                min_rows[shape] = invariant_min_rows(product, shape[1], module.weight.dtype, counts)
+            if min_rows[shape] is None:
                 kernel = "fixed-rows"
                 break
     for module, weight in zip(linears, packed or [None] * len(linears)):
         if kernel == "onednn":
-            _use_packed(model, module, weight, PACKED_MAX_ROWS, keep_head=False)
+            _use_packed(model, module, weight, PACKED_MAX_ROWS, keep_head=False, min_rows=min_rows[tuple(module.weight.shape)])
         else:
             module._specdec_kernel = "fixed-rows"
             product = functools.partial(torch.nn.functional.linear, weight=module.weight, bias=module.bias)

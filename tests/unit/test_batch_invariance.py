@@ -135,3 +135,28 @@ def test_an_int8_target_is_batch_invariant(int8_target, rows):
     c = local_controller(LocalVerify(int8_target), [LocalDraft("self", int8_target)], eos_token_ids={EOS})
     result = c.generate(GenerationRequest(PROMPT, 16, "tree", 3, 2, rows, 64))
     assert result.token_ids == stepped_greedy(int8_target, PROMPT, 16)
+
+
+def test_a_product_whose_one_row_path_differs_is_padded_to_two_rows():
+    """As oneDNN on some CPUs: a single row takes a matrix-vector path with its own summation order,
+    two or more rows all agree. Padding one-row products to two makes it invariant; a product that
+    depends on the whole batch (here: scaled by its row count) stays refused."""
+    from specdec.kernels import CHECKED_ROWS, invariant_min_rows
+
+    weight = torch.randn(48, 96, generator=torch.Generator().manual_seed(0))
+
+    def rowwise(x):  # the same call for each row, whatever the batch
+        return torch.stack([weight.mv(row) for row in x])
+
+    def gemv_differs(x):
+        if x.shape[0] == 1:  # another summation order than the blocked product's
+            return (x[:, None, :] * weight[None]).flip(-1).cumsum(-1)[..., -1]
+        return rowwise(x)
+
+    def batch_dependent(x):
+        return rowwise(x) * (1 + 1e-3 * x.shape[0])
+
+    counts = CHECKED_ROWS[:16]
+    assert invariant_min_rows(rowwise, 96, torch.float32, counts) == 1
+    assert invariant_min_rows(gemv_differs, 96, torch.float32, counts) == 2
+    assert invariant_min_rows(batch_dependent, 96, torch.float32, counts) is None
