@@ -86,7 +86,7 @@ class ServerSettings(TlsServerSettings):
 @dataclass
 class ModelServiceSettings(ServerSettings):
     device: str = _setting("cpu", "cpu, cuda or cuda:N")
-    dtype: str = _setting("float32", "float32, bfloat16, float16 or auto", choices=DTYPES)
+    dtype: str = _setting("auto", "float32, bfloat16, float16 or auto: the verify service loads each exact path (bfloat16, float32), checks it and times it, and keeps the one whose round is fastest here; a draft takes float32 on a CPU, bfloat16 elsewhere", choices=DTYPES)
     max_sessions: int = _setting(64, "KV caches kept at once; least recently used evicted first", min=1)
     kv_cache_mb: int = _setting(4096, "KV-cache memory budget over all sessions, MiB", min=1)
     threads: int = _setting(0, "torch CPU threads (0 = torch's default)", min=0)
@@ -158,7 +158,7 @@ class ClusterSettings(SpeculationDefaults, SpeculationLimits, TlsServerSettings,
     verify_device: str = _setting("cpu", "device of the verify service")
     verify_replicas: int = _setting(1, "verify service replicas; the orchestrator spreads sessions over them and fails over", min=1)
     draft_devices: list[str] = _setting(lambda: ["cpu"], "devices of the draft services, comma-separated (one, or one each)")
-    dtype: str = _setting("float32", "model dtype for every service", choices=DTYPES)
+    dtype: str = _setting("auto", "model dtype for every service (auto: the verify service measures and keeps the fastest exact one; see specdec serve verify -- --help)", choices=DTYPES)
     draft_vocab: int = _setting(0, "draft services score only token ids below this (0 = all); see specdec serve draft -- --help", min=0)
     draft_quantize: str = _setting("auto", "draft models' weights: auto (int8 on a CPU), none or int8 (see specdec serve draft -- --help)", choices=QUANTIZE_MODES)
     target_quantize: str = _setting("none", "the target's weights: none or int8 (see specdec serve verify -- --help)", choices=("none", "int8"))

@@ -313,3 +313,40 @@ def choose(costs: RoundCosts, stats: AcceptanceStats, drafts: list[str], max_wid
             if candidate.tokens_per_s > best.tokens_per_s * (1 + 1e-9):
                 best = candidate
     return best
+
+
+# --------------------------------------------------------------------------- choosing a precision
+# A verify service with ``--dtype auto`` measures each exact path it can run (specdec.precision) and
+# keeps the one whose *round* is fastest, not the one with the cheapest single row: on a CPU whose
+# bfloat16 product costs in proportion to rows, a cheaper one-row step still loses to a flat
+# float32 curve once a round verifies a few nodes.
+
+#: What a round is priced with before any draft or text has been seen: the draft's forward at this
+#: share of the fastest candidate's one-row pass (the same milliseconds for every candidate: the
+#: draft's cost does not depend on the target's precision), accepted at the prior rate, shaped
+#: within these bounds.
+SELECTION_DRAFT_SHARE = ASSUMED_DRAFT_SHARE
+SELECTION_ACCEPTANCE = 0.8
+SELECTION_SHAPE = (2, 6, 64)  # width, depth, nodes at most
+
+
+def best_round(verify: CostCurve, draft_ms: float, acceptance: float = SELECTION_ACCEPTANCE,
+               shape: tuple[int, int, int] = SELECTION_SHAPE) -> Choice:
+    """The best round :func:`choose` finds on ``verify`` with one draft costing ``draft_ms`` a forward
+    (whatever its rows) whose paths are accepted at ``acceptance`` each position."""
+    costs = RoundCosts(verify=verify, drafts={"draft": CostCurve.of([(1, draft_ms)])})
+    return choose(costs, AcceptanceStats(prior_mean=acceptance), ["draft"], *shape)
+
+
+def fastest_curve(curves: dict[str, CostCurve], draft_ms: float | None = None) -> tuple[str, dict[str, Choice]]:
+    """The candidate (by name) whose best round gives the most tokens per second, and every
+    candidate's best round. ``draft_ms``: the draft's forward, by default
+    ``SELECTION_DRAFT_SHARE`` of the cheapest one-row pass among the candidates. Ties go to the
+    first named."""
+    if not curves:
+        raise ValueError("no candidate to choose from")
+    if draft_ms is None:
+        draft_ms = SELECTION_DRAFT_SHARE * min(curve.ms(1) for curve in curves.values())
+    rounds = {name: best_round(curve, draft_ms) for name, curve in curves.items()}
+    best = max(rounds, key=lambda name: (rounds[name].tokens_per_s, -list(rounds).index(name)))
+    return best, rounds

@@ -11,6 +11,7 @@ mask and positions come from :mod:`specdec.tree`; the cache layout and its bookk
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 from dataclasses import dataclass, field
 from typing import Callable
@@ -21,7 +22,7 @@ from opentelemetry import trace
 from specdec import telemetry
 from specdec.kernels import BatchCache, Segments, segmented_attention
 from specdec.kv_cache import SessionKV
-from specdec.tree import tree_attention_mask, tree_positions
+from specdec.tree import TokenTree, tree_attention_mask, tree_positions
 
 
 @dataclass
@@ -164,6 +165,22 @@ def _cache_kwarg(model) -> str:
         name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         model._specdec_cache_kwarg = name
     return name
+
+
+def mismatched_nodes(model, tree: TokenTree, context: list[int], cached: int, stepped: tuple[SessionKV, torch.Tensor]) -> list[int]:
+    """Nodes (-1: the context end) whose tree-pass logits differ in any bit from stepping their path
+    one token per forward. ``stepped``: the context already stepped one token per forward (its
+    session and last logits); each node's steps continue from a copy of its parent's cache. The
+    tree pass prefills ``context[:cached]``, then feeds the rest with the tree in one pass."""
+    session = SessionKV("tree")
+    if cached:
+        tree_forward(model, session, context[:cached])
+    logits = tree_forward(model, session, context[cached:], tree.tokens, tree.parents, logits_to_keep=len(tree) + 1)
+    sessions, expected = {-1: stepped[0]}, {-1: stepped[1]}
+    for node, (token, parent) in enumerate(zip(tree.tokens, tree.parents)):
+        sessions[node] = copy.deepcopy(sessions[parent])
+        expected[node] = tree_forward(model, sessions[node], [token])[-1]
+    return [node for node in range(-1, len(tree)) if not torch.equal(logits[node + 1], expected[node])]
 
 
 def calibrate_forward(model, store, rows, reps: int, context_len: int, head: torch.Tensor | None = None):

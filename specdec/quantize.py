@@ -17,6 +17,10 @@ from specdec.config import QUANTIZE_MODES
 # Devices with a kernel for the packed product; elsewhere the int8 weights are widened per call
 # (the memory saving stays, the speed-up does not).
 _PACKED_DEVICES = ("cpu", "mps")
+# The CPU kernel's AVX-512 path reads the reduction dimension 16 at a time with no tail: other
+# widths crashed the process (torch 2.13, AMD EPYC with AVX-512). Such layers (tiny test models
+# only; real ones are multiples of 64) widen their weights instead.
+_PACKED_IN_MULTIPLE = 16
 
 
 class Int8Linear(nn.Module):
@@ -42,7 +46,7 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
         scales = self.scales.to(x.dtype)
-        if x.device.type in _PACKED_DEVICES:
+        if x.device.type in _PACKED_DEVICES and self.in_features % _PACKED_IN_MULTIPLE == 0:
             # The kernel's fast path takes bfloat16 activations (float32 ones cost 5 to 25 times
             # more, measured on 2 cores); a draft need not be exact, so it always runs in bfloat16.
             out = torch.ops.aten._weight_int8pack_mm(rows.to(torch.bfloat16).contiguous(), self.weight,

@@ -19,6 +19,7 @@ class ModelDescription:
     eos_token_ids: list[int] = field(default_factory=list)
     version: str = __version__
     forward_costs: list[tuple[int, float]] = field(default_factory=list)  # (rows, ms) from the start-up calibration
+    precision: str = ""  # with --dtype auto: what was measured and why this dtype (specdec.precision)
 
 
 def describe_model(service: str, name: str, model, tokenizer) -> ModelDescription:

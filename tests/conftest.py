@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+# Every service the tests start runs in float32, the dtype the tiny reference models decode in:
+# with --dtype auto (the default) a verify service keeps whichever exact path is faster here, which
+# for a tiny model is a coin toss. The choice itself is tested in tests/unit/test_precision.py.
+os.environ.setdefault("SPECDEC_DTYPE", "float32")
 
 from tiny_models import EOS, save_tiny, tiny_qwen2, truncated_copy  # noqa: E402
 

@@ -39,7 +39,7 @@ import transformers
 from transformers import AutoModelForCausalLM, Qwen2Config
 
 from specdec.cost import AcceptanceStats, CostCurve, RoundCosts, choose
-from specdec.engine import calibrate_forward, tree_forward
+from specdec.engine import calibrate_forward, mismatched_nodes, tree_forward
 from specdec.kernels import make_batch_invariant, pack_linears
 from specdec.kv_cache import SessionKV, SessionStore
 from specdec.tree import TokenTree, greedy_accept
@@ -149,22 +149,6 @@ def check_tree(n: int, rng: random.Random, vocab: int, shape: str | None = None)
     else:
         parents = [rng.randint(-1, i - 1) for i in range(n)]
     return TokenTree(tokens=[rng.randrange(vocab) for _ in range(n)], parents=parents)
-
-
-def mismatched_nodes(model, tree: TokenTree, context: list[int], cached: int, stepped: tuple[SessionKV, torch.Tensor]) -> list[int]:
-    """Nodes (-1: the context end) whose tree-pass logits differ in any bit from stepping their path
-    one token per forward. ``stepped``: the context already stepped one token per forward (its
-    session and last logits); each node's steps continue from a copy of its parent's cache. The
-    tree pass prefills ``context[:cached]``, then feeds the rest with the tree in one pass."""
-    session = SessionKV("tree")
-    if cached:
-        tree_forward(model, session, context[:cached])
-    logits = tree_forward(model, session, context[cached:], tree.tokens, tree.parents, logits_to_keep=len(tree) + 1)
-    sessions, expected = {-1: stepped[0]}, {-1: stepped[1]}
-    for node, (token, parent) in enumerate(zip(tree.tokens, tree.parents)):
-        sessions[node] = copy.deepcopy(sessions[parent])
-        expected[node] = tree_forward(model, sessions[node], [token])[-1]
-    return [node for node in range(-1, len(tree)) if not torch.equal(logits[node + 1], expected[node])]
 
 
 def check_invariance(model, vocab: int, seed: int) -> list[dict]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from specdec import config
+from specdec import config, precision
 from specdec.errors import InvalidRequest, check_range, check_token_ids
 from specdec.rpc.convert import distribution_pb, sampling_params
 from specdec.quantize import quantize_model
@@ -79,9 +79,26 @@ def main(argv: list[str] | None = None) -> None:
 
 def load_target(service: str, name: str, settings):
     """The target as every model service loads it, then quantized as ``--target-quantize`` says
-    (before the kernels are chosen and the cost calibrated)."""
-    model, tokenizer, info = load_for_service(service, name, settings)
-    return quantize_model(model, settings.target_quantize), tokenizer, info
+    (before the kernels are chosen and the cost calibrated). ``--dtype auto``: every exact path is
+    measured and the fastest round's kept (:mod:`specdec.precision`)."""
+    if settings.dtype != "auto":
+        model, tokenizer, info = load_for_service(service, name, settings)
+        return quantize_model(model, settings.target_quantize), tokenizer, info
+    loaded = []
+
+    def load(dtype: str):
+        model, tokenizer, info = load_for_service(service, name, settings, dtype)
+        loaded.append((tokenizer, info))
+        return quantize_model(model, settings.target_quantize)
+
+    # An int8 target multiplies in bfloat16: its kernel wants bfloat16 activations.
+    dtypes = ("bfloat16",) if settings.target_quantize == "int8" else precision.CANDIDATES
+    model, choice = precision.choose_precision(load, dtypes, reps=3 if settings.calibrate else 1)
+    tokenizer, info = loaded[0]
+    info.dtype, info.precision = choice.dtype, choice.summary()
+    if settings.calibrate:
+        info.forward_costs = list(choice.chosen.curve.points)
+    return model, tokenizer, info
 
 
 if __name__ == "__main__":

@@ -270,17 +270,23 @@ def observe_batches(metrics):
     return observe
 
 
-def load_for_service(service: str, name: str, settings):
-    """Load a model and its tokenizer for a service; returns (model, tokenizer, description)."""
+def load_for_service(service: str, name: str, settings, dtype: str | None = None):
+    """Load a model and its tokenizer for a service, in ``dtype`` (by default the settings'; ``auto``
+    here is :func:`specdec.precision.default_dtype`: a service that measures its candidates, the
+    verify service, resolves it itself); returns (model, tokenizer, description)."""
     import torch
 
     from specdec.model_store import load_model
+    from specdec.precision import default_dtype
     from specdec.service_info import describe_model
 
     if settings.threads > 0:
         torch.set_num_threads(settings.threads)
-    log.info("%s: loading %s on %s (%s)", service, name, settings.device, settings.dtype)
-    model, tokenizer = load_model(name, device=settings.device, dtype=settings.dtype)
+    dtype = dtype or settings.dtype
+    if dtype == "auto":
+        dtype = default_dtype(settings.device)
+    log.info("%s: loading %s on %s (%s)", service, name, settings.device, dtype)
+    model, tokenizer = load_model(name, device=settings.device, dtype=dtype)
     return model, tokenizer, describe_model(service, name, model, tokenizer)
 
 
@@ -312,7 +318,9 @@ def run_model_service(service: str, settings, model_name: str, make_servicer, ad
     interceptors, metrics = start_telemetry(service, settings, store, {"specdec.model": model_name})
     servicer = make_servicer(model, store, info, metrics)
     calibrate = getattr(servicer.engine, "calibrate", None)
-    if settings.calibrate and calibrate is not None:
+    if info.forward_costs:
+        pass  # measured while the precision was chosen (specdec.precision), on this very model
+    elif settings.calibrate and calibrate is not None:
         # Before the server starts: health reports SERVING only once the model is warm.
         info.forward_costs = list(calibrate().points)
         log.info("%s: forward cost by rows fed: %s", service, ", ".join(f"{r}: {ms:.1f} ms" for r, ms in info.forward_costs))
@@ -328,6 +336,8 @@ def run_model_service(service: str, settings, model_name: str, make_servicer, ad
         max_concurrent_rpcs=settings.max_concurrent_rpcs,
         tls=settings,
     )
+    if info.precision:
+        log.info("%s: dtype %s", service, info.precision)
     log.info("%s: port speaks %s", service, describe_server_tls(settings))
     announce(service, settings.host, port)
     serve_until_signalled(server, health_servicer, settings.shutdown_grace_s)

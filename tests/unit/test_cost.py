@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from specdec.cost import AcceptanceStats, CostCurve, RoundCosts, choose, expected_tokens, measure_curve, price
+from specdec.cost import AcceptanceStats, CostCurve, RoundCosts, choose, expected_tokens, fastest_curve, measure_curve, price
 
 FLAT = CostCurve.of([(1, 100), (2, 100), (4, 101), (8, 102), (16, 104)])  # a GPU, or bfloat16 on a CPU
 STEEP = CostCurve.of([(1, 100), (2, 150), (4, 250), (8, 450), (16, 850)])  # every row costs half a step
@@ -216,3 +216,32 @@ def test_calibration_keeps_the_fastest_run_and_never_falls():
     finally:
         cost.time.perf_counter = real
     assert [ms for _, ms in curve.points] == pytest.approx([3, 8, 8])  # 4 rows measured 6 at best: below 2 rows' 8
+
+
+# --------------------------------------------------------------------------- choosing a precision
+FLAT_FLOAT32 = CostCurve.of([(1, 320), (2, 330), (4, 332), (8, 334), (16, 417), (32, 715)])
+
+
+def test_a_flat_bfloat16_curve_is_chosen():
+    """Intel with AMX, or AMD with AVX-512 bfloat16: bfloat16 is cheaper per row and about as flat."""
+    bf16 = CostCurve.of([(1, 179), (2, 209), (4, 209), (8, 232), (16, 311), (32, 606)])
+    name, rounds = fastest_curve({"float32": FLAT_FLOAT32, "bfloat16": bf16})
+    assert name == "bfloat16"
+    assert rounds["bfloat16"].width > 0  # speculation pays on both
+    assert rounds["bfloat16"].tokens_per_s > rounds["float32"].tokens_per_s
+
+
+def test_a_row_proportional_bfloat16_curve_loses_although_its_one_row_pass_is_cheaper():
+    """AMD with AVX2 only: bfloat16 has no native product and costs in proportion to rows."""
+    bf16 = CostCurve.of([(1, 278), (2, 556), (4, 1112), (8, 2224), (16, 2822)])
+    name, rounds = fastest_curve({"bfloat16": bf16, "float32": FLAT_FLOAT32})
+    assert bf16.ms(1) < FLAT_FLOAT32.ms(1)
+    assert name == "float32"
+    assert rounds["float32"].tokens_per_s > rounds["bfloat16"].tokens_per_s
+
+
+def test_equal_curves_keep_the_first_candidate_and_a_lone_one_is_chosen():
+    assert fastest_curve({"a": FLAT_FLOAT32, "b": FLAT_FLOAT32})[0] == "a"
+    assert fastest_curve({"b": FLAT_FLOAT32})[0] == "b"
+    with pytest.raises(ValueError):
+        fastest_curve({})
