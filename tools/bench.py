@@ -47,6 +47,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 from specdec import config
@@ -352,6 +353,45 @@ def baseline_call(target, assistant, pad_token_id: int, device: str = "cpu"):
             "output_pieces": max(0, clock.puts - 1),
         }
     return call
+
+
+#: The dtypes stock decoding is timed in for a comparison: a user's plain ``generate`` is whichever
+#: of them is faster on their machine (float32 on a CPU without native bfloat16, bfloat16 with it).
+STOCK_DTYPES = ("float32", "bfloat16")
+
+
+@dataclass
+class StockRun:
+    dtype: str
+    tokens: list[int]
+    seconds: float
+
+    @property
+    def tokens_per_second(self) -> float:
+        return len(self.tokens) / self.seconds if self.seconds else 0.0
+
+
+def stock_runs(model: str, prompt_ids: list[int], max_new_tokens: int, dtypes=STOCK_DTYPES, device: str = "cpu",
+               progress=lambda text: None, warmup_tokens: int = 8) -> list[StockRun]:
+    """The target alone through transformers' own greedy ``generate`` (its KV cache, no specdec
+    code), timed in each of ``dtypes`` after an uncounted warm-up: what a user already has. Each
+    model is loaded, run and freed before the next."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(model))
+    runs = []
+    for dtype in dtypes:
+        progress(f"stock transformers generate, {dtype}: loading")
+        target, _ = load_model(model, device=device, dtype=dtype)
+        call = baseline_call(target, None, pad_token_for(target, tokenizer), device=device)
+        call(prompt_ids, min(warmup_tokens, max_new_tokens))
+        progress(f"stock transformers generate, {dtype}: {max_new_tokens} tokens")
+        start = time.perf_counter()
+        tokens, _ = call(prompt_ids, max_new_tokens)
+        runs.append(StockRun(dtype, tokens, time.perf_counter() - start))
+        del target, call
+        gc.collect()
+    return runs
 
 
 def assisted_settings(draft) -> dict:

@@ -42,8 +42,10 @@ def run(argv: list[str] | None = None) -> int:
     gen.add_argument("--verbose", action="store_true", help="colour accepted draft tokens and target corrections; print statistics")
     gen.add_argument("--json", action="store_true", help="print one JSON object: text, token_ids, stats (with --compare also target_alone and speedup)")
     gen.add_argument("--compare", action="store_true",
-                     help="after one short warm-up request, run the same prompt with the target alone (mode autoregressive, "
-                          "same services) and then as asked; print both speeds and the ratio")
+                     help="with --local, first time stock transformers generate on the target alone in float32 and bfloat16 "
+                          "(the decoding a user already has); then, after one short warm-up request, run the same prompt with "
+                          "the target alone through the services (mode autoregressive) and then as asked; print every speed and "
+                          "the ratio to the faster stock generate (without --local: to the services' target alone)")
     where = gen.add_mutually_exclusive_group()
     where.add_argument("--orchestrator", default=DEFAULT_ORCHESTRATOR, help=f"a running orchestrator [SPECDEC_ORCHESTRATOR; default: {DEFAULT_ORCHESTRATOR}]")
     where.add_argument("--local", action="store_true", help="bring up a local cluster for this call")
@@ -152,6 +154,17 @@ def cmd_generate(args) -> int:
         return 2
     cluster = None
     address = args.orchestrator
+    stock = []
+    if args.compare and args.local:
+        # Before the cluster starts: the stock models are loaded, timed and freed one at a time.
+        from transformers import AutoTokenizer
+
+        from specdec.model_store import resolve_model
+        from specdec.tools.bench import stock_runs
+
+        prompt_ids = AutoTokenizer.from_pretrained(resolve_model(args.target_model))(args.prompt).input_ids
+        stock = stock_runs(args.target_model, prompt_ids, args.max_new_tokens,
+                           progress=lambda text: print(text + " ...", file=sys.stderr, flush=True))
     if args.local:
         settings = config.from_env(
             config.ClusterSettings, target_model=args.target_model,
@@ -170,6 +183,7 @@ def cmd_generate(args) -> int:
                     client.generate(**request(args.mode, min(WARM_UP_TOKENS, args.max_new_tokens)))
                     alone = client.generate(**request("autoregressive", args.max_new_tokens))
                 reply = client.generate(**request(args.mode, args.max_new_tokens))
+                info = client.info() if args.compare else None
             except grpc.RpcError as exc:
                 print(f"specdec: {exc.code().name}: {exc.details()}", file=sys.stderr)
                 return 1
@@ -179,7 +193,12 @@ def cmd_generate(args) -> int:
     if args.json:
         out = reply_dict(reply)
         if alone is not None:
-            out |= {"target_alone": reply_dict(alone), "speedup": speedup(alone, reply)}
+            out |= {"target_alone": reply_dict(alone), "speedup": speedup(alone, reply, stock),
+                    "verify_dtype": info.dtype, "precision": info.precision}
+        if stock:
+            out |= {"stock_generate": {run.dtype: {"tokens_per_second": run.tokens_per_second, "token_ids": run.tokens}
+                                       for run in stock},
+                    "speedup_over": f"stock generate {fastest(stock).dtype}"}
         print(json.dumps(out))
         return 0
     if args.verbose:
@@ -187,30 +206,52 @@ def cmd_generate(args) -> int:
     else:
         print(reply.text)
     if alone is not None:
-        print(comparison(alone, reply))
+        print(comparison(alone, reply, stock, info))
     return 0
+
+
+def fastest(stock):
+    return max(stock, key=lambda run: run.tokens_per_second)
 
 
 def reply_dict(reply) -> dict:
     return {"text": reply.text, "token_ids": list(reply.token_ids), "stats": stats_dict(reply.stats)}
 
 
-def speedup(alone, reply) -> float:
-    """Speculation's tokens/s over the target alone's, both as the orchestrator timed them."""
-    a, b = alone.stats.tokens_per_second, reply.stats.tokens_per_second
-    return b / a if a else 0.0
+def speedup(alone, reply, stock=()) -> float:
+    """Speculation's tokens/s over the faster stock ``generate`` where it was timed, else over the
+    services' target alone (as the orchestrator timed it)."""
+    a = fastest(stock).tokens_per_second if stock else alone.stats.tokens_per_second
+    return reply.stats.tokens_per_second / a if a else 0.0
 
 
-def comparison(alone, reply) -> str:
-    """One line: both speeds, the ratio, and whether the tokens are the same (they must be, up to
-    float32's near-ties; see the README on exactness)."""
-    a, b = alone.stats.tokens_per_second, reply.stats.tokens_per_second
-    line = f"target alone {a:.2f} tokens/s; speculative ({reply.stats.mode}) {b:.2f} tokens/s: {speedup(alone, reply):.2f}x"
-    same, other = list(alone.token_ids), list(reply.token_ids)
-    if same == other:
-        return line + f" (same {len(same)} tokens)"
-    at = next((i for i, (x, y) in enumerate(zip(same, other)) if x != y), min(len(same), len(other)))
-    return line + f" (the outputs differ from token {at} on)"
+def first_difference(a: list[int], b: list[int]) -> int | None:
+    if a == b:
+        return None
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def comparison(alone, reply, stock=(), info=None) -> str:
+    """A few lines: every speed, the ratio to the faster stock ``generate`` (the decoding a user already
+    has; without it, to the services' target alone), and whether the tokens are the same. The
+    speculative output must equal the services' target alone token for token: both decode in the
+    verify service's exact path (README, "Exactness")."""
+    lines = []
+    if info is not None and info.precision:
+        lines.append(f"verify dtype: {info.precision}")
+    if stock:
+        best = fastest(stock)
+        lines.append("stock transformers generate: " + ", ".join(f"{run.dtype} {run.tokens_per_second:.2f}" for run in stock)
+                     + f" tokens/s (the faster: {best.dtype})")
+    dtype = f", {info.dtype} exact" if info is not None and info.dtype else ""
+    lines.append(f"target alone through the services (one token per verify pass{dtype}): {alone.stats.tokens_per_second:.2f} tokens/s")
+    baseline = f"the faster stock generate ({fastest(stock).dtype})" if stock else "the target alone"
+    line = (f"speculative ({reply.stats.mode}) {reply.stats.tokens_per_second:.2f} tokens/s: "
+            f"{speedup(alone, reply, stock):.2f}x {baseline}")
+    at = first_difference(list(alone.token_ids), list(reply.token_ids))
+    line += f" (same {len(reply.token_ids)} tokens as the target alone)" if at is None else f" (differs from the target alone from token {at} on)"
+    lines.append(line)
+    return "\n".join(lines)
 
 
 def stats_dict(stats) -> dict:

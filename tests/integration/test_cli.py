@@ -246,7 +246,8 @@ def test_generate_verbose_with_stop_string(tiny_cluster):
     assert ANSI.sub("", run.stdout.splitlines()[0]) == prompt + full[: full.find(stop)]
 
 
-COMPARISON = re.compile(r"target alone ([\d.]+) tokens/s; speculative \((\w+)\) ([\d.]+) tokens/s: ([\d.]+)x \(same (\d+) tokens\)")
+ALONE = re.compile(r"target alone through the services \(one token per verify pass, float32 exact\): ([\d.]+) tokens/s")
+COMPARISON = re.compile(r"speculative \((\w+)\) ([\d.]+) tokens/s: ([\d.]+)x the target alone \(same (\d+) tokens as the target alone\)")
 
 
 def test_generate_compare_prints_both_speeds_and_the_ratio(tiny_cluster):
@@ -255,10 +256,11 @@ def test_generate_compare_prints_both_speeds_and_the_ratio(tiny_cluster):
                   "--prompt", prompt, "--mode", "tree", "--max-tokens", "20")
     assert run.returncode == 0, run.stderr
     assert "warm-up" in run.stderr and "target alone" in run.stderr
-    last = ANSI.sub("", run.stdout.strip().splitlines()[-1])
-    match = COMPARISON.fullmatch(last)
-    assert match, run.stdout
-    alone, mode, speculative, ratio, same = match.groups()
+    *_, alone_line, last = ANSI.sub("", run.stdout.strip()).splitlines()
+    match, alone_match = COMPARISON.fullmatch(last), ALONE.fullmatch(alone_line)
+    assert match and alone_match, run.stdout
+    mode, speculative, ratio, same = match.groups()
+    alone = alone_match.group(1)
     assert mode == "tree" and int(same) == 20
     assert float(alone) > 0 and float(speculative) > 0
     assert float(ratio) == pytest.approx(float(speculative) / float(alone), abs=0.011 + 0.01 * float(ratio))
@@ -273,8 +275,36 @@ def test_generate_compare_json(tiny_cluster, reference):
                   "--prompt", prompt, "--mode", "sequential", "--max-tokens", "12")
     assert run.returncode == 0, run.stderr
     out = json.loads(run.stdout)
-    assert set(out) == {"text", "token_ids", "stats", "target_alone", "speedup"}
+    assert set(out) == {"text", "token_ids", "stats", "target_alone", "speedup", "verify_dtype", "precision"}
+    assert out["verify_dtype"] == "float32" and out["precision"] == ""  # set, not chosen: the tests pin float32
     alone = out["target_alone"]
     assert alone["stats"]["mode"] == "autoregressive" and out["stats"]["mode"] == "sequential"
     assert alone["token_ids"] == out["token_ids"] == reference(tiny_tokenizer()(prompt).input_ids, 12)
     assert out["speedup"] == pytest.approx(out["stats"]["tokens_per_second"] / alone["stats"]["tokens_per_second"], rel=1e-5)
+
+
+def test_stock_generate_is_timed_in_each_dtype_and_the_comparison_names_the_faster(tiny_dirs, reference):
+    """The demo's baseline: transformers' own generate on the target alone, in float32 and bfloat16."""
+    from types import SimpleNamespace
+
+    from specdec.tools.bench import stock_runs
+    from specdec.tools.cli import comparison
+
+    prompt_ids = tiny_tokenizer()("def add(a, b):").input_ids
+    runs = stock_runs(str(tiny_dirs["target"]), prompt_ids, 10)
+    assert [run.dtype for run in runs] == ["float32", "bfloat16"]
+    assert runs[0].tokens == reference(prompt_ids, 10)  # the same stock float32 decoding the lossless tests compare against
+    assert all(run.tokens_per_second > 0 and len(run.tokens) == 10 for run in runs)
+
+    def reply(mode, tokens_per_second, tokens):
+        return SimpleNamespace(stats=SimpleNamespace(mode=mode, tokens_per_second=tokens_per_second), token_ids=tokens)
+
+    runs[0].seconds, runs[1].seconds = 10 / 2.0, 10 / 4.0  # 2 and 4 tokens/s
+    info = SimpleNamespace(dtype="bfloat16", precision="bfloat16, the fastest exact round measured here (...)")
+    text = comparison(reply("autoregressive", 3.5, [1, 2]), reply("tree", 8.0, [1, 2]), runs, info).splitlines()
+    assert text == [
+        "verify dtype: bfloat16, the fastest exact round measured here (...)",
+        "stock transformers generate: float32 2.00, bfloat16 4.00 tokens/s (the faster: bfloat16)",
+        "target alone through the services (one token per verify pass, bfloat16 exact): 3.50 tokens/s",
+        "speculative (tree) 8.00 tokens/s: 2.00x the faster stock generate (bfloat16) (same 2 tokens as the target alone)",
+    ]
