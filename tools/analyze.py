@@ -53,10 +53,13 @@ NO_CLASS = "-"  # orchestrator logs carry no prompt class
 
 def configuration_label(mode: str, settings: dict) -> str:
     """The name a configuration goes by in every table, e.g. ``specdec-tree w=2 d=4 nodes<=64``."""
+    if mode == "tree" and "beam_width" not in settings and settings.get("adaptive"):
+        return "specdec-default (cost model)"  # the orchestrator's own defaults as bounds (a sweep's `default: true`)
+    fixed = " fixed" if settings.get("adaptive") is False else ""
     if mode == "sequential":
-        return f"specdec-sequential k={settings['draft_length']}"
+        return f"specdec-sequential k={settings['draft_length']}{fixed}"
     if mode == "tree":
-        return f"specdec-tree w={settings['beam_width']} d={settings['beam_depth']} nodes<={settings['max_tree_nodes']}"
+        return f"specdec-tree w={settings['beam_width']} d={settings['beam_depth']} nodes<={settings['max_tree_nodes']}{fixed}"
     if mode in BASELINES:
         return " ".join([mode, *([settings["dtype"]] if settings.get("dtype") else [])])
     return f"specdec-{mode}"

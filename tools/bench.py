@@ -98,14 +98,18 @@ class Sweep:
         """What a finished run's log says that later runs need: the reference tokens and speeds, mismatches."""
         b = log.bench
         key = (b["prompt_id"], b["max_new_tokens"])
+        if b["mode"] == self.cfg.reference_mode and "dtype" not in b["settings"]:
+            self.reference.setdefault(key, log.result.token_ids)
         if b["mode"] == TARGET_ONLY:
-            if "dtype" not in b["settings"]:
-                self.reference.setdefault(key, log.result.token_ids)
             self.target_tps[key][b["settings"].get("dtype", "")].append(b["tokens_per_s"])
         elif b.get("speedup") is not None:
             self.speedups[(b["model_set"], b["label"])].append(b["speedup"])
         if b.get("matches_target") is False:
-            self.mismatches.append(f"MISMATCH {b['run_id']}: differs from target-only at new token {b['first_mismatch']}")
+            self.mismatches.append(f"MISMATCH {b['run_id']}: differs from {self.reference_name} at new token {b['first_mismatch']}")
+
+    @property
+    def reference_name(self) -> str:
+        return "target-only" if self.cfg.reference_mode == TARGET_ONLY else f"specdec-{self.cfg.reference_mode}"
 
     def best(self) -> str:
         scored = {name: statistics.median(v) for name, v in self.speedups.items() if v}
@@ -119,10 +123,11 @@ class Sweep:
         """Complete a run's log (the prompt, the lossless check, speedup, metrics) and write it into place."""
         tokens = log.result.token_ids
         key = (spec.prompt.id, spec.max_new_tokens)
-        # The reference: target-only in the sweep's dtype. Another dtype's runs and llama.cpp's (its
-        # own quantized weights) are speed figures only.
+        # The reference (SweepConfig.reference_mode): target-only in the sweep's dtype, or with dtype
+        # auto the services' own one-token decoding. Another dtype's runs and llama.cpp's (its own
+        # quantized weights) are speed figures only.
         baseline_dtype = spec.method.settings.get("dtype")
-        if spec.method.mode == TARGET_ONLY and baseline_dtype is None:
+        if spec.method.mode == self.cfg.reference_mode and baseline_dtype is None:
             reference = self.reference.setdefault(key, tokens)
         else:
             reference = None if baseline_dtype or spec.method.mode == LLAMA_CPP else self.reference.get(key)
@@ -135,8 +140,8 @@ class Sweep:
             if tokens != reference:
                 at = next((i for i, (a, b) in enumerate(zip(tokens, reference)) if a != b), min(len(tokens), len(reference)))
                 check["first_mismatch"] = at
-                line = (f"MISMATCH {spec.run_id}: differs from target-only at new token {at} "
-                        f"(got {tokens[at:at + 4]}, target-only {reference[at:at + 4]})")
+                line = (f"MISMATCH {spec.run_id}: differs from {self.reference_name} at new token {at} "
+                        f"(got {tokens[at:at + 4]}, {self.reference_name} {reference[at:at + 4]})")
                 self.mismatches.append(line)
                 self.bar.write(line)
         # The fastest target-only dtype's median on this prompt
@@ -574,11 +579,11 @@ def sweep(cfg: SweepConfig, limit: int | None = None, dry_run: bool = False) -> 
         print(analyze.best_per_class_table(rows))
         print("\nmodel sets (all prompts):\n" + analyze.model_set_table(rows))
     if runner.mismatches:
-        print(f"\nlossless check FAILED: {len(runner.mismatches)} run(s) differ from target-only:")
+        print(f"\nlossless check FAILED: {len(runner.mismatches)} run(s) differ from {runner.reference_name}:")
         for line in runner.mismatches:
             print("  " + line)
     else:
-        print(f"\nlossless check passed: all {len(records)} runs equal target-only's tokens")
+        print(f"\nlossless check passed: all {len(records)} runs checked equal {runner.reference_name}'s tokens")
     print(f"\n{len(plan) - left} of {len(plan)} runs done ({runner.new_runs} now)"
           + (f"; {left} left: run the same command again to go on" if left else "")
           + f"\nlogs in {out_dir / 'runs'}/, summary in {out_dir / 'benchmark_summary.csv'} and {out_dir / 'speedup.png'}; "

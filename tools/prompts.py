@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-PROMPT_CLASSES = ("code", "prose", "chat")
+PROMPT_CLASSES = ("code", "prose", "chat", "edit")  # edit: chat requests whose answer copies the prompt
 QUICK_PROMPTS = "prompts/quick.jsonl"  # 4 code and 2 prose prompts: the quick benchmark's and the load test's default
 
 

@@ -42,8 +42,11 @@ class Method:
 SWEEP_KEYS = {
     "name", "target_model", "draft_model_sets", "max_new_tokens", "modes", "baselines", "sequential", "tree",
     "prompt_files", "prompts", "classes", "prompts_per_class", "repetitions", "dtype", "devices", "output_dir",
-    "warmup_tokens", "startup_timeout_s", "adaptive", "baseline_dtypes",
+    "warmup_tokens", "startup_timeout_s", "adaptive", "baseline_dtypes", "default",
 }
+#: The dtypes stock target-only (and assisted) runs in when the cluster's is ``auto``: whichever is
+#: faster on the machine is what a user already has.
+STOCK_DTYPES = ("float32", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -77,9 +80,19 @@ class SweepConfig:
     # names (they become upper bounds); false runs the settings as given.
     adaptive: bool = True
     # target-only runs once in each; the first is ``dtype``, the reference every run must equal.
-    # Speedups are over the fastest of them.
+    # Speedups are over the fastest of them. With ``dtype: auto`` every one carries its dtype.
     baseline_dtypes: list[str] = field(default_factory=list)
+    # Also run tree mode with the orchestrator's own defaults and the cost model on (``default``),
+    # beside the grid of shapes (which run as ``adaptive`` says: false makes them fixed shapes).
+    default: bool = False
 
+    @property
+    def reference_mode(self) -> str:
+        """The run every other's tokens must equal. With ``dtype: auto`` the verify service picks its
+        dtype at start-up, so the reference is its own one-token decoding (``autoregressive``
+        through the cluster), which speculation equals by construction; stock ``generate`` in each
+        dtype is then a speed figure only. Otherwise stock ``generate`` in ``dtype``."""
+        return "autoregressive" if self.dtype == "auto" else TARGET_ONLY
 
 @dataclass(frozen=True)
 class RunSpec:
@@ -112,7 +125,7 @@ class RunSpec:
             ASSISTED: "-".join(["assisted", slug(s.get("draft_model", "")), *([s["dtype"]] if "dtype" in s else [])]),
             "autoregressive": "autoregressive",
             "sequential": f"sequential-k{s.get('draft_length')}",
-            "tree": f"tree-w{s.get('beam_width')}-d{s.get('beam_depth')}-n{s.get('max_tree_nodes')}",
+            "tree": f"tree-w{s.get('beam_width')}-d{s.get('beam_depth')}-n{s.get('max_tree_nodes')}" if "beam_width" in s else "default",
         }[self.method.mode]
         where = "baseline" if self.model_set is None else slug(self.model_set.name)
         return f"{where}--{what}--n{self.max_new_tokens}--{slug(self.prompt.id)}--r{self.repeat}"
@@ -164,15 +177,20 @@ def load_sweep_config(path: Path) -> SweepConfig:
         startup_timeout_s=int(raw.get("startup_timeout_s", 600)),
         adaptive=_flag(raw.get("adaptive", True), "adaptive", path),
         baseline_dtypes=_baseline_dtypes(raw, path),
+        default=_flag(raw.get("default", False), "default", path),
     )
 
 
 def _baseline_dtypes(raw: dict, path: Path) -> list[str]:
     dtype = str(raw.get("dtype", "float32"))
+    if dtype not in config.DTYPES:
+        raise BenchError(f"{path}: dtype: unknown dtype {dtype!r} ({', '.join(config.DTYPES)})")
     extra = _list(raw.get("baseline_dtypes", []), str, "baseline_dtypes", path)
     bad = [d for d in extra if d not in ("float32", "bfloat16", "float16")]
     if bad:
         raise BenchError(f"{path}: baseline_dtypes: unknown dtype {bad[0]!r} (float32, bfloat16, float16)")
+    if dtype == "auto":
+        return list(dict.fromkeys(extra or STOCK_DTYPES))
     return list(dict.fromkeys([dtype, *extra]))
 
 
@@ -271,25 +289,34 @@ def sweep_plan(cfg: SweepConfig) -> list[RunSpec]:
         return [RunSpec(method, model_set, prompt, n, repeat)
                 for n in cfg.max_new_tokens for repeat in range(cfg.repetitions) for prompt in cfg.prompts]
 
-    plan = each(Method(TARGET_ONLY), None)
-    for dtype in cfg.baseline_dtypes[1:]:
+    # The first baseline dtype is the sweep's own (the reference) and goes unnamed; with dtype auto
+    # every baseline names its dtype.
+    first_named = 0 if cfg.dtype == "auto" else 1
+    plan = [] if cfg.dtype == "auto" else each(Method(TARGET_ONLY), None)
+    for dtype in cfg.baseline_dtypes[first_named:]:
         plan += each(Method(TARGET_ONLY, {"dtype": dtype}), None)
     if ASSISTED in cfg.baselines:
         for draft in dict.fromkeys(s.models[0] for s in cfg.model_sets):  # assisted takes one draft: each set's first
             for i, dtype in enumerate(cfg.baseline_dtypes or [cfg.dtype]):
-                plan += each(Method(ASSISTED, {"draft_model": draft, **({"dtype": dtype} if i else {})}), None)
+                plan += each(Method(ASSISTED, {"draft_model": draft, **({"dtype": dtype} if i >= first_named else {})}), None)
     if LLAMA_CPP in cfg.baselines:
         plan += each(Method(LLAMA_CPP), None)
+    modes = list(cfg.modes)
+    if cfg.reference_mode not in (TARGET_ONLY, *modes):
+        modes.insert(0, cfg.reference_mode)  # it runs first on each cluster: the reference of the runs after it
     for model_set in cfg.model_sets:
-        for mode in cfg.modes:
+        for mode in modes:
+            fixed = {} if cfg.adaptive else {"adaptive": False}  # named, so that the tables say "fixed"
             if mode == "sequential":
-                methods = [Method(mode, {"draft_length": k}) for k in cfg.draft_lengths]
+                methods = [Method(mode, {"draft_length": k, **fixed}) for k in cfg.draft_lengths]
             elif mode == "tree":
-                methods = [Method(mode, {"beam_width": w, "beam_depth": d, "max_tree_nodes": cfg.max_tree_nodes})
+                methods = [Method(mode, {"beam_width": w, "beam_depth": d, "max_tree_nodes": cfg.max_tree_nodes, **fixed})
                            for w, d in cfg.tree_shapes]
             else:
                 methods = [Method(mode)]
             for method in methods:
                 plan += each(method, model_set)
+        if cfg.default:  # after the reference, so that it is checked too
+            plan += each(Method("tree", {"adaptive": True}), model_set)
     return plan
 

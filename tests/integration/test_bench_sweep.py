@@ -233,16 +233,18 @@ def test_expected_speedup_formula():
     assert tree["expected_tokens_per_round"] == 3.0  # trees: the measured tokens per round
 
 
-@pytest.mark.parametrize("name", ["bench.yaml", "bench-gpu.yaml"])
+@pytest.mark.parametrize("name", ["bench.yaml", "bench-gpu.yaml", "speed.yaml"])
 def test_shipped_sweep_files_are_valid(name):
     cfg = sweep.load_sweep_config(ROOT / "benchmarks" / name)
     plan = sweep.sweep_plan(cfg)
-    assert {p.cls for p in cfg.prompts} == {"code", "prose", "chat"}
+    assert {p.cls for p in cfg.prompts} >= {"code", "prose", "chat"}
     assert cfg.baselines == ["target-only", "assisted"] and cfg.modes
     assert len({s.run_id for s in plan}) == len(plan)
     if name == "bench.yaml":
         assert cfg.target_model == "qwen2.5-coder-1.5b-instruct" and cfg.dtype == "float32"
         assert len(plan) <= 80  # about 20-30 minutes on 2 CPU cores
+    elif name == "speed.yaml":
+        assert cfg.dtype == "auto" and cfg.default and "edit" in {p.cls for p in cfg.prompts}
     else:
         assert cfg.target_model == "Qwen/Qwen2.5-3B"
         assert {m for s in cfg.model_sets for m in s.models} == {"Qwen/Qwen2.5-0.5B", "Qwen/Qwen2.5-1.5B"}
@@ -281,3 +283,21 @@ def test_baselines_in_more_dtypes_and_llama_cpp(tiny_dirs, tmp_path, monkeypatch
                                    stopped=lambda: False)
     bench.llama_baseline(runner, [s for s in plan if s.method.mode == "llama-cpp"], None, {})
     assert len(written) == 1 and "not installed (make llama-cpp)" in written[0]
+
+
+def test_dtype_auto_checks_against_the_services_one_token_decoding(tiny_dirs, tmp_path):
+    """With dtype auto the verify service picks its dtype, so stock generate runs in each dtype as a
+    speed figure and the reference is specdec-autoregressive, planned first on each cluster; a
+    default run (the orchestrator's own settings, cost model on) sits beside fixed shapes."""
+    path = write_config(tmp_path, tiny_dirs, tmp_path / "out")
+    path.write_text(path.read_text() + "dtype: auto\ndefault: true\n")
+    cfg = sweep.load_sweep_config(path)
+    plan = sweep.sweep_plan(cfg)
+    assert cfg.reference_mode == "autoregressive" and cfg.baseline_dtypes == ["float32", "bfloat16"]
+    assert all("dtype" in s.method.settings for s in plan if s.model_set is None)  # no unnamed stock reference
+    first_set = [s for s in plan if s.model_set == cfg.model_sets[0]]
+    assert [s.method.label for s in first_set[::3]] == [
+        "specdec-autoregressive", "specdec-sequential k=2 fixed", "specdec-tree w=2 d=3 nodes<=32 fixed",
+        "specdec-default (cost model)"]
+    assert first_set[-1].run_id.startswith("one--default--")
+    assert len({s.run_id for s in plan}) == len(plan)
