@@ -722,8 +722,12 @@ class HttpApi:
         return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
 
     def model_card(self) -> dict:
+        info = self.servicer.target_info
+        # Beyond OpenAI's fields, as vLLM adds max_model_len: the dtype the verify service runs in,
+        # and with --dtype auto why (every exact path it measured at start-up).
         return {"id": self.model, "object": "model", "created": self.created, "owned_by": "specdec",
-                "root": self.model, "parent": None, "max_model_len": self.servicer.target_info.max_context or None}
+                "root": self.model, "parent": None, "max_model_len": info.max_context or None,
+                "dtype": info.dtype or None, "precision": info.precision or None}
 
     async def models(self, request: Request) -> Response:
         try:

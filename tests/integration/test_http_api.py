@@ -121,6 +121,8 @@ def test_models_lists_the_target(client, model, tiny_cluster, base_url):
     assert client.models.retrieve(model).id == model
     status, _, body = raw(base_url, "/v1/models")
     assert status == 200 and body["data"][0]["max_model_len"] == 512
+    # The verify service's dtype (pinned to float32 in the tests: no choice to explain).
+    assert body["data"][0]["dtype"] == "float32" and body["data"][0]["precision"] is None
 
 
 def test_health_and_metrics(client, model, base_url):

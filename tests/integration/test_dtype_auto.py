@@ -1,0 +1,28 @@
+"""``--dtype auto`` through real services: the verify service measures its exact paths, says in
+GetInfo (and the orchestrator's, and /v1/models) which it chose and why, and speculation equals the
+services' own one-token decoding in that dtype, token for token."""
+
+from __future__ import annotations
+
+from specdec import config
+from specdec.client import Client
+from specdec.precision import CANDIDATES
+from specdec.tools.cluster import LocalCluster
+
+
+def test_the_chosen_dtype_is_reported_and_speculation_equals_its_one_token_decoding(tiny_dirs, tmp_path):
+    settings = config.from_env(
+        config.ClusterSettings, target_model=str(tiny_dirs["target"]), draft_models=[str(tiny_dirs["draft"])],
+        port=0, dtype="auto", log_dir=str(tmp_path), startup_timeout_s=120, adaptive=False, draft_quantize="none",
+    )
+    with LocalCluster(settings) as cluster, Client(cluster.orchestrator_address, timeout_s=120) as client:
+        info = client.info()
+        assert info.dtype in CANDIDATES
+        assert info.precision.startswith(f"{info.dtype}, the fastest exact round measured here")
+        assert all(dtype in info.precision for dtype in CANDIDATES)  # every candidate's figures: the why
+        assert info.forward_costs  # the chosen path's curve, measured while choosing
+        for prompt in ("def hello(x):", "The quick brown fox"):
+            alone = client.generate(prompt, max_new_tokens=24, mode="autoregressive", ignore_eos=True)
+            for mode in ("sequential", "tree"):
+                reply = client.generate(prompt, max_new_tokens=24, mode=mode, ignore_eos=True)
+                assert list(reply.token_ids) == list(alone.token_ids), (prompt, mode)
