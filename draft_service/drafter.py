@@ -10,7 +10,6 @@ request keeps the part of it the target accepted.
 from __future__ import annotations
 
 import functools
-import math
 import time
 from dataclasses import dataclass, field
 
@@ -93,15 +92,11 @@ class BeamDrafter:
     def release(self, session_id: str) -> bool:
         return self.worker.release(session_id)
 
-    def propose(self, session_id: str, context: list[int], beam_width: int, depth: int, caller: Caller | None = None,
-                min_path_probability: float = 0.0) -> DraftOutcome:
-        """Beam search: up to ``beam_width`` beams of up to ``depth`` tokens, best first; fewer levels
-        once the best beam's probability falls below ``min_path_probability`` (the levels already
-        scored are kept: they cost nothing more)."""
-        return self._run(lambda: self._beams(session_id, context, beam_width, depth, min_path_probability),
-                         session_id, context, caller)
+    def propose(self, session_id: str, context: list[int], beam_width: int, depth: int, caller: Caller | None = None) -> DraftOutcome:
+        """Beam search: up to ``beam_width`` beams of ``depth`` tokens, best first."""
+        return self._run(lambda: self._beams(session_id, context, beam_width, depth), session_id, context, caller)
 
-    def _beams(self, session_id: str, context: list[int], beam_width: int, depth: int, min_path_probability: float = 0.0):
+    def _beams(self, session_id: str, context: list[int], beam_width: int, depth: int):
         session, reused = self.store.open(session_id, context)
         pending = context[reused:]
         start = time.perf_counter()
@@ -116,7 +111,7 @@ class BeamDrafter:
             vocab = scores.shape[-1]
             chosen = [(int(i) // vocab, int(i) % vocab, float(s)) for s, i in zip(top.values, top.indices)]
             next_frontier = [(frontier[b][0], s, frontier[b][2] + [t]) for b, t, s in chosen]
-            if level == depth - 1 or math.exp(chosen[0][2]) < min_path_probability:
+            if level == depth - 1:
                 frontier = next_frontier
                 break
             base = len(session.tail_tokens)

@@ -34,9 +34,8 @@ class DraftServicer(ModelServicer, draft_pb2_grpc.DraftServiceServicer):
             )
         sampling = sampling_params(request)
         if sampling.greedy:
-            stop_below = check_range("min_path_probability", request.min_path_probability, 0.0, 1.0)
             outcome = self.in_session("DraftBeams", request, context, lambda session, caller: self.engine.propose(
-                session, context_ids, width, depth, caller, stop_below))
+                session, context_ids, width, depth, caller))
         else:
             outcome = self.in_session("DraftBeams", request, context, lambda session, caller: self.engine.sample_chains(
                 session, context_ids, width, depth, sampling, request.seed, caller))

@@ -45,15 +45,13 @@ class GrpcDraftClient(_Client):
         self.model = model  # the model the service serves (its GetInfo), recorded beside the name
 
     def draft(self, session_id: str, context: list[int], paths: int, depth: int, timeout_s: float,
-              sampling: SamplingParams = SamplingParams(), seed: int = 0, vocab_size: int = 0,
-              min_path_probability: float = 0.0) -> Proposal:
+              sampling: SamplingParams = SamplingParams(), seed: int = 0, vocab_size: int = 0) -> Proposal:
         """Greedy: beams, best first. Sampled: independent chains, and for each chain token the
         exact distribution it was drawn from (the service sends each distinct one once)."""
         reply = self.stub.DraftBeams(
             draft_pb2.DraftBeamsRequest(
                 session_id=session_id, context_token_ids=context, beam_width=paths, beam_depth=depth,
                 temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k, seed=seed,
-                min_path_probability=min_path_probability,
             ),
             timeout=timeout_s,
         )

@@ -298,26 +298,6 @@ def price(costs: RoundCosts, stats: AcceptanceStats, drafts: list[str], width: i
     return Choice(width, depth, nodes, tokens, draft_ms + costs.verify_ms(batch * (1 + nodes)) + costs.overhead_ms, company)
 
 
-def stop_below(costs: RoundCosts, draft: str, choice: Choice) -> float:
-    """The path probability below which the draft should stop growing its beams in this round.
-
-    One more level costs a draft forward over the round's beams and ``width`` more verify rows; it
-    can add at most the probability that the path so far is accepted (the draft's own probability
-    of it stands in for the target's, an upper bound of what the next token adds), worth the round's
-    milliseconds per token. Once even that does not pay, deeper levels do not either. Greedy drafts
-    only; 0 (never stop) for a round without speculation or a single level. Within the round's
-    choice this is what lets a tree's depth follow the draft's confidence token by token (as
-    EAGLE-2's dynamic trees and transformers' assistant_confidence_threshold do), at a threshold
-    that comes from the measured costs rather than a constant."""
-    if choice.width <= 0 or choice.depth <= 1 or choice.expected_tokens <= 0 or choice.cost_ms <= 0:
-        return 0.0
-    batch = choice.company.batch
-    level_ms = costs.draft_ms(draft, choice.width, 2, batch=batch) - costs.draft_ms(draft, choice.width, 1, batch=batch)
-    rows = batch * choice.verify_rows
-    level_ms += costs.verify_ms(rows + batch * choice.width) - costs.verify_ms(rows)
-    return min(max(level_ms * choice.expected_tokens / choice.cost_ms, 0.0), 1.0)
-
-
 def choose(costs: RoundCosts, stats: AcceptanceStats, drafts: list[str], max_width: int, max_depth: int,
            max_nodes: int, company: Company = Company()) -> Choice:
     """The shape with the most expected tokens per second among no speculation and every ``width`` ×

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from specdec.cost import AcceptanceStats, Choice, Company, RoundCosts, choose, price, stop_below
+from specdec.cost import AcceptanceStats, Choice, Company, RoundCosts, choose, price
 from specdec.sampling import Candidate, accept_sampled_tree
 from specdec.tree import TokenTree, TokenTrie, greedy_accept
 
@@ -210,11 +210,6 @@ class SpeculationPolicy:
             self._quiet_rounds = 0
         return choice
 
-    def stop_below(self, draft: str, choice: Choice) -> float:
-        """The path probability below which ``draft`` stops growing this round's beams early
-        (:func:`specdec.cost.stop_below`); 0 with fixed shapes, which run as asked."""
-        return stop_below(self.costs, draft, choice) if self.adaptive else 0.0
-
     def update(self, choice: Choice, proposals: list[Proposal], verdict: Verdict, draft_ms: float = 0.0,
                verify_ms: float = 0.0, first: bool = False) -> None:
         """Record how much of each draft's proposal the target accepted (``cut``: the output ended in
@@ -227,6 +222,5 @@ class SpeculationPolicy:
         # Only rounds alone correct the curves: in company a round's times include waiting for the
         # passes of others, which its own shape did not cost.
         if not first and verify_ms > 0 and not choice.company.sessions:
-            # Each draft priced at the levels it ran: one that stopped early (stop_below) ran fewer.
             self.costs.observe(1 + len(verdict.merged.tree), verify_ms,
-                               {p.draft: (choice.width, max(1, p.depth)) for p in proposals}, draft_ms)
+                               {p.draft: (choice.width, choice.depth) for p in proposals}, draft_ms)

@@ -19,11 +19,9 @@ class LocalDraft:
         self.name, self.model = name, type(model).__name__
         self.drafter = BeamDrafter(model, vocab_limit=vocab_limit)
 
-    def draft(self, session_id, context, paths, depth, timeout_s, sampling=SamplingParams(), seed=0, vocab_size=0,
-              min_path_probability=0.0) -> Proposal:
+    def draft(self, session_id, context, paths, depth, timeout_s, sampling=SamplingParams(), seed=0, vocab_size=0) -> Proposal:
         if sampling.greedy:
-            beams = self.drafter.propose(session_id, context, paths, depth, min_path_probability=min_path_probability).beams
-            return Proposal(self.name, [b.tokens for b in beams])
+            return Proposal(self.name, [b.tokens for b in self.drafter.propose(session_id, context, paths, depth).beams])
         out = self.drafter.sample_chains(session_id, context, paths, depth, sampling, seed)
         dists = [[out.distributions[i] for i in index] for index in out.distribution_index]
         return Proposal(self.name, [b.tokens for b in out.beams], dists)

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from specdec.cost import AcceptanceStats, CostCurve, RoundCosts, choose, expected_tokens, fastest_curve, measure_curve, price, stop_below
+from specdec.cost import AcceptanceStats, CostCurve, RoundCosts, choose, expected_tokens, fastest_curve, measure_curve, price
 
 FLAT = CostCurve.of([(1, 100), (2, 100), (4, 101), (8, 102), (16, 104)])  # a GPU, or bfloat16 on a CPU
 STEEP = CostCurve.of([(1, 100), (2, 150), (4, 250), (8, 450), (16, 850)])  # every row costs half a step
@@ -245,31 +245,3 @@ def test_equal_curves_keep_the_first_candidate_and_a_lone_one_is_chosen():
     assert fastest_curve({"b": FLAT_FLOAT32})[0] == "b"
     with pytest.raises(ValueError):
         fastest_curve({})
-
-
-# --------------------------------------------------------------------------- early stop
-def test_a_draft_stops_where_one_more_level_costs_more_than_it_can_add():
-    costs = RoundCosts(FLAT, {"draft-0": CostCurve.of([(1, 30), (16, 30)])})
-    chain = price(costs, AcceptanceStats(), ["draft-0"], 1, 4, 64)
-    threshold = stop_below(costs, "draft-0", chain)
-    # A level: a 30 ms draft forward plus one more verify row (0.5 ms on FLAT), against the round's ms per token.
-    assert threshold == pytest.approx((30 + 0.5) * chain.expected_tokens / chain.cost_ms, rel=0.05)
-    assert 0 < threshold < 1
-    # A dearer draft stops sooner; a free one (prompt lookup) never stops for cost.
-    dear = RoundCosts(FLAT, {"draft-0": CostCurve.of([(1, 90), (16, 90)])})
-    assert stop_below(dear, "draft-0", price(dear, AcceptanceStats(), ["draft-0"], 1, 4, 64)) > threshold
-    free = RoundCosts(FLAT, {"lookup": CostCurve.of([(1, 0.0)])})
-    assert stop_below(free, "lookup", price(free, AcceptanceStats(), ["lookup"], 1, 4, 64)) < 0.01
-    # Nothing to stop: no speculation, or a single level.
-    assert stop_below(costs, "draft-0", price(costs, AcceptanceStats(), ["draft-0"], 0, 0, 64)) == 0.0
-    assert stop_below(costs, "draft-0", price(costs, AcceptanceStats(), ["draft-0"], 2, 1, 64)) == 0.0
-
-
-def test_fixed_shapes_never_stop_early():
-    from specdec.speculation import SpeculationPolicy
-
-    costs = RoundCosts(FLAT, {"draft-0": CostCurve.of([(1, 30), (16, 30)])})
-    adaptive = SpeculationPolicy(["draft-0"], 1, 4, 64, adaptive=True, costs=costs)
-    fixed = SpeculationPolicy(["draft-0"], 1, 4, 64, adaptive=False, costs=costs)
-    assert adaptive.stop_below("draft-0", fixed.next(8)) > 0
-    assert fixed.stop_below("draft-0", fixed.next(8)) == 0.0

@@ -1,7 +1,5 @@
 """The tree forward pass, the verifier and the drafter on tiny models, against sequential runs."""
 
-import math
-
 import pytest
 import torch
 
@@ -157,18 +155,3 @@ def test_limited_draft_vocabulary_scores_only_the_first_ids():
 def test_limit_at_or_above_the_vocabulary_is_the_whole_vocabulary(model):
     assert BeamDrafter(model, vocab_limit=0).head is None
     assert BeamDrafter(model, vocab_limit=10**6).head is None
-
-
-@pytest.mark.parametrize("width", [1, 3])
-def test_beams_stop_growing_below_the_path_probability_asked(model, width):
-    """Early stop: the levels already scored are kept, no deeper level is fed once the best beam's
-    probability is below ``min_path_probability``; 0 grows to the depth asked, as before."""
-    full = BeamDrafter(model).propose("s", PROMPT, width, 6)
-    assert {len(b.tokens) for b in full.beams} == {6}
-    best = [math.exp(b.logprob) for b in full.beams][0]
-    stopped = BeamDrafter(model).propose("s", PROMPT, width, 6, min_path_probability=1.0)
-    assert {len(b.tokens) for b in stopped.beams} == {1}  # every path is below certainty
-    assert stopped.fed_tokens == len(PROMPT)  # the prompt only: no level was fed
-    assert [b.tokens for b in stopped.beams] == [b.tokens[:1] for b in BeamDrafter(model).propose("s", PROMPT, width, 1).beams]
-    partial = BeamDrafter(model).propose("s", PROMPT, width, 6, min_path_probability=best * 0.999)
-    assert len(partial.beams[0].tokens) == 6  # the best beam's whole path stays above it
