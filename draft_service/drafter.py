@@ -10,13 +10,14 @@ request keeps the part of it the target accepted.
 from __future__ import annotations
 
 import functools
+import math
 import time
 from dataclasses import dataclass, field
 
 import torch
 
 from specdec.batching import BatchInfo, BatchWorker, Caller, feed
-from specdec.cost import CALIBRATION_CONTEXT, CALIBRATION_ROWS, CostCurve
+from specdec.cost import CALIBRATION_CONTEXT, CALIBRATION_ROWS, CostCurve, EarlyStop, calibrated
 from specdec.engine import Part, calibrate_forward, forward_batch
 from specdec.kernels import pack_linears
 from specdec.kv_cache import SessionStore
@@ -28,6 +29,7 @@ from specdec.sampling import SamplingParams, draft_distribution, sample
 class Beam:
     tokens: list[int]  # [depth]
     logprob: float  # sum of the draft's log-probabilities along the beam
+    probabilities: list[float] = field(default_factory=list)  # greedy: [depth] each token's probability under the draft
 
 
 @dataclass
@@ -92,37 +94,42 @@ class BeamDrafter:
     def release(self, session_id: str) -> bool:
         return self.worker.release(session_id)
 
-    def propose(self, session_id: str, context: list[int], beam_width: int, depth: int, caller: Caller | None = None) -> DraftOutcome:
-        """Beam search: up to ``beam_width`` beams of ``depth`` tokens, best first."""
-        return self._run(lambda: self._beams(session_id, context, beam_width, depth), session_id, context, caller)
+    def propose(self, session_id: str, context: list[int], beam_width: int, depth: int, caller: Caller | None = None,
+                stop: EarlyStop = EarlyStop()) -> DraftOutcome:
+        """Beam search: up to ``beam_width`` beams of up to ``depth`` tokens, best first. Fewer levels
+        once the best beam's calibrated probability is below ``stop.min_path_probability``
+        (:class:`specdec.cost.EarlyStop`); the level that showed it is kept (it cost nothing more)."""
+        return self._run(lambda: self._beams(session_id, context, beam_width, depth, stop), session_id, context, caller)
 
-    def _beams(self, session_id: str, context: list[int], beam_width: int, depth: int):
+    def _beams(self, session_id: str, context: list[int], beam_width: int, depth: int, stop: EarlyStop = EarlyStop()):
         session, reused = self.store.open(session_id, context)
         pending = context[reused:]
         start = time.perf_counter()
         fed = len(pending)
         logits = yield from feed(session, pending, head=self.head, chunk=self.max_batch_rows)
         logprobs = torch.log_softmax(logits, -1)  # [1, vocab]
-        # A frontier entry: (tail index of its last node or -1, cumulative logprob, tokens).
-        frontier: list[tuple[int, float, list[int]]] = [(-1, 0.0, [])]
+        # A frontier entry: (tail index of its last node or -1, cumulative logprob, tokens, each token's probability).
+        frontier: list[tuple[int, float, list[int], list[float]]] = [(-1, 0.0, [], [])]
         for level in range(depth):
-            scores = torch.tensor([score for _, score, _ in frontier], device=logprobs.device)[:, None] + logprobs  # [beams, vocab]
+            scores = torch.tensor([entry[1] for entry in frontier], device=logprobs.device)[:, None] + logprobs  # [beams, vocab]
             top = scores.flatten().topk(min(beam_width, scores.numel()))
             vocab = scores.shape[-1]
             chosen = [(int(i) // vocab, int(i) % vocab, float(s)) for s, i in zip(top.values, top.indices)]
-            next_frontier = [(frontier[b][0], s, frontier[b][2] + [t]) for b, t, s in chosen]
-            if level == depth - 1:
+            next_frontier = [(frontier[b][0], s, frontier[b][2] + [t], frontier[b][3] + [math.exp(s - frontier[b][1])])
+                             for b, t, s in chosen]
+            best = next_frontier[0][3]
+            if level == depth - 1 or math.prod(calibrated(p, stop.calibration) for p in best) < stop.min_path_probability:
                 frontier = next_frontier
                 break
             base = len(session.tail_tokens)
-            tokens = [path[-1] for _, _, path in next_frontier]
-            parents = [parent for parent, _, _ in next_frontier]
+            tokens = [entry[2][-1] for entry in next_frontier]
+            parents = [entry[0] for entry in next_frontier]
             logits = yield Part(session, [], tokens, parents, keep=len(tokens), head=self.head)
             logprobs = torch.log_softmax(logits, -1)
             fed += len(tokens)
-            frontier = [(base + k, s, path) for k, (_, s, path) in enumerate(next_frontier)]
+            frontier = [(base + k, *entry[1:]) for k, entry in enumerate(next_frontier)]
         forward_s = time.perf_counter() - start
-        beams = [Beam(tokens=path, logprob=score) for _, score, path in frontier if path]
+        beams = [Beam(tokens=path, logprob=score, probabilities=probs) for _, score, path, probs in frontier if path]
         return DraftOutcome(beams=beams, reused_tokens=reused, fed_tokens=fed, forward_s=forward_s)
 
     def calibrate(self, rows=CALIBRATION_ROWS, reps: int = 3, context_len: int = CALIBRATION_CONTEXT) -> CostCurve:

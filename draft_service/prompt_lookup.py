@@ -107,7 +107,10 @@ class PromptLookup:
         self.max_ngram = max_ngram
         self.min_ngram = min_ngram
 
-    def propose(self, session_id: str, context: list[int], beam_width: int, depth: int, caller=None) -> DraftOutcome:
+    def propose(self, session_id: str, context: list[int], beam_width: int, depth: int, caller=None,
+                stop=None) -> DraftOutcome:
+        """``stop`` is a model draft's early stop: a lookup costs no forward, so it always proposes
+        the whole continuation it found."""
         if not context:
             raise ValueError("context must hold at least one token")
         start = time.perf_counter()

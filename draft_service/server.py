@@ -7,6 +7,7 @@ import argparse
 
 from specdec import config
 from specdec.draft_service import prompt_lookup
+from specdec.cost import EarlyStop
 from specdec.draft_service.drafter import BeamDrafter
 from specdec.errors import InvalidRequest, check_range, check_token_ids
 from specdec.rpc.convert import distribution_pb, sampling_params
@@ -16,6 +17,9 @@ from specdec.rpc.status import rpc_method
 from specdec.v1 import common_pb2, draft_pb2, draft_pb2_grpc
 
 SERVICE_NAME = draft_pb2.DESCRIPTOR.services_by_name["DraftService"].full_name
+
+
+MAX_CALIBRATION_BINS = 100
 
 
 class DraftServicer(ModelServicer, draft_pb2_grpc.DraftServiceServicer):
@@ -34,15 +38,16 @@ class DraftServicer(ModelServicer, draft_pb2_grpc.DraftServiceServicer):
             )
         sampling = sampling_params(request)
         if sampling.greedy:
+            stop = early_stop(request)
             outcome = self.in_session("DraftBeams", request, context, lambda session, caller: self.engine.propose(
-                session, context_ids, width, depth, caller))
+                session, context_ids, width, depth, caller, stop))
         else:
             outcome = self.in_session("DraftBeams", request, context, lambda session, caller: self.engine.sample_chains(
                 session, context_ids, width, depth, sampling, request.seed, caller))
         index = outcome.distribution_index or [[] for _ in outcome.beams]
         return draft_pb2.DraftBeamsResponse(
             beams=[
-                draft_pb2.DraftBeam(token_ids=b.tokens, logprob=b.logprob, distribution_index=i)
+                draft_pb2.DraftBeam(token_ids=b.tokens, logprob=b.logprob, distribution_index=i, token_probabilities=b.probabilities)
                 for b, i in zip(outcome.beams, index)
             ],
             distributions=[distribution_pb(q16, common_pb2.Distribution.PRECISION_FLOAT16) for q16 in outcome.sent_distributions or []],
@@ -53,6 +58,17 @@ class DraftServicer(ModelServicer, draft_pb2_grpc.DraftServiceServicer):
             batch_rows=outcome.batch.rows,
             queue_ms=outcome.queue_s * 1e3,
         )
+
+
+def early_stop(request) -> EarlyStop:
+    """The request's early stop, its numbers checked (a NaN or a probability above 1 is refused)."""
+    calibration = tuple(request.confidence_calibration)
+    if len(calibration) > MAX_CALIBRATION_BINS:
+        raise InvalidRequest(f"confidence_calibration has {len(calibration)} entries; at most {MAX_CALIBRATION_BINS}")
+    for name, value in [("min_path_probability", request.min_path_probability), *(("confidence_calibration", c) for c in calibration)]:
+        if not 0.0 <= value <= 1.0:  # NaN fails this too
+            raise InvalidRequest(f"{name} = {value} is not a probability")
+    return EarlyStop(request.min_path_probability, calibration)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from specdec.cost import CostCurve
+from specdec.cost import CostCurve, EarlyStop
 from specdec.errors import NotReady
 from specdec.rpc.channels import internal_channel
 from specdec.rpc.convert import distribution_from_pb
@@ -45,19 +45,23 @@ class GrpcDraftClient(_Client):
         self.model = model  # the model the service serves (its GetInfo), recorded beside the name
 
     def draft(self, session_id: str, context: list[int], paths: int, depth: int, timeout_s: float,
-              sampling: SamplingParams = SamplingParams(), seed: int = 0, vocab_size: int = 0) -> Proposal:
-        """Greedy: beams, best first. Sampled: independent chains, and for each chain token the
-        exact distribution it was drawn from (the service sends each distinct one once)."""
+              sampling: SamplingParams = SamplingParams(), seed: int = 0, vocab_size: int = 0,
+              stop: EarlyStop = EarlyStop()) -> Proposal:
+        """Greedy: beams, best first, each token with the draft's probability of it (where the draft
+        has one), grown less deep where ``stop`` says. Sampled: independent chains, and for each
+        chain token the exact distribution it was drawn from (the service sends each distinct one once)."""
         reply = self.stub.DraftBeams(
             draft_pb2.DraftBeamsRequest(
                 session_id=session_id, context_token_ids=context, beam_width=paths, beam_depth=depth,
                 temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k, seed=seed,
+                min_path_probability=stop.min_path_probability, confidence_calibration=stop.calibration,
             ),
             timeout=timeout_s,
         )
         beams = [list(beam.token_ids) for beam in reply.beams]
         if not reply.distributions:
-            return Proposal(self.name, beams)
+            confidences = [list(beam.token_probabilities) for beam in reply.beams]
+            return Proposal(self.name, beams, confidences=confidences if all(confidences) and confidences else None)
         dists = [distribution_from_pb(d, vocab_size) for d in reply.distributions]
         return Proposal(self.name, beams, [[dists[i] for i in beam.distribution_index] for beam in reply.beams])
 

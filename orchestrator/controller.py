@@ -42,7 +42,7 @@ from typing import Callable, Iterator, Protocol
 import torch
 
 from specdec.config import SpeculationLimits
-from specdec.cost import AcceptanceStats, Choice, RoundCosts, Traffic
+from specdec.cost import AcceptanceStats, Choice, EarlyStop, RoundCosts, Traffic
 from specdec.detokenize import TextStream
 from specdec.errors import Cancelled, DeadlineExceeded, InvalidRequest, Unavailable, check_range, check_token_ids
 from specdec.orchestrator.instrumentation import GenerationInstrumentation
@@ -61,10 +61,12 @@ class DraftClient(Protocol):
     model: str  # the model it serves
 
     def draft(self, session_id: str, context: list[int], paths: int, depth: int, timeout_s: float,
-              sampling: SamplingParams, seed: int, vocab_size: int) -> Proposal:
+              sampling: SamplingParams, seed: int, vocab_size: int, stop: EarlyStop = EarlyStop()) -> Proposal:
         """Up to ``paths`` paths of up to ``depth`` tokens after ``context``. Greedy
-        (``sampling.greedy``): beam search, best first. Sampled: independent chains drawn with
-        ``seed``, each token with the distribution over ``vocab_size`` tokens it was drawn from."""
+        (``sampling.greedy``): beam search, best first, grown less deep where ``stop`` says, each
+        token with the draft's probability of it where the draft has one. Sampled: independent
+        chains drawn with ``seed``, each token with the distribution over ``vocab_size`` tokens it
+        was drawn from."""
 
     def release(self, session_id: str) -> None: ...
 
@@ -219,7 +221,7 @@ class SpeculativeController:
                 with self.instrumentation.round(trace_parent, len(rounds), req.mode) as observed:
                     t0 = time.perf_counter()
                     choice = policy.next(self._room(req, context, len(output)), self.traffic.company(session_id))
-                    proposals, fallback_reason = self._propose(req, session_id, context, choice, generator, draft_timeout_s)
+                    proposals, fallback_reason = self._propose(req, session_id, context, choice, policy, generator, draft_timeout_s)
                     t1 = time.perf_counter()
                     merged = merge(proposals, choice.nodes or req.max_tree_nodes, self.limits.vocab_size, sampled=not req.sampling.greedy)
                     target, tops = self._verify(session_id, context, merged, req, verify_timeout_s)
@@ -267,7 +269,7 @@ class SpeculativeController:
             room = min(room, self.limits.max_context - len(context))
         return room - 1
 
-    def _propose(self, req: GenerationRequest, session_id: str, context: list[int], choice: Choice,
+    def _propose(self, req: GenerationRequest, session_id: str, context: list[int], choice: Choice, policy: SpeculationPolicy,
                  generator: torch.Generator, timeout_s: float) -> tuple[list[Proposal], str]:
         """Ask every usable draft at once; returns the proposals (in draft order) and, when there
         are none, why ("" in autoregressive mode)."""
@@ -290,7 +292,7 @@ class SpeculativeController:
         calls = {
             self._pool.submit(
                 contextvars.copy_context().run, d.draft, session_id, context, choice.width, depth, timeout_s,
-                req.sampling, seed, self.limits.vocab_size,
+                req.sampling, seed, self.limits.vocab_size, policy.early_stop(d.name, choice) if req.sampling.greedy else EarlyStop(),
             ): d
             for d, seed in usable
         }

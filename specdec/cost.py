@@ -193,6 +193,30 @@ class Traffic:
             return len(self._generations)
 
 
+#: Judged draft positions (decayed) before a draft's confidence is trusted to stop its beams early.
+CONFIDENCE_MIN_POSITIONS = 16
+#: Bins of the draft's probability of a token, by which its acceptance is counted.
+CONFIDENCE_BINS = 10
+
+
+@dataclass(frozen=True)
+class EarlyStop:
+    """When a greedy draft stops growing its beams (``DraftBeamsRequest``): once the best beam's
+    calibrated probability is below ``min_path_probability``; a token the draft gave probability
+    ``p`` counts as ``calibration[floor(p * len(calibration))]`` (:func:`calibrated`). The default
+    never stops."""
+
+    min_path_probability: float = 0.0
+    calibration: tuple[float, ...] = ()
+
+
+def calibrated(p: float, calibration) -> float:
+    """How likely the target is to accept a draft token the draft gave probability ``p``."""
+    if not calibration:
+        return p
+    return calibration[min(int(p * len(calibration)), len(calibration) - 1)]
+
+
 class AcceptanceStats:
     """Per draft and width, for each path position ``i`` (1-based): P(position i accepted | i - 1 were).
 
@@ -209,12 +233,14 @@ class AcceptanceStats:
     def __init__(self, prior_mean: float = 0.8, prior_weight: float = 1.0, decay: float = 0.98) -> None:
         self.prior_mean, self.prior_weight, self.decay = prior_mean, prior_weight, decay
         self._cells: dict[tuple[str, int], list[list[float]]] = {}  # (draft, width) -> [position][hits, trials]
+        self._confidence: dict[str, list[list[float]]] = {}  # draft -> [bin of its probability][accepted, judged], decayed
         self._lock = threading.Lock()
 
     def copy(self) -> AcceptanceStats:
         with self._lock:
             other = copy.copy(self)
             other._cells = copy.deepcopy(self._cells)
+            other._confidence = copy.deepcopy(self._confidence)
             other._lock = threading.Lock()
         return other
 
@@ -249,6 +275,55 @@ class AcceptanceStats:
             for i in range(judged):
                 cells[i][0] = cells[i][0] * self.decay + (1.0 if i < accepted else 0.0)
                 cells[i][1] = cells[i][1] * self.decay + 1.0
+
+
+def record_confidence(stats: AcceptanceStats, draft: str, probabilities: list[float], accepted: int, judged: int) -> None:
+    """A draft path's first ``judged`` tokens were judged by the target and the first ``accepted``
+    of them accepted; ``probabilities`` are the draft's own for each token."""
+    with stats._lock:
+        bins = stats._confidence.setdefault(draft, [[0.0, 0.0] for _ in range(CONFIDENCE_BINS)])
+        for cell in bins:
+            cell[0] *= stats.decay
+            cell[1] *= stats.decay
+        for i, p in enumerate(probabilities[:judged]):
+            cell = bins[min(int(p * CONFIDENCE_BINS), CONFIDENCE_BINS - 1)]
+            cell[0] += 1.0 if i < accepted else 0.0
+            cell[1] += 1.0
+
+
+def confidence_calibration(stats: AcceptanceStats, draft: str) -> tuple[float, ...] | None:
+    """Per bin of the draft's probability of a token, how often the target accepted such tokens (a
+    histogram calibration; a bin seldom seen leans on the draft's overall rate). None until
+    ``CONFIDENCE_MIN_POSITIONS`` tokens have been judged: a draft's confidence is trusted only once
+    measured (a small draft can be right far more often than it is sure, or less)."""
+    with stats._lock:
+        bins = [list(cell) for cell in stats._confidence.get(draft, ())]
+    judged = sum(n for _, n in bins)
+    if judged < CONFIDENCE_MIN_POSITIONS:
+        return None
+    overall = sum(a for a, _ in bins) / judged
+    return tuple((a + overall * stats.prior_weight) / (n + stats.prior_weight) for a, n in bins)
+
+
+def stop_below(costs: RoundCosts, stats: AcceptanceStats, draft: str, choice: Choice) -> EarlyStop:
+    """When ``draft`` should stop growing this round's beams (greedy drafts).
+
+    One more level costs a draft forward over the round's beams and ``width`` more verify rows; it
+    can add at most the probability that the path so far is accepted (the draft's calibrated
+    probability of it: :func:`confidence_calibration`), worth the round's milliseconds per token. Once even
+    that does not pay, deeper levels do not either. Within the round's chosen shape this lets a
+    path's depth follow the draft's confidence token by token (as EAGLE-2's dynamic trees and
+    transformers' assistant_confidence_threshold do), at a threshold that comes from measured costs
+    and acceptance, not a constant. Never stops for a round without speculation, a single level,
+    or a draft whose confidence has not been measured yet."""
+    calibration = confidence_calibration(stats, draft)
+    if calibration is None or choice.width <= 0 or choice.depth <= 1 or choice.expected_tokens <= 0 or choice.cost_ms <= 0:
+        return EarlyStop()
+    batch = choice.company.batch
+    level_ms = costs.draft_ms(draft, choice.width, 2, batch=batch) - costs.draft_ms(draft, choice.width, 1, batch=batch)
+    rows = batch * choice.verify_rows
+    level_ms += costs.verify_ms(rows + batch * choice.width) - costs.verify_ms(rows)
+    return EarlyStop(min(max(level_ms * choice.expected_tokens / choice.cost_ms, 0.0), 1.0), calibration)
 
 
 @dataclass(frozen=True)

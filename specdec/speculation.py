@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from specdec.cost import AcceptanceStats, Choice, Company, RoundCosts, choose, price
+from specdec.cost import (AcceptanceStats, Choice, Company, EarlyStop, RoundCosts, choose, price, record_confidence,
+                          stop_below)
 from specdec.sampling import Candidate, accept_sampled_tree
 from specdec.tree import TokenTree, TokenTrie, greedy_accept
 
@@ -39,6 +40,7 @@ class Proposal:
     draft: str  # the draft's name (draft-0, draft-1, ...)
     paths: list[list[int]]  # [paths][<= depth] draft tokens; greedy: beams best first, sampled: chains in the order drawn
     dists: list[list[torch.Tensor]] | None = None  # sampled only: [paths][<= depth] of [vocab], q for each token
+    confidences: list[list[float]] | None = None  # greedy, model drafts: [paths][<= depth] the draft's probability of each token
 
     def cut(self, depth: int) -> Proposal | None:
         """The non-empty paths, each cut to ``depth`` tokens; None when none is left."""
@@ -49,6 +51,7 @@ class Proposal:
             self.draft,
             [self.paths[i][:depth] for i in keep],
             [self.dists[i][:depth] for i in keep] if self.dists is not None else None,
+            [self.confidences[i][:depth] for i in keep] if self.confidences is not None else None,
         )
 
     @property
@@ -210,6 +213,11 @@ class SpeculationPolicy:
             self._quiet_rounds = 0
         return choice
 
+    def early_stop(self, draft: str, choice: Choice) -> EarlyStop:
+        """When ``draft`` stops growing this round's beams (:func:`specdec.cost.stop_below`); never
+        with fixed shapes, which run as asked."""
+        return stop_below(self.costs, self.stats, draft, choice) if self.adaptive else EarlyStop()
+
     def update(self, choice: Choice, proposals: list[Proposal], verdict: Verdict, draft_ms: float = 0.0,
                verify_ms: float = 0.0, first: bool = False) -> None:
         """Record how much of each draft's proposal the target accepted (``cut``: the output ended in
@@ -219,8 +227,16 @@ class SpeculationPolicy:
         for proposal in proposals:
             self.stats.record(proposal.draft, choice.width, proposal.depth, accepted.get(proposal.draft, 0),
                               cut=verdict.bonus_token is None)
+            if proposal.confidences:
+                # The draft's best path against what the target made of it: how sure the draft was
+                # of each token, and whether it was accepted (the first rejected one was judged too).
+                path, taken = proposal.paths[0], verdict.tokens
+                agreed = next((i for i, (a, b) in enumerate(zip(path, taken)) if a != b), min(len(path), len(taken)))
+                judged = min(len(path), agreed + (1 if agreed < len(taken) else 0))
+                record_confidence(self.stats, proposal.draft, proposal.confidences[0], agreed, judged)
         # Only rounds alone correct the curves: in company a round's times include waiting for the
         # passes of others, which its own shape did not cost.
         if not first and verify_ms > 0 and not choice.company.sessions:
+            # Each draft priced at the levels it ran: one that stopped early (early_stop) ran fewer.
             self.costs.observe(1 + len(verdict.merged.tree), verify_ms,
-                               {p.draft: (choice.width, choice.depth) for p in proposals}, draft_ms)
+                               {p.draft: (choice.width, max(1, p.depth)) for p in proposals}, draft_ms)

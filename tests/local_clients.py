@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 
 from specdec.detokenize import TextStream
+from specdec.cost import EarlyStop
 from specdec.draft_service.drafter import BeamDrafter
 from specdec.orchestrator.controller import Limits, SpeculativeController
 from specdec.sampling import SamplingParams
@@ -19,9 +20,11 @@ class LocalDraft:
         self.name, self.model = name, type(model).__name__
         self.drafter = BeamDrafter(model, vocab_limit=vocab_limit)
 
-    def draft(self, session_id, context, paths, depth, timeout_s, sampling=SamplingParams(), seed=0, vocab_size=0) -> Proposal:
+    def draft(self, session_id, context, paths, depth, timeout_s, sampling=SamplingParams(), seed=0, vocab_size=0,
+              stop=EarlyStop()) -> Proposal:
         if sampling.greedy:
-            return Proposal(self.name, [b.tokens for b in self.drafter.propose(session_id, context, paths, depth).beams])
+            beams = self.drafter.propose(session_id, context, paths, depth, None, stop).beams
+            return Proposal(self.name, [b.tokens for b in beams], confidences=[b.probabilities for b in beams])
         out = self.drafter.sample_chains(session_id, context, paths, depth, sampling, seed)
         dists = [[out.distributions[i] for i in index] for index in out.distribution_index]
         return Proposal(self.name, [b.tokens for b in out.beams], dists)

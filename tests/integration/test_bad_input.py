@@ -113,8 +113,8 @@ def test_verify_tree_rejects(grpc_stubs, fields, named):
     assert info.active_sessions == 0
 
 
-def draft_request(context=OK_PROMPT, width=1, depth=3, session_id=""):
-    return draft_pb2.DraftBeamsRequest(session_id=session_id, context_token_ids=list(context), beam_width=width, beam_depth=depth)
+def draft_request(context=OK_PROMPT, width=1, depth=3, session_id="", **stop):
+    return draft_pb2.DraftBeamsRequest(session_id=session_id, context_token_ids=list(context), beam_width=width, beam_depth=depth, **stop)
 
 
 BAD_DRAFT = [
@@ -129,6 +129,10 @@ BAD_DRAFT = [
     ("negative-token", {"context": [3, -1]}, ["context_token_ids[1]"]),
     ("token-at-vocab", {"context": [VOCAB, 3]}, ["context_token_ids[0]"]),
     ("context-over-model", {"context": [5] * (MAX_CONTEXT - 1), "depth": 2}, ["context_token_ids", str(MAX_CONTEXT)]),
+    ("stop-above-one", {"min_path_probability": 1.5}, ["min_path_probability"]),
+    ("stop-nan", {"min_path_probability": float("nan")}, ["min_path_probability"]),
+    ("calibration-negative", {"confidence_calibration": [0.5, -0.1]}, ["confidence_calibration"]),
+    ("calibration-too-long", {"confidence_calibration": [0.5] * 101}, ["confidence_calibration"]),
 ]
 
 

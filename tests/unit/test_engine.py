@@ -1,5 +1,7 @@
 """The tree forward pass, the verifier and the drafter on tiny models, against sequential runs."""
 
+import math
+
 import pytest
 import torch
 
@@ -155,3 +157,22 @@ def test_limited_draft_vocabulary_scores_only_the_first_ids():
 def test_limit_at_or_above_the_vocabulary_is_the_whole_vocabulary(model):
     assert BeamDrafter(model, vocab_limit=0).head is None
     assert BeamDrafter(model, vocab_limit=10**6).head is None
+
+
+@pytest.mark.parametrize("width", [1, 3])
+def test_beams_stop_growing_below_the_path_probability_asked(model, width):
+    """Early stop: the level already scored is kept, no deeper level is fed once the best beam's
+    calibrated probability is below ``min_path_probability``; the default grows to the depth asked."""
+    from specdec.cost import EarlyStop
+
+    full = BeamDrafter(model).propose("s", PROMPT, width, 6)
+    assert {len(b.tokens) for b in full.beams} == {6}
+    assert all(len(b.probabilities) == 6 and all(0 < p <= 1 for p in b.probabilities) for b in full.beams)
+    assert math.exp(full.beams[0].logprob) == pytest.approx(math.prod(full.beams[0].probabilities), rel=1e-4)
+    stopped = BeamDrafter(model).propose("s", PROMPT, width, 6, stop=EarlyStop(1.0))
+    assert {len(b.tokens) for b in stopped.beams} == {1}  # every path is below certainty
+    assert stopped.fed_tokens == len(PROMPT)  # the prompt only: no level was fed
+    assert [b.tokens for b in stopped.beams] == [b.tokens for b in BeamDrafter(model).propose("s", PROMPT, width, 1).beams]
+    # Calibrated as always accepted, the same paths grow to the whole depth.
+    trusted = BeamDrafter(model).propose("s", PROMPT, width, 6, stop=EarlyStop(0.99, (1.0,) * 10))
+    assert [b.tokens for b in trusted.beams] == [b.tokens for b in full.beams]
