@@ -320,9 +320,14 @@ def stop_below(costs: RoundCosts, stats: AcceptanceStats, draft: str, choice: Ch
     if calibration is None or choice.width <= 0 or choice.depth <= 1 or choice.expected_tokens <= 0 or choice.cost_ms <= 0:
         return EarlyStop()
     batch = choice.company.batch
-    level_ms = costs.draft_ms(draft, choice.width, 2, batch=batch) - costs.draft_ms(draft, choice.width, 1, batch=batch)
+    # A level's own price, from the measured curves as they are: the corrections (measured over
+    # predicted round times) also carry what a call costs whatever its depth (the call, feeding the
+    # accepted tokens), and charging that to each level would make a draft that stops early look
+    # dearer per level, and so stop earlier still.
+    level_ms = (costs.draft_ms(draft, choice.width, 2, corrected=False, batch=batch)
+                - costs.draft_ms(draft, choice.width, 1, corrected=False, batch=batch))
     rows = batch * choice.verify_rows
-    level_ms += costs.verify_ms(rows + batch * choice.width) - costs.verify_ms(rows)
+    level_ms += costs.verify_ms(rows + batch * choice.width, corrected=False) - costs.verify_ms(rows, corrected=False)
     return EarlyStop(min(max(level_ms * choice.expected_tokens / choice.cost_ms, 0.0), 1.0), calibration)
 
 
