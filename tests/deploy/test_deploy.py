@@ -388,7 +388,8 @@ def test_cpu_profile_runs_the_embedded_pair_without_gpus(services):
     for name, service in serving.items():
         env = environment(service)
         assert env.get("SPECDEC_DEVICE", "cpu") == "cpu" or role(service) == "orchestrator"
-        assert env.get("SPECDEC_DTYPE", "float32") == "float32"
+        # The default: the verify service measures its exact paths and keeps the fastest (specdec.precision).
+        assert env.get("SPECDEC_DTYPE", "auto") == "auto"
         models = {env.get("SPECDEC_TARGET_MODEL"), env.get("SPECDEC_DRAFT_MODEL"), env.get("SPECDEC_TOKENIZER")} - {None}
         assert models <= {config.EMBEDDED_TARGET, config.EMBEDDED_DRAFT, config.PROMPT_LOOKUP}, f"{name}: the embedded pair"
         if role(service) != "orchestrator":
