@@ -37,7 +37,7 @@ import math
 import os
 import statistics
 import sys
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 from specdec.records import DecodingMode, GenerationLog, RoundRecord
@@ -575,6 +575,31 @@ def position_table(rows: list[dict]) -> str:
     return text_table(["configuration", "model set", "acceptance at draft position 1, 2, ..."], lines)
 
 
+def shape_table(records: list[dict]) -> str:
+    """Per speculative configuration and model set, the round shapes the policy chose (width x depth,
+    or none), most frequent first, and per round the predicted against the measured milliseconds of
+    drafting and verifying (medians; each run's first round, which also reads the prompt, left out)."""
+    shapes: dict[tuple[str, str], Counter] = defaultdict(Counter)
+    times: dict[tuple[str, str], list[tuple[float, float]]] = defaultdict(list)
+    for r in records:
+        if r["mode"] in BASELINES or r["mode"] == DecodingMode.AUTOREGRESSIVE:
+            continue
+        key = (r["label"], r["model_set"])
+        for i, rnd in enumerate(r["log"].result.rounds):
+            shapes[key][f"{rnd.chosen_width}x{rnd.chosen_depth}" if rnd.chosen_width else "none"] += 1
+            if i and rnd.predicted_ms > 0:
+                times[key].append((rnd.predicted_ms, rnd.draft_ms + rnd.verify_ms))
+    lines = []
+    for key, counts in shapes.items():
+        total = sum(counts.values())
+        chosen = ", ".join(f"{shape} {n / total:.0%}" for shape, n in counts.most_common(5))
+        pairs = times.get(key, [])
+        predicted = fmt(statistics.median(p for p, _ in pairs), ".0f") if pairs else "-"
+        measured = fmt(statistics.median(m for _, m in pairs), ".0f") if pairs else "-"
+        lines.append([*key, str(total), chosen, predicted, measured])
+    return text_table(["configuration", "model set", "rounds", "chosen shapes (width x depth)", "pred ms/rnd", "meas ms/rnd"], lines)
+
+
 def report(records: list[dict], rows: list[dict]) -> str:
     sources = defaultdict(int)
     for r in records:
@@ -598,6 +623,8 @@ def report(records: list[dict], rows: list[dict]) -> str:
     out.append(all_configurations_table(rows))
     out.append("\n== acceptance by draft position (all prompts) ==")
     out.append(position_table(rows))
+    out.append("\n== round shapes chosen, and each round's predicted against measured time (all prompts) ==")
+    out.append(shape_table(records))
     lossy = [r for r in records if r["lossless"] is False]
     if lossy:
         out.append(f"\nlossless check FAILED for {len(lossy)} run(s): " + ", ".join(r["run_id"] for r in lossy[:10]))

@@ -207,8 +207,10 @@ def test_analyze_prints_the_tables(sweep_run, capsys):
     assert cli.main(["analyze", str(out)]) == 0
     text = capsys.readouterr().out
     for heading in ("best configurations per prompt class", "model sets", "expected (Leviathan et al.) vs measured speedup",
-                    "every configuration", "acceptance by draft position"):
+                    "every configuration", "acceptance by draft position", "round shapes chosen"):
         assert f"== {heading}" in text
+    # Fixed settings (adaptive: false): every round of tree w=2 d=3 took that shape, but where the budget cut it.
+    assert any(line.startswith("specdec-tree w=2 d=3") and "2x3 " in line for line in text.splitlines()), text
     for cls in ("code", "prose", "chat", "all"):
         assert f"class {cls}, max_new_tokens {MAX_NEW_TOKENS}" in text
     assert "best sequential: k=2" in text and "best tree: w=2 d=3 nodes<=32" in text
