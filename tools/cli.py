@@ -154,17 +154,8 @@ def cmd_generate(args) -> int:
         return 2
     cluster = None
     address = args.orchestrator
-    stock = []
-    if args.compare and args.local:
-        # Before the cluster starts: the stock models are loaded, timed and freed one at a time.
-        from transformers import AutoTokenizer
-
-        from specdec.model_store import resolve_model
-        from specdec.tools.bench import stock_runs
-
-        prompt_ids = AutoTokenizer.from_pretrained(resolve_model(args.target_model))(args.prompt).input_ids
-        stock = stock_runs(args.target_model, prompt_ids, args.max_new_tokens,
-                           progress=lambda text: print(text + " ...", file=sys.stderr, flush=True))
+    # Before the cluster starts: the stock models are loaded, timed and freed one at a time.
+    stock = stock_baseline(args) if args.compare and args.local else []
     if args.local:
         settings = config.from_env(
             config.ClusterSettings, target_model=args.target_model,
@@ -208,6 +199,18 @@ def cmd_generate(args) -> int:
     if alone is not None:
         print(comparison(alone, reply, stock, info))
     return 0
+
+
+def stock_baseline(args) -> list:
+    """``--compare --local``: stock ``generate`` on the target alone, timed in each dtype (:func:`specdec.tools.bench.stock_runs`)."""
+    from transformers import AutoTokenizer
+
+    from specdec.model_store import resolve_model
+    from specdec.tools.bench import stock_runs
+
+    prompt_ids = AutoTokenizer.from_pretrained(resolve_model(args.target_model))(args.prompt).input_ids
+    return stock_runs(args.target_model, prompt_ids, args.max_new_tokens,
+                      progress=lambda text: print(text + " ...", file=sys.stderr, flush=True))
 
 
 def fastest(stock):
