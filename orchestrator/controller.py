@@ -54,6 +54,9 @@ from specdec.tree import TokenTree
 
 log = logging.getLogger("specdec.orchestrator")
 MAX_STOP_TOKEN_IDS = 64
+# A generation starts from the acceptance every earlier one saw, weighed as this many rounds: its
+# own rounds outweigh them after a few (acceptance follows the text: code is not prose).
+GENERATION_PRIOR_ROUNDS = 4
 
 
 class DraftClient(Protocol):
@@ -208,7 +211,8 @@ class SpeculativeController:
         logprobs: list[TokenLogprob] = []
         text = self.detokenizer(req.stop)
         policy = SpeculationPolicy([d.name for d in self.drafts] if req.mode != DecodingMode.AUTOREGRESSIVE else [],
-                                   req.paths, req.max_depth, req.max_tree_nodes, req.adaptive, self.costs, self.acceptance)
+                                   req.paths, req.max_depth, req.max_tree_nodes, req.adaptive, self.costs,
+                                   self.acceptance.seeded(GENERATION_PRIOR_ROUNDS), shared=self.acceptance)
         # One generator per request drives every random choice (draft seeds, accept coins, bonus
         # draws): a fixed seed replays the same output on the same cluster configuration.
         generator = torch.Generator().manual_seed(req.sampling.seed or int.from_bytes(uuid.uuid4().bytes[:7], "big"))

@@ -244,6 +244,18 @@ class AcceptanceStats:
             other._lock = threading.Lock()
         return other
 
+    def seeded(self, rounds: float) -> AcceptanceStats:
+        """A copy whose every estimate weighs at most ``rounds`` rounds: what a new generation starts
+        from. The estimates shared by every generation remember some 50 rounds of other texts (a
+        chat answer before a code completion); a generation's own rounds should outweigh them after
+        a few rounds, since acceptance follows the text being written."""
+        other = self.copy()
+        for cells in [*other._cells.values(), *other._confidence.values()]:
+            for cell in cells:
+                if cell[1] > rounds:
+                    cell[0], cell[1] = cell[0] * rounds / cell[1], rounds
+        return other
+
     def rates(self, draft: str, width: int, depth: int) -> list[float]:
         """[depth] the conditional acceptance of positions 1 .. depth."""
         chain = self._rates(draft, 1, [self.prior_mean] + [None] * (depth - 1))

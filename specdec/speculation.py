@@ -192,11 +192,15 @@ class SpeculationPolicy:
     """
 
     def __init__(self, drafts: list[str], max_width: int, max_depth: int, max_nodes: int, adaptive: bool = True,
-                 costs: RoundCosts | None = None, stats: AcceptanceStats | None = None, probe_every: int = 8) -> None:
+                 costs: RoundCosts | None = None, stats: AcceptanceStats | None = None, probe_every: int = 8,
+                 shared: AcceptanceStats | None = None) -> None:
         self.drafts, self.max_width, self.max_depth, self.max_nodes = drafts, max_width, max_depth, max_nodes
         self.adaptive, self.probe_every = adaptive, probe_every
         self.costs = costs or RoundCosts()
         self.stats = stats if stats is not None else AcceptanceStats()
+        # The estimates every generation shares, which this one's rounds also feed (``stats`` is then
+        # this generation's own, seeded from them: AcceptanceStats.seeded).
+        self.shared = shared
         self._quiet_rounds = 0  # rounds in a row chosen without speculation
 
     def next(self, room: int, company: Company = Company()) -> Choice:
@@ -224,16 +228,17 @@ class SpeculationPolicy:
         the round, so what followed the accepted tokens was never judged), and what the round's
         drafting and verifying took (not for a generation's ``first`` round, which also reads the prompt)."""
         accepted = verdict.accepted_by_draft
-        for proposal in proposals:
-            self.stats.record(proposal.draft, choice.width, proposal.depth, accepted.get(proposal.draft, 0),
-                              cut=verdict.bonus_token is None)
-            if proposal.confidences:
-                # The draft's best path against what the target made of it: how sure the draft was
-                # of each token, and whether it was accepted (the first rejected one was judged too).
-                path, taken = proposal.paths[0], verdict.tokens
-                agreed = next((i for i, (a, b) in enumerate(zip(path, taken)) if a != b), min(len(path), len(taken)))
-                judged = min(len(path), agreed + (1 if agreed < len(taken) else 0))
-                record_confidence(self.stats, proposal.draft, proposal.confidences[0], agreed, judged)
+        for stats in [self.stats] + ([self.shared] if self.shared is not None else []):
+            for proposal in proposals:
+                stats.record(proposal.draft, choice.width, proposal.depth, accepted.get(proposal.draft, 0),
+                             cut=verdict.bonus_token is None)
+                if proposal.confidences:
+                    # The draft's best path against what the target made of it: how sure the draft was
+                    # of each token, and whether it was accepted (the first rejected one was judged too).
+                    path, taken = proposal.paths[0], verdict.tokens
+                    agreed = next((i for i, (a, b) in enumerate(zip(path, taken)) if a != b), min(len(path), len(taken)))
+                    judged = min(len(path), agreed + (1 if agreed < len(taken) else 0))
+                    record_confidence(stats, proposal.draft, proposal.confidences[0], agreed, judged)
         # Only rounds alone correct the curves: in company a round's times include waiting for the
         # passes of others, which its own shape did not cost.
         if not first and verify_ms > 0 and not choice.company.sessions:

@@ -299,3 +299,16 @@ def test_fixed_shapes_never_stop_early():
     fixed = SpeculationPolicy(["draft-0"], 1, 4, 64, adaptive=False, costs=costs, stats=stats)
     assert adaptive.early_stop("draft-0", fixed.next(8)).min_path_probability > 0
     assert fixed.early_stop("draft-0", fixed.next(8)) == EarlyStop()
+
+
+def test_a_generation_follows_its_own_text_after_a_few_rounds():
+    """The shared estimates remember other texts; a generation seeded from them weighs them as a
+    few rounds, so its own rounds take over soon, while the shared ones keep learning from it."""
+    shared = AcceptanceStats()
+    for _ in range(100):
+        shared.record("d", 1, 4, 1)  # prose: the first token accepted, the second not
+    own = shared.seeded(4)
+    assert own.rates("d", 1, 2)[1] < 0.3  # starts from them (with the prior's pseudo-round more in play)
+    for _ in range(8):
+        own.record("d", 1, 4, 4)  # code: every token accepted
+    assert own.rates("d", 1, 2)[1] > 0.6 > shared.rates("d", 1, 2)[1]
