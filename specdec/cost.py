@@ -258,10 +258,24 @@ class AcceptanceStats:
 
     def rates(self, draft: str, width: int, depth: int) -> list[float]:
         """[depth] the conditional acceptance of positions 1 .. depth."""
-        chain = self._rates(draft, 1, [self.prior_mean] + [None] * (depth - 1))
+        chain = self._rates(draft, 1, self._chain_priors(draft, depth))
         if width == 1:
             return chain
         return self._rates(draft, width, [1 - (1 - chain[0]) ** width**0.5] + [None] * (depth - 1))
+
+    def _chain_priors(self, draft: str, depth: int) -> list[float | None]:
+        """A chain's priors: ``prior_mean`` at position 1, or what the most-run wider proposals imply
+        (their first position held as ``sqrt(width)`` tries of a chain's, inverted; deeper positions,
+        conditional on the ones before, as they were seen), so that rounds of one width price the
+        other widths too: a policy that runs trees still learns what a long chain would give."""
+        with self._lock:
+            wider = [(cells, w) for (d, w), cells in self._cells.items() if d == draft and w > 1 and cells]
+        if not wider:
+            return [self.prior_mean] + [None] * (depth - 1)
+        cells, w = max(wider, key=lambda item: item[0][0][1])
+        seen = self._rates(draft, w, [self.prior_mean] + [None] * (len(cells) - 1))
+        first = 1 - (1 - seen[0]) ** (1 / w**0.5)
+        return [first] + [seen[i] if i < len(cells) else None for i in range(1, depth)]
 
     def _rates(self, draft: str, width: int, priors: list[float | None]) -> list[float]:
         with self._lock:
