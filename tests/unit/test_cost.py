@@ -312,3 +312,16 @@ def test_a_generation_follows_its_own_text_after_a_few_rounds():
     for _ in range(8):
         own.record("d", 1, 4, 4)  # code: every token accepted
     assert own.rates("d", 1, 2)[1] > 0.6 > shared.rates("d", 1, 2)[1]
+
+
+def test_rounds_of_trees_price_the_chain_too():
+    """Only 2-wide trees have run, every drafted token accepted: a chain is priced from them (its
+    first position as one of the sqrt(2) tries a 2-wide tree makes), not from the bare prior."""
+    stats = AcceptanceStats()
+    for _ in range(30):
+        stats.record("d", 2, 3, 3)
+    chain = stats.rates("d", 1, 5)
+    assert chain[0] > 0.85 and all(rate > 0.9 for rate in chain[1:])
+    assert AcceptanceStats().rates("d", 1, 2) == [0.8, 0.8]  # nothing run: the prior
+    wide = stats.rates("d", 2, 3)
+    assert wide[0] >= chain[0]  # a wider proposal holds the first position at least as often
