@@ -61,7 +61,7 @@ class GrpcDraftClient(_Client):
         beams = [list(beam.token_ids) for beam in reply.beams]
         if not reply.distributions:
             confidences = [list(beam.token_probabilities) for beam in reply.beams]
-            return Proposal(self.name, beams, confidences=confidences if all(confidences) and confidences else None)
+            return Proposal(self.name, beams, confidences=confidences if confidences and all(confidences) else None)
         dists = [distribution_from_pb(d, vocab_size) for d in reply.distributions]
         return Proposal(self.name, beams, [[dists[i] for i in beam.distribution_index] for beam in reply.beams])
 

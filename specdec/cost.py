@@ -302,33 +302,31 @@ class AcceptanceStats:
                 cells[i][0] = cells[i][0] * self.decay + (1.0 if i < accepted else 0.0)
                 cells[i][1] = cells[i][1] * self.decay + 1.0
 
+    def record_confidence(self, draft: str, probabilities: list[float], accepted: int, judged: int) -> None:
+        """A draft path's first ``judged`` tokens were judged by the target and the first ``accepted``
+        of them accepted; ``probabilities`` are the draft's own for each token."""
+        with self._lock:
+            bins = self._confidence.setdefault(draft, [[0.0, 0.0] for _ in range(CONFIDENCE_BINS)])
+            for cell in bins:
+                cell[0] *= self.decay
+                cell[1] *= self.decay
+            for i, p in enumerate(probabilities[:judged]):
+                cell = bins[min(int(p * CONFIDENCE_BINS), CONFIDENCE_BINS - 1)]
+                cell[0] += 1.0 if i < accepted else 0.0
+                cell[1] += 1.0
 
-def record_confidence(stats: AcceptanceStats, draft: str, probabilities: list[float], accepted: int, judged: int) -> None:
-    """A draft path's first ``judged`` tokens were judged by the target and the first ``accepted``
-    of them accepted; ``probabilities`` are the draft's own for each token."""
-    with stats._lock:
-        bins = stats._confidence.setdefault(draft, [[0.0, 0.0] for _ in range(CONFIDENCE_BINS)])
-        for cell in bins:
-            cell[0] *= stats.decay
-            cell[1] *= stats.decay
-        for i, p in enumerate(probabilities[:judged]):
-            cell = bins[min(int(p * CONFIDENCE_BINS), CONFIDENCE_BINS - 1)]
-            cell[0] += 1.0 if i < accepted else 0.0
-            cell[1] += 1.0
-
-
-def confidence_calibration(stats: AcceptanceStats, draft: str) -> tuple[float, ...] | None:
-    """Per bin of the draft's probability of a token, how often the target accepted such tokens (a
-    histogram calibration; a bin seldom seen leans on the draft's overall rate). None until
-    ``CONFIDENCE_MIN_POSITIONS`` tokens have been judged: a draft's confidence is trusted only once
-    measured (a small draft can be right far more often than it is sure, or less)."""
-    with stats._lock:
-        bins = [list(cell) for cell in stats._confidence.get(draft, ())]
-    judged = sum(n for _, n in bins)
-    if judged < CONFIDENCE_MIN_POSITIONS:
-        return None
-    overall = sum(a for a, _ in bins) / judged
-    return tuple((a + overall * stats.prior_weight) / (n + stats.prior_weight) for a, n in bins)
+    def confidence_calibration(self, draft: str) -> tuple[float, ...] | None:
+        """Per bin of the draft's probability of a token, how often the target accepted such tokens
+        (a histogram calibration; a bin seldom seen leans on the draft's overall rate). None until
+        ``CONFIDENCE_MIN_POSITIONS`` tokens have been judged: a draft's confidence is trusted only
+        once measured (a small draft can be right far more often than it is sure, or less)."""
+        with self._lock:
+            bins = [list(cell) for cell in self._confidence.get(draft, ())]
+        judged = sum(n for _, n in bins)
+        if judged < CONFIDENCE_MIN_POSITIONS:
+            return None
+        overall = sum(a for a, _ in bins) / judged
+        return tuple((a + overall * self.prior_weight) / (n + self.prior_weight) for a, n in bins)
 
 
 def stop_below(costs: RoundCosts, stats: AcceptanceStats, draft: str, choice: Choice) -> EarlyStop:
@@ -336,13 +334,13 @@ def stop_below(costs: RoundCosts, stats: AcceptanceStats, draft: str, choice: Ch
 
     One more level costs a draft forward over the round's beams and ``width`` more verify rows; it
     can add at most the probability that the path so far is accepted (the draft's calibrated
-    probability of it: :func:`confidence_calibration`), worth the round's milliseconds per token. Once even
+    probability of it: :meth:`AcceptanceStats.confidence_calibration`), worth the round's milliseconds per token. Once even
     that does not pay, deeper levels do not either. Within the round's chosen shape this lets a
     path's depth follow the draft's confidence token by token (as EAGLE-2's dynamic trees and
     transformers' assistant_confidence_threshold do), at a threshold that comes from measured costs
     and acceptance, not a constant. Never stops for a round without speculation, a single level,
     or a draft whose confidence has not been measured yet."""
-    calibration = confidence_calibration(stats, draft)
+    calibration = stats.confidence_calibration(draft)
     if calibration is None or choice.width <= 0 or choice.depth <= 1 or choice.expected_tokens <= 0 or choice.cost_ms <= 0:
         return EarlyStop()
     batch = choice.company.batch

@@ -27,8 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from specdec.cost import (AcceptanceStats, Choice, Company, EarlyStop, RoundCosts, choose, price, record_confidence,
-                          stop_below)
+from specdec.cost import AcceptanceStats, Choice, Company, EarlyStop, RoundCosts, choose, price, stop_below
 from specdec.sampling import Candidate, accept_sampled_tree
 from specdec.tree import TokenTree, TokenTrie, greedy_accept
 
@@ -228,17 +227,19 @@ class SpeculationPolicy:
         the round, so what followed the accepted tokens was never judged), and what the round's
         drafting and verifying took (not for a generation's ``first`` round, which also reads the prompt)."""
         accepted = verdict.accepted_by_draft
-        for stats in [self.stats] + ([self.shared] if self.shared is not None else []):
-            for proposal in proposals:
+        every = [self.stats] + ([self.shared] if self.shared is not None else [])
+        for proposal in proposals:
+            for stats in every:
                 stats.record(proposal.draft, choice.width, proposal.depth, accepted.get(proposal.draft, 0),
                              cut=verdict.bonus_token is None)
-                if proposal.confidences:
-                    # The draft's best path against what the target made of it: how sure the draft was
-                    # of each token, and whether it was accepted (the first rejected one was judged too).
-                    path, taken = proposal.paths[0], verdict.tokens
-                    agreed = next((i for i, (a, b) in enumerate(zip(path, taken)) if a != b), min(len(path), len(taken)))
-                    judged = min(len(path), agreed + (1 if agreed < len(taken) else 0))
-                    record_confidence(stats, proposal.draft, proposal.confidences[0], agreed, judged)
+            if proposal.confidences:
+                # The draft's best path against what the target made of it: how sure the draft was
+                # of each token, and whether it was accepted (the first rejected one was judged too).
+                path, taken = proposal.paths[0], verdict.tokens
+                agreed = next((i for i, (a, b) in enumerate(zip(path, taken)) if a != b), min(len(path), len(taken)))
+                judged = min(len(path), agreed + (1 if agreed < len(taken) else 0))
+                for stats in every:
+                    stats.record_confidence(proposal.draft, proposal.confidences[0], agreed, judged)
         # Only rounds alone correct the curves: in company a round's times include waiting for the
         # passes of others, which its own shape did not cost.
         if not first and verify_ms > 0 and not choice.company.sessions:

@@ -55,8 +55,8 @@ from specdec.model_store import ModelStoreError, load_model, resolve_model
 from specdec.records import DecodingMode, GenerationLog, GenerationResult, GenerationStats, RoundRecord
 from specdec.tools import analyze
 from specdec.tools.prompts import PromptFileError, bundled_sweeps, encode_prompt, sweep_file
-from specdec.tools.sweep import (ASSISTED, LLAMA_CPP, TARGET_ONLY, BenchError, ModelSet, RunSpec, SweepConfig, load_sweep_config,
-                                 sweep_plan)
+from specdec.tools.sweep import (ASSISTED, LLAMA_CPP, STOCK_DTYPES, TARGET_ONLY, BenchError, ModelSet, RunSpec, SweepConfig,
+                                 load_sweep_config, sweep_plan)
 
 # transformers' assisted-generation knobs, recorded with their effective values.
 ASSISTED_KEYS = ("num_assistant_tokens", "num_assistant_tokens_schedule", "assistant_confidence_threshold")
@@ -358,11 +358,6 @@ def baseline_call(target, assistant, pad_token_id: int, device: str = "cpu"):
             "output_pieces": max(0, clock.puts - 1),
         }
     return call
-
-
-#: The dtypes stock decoding is timed in for a comparison: a user's plain ``generate`` is whichever
-#: of them is faster on their machine (float32 on a CPU without native bfloat16, bfloat16 with it).
-STOCK_DTYPES = ("float32", "bfloat16")
 
 
 @dataclass

@@ -44,8 +44,8 @@ SWEEP_KEYS = {
     "prompt_files", "prompts", "classes", "prompts_per_class", "repetitions", "dtype", "devices", "output_dir",
     "warmup_tokens", "startup_timeout_s", "adaptive", "baseline_dtypes", "default",
 }
-#: The dtypes stock target-only (and assisted) runs in when the cluster's is ``auto``: whichever is
-#: faster on the machine is what a user already has.
+#: The dtypes stock decoding is timed in (target-only and assisted with ``dtype: auto``; the demo's
+#: comparison): whichever is faster on the machine is what a user already has.
 STOCK_DTYPES = ("float32", "bfloat16")
 
 

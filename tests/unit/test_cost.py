@@ -249,32 +249,32 @@ def test_equal_curves_keep_the_first_candidate_and_a_lone_one_is_chosen():
 
 # --------------------------------------------------------------------------- early stop
 def test_a_drafts_confidence_is_calibrated_against_what_the_target_accepts():
-    from specdec.cost import CONFIDENCE_BINS, calibrated, confidence_calibration, record_confidence
+    from specdec.cost import CONFIDENCE_BINS, calibrated
 
     stats = AcceptanceStats()
-    assert confidence_calibration(stats, "d") is None  # not measured: never trusted
+    assert stats.confidence_calibration("d") is None  # not measured: never trusted
     assert calibrated(0.37, ()) == 0.37
     # A draft that is always right, however unsure it is (the target drafting for itself).
     for _ in range(6):
-        record_confidence(stats, "self", [0.3, 0.15, 0.55], accepted=3, judged=3)
-    assert all(rate > 0.9 for rate in confidence_calibration(stats, "self"))
+        stats.record_confidence("self", [0.3, 0.15, 0.55], accepted=3, judged=3)
+    assert all(rate > 0.9 for rate in stats.confidence_calibration("self"))
     # A draft whose unsure tokens are rejected, sure ones accepted.
     for _ in range(10):
-        record_confidence(stats, "small", [0.95, 0.9, 0.2], accepted=2, judged=3)
-    table = confidence_calibration(stats, "small")
+        stats.record_confidence("small", [0.95, 0.9, 0.2], accepted=2, judged=3)
+    table = stats.confidence_calibration("small")
     assert len(table) == CONFIDENCE_BINS
     assert calibrated(0.97, table) > 0.9 and calibrated(0.21, table) < 0.3
 
 
 def test_a_draft_stops_where_one_more_level_costs_more_than_it_can_add():
-    from specdec.cost import EarlyStop, record_confidence
+    from specdec.cost import EarlyStop
 
     costs = RoundCosts(FLAT, {"draft-0": CostCurve.of([(1, 30), (16, 30)])})
     stats = AcceptanceStats()
     chain = price(costs, stats, ["draft-0"], 1, 4, 64)
     assert stop_below(costs, stats, "draft-0", chain) == EarlyStop()  # the draft's confidence not yet measured
     for _ in range(8):
-        record_confidence(stats, "draft-0", [0.9, 0.8, 0.3], accepted=2, judged=3)
+        stats.record_confidence("draft-0", [0.9, 0.8, 0.3], accepted=2, judged=3)
     stop = stop_below(costs, stats, "draft-0", chain)
     # A level: a 30 ms draft forward plus one more verify row (0.5 ms on FLAT), against the round's ms per token.
     assert stop.min_path_probability == pytest.approx((30 + 0.5) * chain.expected_tokens / chain.cost_ms, rel=0.05)
@@ -288,13 +288,13 @@ def test_a_draft_stops_where_one_more_level_costs_more_than_it_can_add():
 
 
 def test_fixed_shapes_never_stop_early():
-    from specdec.cost import EarlyStop, record_confidence
+    from specdec.cost import EarlyStop
     from specdec.speculation import SpeculationPolicy
 
     costs = RoundCosts(FLAT, {"draft-0": CostCurve.of([(1, 30), (16, 30)])})
     stats = AcceptanceStats()
     for _ in range(8):
-        record_confidence(stats, "draft-0", [0.9, 0.8, 0.3], accepted=2, judged=3)
+        stats.record_confidence("draft-0", [0.9, 0.8, 0.3], accepted=2, judged=3)
     adaptive = SpeculationPolicy(["draft-0"], 1, 4, 64, adaptive=True, costs=costs, stats=stats)
     fixed = SpeculationPolicy(["draft-0"], 1, 4, 64, adaptive=False, costs=costs, stats=stats)
     assert adaptive.early_stop("draft-0", fixed.next(8)).min_path_probability > 0
