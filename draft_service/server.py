@@ -1,12 +1,10 @@
-"""DraftService over gRPC: converts messages at the edge and calls :class:`BeamDrafter`, or the
-model-free :class:`~specdec.draft_service.prompt_lookup.PromptLookup` (``--draft-model prompt-lookup``)."""
+"""DraftService over gRPC: converts messages at the edge and calls :class:`BeamDrafter`."""
 
 from __future__ import annotations
 
 import argparse
 
 from specdec import config
-from specdec.draft_service import prompt_lookup
 from specdec.cost import EarlyStop
 from specdec.draft_service.drafter import BeamDrafter
 from specdec.errors import InvalidRequest, check_range, check_token_ids
@@ -74,20 +72,6 @@ def early_stop(request) -> EarlyStop:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="specdec serve draft", description="Run a draft service (one small model).")
     settings = config.parse_or_exit(parser, config.DraftSettings, argv, "draft")  # a refused setting: one line, exit 2
-    if settings.draft_model == prompt_lookup.NAME:
-        # No model: the target's tokenizer and config files describe the service.
-        run_model_service(
-            "draft",
-            settings,
-            settings.draft_model,
-            lambda model, store, info, metrics: DraftServicer(
-                prompt_lookup.PromptLookup(info.vocab_size, store, settings.lookup_max_ngram, settings.lookup_min_ngram),
-                info, settings, metrics),
-            draft_pb2_grpc.add_DraftServiceServicer_to_server,
-            SERVICE_NAME,
-            load=lambda service, name, s: (None, None, prompt_lookup.describe_tokenizer(service, s.tokenizer)),
-        )
-        return
     run_model_service(
         "draft",
         settings,

@@ -4,7 +4,8 @@ Each *round* (:meth:`SpeculativeController.stream`; the words are defined in ``s
 1. *propose*: every draft proposes paths after the current context, all drafts concurrently (tree
    mode: beam search, up to ``beam_width`` beams of up to ``beam_depth`` tokens; sequential mode: one
    chain of up to ``draft_length`` tokens; autoregressive mode: no drafts; under sampling,
-   independent sampled chains instead of beams). The round's shape is the
+   independent sampled chains instead of beams), beside the prompt lookup's chain (``specdec.lookup``,
+   run here first: it costs microseconds, so its proposal is in hand when the shape is chosen). The round's shape is the
    :class:`~specdec.speculation.SpeculationPolicy`'s: with ``adaptive``, the one with the most
    expected tokens per second from the services' measured costs and the acceptance seen so far
    (none at all when speculation does not pay), else the request's settings as given;
@@ -45,6 +46,8 @@ from specdec.config import SpeculationLimits
 from specdec.cost import AcceptanceStats, Choice, EarlyStop, RoundCosts, Traffic
 from specdec.detokenize import TextStream
 from specdec.errors import Cancelled, DeadlineExceeded, InvalidRequest, Unavailable, check_range, check_token_ids
+from specdec.lookup import NAME as LOOKUP
+from specdec.lookup import PromptLookup, one_hot
 from specdec.orchestrator.instrumentation import GenerationInstrumentation
 from specdec.orchestrator.resilience import DraftHealth
 from specdec.records import DecodingMode, DraftStats, GenerationResult, GenerationStats, RoundRecord, TokenLogprob
@@ -148,6 +151,8 @@ class SpeculativeController:
         verify_timeout_s: float = 60.0,
         instrumentation: GenerationInstrumentation | None = None,
         costs: RoundCosts | None = None,
+        lookup: PromptLookup | None = None,
+        lookup_depth: int = 16,
     ) -> None:
         self.verifier = verifier
         self.drafts = drafts
@@ -159,6 +164,9 @@ class SpeculativeController:
         self.draft_health = DraftHealth()
         self.instrumentation = instrumentation or GenerationInstrumentation()  # round spans and metrics
         self.costs = costs or RoundCosts()  # the services' measured forward costs (GetInfo)
+        # The model-free draft, run here before each round (microseconds: no service, no call), its
+        # chain at most ``lookup_depth`` tokens when the shape is adaptive.
+        self.lookup, self.lookup_depth = lookup, lookup_depth
         # Acceptance per draft and depth, shared by every generation: a new one starts from what
         # the last ones saw, and old rounds fade as new ones come.
         self.acceptance = AcceptanceStats()
@@ -224,8 +232,14 @@ class SpeculativeController:
                 # The round's trace span (current while it runs) and metrics; nothing when both are off.
                 with self.instrumentation.round(trace_parent, len(rounds), req.mode) as observed:
                     t0 = time.perf_counter()
-                    choice = policy.next(self._room(req, context, len(output)), self.traffic.company(session_id))
+                    room = self._room(req, context, len(output))
+                    found = self._look_up(req, context, room)
+                    choice = policy.next(room, self.traffic.company(session_id), ((LOOKUP, len(found)),) if found else ())
                     proposals, fallback_reason = self._propose(req, session_id, context, choice, policy, generator, draft_timeout_s)
+                    if choice.taken(LOOKUP):
+                        proposals.append(Proposal(LOOKUP, [found[:choice.taken(LOOKUP)]],
+                                                  None if req.sampling.greedy else [one_hot(found[:choice.taken(LOOKUP)], self.limits.vocab_size)]))
+                        fallback_reason = ""
                     t1 = time.perf_counter()
                     merged = merge(proposals, choice.nodes or req.max_tree_nodes, self.limits.vocab_size, sampled=not req.sampling.greedy)
                     target, tops = self._verify(session_id, context, merged, req, verify_timeout_s)
@@ -273,13 +287,20 @@ class SpeculativeController:
             room = min(room, self.limits.max_context - len(context))
         return room - 1
 
+    def _look_up(self, req: GenerationRequest, context: list[int], room: int) -> list[int]:
+        """The prompt lookup's chain after ``context`` (empty: none, or no lookup here): at most
+        ``lookup_depth`` tokens, or with fixed shapes the request's own depth."""
+        if self.lookup is None or req.mode == DecodingMode.AUTOREGRESSIVE or room <= 0:
+            return []
+        return self.lookup.propose(context, min(room, self.lookup_depth if req.adaptive else req.max_depth))
+
     def _propose(self, req: GenerationRequest, session_id: str, context: list[int], choice: Choice, policy: SpeculationPolicy,
                  generator: torch.Generator, timeout_s: float) -> tuple[list[Proposal], str]:
-        """Ask every usable draft at once; returns the proposals (in draft order) and, when there
-        are none, why ("" in autoregressive mode)."""
+        """Ask every usable model draft at once; returns the proposals (in draft order) and, when
+        there are none, why ("" in autoregressive mode)."""
         if req.mode == DecodingMode.AUTOREGRESSIVE:
             return [], ""
-        if not self.drafts:
+        if not self.drafts and not choice.known:
             return [], "no draft services configured"
         if choice.depth <= 0:
             if self._room(req, context, len(context) - len(req.prompt_ids)) <= 0:
@@ -353,7 +374,8 @@ class SpeculativeController:
 
     def _result(self, req: GenerationRequest, output: list[int], text: str, finish_reason: str, rounds: list[RoundRecord],
                 start: float, first_token_ms: float) -> GenerationResult:
-        drafts = [DraftStats.of(d.name, d.model, rounds) for d in self.drafts] if req.mode != DecodingMode.AUTOREGRESSIVE else []
+        names = [(d.name, d.model) for d in self.drafts] + ([(LOOKUP, LOOKUP)] if self.lookup is not None else [])
+        drafts = [DraftStats.of(name, model, rounds) for name, model in names] if req.mode != DecodingMode.AUTOREGRESSIVE else []
         stats = GenerationStats.of(str(req.mode), len(req.prompt_ids), len(output), rounds, drafts,
                                    (time.perf_counter() - start) * 1e3, first_token_ms)
         return GenerationResult(token_ids=output, text=text, finish_reason=finish_reason, stats=stats, rounds=rounds,

@@ -31,6 +31,7 @@ from specdec import config
 from specdec.cost import RoundCosts
 from specdec.detokenize import TextStream, token_texts
 from specdec.errors import InvalidRequest, NotReady, check_range
+from specdec.lookup import PromptLookup
 from specdec.records import DecodingMode, GenerationLog, GenerationResult, finish_reason_pb, stop_reason_pb
 from specdec.rpc.convert import sampling_params
 from specdec.rpc.security import SecurityConfigError, auth_interceptors, describe_server_tls, load_token, use_client_tls
@@ -82,6 +83,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             verify_timeout_s=settings.verify_timeout_ms / 1e3,
             instrumentation=self.instrumentation,
             costs=costs,
+            lookup=PromptLookup(settings.lookup_max_ngram, settings.lookup_min_ngram) if settings.prompt_lookup else None,
+            lookup_depth=settings.lookup_depth,
         )
 
     def to_request(self, request) -> GenerationRequest:

@@ -22,7 +22,6 @@ from specdec.records import MODE_NAMES
 EMBEDDED_TARGET = "qwen2.5-coder-1.5b-instruct"
 EMBEDDED_DRAFT = "qwen2.5-coder-0.5b-instruct"
 QUANTIZE_MODES = ("auto", "none", "int8")  # --draft-quantize (specdec/quantize.py); auto: int8 on a CPU
-PROMPT_LOOKUP = "prompt-lookup"  # the --draft-model of the model-free draft (draft_service/prompt_lookup.py)
 
 
 # Variables that are not settings of a dataclass here but that specdec reads (the CLI's orchestrator
@@ -118,9 +117,6 @@ class DraftSettings(ModelServiceSettings, SpeculationLimits):
     draft_model: str = _setting(EMBEDDED_DRAFT, "draft model: embedded alias, local path or hub id", model=True)
     draft_vocab: int = _setting(0, "greedy drafting scores only token ids below this (0 = the whole vocabulary): a cheaper output layer; the first ids of byte-level BPE vocabularies are the most frequent", min=0)
     draft_quantize: str = _setting("auto", "store the draft model's linear layers and output head as int8 weights (one scale per output channel, multiplied in bfloat16): a faster draft on CPU, never a different output (the target decides); auto: int8 on a CPU, none elsewhere", choices=QUANTIZE_MODES)
-    tokenizer: str = _setting(EMBEDDED_TARGET, "with --draft-model prompt-lookup (a model-free draft: n-gram matching over the context): the target model whose tokenizer, vocabulary, end-of-sequence ids and context length the service reports; only its tokenizer and config files are read", model=True)
-    lookup_max_ngram: int = _setting(4, "prompt-lookup: longest suffix of the context searched for earlier in it", min=1)
-    lookup_min_ngram: int = _setting(2, "prompt-lookup: shortest suffix searched; shorter ones match more often and are accepted less", min=1, at_most="lookup_max_ngram")
 
 
 @dataclass
@@ -131,6 +127,10 @@ class SpeculationDefaults:
     beam_depth: int = _setting(4, "tree mode: tokens per beam", min=1, at_most="max_beam_depth")
     max_tree_nodes: int = _setting(64, "cap on the merged token tree's size", min=1, at_most="max_tree_nodes_limit")
     adaptive: bool = _setting(True, "cost-aware speculation: each round takes the shape (chain length; tree: beams x depth, or none) with the most expected tokens per second from the services' measured forward costs and the acceptance seen so far, within the values set; false = those values every round")
+    prompt_lookup: bool = _setting(True, "prompt lookup: each round the orchestrator also proposes what followed the context's last few tokens where they occurred earlier in it (no model; microseconds), a chain the cost model takes as much of as pays; what makes code edits and quoting answers fast")
+    lookup_depth: int = _setting(16, "prompt lookup: most tokens of its chain one round verifies (adaptive rounds; fixed shapes take their own depth)", min=1, at_most="max_tree_nodes")
+    lookup_max_ngram: int = _setting(4, "prompt lookup: longest suffix of the context searched for earlier in it", min=1)
+    lookup_min_ngram: int = _setting(2, "prompt lookup: shortest suffix searched; shorter ones match more often and are accepted less", min=1, at_most="lookup_max_ngram")
     max_new_tokens: int = _setting(128, "default max_new_tokens when a request sets none", min=1, at_most="max_new_tokens_limit")
     max_new_tokens_limit: int = _setting(4096, "largest max_new_tokens a request may ask for", min=1)
 
@@ -162,7 +162,6 @@ class ClusterSettings(SpeculationDefaults, SpeculationLimits, TlsServerSettings,
     draft_vocab: int = _setting(0, "draft services score only token ids below this (0 = all); see specdec serve draft -- --help", min=0)
     draft_quantize: str = _setting("auto", "draft models' weights: auto (int8 on a CPU), none or int8 (see specdec serve draft -- --help)", choices=QUANTIZE_MODES)
     target_quantize: str = _setting("none", "the target's weights: none or int8 (see specdec serve verify -- --help)", choices=("none", "int8"))
-    prompt_lookup: bool = _setting(False, "also run a model-free prompt-lookup draft service (n-gram matching over the context) beside the model drafts")
     log_dir: str = _setting("logs", "orchestrator statistics directory")
     log_text: bool = _setting(False, "the orchestrator also logs prompt and output text and token ids (see specdec serve orchestrator -- --help)")
     startup_timeout_s: int = _setting(600, "how long to wait for every service to report SERVING", min=1)

@@ -32,6 +32,7 @@ generation stays distributed exactly as the target's (the acceptance rule is unc
 from __future__ import annotations
 
 import copy
+import itertools
 import threading
 import time
 from dataclasses import dataclass, field
@@ -359,12 +360,13 @@ def stop_below(costs: RoundCosts, stats: AcceptanceStats, draft: str, choice: Ch
 class Choice:
     """A round's proposal shape and what it is expected to give."""
 
-    width: int  # paths per draft (1: a chain); 0: no speculation
+    width: int  # paths per model draft (1: a chain); 0: no model draft runs
     depth: int  # tokens per path
     nodes: int  # the merged tree's node cap
     expected_tokens: float  # accepted tokens plus the bonus token
     cost_ms: float  # drafting, then verifying (units of a one-row verify pass when no curve is known)
     company: Company = Company()  # the other generations sharing the round's passes (cost_ms is the batch's)
+    known: tuple[tuple[str, int], ...] = ()  # (draft, tokens taken) of proposals in hand before the round (prompt lookup)
 
     @property
     def tokens_per_s(self) -> float:
@@ -375,12 +377,22 @@ class Choice:
     def verify_rows(self) -> int:
         return 1 + self.nodes
 
+    @property
+    def speculates(self) -> bool:
+        """Whether the round verifies any draft token (a model draft's or one in hand)."""
+        return self.width > 0 or bool(self.known)
+
+    def taken(self, draft: str) -> int:
+        """Tokens of the in-hand proposal of ``draft`` the round verifies (0: none)."""
+        return dict(self.known).get(draft, 0)
+
 
 def expected_tokens(rates_by_draft: list[list[float]]) -> float:
     """Accepted tokens plus the bonus token, when each draft's paths hold position ``i`` with the given
-    conditional rates (drafts taken as independent: a position is lost when every draft misses it)."""
+    conditional rates (drafts taken as independent: a position is lost when every draft misses it;
+    a draft whose paths are shorter misses every position past them)."""
     total, reach = 1.0, 1.0
-    for per_draft in zip(*rates_by_draft):
+    for per_draft in itertools.zip_longest(*rates_by_draft, fillvalue=0.0):
         miss = 1.0
         for rate in per_draft:
             miss *= 1.0 - rate
@@ -390,32 +402,60 @@ def expected_tokens(rates_by_draft: list[list[float]]) -> float:
 
 
 def price(costs: RoundCosts, stats: AcceptanceStats, drafts: list[str], width: int, depth: int, max_nodes: int,
-          company: Company = Company()) -> Choice:
+          company: Company = Company(), known: tuple[tuple[str, int], ...] = ()) -> Choice:
     """One shape's expected tokens and cost, every generation of the batch (``company`` and this
-    one) taking it; width or depth 0 prices a round without speculation."""
+    one) taking it; width or depth 0 prices a round without a model draft. ``known``: proposals
+    already in hand (draft, tokens taken from its one chain), which cost verify rows only."""
+    model = [(d, stats.rates(d, width, depth)) for d in drafts] if width > 0 and depth > 0 else []
+    return _price(costs, model, width, depth, [(d, stats.rates(d, 1, n)) for d, n in known], max_nodes, company)
+
+
+def _price(costs: RoundCosts, model: list[tuple[str, list[float]]], width: int, depth: int,
+           known: list[tuple[str, list[float]]], max_nodes: int, company: Company) -> Choice:
+    """:func:`price` from each draft's conditional acceptance rates (``model``: of the model drafts,
+    ``depth`` long; ``known``: of the proposals in hand, as long as taken)."""
     batch = company.batch
-    if width <= 0 or depth <= 0 or not drafts:
+    known = [(d, rates) for d, rates in known if rates]
+    if not model and not known:
         return Choice(0, 0, 0, 1.0, costs.verify_ms(batch) + costs.overhead_ms, company)
-    nodes = min(width * depth * len(drafts), max_nodes)
-    tokens = expected_tokens([stats.rates(d, width, depth) for d in drafts])
-    draft_ms = max(costs.draft_ms(d, width, depth, batch=batch) for d in drafts)  # drafts run side by side
-    return Choice(width, depth, nodes, tokens, draft_ms + costs.verify_ms(batch * (1 + nodes)) + costs.overhead_ms, company)
+    nodes = min(width * depth * len(model) + sum(len(rates) for _, rates in known), max_nodes)
+    tokens = expected_tokens([rates for _, rates in model + known])
+    # Drafts run side by side: the slowest model draft is charged; a proposal in hand costs nothing more.
+    draft_ms = max((costs.draft_ms(d, width, depth, batch=batch) for d, _ in model), default=0.0)
+    return Choice(width if model else 0, depth if model else 0, nodes, tokens,
+                  draft_ms + costs.verify_ms(batch * (1 + nodes)) + costs.overhead_ms, company,
+                  tuple((d, len(rates)) for d, rates in known))
 
 
 def choose(costs: RoundCosts, stats: AcceptanceStats, drafts: list[str], max_width: int, max_depth: int,
-           max_nodes: int, company: Company = Company()) -> Choice:
+           max_nodes: int, company: Company = Company(), known: tuple[tuple[str, int], ...] = ()) -> Choice:
     """The shape with the most expected tokens per second among no speculation and every ``width`` ×
-    ``depth`` within the bounds (the smaller shape on a tie), for the batch it shares with ``company``."""
-    best = price(costs, stats, drafts, 0, 0, max_nodes, company)
+    ``depth`` within the bounds (the smaller shape on a tie), for the batch it shares with ``company``.
+
+    ``known``: proposals in hand before the round (draft, the length of its one chain); for each
+    model shape (none included) every cut of it is priced too, so a long lookup match can be
+    verified alone, without waiting for a model draft, or beside a shallower one."""
+    # Rates are conditional per position, so a shorter path's are a prefix of a longer one's.
+    known_rates = [(d, stats.rates(d, 1, n)) for d, n in known if n > 0]
+    known_cuts = list(itertools.product(*(range(len(rates) + 1) for _, rates in known_rates)))
+
+    def best_with(model: list[tuple[str, list[float]]], width: int, depth: int, best: Choice | None) -> Choice | None:
+        for cut in known_cuts:
+            candidate = _price(costs, model, width, depth, [(d, rates[:n]) for (d, rates), n in zip(known_rates, cut)],
+                               max_nodes, company)
+            if best is None or candidate.tokens_per_s > best.tokens_per_s * (1 + 1e-9):
+                best = candidate
+        return best
+
+    best = best_with([], 0, 0, None)
     for width in range(1, max_width + 1):
-        if width * len(drafts) > max_nodes:
+        if width * len(drafts) > max_nodes or not drafts:
             break  # a tree this wide does not fit even one level
+        full = {d: stats.rates(d, width, max_depth) for d in drafts}
         for depth in range(1, max_depth + 1):
             if width > 1 and width * depth * len(drafts) > max_nodes:
                 break  # the node cap would cut its paths: priced as whole, it would look better than it is
-            candidate = price(costs, stats, drafts, width, depth, max_nodes, company)
-            if candidate.tokens_per_s > best.tokens_per_s * (1 + 1e-9):
-                best = candidate
+            best = best_with([(d, full[d][:depth]) for d in drafts], width, depth, best)
     return best
 
 

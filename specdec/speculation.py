@@ -202,17 +202,22 @@ class SpeculationPolicy:
         self.shared = shared
         self._quiet_rounds = 0  # rounds in a row chosen without speculation
 
-    def next(self, room: int, company: Company = Company()) -> Choice:
+    def next(self, room: int, company: Company = Company(), known: tuple[tuple[str, int], ...] = ()) -> Choice:
         """This round's shape, its depth within ``room`` (what the budget and context leave to draft),
-        its passes shared with ``company`` (the other generations in flight)."""
+        its passes shared with ``company`` (the other generations in flight). ``known``: proposals
+        already in hand (draft, length of its one chain), of which the round takes a prefix (fixed
+        shapes: all of it, within ``room``)."""
+        known = tuple((d, min(n, room)) for d, n in known if min(n, room) > 0)
         if not self.adaptive:
-            return price(self.costs, self.stats, self.drafts, self.max_width, min(self.max_depth, room), self.max_nodes, company)
-        choice = choose(self.costs, self.stats, self.drafts, self.max_width, min(self.max_depth, room), self.max_nodes, company)
-        if choice.width == 0 and room > 0 and self.drafts:
+            return price(self.costs, self.stats, self.drafts, self.max_width, min(self.max_depth, room), self.max_nodes,
+                         company, known)
+        choice = choose(self.costs, self.stats, self.drafts, self.max_width, min(self.max_depth, room), self.max_nodes,
+                        company, known)
+        if not choice.speculates and room > 0 and self.drafts:
             self._quiet_rounds += 1
             if self._quiet_rounds >= self.probe_every:
                 choice = price(self.costs, self.stats, self.drafts, 1, 1, self.max_nodes, company)
-        if choice.width:
+        if choice.speculates:
             self._quiet_rounds = 0
         return choice
 
@@ -229,8 +234,10 @@ class SpeculationPolicy:
         accepted = verdict.accepted_by_draft
         every = [self.stats] + ([self.shared] if self.shared is not None else [])
         for proposal in proposals:
+            # A proposal in hand is one chain, whatever the model drafts' width.
+            width = 1 if choice.taken(proposal.draft) else choice.width
             for stats in every:
-                stats.record(proposal.draft, choice.width, proposal.depth, accepted.get(proposal.draft, 0),
+                stats.record(proposal.draft, width, proposal.depth, accepted.get(proposal.draft, 0),
                              cut=verdict.bonus_token is None)
             if proposal.confidences:
                 # The draft's best path against what the target made of it: how sure the draft was
@@ -245,4 +252,5 @@ class SpeculationPolicy:
         if not first and verify_ms > 0 and not choice.company.sessions:
             # Each draft priced at the levels it ran: one that stopped early (early_stop) ran fewer.
             self.costs.observe(1 + len(verdict.merged.tree), verify_ms,
-                               {p.draft: (choice.width, max(1, p.depth)) for p in proposals}, draft_ms)
+                               {p.draft: (choice.width, max(1, p.depth)) for p in proposals if not choice.taken(p.draft)},
+                               draft_ms)

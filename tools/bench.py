@@ -443,7 +443,7 @@ def sweep_cluster(sweep: Sweep, model_set: ModelSet, pending: list[RunSpec], tok
     # compares them.
     orchestrator_logs = Path(tempfile.mkdtemp(prefix="specdec-bench-logs-"))
     settings = config.from_env(
-        config.ClusterSettings, target_model=cfg.target_model, draft_models=list(model_set.models),
+        config.ClusterSettings, target_model=cfg.target_model, draft_models=model_set.drafts, prompt_lookup=model_set.lookup,
         verify_device=cfg.verify_device, draft_devices=cfg.draft_devices, dtype=cfg.dtype, port=0,
         log_dir=str(orchestrator_logs), log_text=True, startup_timeout_s=cfg.startup_timeout_s, trace_file="", metrics_port=0,
         adaptive=cfg.adaptive,

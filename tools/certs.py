@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 SERVICE_NAMES = (
-    "localhost", "verify", "draft-0", "draft-1", "draft-lookup", "orchestrator", "verify-cpu", "draft-cpu", "draft-lookup-cpu",
+    "localhost", "verify", "draft-0", "draft-1", "orchestrator", "verify-cpu", "draft-cpu",
     "orchestrator-cpu",
 )
 SERVICE_ADDRESSES = ("127.0.0.1", "::1")

@@ -105,7 +105,7 @@ class LocalCluster:
             self.env = {**self.env, "SPECDEC_AUTH_TOKEN": s.auth_token}
         try:
             for r in range(max(1, s.verify_replicas)):
-                # Metrics ports: the orchestrator's first, then the verify service's, the drafts', extra replicas', the prompt lookup's.
+                # Metrics ports: the orchestrator's first, then the verify service's, the drafts', extra replicas'.
                 verify = self._settings(config.VerifySettings, metrics_offset=1 if r == 0 else 1 + len(s.draft_models) + r,
                                         device=s.verify_device)
                 self.verify_addresses.append(self._spawn("verify" if r == 0 else f"verify-{r}", "specdec.verify_service", verify).address)
@@ -116,11 +116,6 @@ class LocalCluster:
                 draft = self._settings(config.DraftSettings, metrics_offset=2 + i, draft_model=model, device=device)
                 self.draft_addresses.append(self._spawn(f"draft-{i}", "specdec.draft_service", draft).address)
                 self._one_at_a_time()
-            if s.prompt_lookup:
-                # Model-free: on the CPU whatever the drafts' devices, describing itself by the target's tokenizer.
-                lookup = self._settings(config.DraftSettings, metrics_offset=1 + len(s.draft_models) + max(1, s.verify_replicas),
-                                        draft_model=config.PROMPT_LOOKUP, tokenizer=s.target_model, device="cpu")
-                self.draft_addresses.append(self._spawn("draft-lookup", "specdec.draft_service", lookup).address)
             for process in self.processes:
                 self._wait(process)
             # It calls the others as a TLS client and asks its own callers for the bearer token, not
@@ -154,7 +149,7 @@ class LocalCluster:
         ``metrics_port`` on (one for each child, at the offsets :meth:`start` gives them). The other
         ports are free ones."""
         s = self.settings
-        children = 1 + max(1, s.verify_replicas) + len(s.draft_models) + int(bool(s.prompt_lookup))
+        children = 1 + max(1, s.verify_replicas) + len(s.draft_models)
         metrics = range(s.metrics_port, s.metrics_port + children) if s.metrics_port else []
         for port in (s.port, s.http_port, *metrics):
             check_port_free(HOST, port)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from specdec import config
+from specdec.lookup import NAME as LOOKUP
 from specdec.records import MODE_NAMES
 from specdec.tools import analyze
 from specdec.tools.prompts import PROMPT_CLASSES, Prompt, PromptFileError, load_prompts, prompt_from
@@ -52,7 +53,17 @@ STOCK_DTYPES = ("float32", "bfloat16")
 @dataclass(frozen=True)
 class ModelSet:
     name: str
-    models: tuple[str, ...]
+    models: tuple[str, ...]  # draft models; ``prompt-lookup`` among them turns the orchestrator's lookup on
+
+    @property
+    def drafts(self) -> list[str]:
+        """The model drafts, one service each."""
+        return [m for m in self.models if m != LOOKUP]
+
+    @property
+    def lookup(self) -> bool:
+        """Whether the orchestrator's prompt lookup runs beside them (``specdec.lookup``)."""
+        return LOOKUP in self.models
 
 
 @dataclass
@@ -296,7 +307,7 @@ def sweep_plan(cfg: SweepConfig) -> list[RunSpec]:
     for dtype in cfg.baseline_dtypes[first_named:]:
         plan += each(Method(TARGET_ONLY, {"dtype": dtype}), None)
     if ASSISTED in cfg.baselines:
-        for draft in dict.fromkeys(s.models[0] for s in cfg.model_sets):  # assisted takes one draft: each set's first
+        for draft in dict.fromkeys(s.drafts[0] for s in cfg.model_sets if s.drafts):  # assisted takes one draft: each set's first
             for i, dtype in enumerate(cfg.baseline_dtypes or [cfg.dtype]):
                 plan += each(Method(ASSISTED, {"draft_model": draft, **({"dtype": dtype} if i >= first_named else {})}), None)
     if LLAMA_CPP in cfg.baselines:

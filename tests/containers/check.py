@@ -42,7 +42,7 @@ COMPOSE_FILE = ROOT / "compose" / "docker-compose.yml"
 TLS_FILE = ROOT / "compose" / "docker-compose.tls.yml"
 PROJECT = "specdec"  # the Makefile's project name: `make up` / `make down` are what is checked
 SPECDEC = str(Path(sys.executable).with_name("specdec"))
-SERVICES = ("verify-cpu", "draft-cpu", "draft-lookup-cpu", "orchestrator-cpu")
+SERVICES = ("verify-cpu", "draft-cpu", "orchestrator-cpu")
 UID = "10001"
 
 results: dict = {}

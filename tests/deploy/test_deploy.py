@@ -309,7 +309,7 @@ def test_tls_overlay_secures_every_hop(tmp_path):
     make_dev_certs(str(tmp_path), (), 1)
     written = {p.name for p in tmp_path.iterdir()}
     serving = {n: s for n, s in rendered.items() if role(s)}
-    assert len(serving) == 9
+    assert len(serving) == 7
     for name, service in serving.items():
         env = environment(service)
         mounts = [v if isinstance(v, str) else f"{v.get('source')}:{v.get('target')}" for v in service.get("volumes") or []]
@@ -349,9 +349,8 @@ def test_orchestrators_wait_for_healthy_drafts_and_verifier(services):
         assert all(role(s) == "draft" for _, s in drafts)
         assert {n for n, _ in drafts} == {n for n, s in models.items() if role(s) == "draft"}, f"{name}: every draft"
         assert env["SPECDEC_TARGET_MODEL"] == environment(verifier[1])["SPECDEC_TARGET_MODEL"]
-        lookups = [s for _, s in drafts if environment(s).get("SPECDEC_DRAFT_MODEL") == config.PROMPT_LOOKUP]
-        assert len(lookups) == 1, f"{name}: one prompt-lookup draft"
-        assert environment(lookups[0])["SPECDEC_TOKENIZER"] == env["SPECDEC_TARGET_MODEL"], "it describes the target's tokenizer"
+        # The prompt lookup runs inside the orchestrator, on by default.
+        assert env.get("SPECDEC_PROMPT_LOOKUP", "true") == "true", f"{name}: prompt lookup on"
         port = int(env["SPECDEC_PORT"])
         assert (port, port) in published_ports(orch), f"{name}: the public port is published"
 
@@ -390,13 +389,13 @@ def test_cpu_profile_runs_the_embedded_pair_without_gpus(services):
         assert env.get("SPECDEC_DEVICE", "cpu") == "cpu" or role(service) == "orchestrator"
         # The default: the verify service measures its exact paths and keeps the fastest (specdec.precision).
         assert env.get("SPECDEC_DTYPE", "auto") == "auto"
-        models = {env.get("SPECDEC_TARGET_MODEL"), env.get("SPECDEC_DRAFT_MODEL"), env.get("SPECDEC_TOKENIZER")} - {None}
-        assert models <= {config.EMBEDDED_TARGET, config.EMBEDDED_DRAFT, config.PROMPT_LOOKUP}, f"{name}: the embedded pair"
+        models = {env.get("SPECDEC_TARGET_MODEL"), env.get("SPECDEC_DRAFT_MODEL")} - {None}
+        assert models <= {config.EMBEDDED_TARGET, config.EMBEDDED_DRAFT}, f"{name}: the embedded pair"
         if role(service) != "orchestrator":
             assert depends_on(service).get("models") == "service_completed_successfully", name
     # The cpu services answer to the gpu names, so addresses and Prometheus targets are shared.
     cpu_names = set().union(*(dns_names(n, s) for n, s in serving.items()))
-    assert {"verify", "draft-0", "draft-lookup", "orchestrator"} <= cpu_names
+    assert {"verify", "draft-0", "orchestrator"} <= cpu_names
 
 
 def test_models_persist_in_a_named_volume(compose, services):

@@ -283,3 +283,22 @@ def test_speculation_limits_come_from_the_settings(target):
             c.check(request(PROMPTS[0], "tree", **{"draft_length": 3, "beam_width": 2, "beam_depth": 3, "max_tree_nodes": 10, field: value}))
     with pytest.raises(InvalidRequest, match="mode 'beam'"):
         c.check(request(PROMPTS[0], "beam"))
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+@pytest.mark.parametrize("draft_names", [[], ["stranger"]])
+def test_prompt_lookup_is_lossless_and_only_where_asked(target, drafts, draft_names, adaptive):
+    """A prompt that repeats: the lookup's chains are accepted, the output is the target's own, and
+    a controller without the lookup proposes none."""
+    from specdec.lookup import NAME, PromptLookup
+
+    prompt = [11, 40, 3, 77, 25, 60, 8] * 3 + [11, 40]
+    want = reference_greedy(target, prompt, 24)
+    clients = [LocalDraft(n, drafts[n]) for n in draft_names]
+    looked = controller(target, clients, lookup=PromptLookup()).generate(request(prompt, "tree", adaptive=adaptive))
+    assert looked.token_ids == want
+    (stats,) = [d for d in looked.stats.drafts if d.draft == NAME]
+    assert stats.proposed_tokens > 0 and all(NAME in r.proposals for r in looked.rounds[:1])
+    plain = controller(target, clients).generate(request(prompt, "tree", adaptive=adaptive))
+    assert plain.token_ids == want
+    assert not any(NAME in r.proposals for r in plain.rounds) and all(d.draft != NAME for d in plain.stats.drafts)

@@ -325,3 +325,51 @@ def test_rounds_of_trees_price_the_chain_too():
     assert AcceptanceStats().rates("d", 1, 2) == [0.8, 0.8]  # nothing run: the prior
     wide = stats.rates("d", 2, 3)
     assert wide[0] >= chain[0]  # a wider proposal holds the first position at least as often
+
+
+def test_expected_tokens_of_paths_of_different_lengths():
+    # A shorter path misses every position past its end: the longer one alone holds them.
+    assert expected_tokens([[1.0, 1.0, 1.0], [0.5]]) == 4
+    assert expected_tokens([[0.5], [0.5, 1.0]]) == pytest.approx(1 + 0.75 + 0.75)
+
+
+def test_a_long_lookup_match_is_verified_alone_without_waiting_for_the_model_draft():
+    """A proposal in hand (the prompt lookup's chain) costs verify rows only: where it is accepted
+    at the rate a copying answer gives, the round takes most of it and skips the model draft, whose
+    forwards would cost more than the tokens they add."""
+    costs = RoundCosts(FLAT, {"draft-0": CostCurve.of([(1, 30), (16, 32)])})
+    merged = AcceptanceStats()
+    for draft, rate in (("draft-0", 0.6), ("lookup", 0.95)):
+        rng = random.Random(0)
+        for _ in range(400):
+            merged.record(draft, 1, 16, next((i for i in range(16) if rng.random() >= rate), 16))
+    choice = choose(costs, merged, ["draft-0"], 2, 8, 64, known=(("lookup", 12),))
+    assert choice.width == 0 and choice.taken("lookup") >= 10 and choice.speculates
+    assert choice.nodes == choice.taken("lookup")
+    # Without it, the model draft runs.
+    alone = choose(costs, merged, ["draft-0"], 2, 8, 64)
+    assert alone.width >= 1 and not alone.known
+    assert choice.tokens_per_s > alone.tokens_per_s
+
+
+def test_a_lookup_that_is_rarely_right_is_left_out():
+    costs = RoundCosts(STEEP, {"draft-0": CHEAP_DRAFT})
+    stats = AcceptanceStats()
+    rng = random.Random(0)
+    for _ in range(400):
+        stats.record("lookup", 1, 8, 0)  # never accepted
+        stats.record("draft-0", 1, 8, next((i for i in range(8) if rng.random() >= 0.7), 8))
+    choice = choose(costs, stats, ["draft-0"], 2, 8, 64, known=(("lookup", 8),))
+    assert not choice.known and choice.width >= 1
+    assert choice == choose(costs, stats, ["draft-0"], 2, 8, 64)
+
+
+def test_a_proposal_in_hand_is_priced_with_its_own_acceptance_and_no_draft_time():
+    costs = RoundCosts(FLAT, {"draft-0": CHEAP_DRAFT})
+    stats = stats_with(1.0, draft="lookup", depth=4)
+    alone = price(costs, stats, ["draft-0"], 0, 0, 64, known=(("lookup", 4),))
+    assert alone.expected_tokens == pytest.approx(5, rel=0.05)  # four accepted and the bonus
+    assert alone.cost_ms == pytest.approx(costs.verify_ms(5))
+    assert (alone.width, alone.depth, alone.nodes, alone.known) == (0, 0, 4, (("lookup", 4),))
+    both = price(costs, stats, ["draft-0"], 1, 2, 64, known=(("lookup", 4),))
+    assert both.nodes == 6 and both.cost_ms == pytest.approx(costs.draft_ms("draft-0", 1, 2) + costs.verify_ms(7))

@@ -9,8 +9,8 @@ import time
 import pytest
 import torch
 
-from specdec.draft_service.prompt_lookup import PromptLookup, find_continuations
-from specdec.sampling import Candidate, SamplingParams, accept_sampled_tree, normalise16, unpack, pack
+from specdec.lookup import PromptLookup, find_continuations, one_hot
+from specdec.sampling import Candidate, accept_sampled_tree
 
 
 def test_proposes_what_followed_the_last_ngram():
@@ -84,33 +84,23 @@ def test_proposals_are_continuations_of_matches(width, depth):
         )
 
 
-def test_engine_answers_like_a_drafter():
-    engine = PromptLookup(vocab_size=16)
-    outcome = engine.propose("s", [5, 6, 7, 8, 5, 6], beam_width=2, depth=3)
-    assert [b.tokens for b in outcome.beams] == [[7, 8, 5]]
-    assert outcome.reused_tokens == 0 and outcome.fed_tokens == 0 and outcome.forward_s >= 0
-    assert engine.propose("s", [1, 2, 3], 2, 3).beams == []
-    assert len(engine.store) == 0  # no cache kept
+def test_lookup_proposes_one_chain():
+    lookup = PromptLookup()
+    assert lookup.propose([5, 6, 7, 8, 5, 6], depth=3) == [7, 8, 5]
+    assert lookup.propose([5, 6, 7, 8, 5, 6], depth=0) == []
+    assert lookup.propose([1, 2, 3], 3) == []
+    assert lookup.propose([], 3) == []
+    assert PromptLookup(min_ngram=1).propose([4, 1, 2, 4], 2) == [1, 2]
     with pytest.raises(ValueError):
-        engine.propose("s", [], 1, 1)
-    with pytest.raises(ValueError):
-        PromptLookup(vocab_size=16, min_ngram=3, max_ngram=2)
+        PromptLookup(min_ngram=3, max_ngram=2)
 
 
-def test_sampled_chains_carry_one_hot_distributions():
-    engine = PromptLookup(vocab_size=16)
-    context = [7, 8, 1, 2, 7, 8, 2, 1, 7, 8]
-    outcome = engine.sample_chains("s", context, chains=2, depth=3, sampling=SamplingParams(temperature=0.8), seed=1)
-    assert [b.tokens for b in outcome.beams] == [[2, 1, 7], [1, 2, 7]]
-    assert len(outcome.sent_distributions) == 3  # one per distinct token
-    for beam, index in zip(outcome.beams, outcome.distribution_index):
-        for token, d in zip(beam.tokens, index):
-            q16 = outcome.sent_distributions[d]
-            assert q16.dtype == torch.float16 and q16.shape == (16,)
-            assert float(q16[token]) == 1.0 and float(q16.sum()) == 1.0
-            assert torch.equal(outcome.distributions[d], normalise16(q16))
-            data, ids = pack(q16)
-            assert ids == [token] and torch.equal(unpack(data, ids, 16, torch.float16), q16)  # sent sparse
+def test_one_hot_distributions():
+    qs = one_hot([2, 1, 2], vocab_size=16)
+    assert len(qs) == 3 and qs[0] is qs[2]  # a repeated token shares one
+    for token, q in zip([2, 1, 2], qs):
+        assert q.dtype == torch.float64 and q.shape == (16,)
+        assert float(q[token]) == 1.0 and float(q.sum()) == 1.0
 
 
 def test_one_hot_drafts_keep_sampling_exact():

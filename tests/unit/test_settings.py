@@ -133,7 +133,7 @@ def test_overrides_in_code_are_checked_too():
     with pytest.raises(SettingError, match=r"max_sessions \(--max-sessions / SPECDEC_MAX_SESSIONS\) = 0"):
         config.from_env(config.VerifySettings, environ={}, max_sessions=0)
     with pytest.raises(SettingError, match="lookup_min_ngram"):
-        config.from_env(config.DraftSettings, environ={}, lookup_min_ngram=5, lookup_max_ngram=4)
+        config.from_env(config.OrchestratorSettings, environ={}, lookup_min_ngram=5, lookup_max_ngram=4)
 
 
 @pytest.mark.parametrize("cls", SETTINGS_CLASSES, ids=lambda c: c.__name__)
@@ -161,7 +161,7 @@ def test_a_model_path_that_does_not_exist(tmp_path):
     with pytest.raises(SettingError, match="draft_models .* model path ./nowhere/x does not exist"):
         config.from_env(config.ClusterSettings, environ={}, draft_models=["qwen2.5-coder-0.5b-instruct", "./nowhere/x"])
     # Aliases, existing paths and hub ids pass (whether the hub knows an id shows when it is loaded).
-    for name in ("qwen2.5-coder-0.5b-instruct", str(tmp_path), "Qwen/Qwen2.5-0.5B", "gpt2", config.PROMPT_LOOKUP):
+    for name in ("qwen2.5-coder-0.5b-instruct", str(tmp_path), "Qwen/Qwen2.5-0.5B", "gpt2"):
         model_store.check_model_name(name)
 
 

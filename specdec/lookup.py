@@ -1,0 +1,114 @@
+"""Prompt lookup: a draft with no model (n-gram matching over the context).
+
+Where the output repeats its input (code edits, answers quoting a document, repeated structure),
+the tokens that followed an earlier occurrence of the context's last few tokens are a good guess
+for what comes next, and finding them costs microseconds instead of a forward pass (Saxena, "Prompt
+Lookup Decoding", 2023; vLLM's ``ngram_proposer.py`` does the same). The orchestrator runs it
+in-process before each round (:class:`PromptLookup`), over the whole context (prompt and every
+accepted token, so the generation's own output is searched too), with no per-session index: a scan
+of a 2,000-token context takes well under a millisecond (see :func:`find_continuations`). Because its
+proposal is known before the round's shape is chosen, the cost model prices it at what it really
+is (a path of known length that costs verify rows only) and can skip the model drafts when the
+lookup alone is the better round (:func:`specdec.cost.choose`).
+
+Words used here:
+- the *suffix* is the context's last ``n`` tokens, ``min_ngram <= n <= max_ngram``;
+- a *match* is an earlier place where the suffix occurs; its *length* is how far the agreement with
+  the context's end reaches back (at least ``n``, counted up to :data:`MATCH_HORIZON` tokens);
+- its *continuation* is what followed it, read on past the context's end through the tokens it
+  proposes itself, so a repeating pattern continues for the whole depth asked.
+
+Under sampling each token comes with a one-hot distribution, which is what a deterministic proposer
+draws from. Under the acceptance rule (:mod:`specdec.sampling`) a token ``x`` with ``q = one-hot(x)``
+is accepted with probability ``min(1, p(x) / 1) = p(x)`` and, when rejected, leaves the residual
+``norm(max(p - q, 0))``, i.e. ``p`` with ``x`` removed: the output is still distributed exactly as
+the target's own sampling.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+NAME = "prompt-lookup"  # the draft's name in proposals, statistics and traces
+MATCH_HORIZON = 64  # how far back a match's length is measured, to rank matches
+
+
+def find_continuations(context, width: int, depth: int, max_ngram: int = 4, min_ngram: int = 2) -> list[list[int]]:
+    """Up to ``width`` distinct continuations of ``depth`` tokens after ``context`` (token ids),
+    best first: suffixes of ``max_ngram`` tokens down to ``min_ngram``, and for each, matches by
+    length, then the most recent first. A continuation that is a prefix of one already chosen adds
+    nothing to the trie and is skipped. Empty when the context's end occurs nowhere earlier."""
+    tokens = np.asarray(context, dtype=np.int64)  # [L]
+    size = len(tokens)
+    chosen: list[list[int]] = []
+    for n in range(min(max_ngram, size - 1), min_ngram - 1, -1):
+        # Matches start at i <= size - n - 1: each is followed by at least one token of the context.
+        starts = size - n
+        hit = np.ones(starts, dtype=bool)
+        for j in range(n):
+            hit &= tokens[j:j + starts] == tokens[size - n + j]
+        ends = np.flatnonzero(hit) + n  # [matches] where each continuation starts
+        if not len(ends):
+            continue
+        for end in ends[np.lexsort((-ends, -_match_lengths(tokens, ends, n)))]:
+            continuation = _continue(tokens, int(end), depth)
+            if not any(c[:len(continuation)] == continuation for c in chosen):
+                chosen.append(continuation)
+                if len(chosen) == width:
+                    return chosen
+    return chosen
+
+
+def _match_lengths(tokens: np.ndarray, ends: np.ndarray, n: int) -> np.ndarray:
+    """For matches ending before ``ends``, how many tokens agree with the context's end, counting
+    back from it (``n`` already do), up to MATCH_HORIZON."""
+    size = len(tokens)
+    lengths = np.full(len(ends), n)
+    alive = np.ones(len(ends), dtype=bool)
+    for k in range(n, min(MATCH_HORIZON, size)):
+        at = ends - k - 1  # the token k back from the match's end
+        alive &= at >= 0
+        alive[alive] = tokens[at[alive]] == tokens[size - k - 1]
+        if not alive.any():
+            break
+        lengths[alive] += 1
+    return lengths
+
+
+def _continue(tokens: np.ndarray, start: int, depth: int) -> list[int]:
+    """``depth`` tokens read from ``start``; past the context's end, from the tokens proposed so far
+    (a match that overlaps the end repeats its period)."""
+    out = tokens[start:start + depth].tolist()
+    for k in range(len(out), depth):
+        out.append(out[start + k - len(tokens)])
+    return out
+
+
+class PromptLookup:
+    """The orchestrator's model-free draft: each round, the best continuation of the context as one
+    chain (a second-best match is rarely accepted where the best one is not, and one chain is what
+    the cost model prices). Pure and thread-safe."""
+
+    def __init__(self, max_ngram: int = 4, min_ngram: int = 2) -> None:
+        if not 1 <= min_ngram <= max_ngram:
+            raise ValueError(f"n-gram sizes must satisfy 1 <= min ({min_ngram}) <= max ({max_ngram})")
+        self.max_ngram, self.min_ngram = max_ngram, min_ngram
+
+    def propose(self, context: list[int], depth: int) -> list[int]:
+        """Up to ``depth`` tokens after ``context``; empty when its end occurs nowhere earlier."""
+        if depth <= 0:
+            return []
+        found = find_continuations(context, 1, depth, self.max_ngram, self.min_ngram)
+        return found[0] if found else []
+
+
+def one_hot(tokens: list[int], vocab_size: int) -> list[torch.Tensor]:
+    """The distribution a deterministic proposer draws each of ``tokens`` from (float64, as the
+    model drafts' are after :func:`specdec.sampling.normalise16`); a repeated token shares one."""
+    made: dict[int, torch.Tensor] = {}
+    for token in tokens:
+        if token not in made:
+            made[token] = torch.zeros(vocab_size, dtype=torch.float64)
+            made[token][token] = 1.0
+    return [made[token] for token in tokens]
