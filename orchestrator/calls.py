@@ -4,6 +4,7 @@ HTTP API in ``specdec.orchestrator.http_api``) hand the generation code and get 
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
 from typing import Any, Callable, Mapping
 
@@ -27,6 +28,28 @@ class Call:
         remaining = context.time_remaining()  # None when the client set no deadline
         deadline = time.monotonic() + remaining if remaining is not None and remaining < 1e6 else None
         return cls(method, deadline, lambda: not context.is_active(), grpc_context=context)
+
+
+class Stall:
+    """``with stall:`` around handing one message to a client that may stop taking them: once that
+    takes ``timeout_s`` (0: never), ``on_stall()`` runs (from a timer thread), which cuts the client
+    off, so that its generation stops and frees its slot."""
+
+    def __init__(self, timeout_s: float, on_stall: Callable[[], None]) -> None:
+        self.timeout_s, self.on_stall = timeout_s, on_stall
+        self._timer: threading.Timer | None = None
+
+    def __enter__(self) -> Stall:
+        if self.timeout_s:
+            self._timer = threading.Timer(self.timeout_s, self.on_stall)
+            self._timer.daemon = True
+            self._timer.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
 
 @dataclasses.dataclass

@@ -67,6 +67,8 @@ COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
 INT32_MAX, UINT64_MAX = 2**31 - 1, 2**64 - 1
 LOGPROB_FLOOR = -9999.0  # JSON has no -inf: a token the sampling settings exclude gets this, as vLLM does
 TIMEOUT_HEADER = "x-request-timeout"  # seconds: the generation's deadline, as a gRPC call's deadline
+PARSER_THREADS = 2  # bodies parsed at once, off the event loop
+SEND_BUFFER_BYTES = 256 << 10  # per connection, in the kernel: enough for any stream's pace
 
 # The HTTP status and OpenAI error type for each gRPC status a failure gets on the gRPC API
 # (specdec.rpc.status: each typed error of specdec.errors has its code; a failed internal call
@@ -127,6 +129,7 @@ class ApiError(Exception):
         super().__init__(message)
         self.status, self.message, self.type, self.param = status, message, type, param
         self.code = code if code is not None else CODE_OF_STATUS.get(status)
+        self.headers: dict[str, str] = {}
 
     @classmethod
     def of(cls, exc: BaseException) -> ApiError:
@@ -135,7 +138,11 @@ class ApiError(Exception):
             return exc
         code, message = status_of(exc)  # logs an unexpected failure with its traceback
         status, kind = HTTP_STATUS_OF_CODE.get(code, (500, "server_error"))
-        return cls(status, message, kind, code=code.name.lower() if status != 500 else "internal_error")
+        error = cls(status, message, kind, code=code.name.lower() if status != 500 else "internal_error")
+        retry_after_s = getattr(exc, "retry_after_s", None)
+        if retry_after_s:
+            error.headers["Retry-After"] = str(math.ceil(retry_after_s))
+        return error
 
     def in_openai_terms(self, chat: bool) -> ApiError:
         """A refusal of the servicer's names the GenerateRequest field at fault first: name the
@@ -153,7 +160,7 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def response(self, headers: dict[str, str] | None = None) -> JSONResponse:
-        headers = dict(headers or {})
+        headers = {**self.headers, **(headers or {})}
         if self.status == 401:
             headers["WWW-Authenticate"] = "Bearer"
         return JSONResponse(self.body(), status_code=self.status, headers=headers)
@@ -349,6 +356,10 @@ class ChatTemplate:
         if self.template is None and not getattr(tokenizer, "chat_template", None):
             raise ApiError(400, "the target model's tokenizer has no chat template; start the orchestrator with "
                                 "--chat-template FILE (SPECDEC_CHAT_TEMPLATE)", param="messages")
+        limit = self.servicer.settings.max_chat_messages
+        if len(messages) > limit:
+            raise ApiError(400, f"messages has {len(messages)} entries; at most {limit} are accepted (--max-chat-messages)",
+                           param="messages")
         conversation = []
         for i, m in enumerate(messages):
             if isinstance(m.content, list):
@@ -359,13 +370,18 @@ class ChatTemplate:
                 content = m.content or ""
             conversation.append({**(m.model_extra or {}), "role": m.role, "content": content}
                                 | ({"name": m.name} if m.name is not None else {}))
+        # Sized before the template renders them (it only adds), and again after.
+        context, longest = self.servicer.target_info.max_context, self.servicer.longest_token_chars
+        chars = sum(len(c["content"]) for c in conversation)
+        if context and chars > context * longest:
+            raise InvalidRequest(f"the messages hold {chars} characters; the model's context of {context} tokens "
+                                 f"holds at most {context * longest}")
         try:
             text = tokenizer.apply_chat_template(conversation, chat_template=self.template, add_generation_prompt=True,
                                                  tokenize=False)
         except Exception as exc:  # noqa: BLE001 - a template may raise anything (jinja's raise_exception: TemplateError)
             raise ApiError(400, f"messages: the chat template refused them: {exc}", param="messages") from None
         # Sized before tokenised, as the gRPC API's text prompts are: a text far past the context takes long.
-        context, longest = self.servicer.target_info.max_context, self.servicer.longest_token_chars
         if context and len(text) > context * longest:
             raise InvalidRequest(f"the messages make a prompt of {len(text)} characters; the model's context of "
                                  f"{context} tokens holds at most {context * longest}")
@@ -567,13 +583,29 @@ async def _watch_disconnect(receive, cancel: threading.Event, on_disconnect: Cal
             return
 
 
+def _parse_json(body: bytes) -> Any:
+    """The body as JSON; no NaN or Infinity, and no lone surrogate escape."""
+    def refuse_constant(name: str):
+        raise ValueError(f"{name} is not JSON")
+
+    try:
+        data = json.loads(body, parse_constant=refuse_constant)
+    except (ValueError, RecursionError) as exc:
+        raise ApiError(400, f"the body is not valid JSON: {exc}") from None
+    if LONE_SURROGATE.search(body) and not _is_text(data):
+        # JSON may escape half a UTF-16 pair (\ud800): no string of the API can hold it.
+        raise ApiError(400, "the body holds a lone surrogate escape (\\ud800 to \\udfff): not text")
+    return data
+
+
 class EventStream:
     """A server-sent events response whose events come from ``events``; a client that goes away
     sets ``cancel`` (the generation stops after its current round). ``done()`` runs once at the end."""
 
     def __init__(self, events: AsyncIterator[bytes], headers: dict[str, str], cancel: threading.Event,
-                 done: Callable[[], None]) -> None:
+                 done: Callable[[], None], stall_s: float = 0.0) -> None:
         self.events, self.headers, self.cancel, self.done = events, headers, cancel, done
+        self.stall_s = stall_s  # a client that takes no event for this long is cut off (0: never)
 
     async def __call__(self, scope, receive, send) -> None:
         headers = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
@@ -584,8 +616,14 @@ class EventStream:
                 try:
                     await send({"type": "http.response.start", "status": 200, "headers": headers})
                     async for event in self.events:
-                        await send({"type": "http.response.body", "body": event, "more_body": True})
+                        # A send waits while the client's socket is full: a client that stops reading
+                        # would hold the generation, and its slot, there.
+                        with anyio.fail_after(self.stall_s or None):
+                            await send({"type": "http.response.body", "body": event, "more_body": True})
                     await send({"type": "http.response.body", "body": b"", "more_body": False})
+                except TimeoutError:
+                    log.warning("a streaming client took no output for %g s (stall_timeout_s): cut off", self.stall_s)
+                    self.cancel.set()
                 except OSError:  # the connection broke under a send
                     self.cancel.set()
                 finally:
@@ -608,6 +646,7 @@ class HttpApi:
         self.max_body_bytes = max_body_bytes
         self.threads = threads
         self._limiter: anyio.CapacityLimiter | None = None
+        self._parsers: anyio.CapacityLimiter | None = None
         self.admission = None  # the gRPC server's (specdec.rpc.interceptors.Admission), once it serves
         model = servicer.target_info.model or servicer.settings.target_model
         self.model = model
@@ -634,6 +673,13 @@ class HttpApi:
         if self._limiter is None:
             self._limiter = anyio.CapacityLimiter(self.threads)
         return self._limiter
+
+    @property
+    def parsers(self) -> anyio.CapacityLimiter:
+        # Worker threads for parsing bodies: a few, so that large bodies queue here, not in the generation threads.
+        if self._parsers is None:
+            self._parsers = anyio.CapacityLimiter(PARSER_THREADS)
+        return self._parsers
 
     def serving(self) -> bool:
         return self.admission is not None and not self.admission.closed
@@ -670,25 +716,19 @@ class HttpApi:
                 raise ApiError(400, "Content-Length is not a number")
             if int(length) > limit:
                 raise ApiError(413, f"the body has {length} bytes; at most {limit} are accepted (--max-message-mb)")
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise ApiError(413, f"the body has more than {limit} bytes; at most {limit} are accepted (--max-message-mb)")
-            chunks.append(chunk)
-
-        def refuse_constant(name: str):
-            raise ValueError(f"{name} is not JSON")
-
-        body = b"".join(chunks)
+        chunks, size, timeout_s = [], 0, self.servicer.settings.http_read_timeout_s
         try:
-            data = json.loads(body, parse_constant=refuse_constant)
-        except (ValueError, RecursionError) as exc:
-            raise ApiError(400, f"the body is not valid JSON: {exc}") from None
-        if LONE_SURROGATE.search(body) and not _is_text(data):
-            # JSON may escape half a UTF-16 pair (\ud800): no string of the API can hold it.
-            raise ApiError(400, "the body holds a lone surrogate escape (\\ud800 to \\udfff): not text")
-        return data
+            with anyio.fail_after(timeout_s):
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > limit:
+                        raise ApiError(413, f"the body has more than {limit} bytes; at most {limit} are accepted (--max-message-mb)")
+                    chunks.append(chunk)
+        except TimeoutError:
+            raise ApiError(408, f"the body did not arrive within {timeout_s:g} s (--http-read-timeout-s)", code="request_timeout") from None
+        # Parsed in a worker thread, a few at a time: a body of many megabytes takes seconds to parse,
+        # and on the event loop every other request (/health too) would wait for it.
+        return await anyio.to_thread.run_sync(_parse_json, b"".join(chunks), limiter=self.parsers)
 
     def check_model(self, name: str | None) -> None:
         if name is not None and name not in self.aliases:
@@ -760,7 +800,9 @@ class HttpApi:
             headers["X-Request-Id"] = rid
             deadline = self.deadline(request)
             data = await self.read_json(request)
-            if not chat:
+            if chat:
+                self.check_message_count(data)
+            else:
                 self.check_prompt_size(data)
             body = parse_body(ChatBody if chat else CompletionBody, data)
             self.check_model(body.model)
@@ -794,7 +836,8 @@ class HttpApi:
 
                 pieces, req = await self.in_thread(request, cancel, start)
                 streaming = True
-                return EventStream(self.events(pieces, req.prompt_ids, formatter), headers, cancel, self.admission.leave)
+                return EventStream(self.events(pieces, req.prompt_ids, formatter), headers, cancel, self.admission.leave,
+                                   self.servicer.settings.stall_timeout_s)
             req, result, _ = await self.in_thread(request, cancel, lambda: self.servicer.run_generation(message(), call))
             return JSONResponse(formatter.whole(req.prompt_ids, result), headers=headers)
         except Exception as exc:  # noqa: BLE001 - every failure is answered in OpenAI's shape
@@ -802,6 +845,13 @@ class HttpApi:
         finally:
             if entered and not streaming:
                 self.admission.leave()
+
+    def check_message_count(self, data: Any) -> None:
+        """A chat request's messages counted before each is validated."""
+        messages, limit = data.get("messages") if isinstance(data, dict) else None, self.servicer.settings.max_chat_messages
+        if isinstance(messages, list) and len(messages) > limit:
+            raise ApiError(400, f"messages has {len(messages)} entries; at most {limit} are accepted (--max-chat-messages)",
+                           param="messages")
 
     def check_prompt_size(self, data: Any) -> None:
         """A prompt of token ids sized against the context before anything copies or checks its
@@ -851,9 +901,50 @@ class HttpApi:
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
-    """A socket listening on ``host:port`` (port 0: a free one), so the port is known and taken at once."""
+    """A socket listening on ``host:port`` (port 0: a free one), so the port is known and taken at once.
+
+    Its connections' kernel send buffers are bounded (``SEND_BUFFER_BYTES``, not the kernel's
+    autotuned megabytes): a client that stops reading fills them soon, so the stall timeout sees it,
+    and each such client holds little memory meanwhile."""
     family = socket.getaddrinfo(host.strip("[]") or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
-    return socket.create_server((host.strip("[]"), port), family=family)
+    server = socket.create_server((host.strip("[]"), port), family=family)
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)  # inherited by accepted sockets
+    return server
+
+
+def head_deadline_protocol(timeout_s: float):
+    """uvicorn's h11 protocol, with a deadline on each request head: a connection whose head has
+    not arrived ``timeout_s`` after it opened (or after its last response) is closed.
+
+    Written here because uvicorn has no such setting: its keep-alive timer starts only after a
+    first response and stops at any byte received, so a client sending a header byte now and then
+    would hold a connection (and, under ``limit_concurrency``, a place) for ever."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeadDeadline(H11Protocol):
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._head_timer = self.loop.call_later(timeout_s, self._head_late)
+
+        def _head_late(self) -> None:
+            if self.cycle is None or self.cycle.response_complete:  # no request head has arrived since
+                self.transport.close()
+
+        def handle_events(self) -> None:
+            super().handle_events()
+            if self.cycle is not None and not self.cycle.response_complete:
+                self._head_timer.cancel()  # a head arrived: the request is the app's now
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._head_timer.cancel()
+            self._head_timer = self.loop.call_later(timeout_s, self._head_late)
+
+        def connection_lost(self, exc) -> None:
+            self._head_timer.cancel()
+            super().connection_lost(exc)
+
+    return HeadDeadline
 
 
 class HttpServer:
@@ -873,7 +964,8 @@ class HttpServer:
             if getattr(settings, "tls_client_ca", ""):
                 tls |= {"ssl_ca_certs": settings.tls_client_ca, "ssl_cert_reqs": ssl.CERT_REQUIRED}
         config = uvicorn.Config(api.app, log_config=None, log_level="warning", access_log=False, lifespan="off",
-                                timeout_graceful_shutdown=5, **tls)
+                                timeout_graceful_shutdown=5, limit_concurrency=settings.max_connections,
+                                http=head_deadline_protocol(settings.http_read_timeout_s), **tls)
         config.load()  # a TLS file that cannot be read fails here, at start-up
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, name="specdec-http",

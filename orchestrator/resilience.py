@@ -181,9 +181,10 @@ class GenerationQueue:
     ``max_queued`` more wait their turn, and anything beyond is refused at once (RESOURCE_EXHAUSTED)
     instead of piling up. A waiting request gives up at its deadline or when its client goes away."""
 
-    def __init__(self, max_active: int, max_queued: int, poll_s: float = 0.05) -> None:
+    def __init__(self, max_active: int, max_queued: int, poll_s: float = 0.05, max_wait_s: float = 0.0) -> None:
         self.max_active = max_active
         self.max_queued = max_queued
+        self.max_wait_s = max_wait_s  # 0: a request waits until its deadline
         self.poll_s = poll_s
         self.active = 0
         self.queued = 0
@@ -199,17 +200,28 @@ class GenerationQueue:
                 self.refused += 1
                 raise Overloaded(
                     f"the server is at capacity: {self.active} generations running and {self.queued} waiting "
-                    f"(max_active_generations = {self.max_active}, max_queued_generations = {self.max_queued}); retry later"
+                    f"(max_active_generations = {self.max_active}, max_queued_generations = {self.max_queued}); retry later",
+                    retry_after_s=max(1.0, self.max_wait_s),
                 )
             self.queued += 1
+            given_up = time.monotonic() + self.max_wait_s if self.max_wait_s else None
             try:
                 while self.active >= self.max_active:
                     if cancelled is not None and cancelled():
                         raise Cancelled("the client cancelled the request while it waited for a slot")
-                    left = None if deadline is None else deadline - time.monotonic()
+                    now = time.monotonic()
+                    left = None if deadline is None else deadline - now
                     if left is not None and left <= 0:
                         raise DeadlineExceeded("the request's deadline passed while it waited for a slot")
-                    self._cond.wait(self.poll_s if left is None else min(self.poll_s, left))
+                    if given_up is not None and now >= given_up:
+                        self.refused += 1
+                        raise Overloaded(
+                            f"no generation slot came free in {self.max_wait_s:g} s ({self.active} running, "
+                            f"{self.queued} waiting; max_queue_wait_s = {self.max_wait_s:g}); retry later",
+                            retry_after_s=max(1.0, self.max_wait_s),
+                        )
+                    waits = [self.poll_s] + [t - now for t in (deadline, given_up) if t is not None]
+                    self._cond.wait(max(0.0, min(waits)))
                 self.active += 1
             finally:
                 self.queued -= 1

@@ -22,7 +22,7 @@ import uuid
 from typing import Callable, Iterator
 from pathlib import Path
 
-from specdec.orchestrator.calls import Call, StreamPiece
+from specdec.orchestrator.calls import Call, Stall, StreamPiece
 from specdec.orchestrator.clients import GrpcDraftClient, GrpcVerifyClient, check_fingerprints, cost_curve
 from specdec.orchestrator.instrumentation import GenerationInstrumentation
 from specdec.orchestrator.resilience import GenerationQueue, ReplicatedVerifier
@@ -73,7 +73,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         )
         # The generation's trace and the metrics (specdec.rpc.metrics.OrchestratorMetrics, or None when off).
         self.instrumentation = GenerationInstrumentation(target_info.model, metrics)
-        self.queue = GenerationQueue(settings.max_active_generations, settings.max_queued_generations)
+        self.queue = GenerationQueue(settings.max_active_generations, settings.max_queued_generations,
+                                     max_wait_s=settings.max_queue_wait_s)
         self.controller = SpeculativeController(
             verify_client,
             draft_clients,
@@ -159,6 +160,10 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         rounds when either ends), holding a generation slot while the block runs."""
         req = self.to_request(request)
         self.controller.check(req)
+        # The server's own deadline bounds every generation; a client's may only shorten it.
+        if self.settings.generation_timeout_s:
+            own = time.monotonic() + self.settings.generation_timeout_s
+            deadline = own if deadline is None else min(deadline, own)
         req.deadline = deadline
         req.cancelled = cancelled
         self.queue.acquire(req.deadline, req.cancelled)
@@ -216,17 +221,21 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
 
     @rpc_method
     def GenerateStream(self, request, context):
+        # A client that takes no message for stall_timeout_s is cut off (the call cancelled): gRPC's
+        # own flow control would otherwise hold the generation, and its slot, at a send forever.
+        stall = Stall(self.settings.stall_timeout_s, context.cancel)
         with contextlib.closing(self.stream_generation(request, Call.of_grpc("GenerateStream", context))) as pieces:
             req = next(pieces)
             for piece in pieces:
                 if piece.result is None:
-                    yield generation_pb2.GenerateStreamResponse(
-                        token_ids=piece.token_ids,
-                        text=piece.text,
-                        round=piece.record.to_pb() if req.include_rounds else None,
-                        logprobs=[t.to_pb() for t in piece.logprobs],
-                        request_id=req.request_id,
-                    )
+                    with stall:
+                        yield generation_pb2.GenerateStreamResponse(
+                            token_ids=piece.token_ids,
+                            text=piece.text,
+                            round=piece.record.to_pb() if req.include_rounds else None,
+                            logprobs=[t.to_pb() for t in piece.logprobs],
+                            request_id=req.request_id,
+                        )
                 else:
                     result = piece.result
                     # The last message: any text held back, and the totals.

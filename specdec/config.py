@@ -136,14 +136,27 @@ class SpeculationDefaults:
 
 
 @dataclass
-class OrchestratorSettings(ServerSettings, SpeculationDefaults, SpeculationLimits, TlsClientSettings, AuthSettings):
+class DoorLimits:
+    """What the orchestrator's front doors allow one client: the bounds that keep a careless or
+    hostile one from holding what others need (README, "Threat model")."""
+
+    max_active_generations: int = _setting(8, "generations running at once", min=1)
+    max_queued_generations: int = _setting(32, "generations waiting for a slot; beyond, RESOURCE_EXHAUSTED at once", min=0)
+    generation_timeout_s: float = _setting(1800.0, "every generation's deadline, counted from its arrival; a client's X-Request-Timeout or gRPC deadline may only shorten it (0 = none)", min=0)
+    stall_timeout_s: float = _setting(30.0, "a streaming client that takes none of its output for this long is cut off: its generation stops and its slot and caches are freed (0 = never)", min=0)
+    max_queue_wait_s: float = _setting(60.0, "longest a generation waits for a slot; then it is refused as at capacity (429 / RESOURCE_EXHAUSTED, with a retry hint) (0 = until its deadline)", min=0)
+    max_connections: int = _setting(256, "HTTP connections, and gRPC calls in progress, at once (each door); beyond, 503 / RESOURCE_EXHAUSTED at once", min=1)
+    http_read_timeout_s: float = _setting(10.0, "an HTTP request's head must arrive within this many seconds of the connection (or of the last response), and its body within as many again; else the connection is closed, or 408", min=0.1)
+    max_chat_messages: int = _setting(1024, "most messages one chat request may hold", min=1)
+
+
+@dataclass
+class OrchestratorSettings(ServerSettings, SpeculationDefaults, SpeculationLimits, DoorLimits, TlsClientSettings, AuthSettings):
     target_model: str = _setting(EMBEDDED_TARGET, "target model, for its tokenizer (must match the verify service)", model=True)
     verify_address: str = _setting("127.0.0.1:50052", "verify service, host:port; comma-separate replicas to fail over between")
     draft_addresses: list[str] = _setting(list, "draft services, comma-separated host:port")
     draft_timeout_ms: int = _setting(10000, "per-round deadline for each draft; a late draft is skipped", min=1)
     verify_timeout_ms: int = _setting(60000, "deadline for one round's VerifyTree, retries on UNAVAILABLE included", min=1)
-    max_active_generations: int = _setting(8, "generations running at once", min=1)
-    max_queued_generations: int = _setting(32, "generations waiting for a slot; beyond, RESOURCE_EXHAUSTED at once", min=0)
     log_dir: str = _setting("logs", "one JSON statistics file per generation goes here ('' = off)")
     log_text: bool = _setting(False, "also write the prompt's and the output's text and token ids into those files (per round too); off: statistics and token counts only")
     http_port: int = _setting(0, "also serve the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /v1/models, /health, /metrics) on this port, with the same TLS and bearer token as the gRPC port (0 = off)", **PORT)
@@ -151,7 +164,7 @@ class OrchestratorSettings(ServerSettings, SpeculationDefaults, SpeculationLimit
 
 
 @dataclass
-class ClusterSettings(SpeculationDefaults, SpeculationLimits, TlsServerSettings, TlsClientSettings, AuthSettings):
+class ClusterSettings(SpeculationDefaults, SpeculationLimits, DoorLimits, TlsServerSettings, TlsClientSettings, AuthSettings):
     target_model: str = _setting(EMBEDDED_TARGET, "target model for the verify service", model=True)
     draft_models: list[str] = _setting(lambda: [EMBEDDED_DRAFT], "draft models, comma-separated, one service each", model=True)
     port: int = _setting(50051, "orchestrator port (drafts and verifier take free ports)", **PORT)

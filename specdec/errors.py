@@ -15,7 +15,12 @@ class InvalidRequest(SpecdecError, ValueError):
 
 
 class Overloaded(SpecdecError):
-    """A queue or cache is full (RESOURCE_EXHAUSTED)."""
+    """A queue or cache is full (RESOURCE_EXHAUSTED); ``retry_after_s``, when known: how long to
+    wait before trying again (HTTP ``Retry-After``, gRPC ``grpc-retry-pushback-ms``)."""
+
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class NotReady(SpecdecError):

@@ -63,6 +63,9 @@ def tiny_cluster(tiny_dirs, tmp_path_factory):
         # A tiny draft's forward costs about what the tiny target's does, so cost-aware speculation
         # would rightly turn drafting off; these tests check the settings as asked.
         adaptive=False,
+        # The model drafts' proposals as asked, and nothing else (the prompt lookup, on by default,
+        # is tested on a cluster of its own: test_prompt_lookup_cluster.py).
+        prompt_lookup=False,
         draft_quantize="none",  # acceptance figures here are the float drafts' (int8 drafts: test_quantize)
     )
     with LocalCluster(settings) as cluster:

@@ -49,6 +49,15 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     return code, f"internal error: {type(exc).__name__}: {exc}"
 
 
+def abort(context, exc: BaseException) -> None:
+    """End the call with the status of ``exc``; an overload says when to retry (the pushback
+    trailer gRPC's own retry policy reads)."""
+    retry_after_s = getattr(exc, "retry_after_s", None)
+    if retry_after_s:
+        context.set_trailing_metadata((("grpc-retry-pushback-ms", str(int(retry_after_s * 1000))),))
+    context.abort(*status_of(exc))
+
+
 def rpc_method(method):
     """Turn exceptions raised by a servicer method (unary or server-streaming) into gRPC statuses."""
     if inspect.isgeneratorfunction(method):
@@ -58,7 +67,7 @@ def rpc_method(method):
             try:
                 yield from method(self, request, context)
             except Exception as exc:  # noqa: BLE001 - every failure becomes a status
-                context.abort(*status_of(exc))
+                abort(context, exc)
 
         return stream
 
@@ -67,6 +76,6 @@ def rpc_method(method):
         try:
             return method(self, request, context)
         except Exception as exc:  # noqa: BLE001 - every failure becomes a status
-            context.abort(*status_of(exc))
+            abort(context, exc)
 
     return unary

@@ -156,6 +156,22 @@ def test_admission_wait_ends_at_deadline_or_cancellation():
     assert admission.queued == 0 and admission.active == 1
 
 
+def test_admission_wait_is_bounded_and_says_when_to_retry():
+    admission = GenerationQueue(max_active=1, max_queued=4, poll_s=0.5, max_wait_s=0.1)
+    admission.acquire()
+    start = time.monotonic()
+    with pytest.raises(Overloaded, match="no generation slot came free in 0.1 s") as caught:
+        admission.acquire(deadline=time.monotonic() + 5)
+    assert 0.09 < time.monotonic() - start < 0.4  # at the bound, not at the next poll
+    assert caught.value.retry_after_s >= 1
+    # A deadline sooner than the bound ends the wait first, as a deadline.
+    patient = GenerationQueue(max_active=1, max_queued=4, poll_s=0.5, max_wait_s=5)
+    patient.acquire()
+    with pytest.raises(DeadlineExceeded):
+        patient.acquire(deadline=time.monotonic() + 0.05)
+    assert admission.queued == 0 and admission.active == 1 and admission.refused == 1
+
+
 def test_session_store_expires_idle_sessions():
     clock = Clock()
     store = SessionStore(max_sessions=8, ttl_s=10, clock=clock)
