@@ -47,7 +47,7 @@ from specdec.cost import AcceptanceStats, Choice, EarlyStop, RoundCosts, Traffic
 from specdec.detokenize import TextStream
 from specdec.errors import Cancelled, DeadlineExceeded, InvalidRequest, Unavailable, check_range, check_token_ids
 from specdec.lookup import NAME as LOOKUP
-from specdec.lookup import PromptLookup, one_hot
+from specdec.lookup import Match, PromptLookup, one_hot
 from specdec.orchestrator.instrumentation import GenerationInstrumentation
 from specdec.orchestrator.resilience import DraftHealth
 from specdec.records import DecodingMode, DraftStats, GenerationResult, GenerationStats, RoundRecord, TokenLogprob
@@ -224,6 +224,7 @@ class SpeculativeController:
         # One generator per request drives every random choice (draft seeds, accept coins, bonus
         # draws): a fixed seed replays the same output on the same cluster configuration.
         generator = torch.Generator().manual_seed(req.sampling.seed or int.from_bytes(uuid.uuid4().bytes[:7], "big"))
+        warming: list = []  # the drafts' calls reading the prompt during the first round, if any
         self.traffic.join(session_id)
         try:
             while len(output) < req.max_new_tokens and stop is None:
@@ -233,13 +234,25 @@ class SpeculativeController:
                 with self.instrumentation.round(trace_parent, len(rounds), req.mode) as observed:
                     t0 = time.perf_counter()
                     room = self._room(req, context, len(output))
-                    found = self._look_up(req, context, room)
-                    choice = policy.next(room, self.traffic.company(session_id), ((LOOKUP, len(found)),) if found else ())
+                    match = self._look_up(req, context, room)
+                    known = ((match.stats_key, len(match.tokens)),) if match else ()
+                    reading = False
+                    if rounds or req.mode == DecodingMode.AUTOREGRESSIVE:
+                        choice = policy.next(room, self.traffic.company(session_id), known)
+                    else:
+                        choice, reading = policy.first(room, len(context), self.traffic.company(session_id), known)
+                        if reading:  # the drafts read the prompt while the target does
+                            warming = self._read_prompt(session_id, context, draft_timeout_s)
+                    if rounds and warming:  # the drafts have read the prompt before the session's next call
+                        wait(warming, timeout=draft_timeout_s)
+                        warming = []
                     proposals, fallback_reason = self._propose(req, session_id, context, choice, policy, generator, draft_timeout_s)
-                    if choice.taken(LOOKUP):
-                        proposals.append(Proposal(LOOKUP, [found[:choice.taken(LOOKUP)]],
-                                                  None if req.sampling.greedy else [one_hot(found[:choice.taken(LOOKUP)], self.limits.vocab_size)]))
+                    if match and (taken := match.tokens[:choice.taken(match.stats_key)]):
+                        dists = None if req.sampling.greedy else [one_hot(taken, self.limits.vocab_size)]
+                        proposals.append(Proposal(LOOKUP, [taken], dists, stats_key=match.stats_key))
                         fallback_reason = ""
+                    elif reading:
+                        fallback_reason = "first round: the drafts read the prompt while the target does"
                     t1 = time.perf_counter()
                     merged = merge(proposals, choice.nodes or req.max_tree_nodes, self.limits.vocab_size, sampled=not req.sampling.greedy)
                     target, tops = self._verify(session_id, context, merged, req, verify_timeout_s)
@@ -287,12 +300,19 @@ class SpeculativeController:
             room = min(room, self.limits.max_context - len(context))
         return room - 1
 
-    def _look_up(self, req: GenerationRequest, context: list[int], room: int) -> list[int]:
-        """The prompt lookup's chain after ``context`` (empty: none, or no lookup here): at most
+    def _look_up(self, req: GenerationRequest, context: list[int], room: int) -> Match | None:
+        """The prompt lookup's chain after ``context`` (None: none, or no lookup here): at most
         ``lookup_depth`` tokens, or with fixed shapes the request's own depth."""
         if self.lookup is None or req.mode == DecodingMode.AUTOREGRESSIVE or room <= 0:
-            return []
+            return None
         return self.lookup.propose(context, min(room, self.lookup_depth if req.adaptive else req.max_depth))
+
+    def _read_prompt(self, session_id: str, context: list[int], timeout_s: float) -> list:
+        """Each usable draft reads the prompt into its session's cache (a one-token proposal, not
+        waited for: the first round's verify pass runs meanwhile); the calls' futures."""
+        return [self._pool.submit(contextvars.copy_context().run, _quietly, d.draft, session_id, context, 1, 1, timeout_s,
+                                  SamplingParams(), 0, self.limits.vocab_size, EarlyStop())
+                for d in self.drafts if self.draft_health.usable(d.name)]
 
     def _propose(self, req: GenerationRequest, session_id: str, context: list[int], choice: Choice, policy: SpeculationPolicy,
                  generator: torch.Generator, timeout_s: float) -> tuple[list[Proposal], str]:
@@ -441,5 +461,5 @@ def _describe(exc: BaseException) -> str:
 def _quietly(fn, *args) -> None:
     try:
         fn(*args)
-    except Exception as exc:  # noqa: BLE001 - a cache left behind only ages out by LRU
-        log.debug("release failed: %s", exc)
+    except Exception as exc:  # noqa: BLE001 - a call whose answer nobody waits for (a release, the drafts reading a prompt)
+        log.debug("%s failed: %s", getattr(fn, "__name__", fn), exc)

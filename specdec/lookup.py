@@ -27,6 +27,8 @@ the target's own sampling.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -39,9 +41,14 @@ def find_continuations(context, width: int, depth: int, max_ngram: int = 4, min_
     best first: suffixes of ``max_ngram`` tokens down to ``min_ngram``, and for each, matches by
     length, then the most recent first. A continuation that is a prefix of one already chosen adds
     nothing to the trie and is skipped. Empty when the context's end occurs nowhere earlier."""
+    return [continuation for continuation, _ in _ranked(context, width, depth, max_ngram, min_ngram)]
+
+
+def _ranked(context, width: int, depth: int, max_ngram: int, min_ngram: int) -> list[tuple[list[int], int]]:
+    """:func:`find_continuations`, each with its match's length."""
     tokens = np.asarray(context, dtype=np.int64)  # [L]
     size = len(tokens)
-    chosen: list[list[int]] = []
+    chosen: list[tuple[list[int], int]] = []
     for n in range(min(max_ngram, size - 1), min_ngram - 1, -1):
         # Matches start at i <= size - n - 1: each is followed by at least one token of the context.
         starts = size - n
@@ -51,10 +58,11 @@ def find_continuations(context, width: int, depth: int, max_ngram: int = 4, min_
         ends = np.flatnonzero(hit) + n  # [matches] where each continuation starts
         if not len(ends):
             continue
-        for end in ends[np.lexsort((-ends, -_match_lengths(tokens, ends, n)))]:
-            continuation = _continue(tokens, int(end), depth)
-            if not any(c[:len(continuation)] == continuation for c in chosen):
-                chosen.append(continuation)
+        lengths = _match_lengths(tokens, ends, n)
+        for i in np.lexsort((-ends, -lengths)):
+            continuation = _continue(tokens, int(ends[i]), depth)
+            if not any(c[:len(continuation)] == continuation for c, _ in chosen):
+                chosen.append((continuation, int(lengths[i])))
                 if len(chosen) == width:
                     return chosen
     return chosen
@@ -85,6 +93,20 @@ def _continue(tokens: np.ndarray, start: int, depth: int) -> list[int]:
     return out
 
 
+@dataclass(frozen=True)
+class Match:
+    """The lookup's chain after a context, and how far back its match agrees with the context's end."""
+
+    tokens: list[int]
+    agreed: int
+
+    @property
+    def stats_key(self) -> str:
+        """The name its acceptance is counted under: a match agreeing on 2-3 tokens is a guess, one
+        agreeing on 16 a copy, and the cost model prices each kind by what such chains have given."""
+        return f"{NAME}/{1 << min(self.agreed.bit_length() - 1, 5)}"
+
+
 class PromptLookup:
     """The orchestrator's model-free draft: each round, the best continuation of the context as one
     chain (a second-best match is rarely accepted where the best one is not, and one chain is what
@@ -95,12 +117,12 @@ class PromptLookup:
             raise ValueError(f"n-gram sizes must satisfy 1 <= min ({min_ngram}) <= max ({max_ngram})")
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
 
-    def propose(self, context: list[int], depth: int) -> list[int]:
-        """Up to ``depth`` tokens after ``context``; empty when its end occurs nowhere earlier."""
+    def propose(self, context: list[int], depth: int) -> Match | None:
+        """Up to ``depth`` tokens after ``context``; None when its end occurs nowhere earlier."""
         if depth <= 0:
-            return []
-        found = find_continuations(context, 1, depth, self.max_ngram, self.min_ngram)
-        return found[0] if found else []
+            return None
+        found = _ranked(context, 1, depth, self.max_ngram, self.min_ngram)
+        return Match(*found[0]) if found else None
 
 
 def one_hot(tokens: list[int], vocab_size: int) -> list[torch.Tensor]:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from specdec.cost import AcceptanceStats, Choice, Company, EarlyStop, RoundCosts, choose, price, stop_below
+from specdec.cost import AcceptanceStats, Choice, Company, EarlyStop, RoundCosts, choose, price, prompt_first, stop_below
 from specdec.sampling import Candidate, accept_sampled_tree
 from specdec.tree import TokenTree, TokenTrie, greedy_accept
 
@@ -40,6 +40,7 @@ class Proposal:
     paths: list[list[int]]  # [paths][<= depth] draft tokens; greedy: beams best first, sampled: chains in the order drawn
     dists: list[list[torch.Tensor]] | None = None  # sampled only: [paths][<= depth] of [vocab], q for each token
     confidences: list[list[float]] | None = None  # greedy, model drafts: [paths][<= depth] the draft's probability of each token
+    stats_key: str = ""  # what its acceptance is counted under, when not its draft's name (the lookup's, by match length)
 
     def cut(self, depth: int) -> Proposal | None:
         """The non-empty paths, each cut to ``depth`` tokens; None when none is left."""
@@ -51,6 +52,7 @@ class Proposal:
             [self.paths[i][:depth] for i in keep],
             [self.dists[i][:depth] for i in keep] if self.dists is not None else None,
             [self.confidences[i][:depth] for i in keep] if self.confidences is not None else None,
+            self.stats_key,
         )
 
     @property
@@ -221,6 +223,19 @@ class SpeculationPolicy:
             self._quiet_rounds = 0
         return choice
 
+    def first(self, room: int, prompt_rows: int, company: Company = Company(),
+              known: tuple[tuple[str, int], ...] = ()) -> tuple[Choice, bool]:
+        """A generation's first round: its shape, and whether the model drafts should instead read
+        the prompt meanwhile (:func:`specdec.cost.prompt_first`; then the shape has no model draft)."""
+        choice = self.next(room, company, known)
+        if not self.adaptive:
+            return choice, False
+        known = tuple((d, min(n, room)) for d, n in known if min(n, room) > 0)
+        alone = choose(self.costs, self.stats, [], self.max_width, min(self.max_depth, room), self.max_nodes, company, known)
+        if prompt_first(self.costs, self.drafts, prompt_rows, choice, alone):
+            return alone, True
+        return choice, False
+
     def early_stop(self, draft: str, choice: Choice) -> EarlyStop:
         """When ``draft`` stops growing this round's beams (:func:`specdec.cost.stop_below`); never
         with fixed shapes, which run as asked."""
@@ -234,11 +249,11 @@ class SpeculationPolicy:
         accepted = verdict.accepted_by_draft
         every = [self.stats] + ([self.shared] if self.shared is not None else [])
         for proposal in proposals:
+            key = proposal.stats_key or proposal.draft
             # A proposal in hand is one chain, whatever the model drafts' width.
-            width = 1 if choice.taken(proposal.draft) else choice.width
+            width = 1 if choice.taken(key) else choice.width
             for stats in every:
-                stats.record(proposal.draft, width, proposal.depth, accepted.get(proposal.draft, 0),
-                             cut=verdict.bonus_token is None)
+                stats.record(key, width, proposal.depth, accepted.get(proposal.draft, 0), cut=verdict.bonus_token is None)
             if proposal.confidences:
                 # The draft's best path against what the target made of it: how sure the draft was
                 # of each token, and whether it was accepted (the first rejected one was judged too).
@@ -252,5 +267,5 @@ class SpeculationPolicy:
         if not first and verify_ms > 0 and not choice.company.sessions:
             # Each draft priced at the levels it ran: one that stopped early (early_stop) ran fewer.
             self.costs.observe(1 + len(verdict.merged.tree), verify_ms,
-                               {p.draft: (choice.width, max(1, p.depth)) for p in proposals if not choice.taken(p.draft)},
+                               {p.draft: (choice.width, max(1, p.depth)) for p in proposals if not choice.taken(p.stats_key or p.draft)},
                                draft_ms)

@@ -302,3 +302,20 @@ def test_prompt_lookup_is_lossless_and_only_where_asked(target, drafts, draft_na
     plain = controller(target, clients).generate(request(prompt, "tree", adaptive=adaptive))
     assert plain.token_ids == want
     assert not any(NAME in r.proposals for r in plain.rounds) and all(d.draft != NAME for d in plain.stats.drafts)
+
+
+def test_drafts_read_a_long_prompt_while_the_target_does(target, drafts):
+    """With costs where reading a long prompt is dear, the first round leaves the model draft out
+    and the draft reads the prompt meanwhile; the next rounds draft as usual, and the output is the
+    target's own."""
+    from specdec.cost import CostCurve, RoundCosts
+
+    verify = CostCurve.of([(1, 200), (16, 230), (64, 600), (256, 2400)])
+    draft = CostCurve.of([(1, 60), (16, 70), (64, 250), (256, 1000)])
+    prompt = list(range(20, 50)) * 4
+    c = controller(target, [LocalDraft("self", drafts["self"])], costs=RoundCosts(verify, {"self": draft}))
+    result = c.generate(request(prompt, "tree", adaptive=True))
+    assert result.token_ids == reference_greedy(target, prompt, 24)
+    first, *rest = result.rounds
+    assert not first.proposals and "read the prompt" in first.fallback_reason
+    assert any("self" in r.proposals for r in rest)

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from specdec.cost import AcceptanceStats, CostCurve, RoundCosts, choose, expected_tokens, fastest_curve, measure_curve, price, stop_below
+from specdec.cost import AcceptanceStats, CostCurve, RoundCosts, choose, expected_tokens, fastest_curve, measure_curve, price, prompt_first, stop_below
 
 FLAT = CostCurve.of([(1, 100), (2, 100), (4, 101), (8, 102), (16, 104)])  # a GPU, or bfloat16 on a CPU
 STEEP = CostCurve.of([(1, 100), (2, 150), (4, 250), (8, 450), (16, 850)])  # every row costs half a step
@@ -373,3 +373,18 @@ def test_a_proposal_in_hand_is_priced_with_its_own_acceptance_and_no_draft_time(
     assert (alone.width, alone.depth, alone.nodes, alone.known) == (0, 0, 4, (("lookup", 4),))
     both = price(costs, stats, ["draft-0"], 1, 2, 64, known=(("lookup", 4),))
     assert both.nodes == 6 and both.cost_ms == pytest.approx(costs.draft_ms("draft-0", 1, 2) + costs.verify_ms(7))
+
+
+def test_a_long_prompt_is_read_by_draft_and_target_side_by_side():
+    """The first round: with a long prompt, drafting first and then verifying reads the prompt twice
+    in a row; leaving the model draft out of that round lets both read it at once, and pays."""
+    verify = CostCurve.of([(1, 200), (16, 230), (64, 600), (256, 2400)])
+    draft = CostCurve.of([(1, 60), (16, 70), (64, 250), (256, 1000)])
+    costs = RoundCosts(verify, {"draft-0": draft})
+    stats = stats_with(0.8)
+    speculate = choose(costs, stats, ["draft-0"], 2, 4, 64)
+    alone = choose(costs, stats, [], 2, 4, 64)
+    assert speculate.width and not alone.speculates
+    assert prompt_first(costs, ["draft-0"], 300, speculate, alone)
+    assert not prompt_first(costs, ["draft-0"], 4, speculate, alone)  # a short prompt: draft as usual
+    assert not prompt_first(costs, ["draft-0"], 300, alone, alone)  # nothing to draft anyway

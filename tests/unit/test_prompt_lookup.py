@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from specdec.lookup import PromptLookup, find_continuations, one_hot
+from specdec.lookup import Match, PromptLookup, find_continuations, one_hot
 from specdec.sampling import Candidate, accept_sampled_tree
 
 
@@ -84,15 +84,25 @@ def test_proposals_are_continuations_of_matches(width, depth):
         )
 
 
-def test_lookup_proposes_one_chain():
+def test_lookup_proposes_one_chain_and_how_far_its_match_agrees():
     lookup = PromptLookup()
-    assert lookup.propose([5, 6, 7, 8, 5, 6], depth=3) == [7, 8, 5]
-    assert lookup.propose([5, 6, 7, 8, 5, 6], depth=0) == []
-    assert lookup.propose([1, 2, 3], 3) == []
-    assert lookup.propose([], 3) == []
-    assert PromptLookup(min_ngram=1).propose([4, 1, 2, 4], 2) == [1, 2]
+    assert lookup.propose([5, 6, 7, 8, 5, 6], depth=3) == Match([7, 8, 5], 2)
+    assert lookup.propose([5, 6, 7, 8, 5, 6], depth=0) is None
+    assert lookup.propose([1, 2, 3], 3) is None
+    assert lookup.propose([], 3) is None
+    assert PromptLookup(min_ngram=1).propose([4, 1, 2, 4], 2) == Match([1, 2], 1)
+    copied = list(range(40)) + list(range(30))  # the last 30 tokens repeat the first 30
+    match = lookup.propose(copied, 4)
+    assert match == Match([30, 31, 32, 33], 30)
     with pytest.raises(ValueError):
         PromptLookup(min_ngram=3, max_ngram=2)
+
+
+def test_matches_are_counted_by_how_far_they_agree():
+    keys = [Match([1], agreed).stats_key for agreed in (1, 2, 3, 4, 7, 8, 15, 16, 31, 32, 64)]
+    assert keys == ["prompt-lookup/1", "prompt-lookup/2", "prompt-lookup/2", "prompt-lookup/4", "prompt-lookup/4",
+                    "prompt-lookup/8", "prompt-lookup/8", "prompt-lookup/16", "prompt-lookup/16", "prompt-lookup/32",
+                    "prompt-lookup/32"]
 
 
 def test_one_hot_distributions():
