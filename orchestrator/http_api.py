@@ -386,7 +386,7 @@ class ChatTemplate:
             raise InvalidRequest(f"the messages make a prompt of {len(text)} characters; the model's context of "
                                  f"{context} tokens holds at most {context * longest}")
         # The template writes any special tokens it wants (a BOS, the role markers): none added here.
-        return tokenizer(text, add_special_tokens=False).input_ids
+        return self.servicer.tokenize(text, "messages", add_special_tokens=False)
 
 
 # --------------------------------------------------------------------------- results -> JSON
@@ -583,6 +583,14 @@ async def _watch_disconnect(receive, cancel: threading.Event, on_disconnect: Cal
             return
 
 
+def _host_name(value: str) -> str:
+    """The host of a Host header's value (or an address, or an origin without its scheme): no port, no brackets, lower case."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        return value[1:].partition("]")[0]
+    return value.rpartition(":")[0] if value.count(":") == 1 else value
+
+
 def _parse_json(body: bytes) -> Any:
     """The body as JSON; no NaN or Infinity, and no lone surrogate escape."""
     def refuse_constant(name: str):
@@ -644,6 +652,7 @@ class HttpApi:
         self.registry = registry
         self.template = ChatTemplate(servicer, chat_template)
         self.max_body_bytes = max_body_bytes
+        self.allowed_hosts = {_host_name(h) for h in servicer.settings.http_allowed_hosts} | {_host_name(servicer.settings.host)}
         self.threads = threads
         self._limiter: anyio.CapacityLimiter | None = None
         self._parsers: anyio.CapacityLimiter | None = None
@@ -696,6 +705,7 @@ class HttpApi:
 
     def authorize(self, request: Request) -> None:
         if not self._token:
+            self.check_browser(request)
             return
         header = request.headers.get("authorization")
         if not header:
@@ -705,6 +715,22 @@ class HttpApi:
             raise ApiError(401, "the Authorization header must be 'Bearer <token>'", "authentication_error")
         if not hmac.compare_digest(given.strip().encode(), self._token):
             raise ApiError(401, "the bearer token is not valid", "authentication_error")
+
+    def check_browser(self, request: Request) -> None:
+        """With no token, what keeps a web page the user visits from using the door: the Host must
+        name an allowed host (a DNS-rebinding page reaches us under its own name), an Origin (sent by
+        browsers on cross-site calls) too, and a POST must say it is JSON (a cross-site form or a
+        "simple" fetch cannot say so without a preflight, which this server does not answer)."""
+        allowed = self.allowed_hosts
+        host = _host_name(request.headers.get("host", ""))
+        if host not in allowed:
+            raise ApiError(403, f"Host {host or '(none)'} is not one this server answers without a token (--http-allowed-hosts)",
+                           "permission_error")
+        origin = request.headers.get("origin")
+        if origin is not None and _host_name(origin.partition("://")[2]) not in allowed:
+            raise ApiError(403, f"requests from the web origin {origin} are not accepted without a token", "permission_error")
+        if request.method == "POST" and request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
+            raise ApiError(415, "the body must be sent as Content-Type: application/json", code="unsupported_media_type")
 
     async def read_json(self, request: Request) -> Any:
         """The body as JSON, refused with 413 past the gRPC API's message limit before it is parsed

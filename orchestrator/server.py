@@ -14,9 +14,11 @@ import contextlib
 import copy
 import dataclasses
 import functools
+import ipaddress
 import json
 import logging
 import sys
+import threading
 import time
 import uuid
 from typing import Callable, Iterator
@@ -40,6 +42,9 @@ from specdec.rpc.status import rpc_method
 from specdec.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 
 log = logging.getLogger("specdec.orchestrator")
+TOKENIZERS_AT_ONCE = 4  # texts tokenized at once, over both doors
+PIECE_CHARS_PER_TOKEN = 4  # past this many characters a context token, a text is counted in pieces first
+PIECE_CHARS = 1 << 16
 SERVICE_NAME = generation_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 1024
@@ -73,6 +78,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         )
         # The generation's trace and the metrics (specdec.rpc.metrics.OrchestratorMetrics, or None when off).
         self.instrumentation = GenerationInstrumentation(target_info.model, metrics)
+        self._tokenizing = threading.BoundedSemaphore(TOKENIZERS_AT_ONCE)
         self.queue = GenerationQueue(settings.max_active_generations, settings.max_queued_generations,
                                      max_wait_s=settings.max_queue_wait_s)
         self.controller = SpeculativeController(
@@ -99,7 +105,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
                     f"prompt has {len(request.prompt)} characters; the model's context of {self.target_info.max_context} tokens holds at most "
                     f"{self.target_info.max_context * self.longest_token_chars}"
                 )
-            prompt_ids = self.tokenizer(request.prompt).input_ids
+            prompt_ids = self.tokenize(request.prompt, "prompt")
         elif request.prompt_token_ids:
             # Counted before copied (the repeated field knows its length): a message may carry
             # millions of ids, the context holds far fewer.
@@ -141,6 +147,25 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             logprobs=request.logprobs,
             top_logprobs=request.top_logprobs,
         )
+
+    def tokenize(self, text: str, what: str, add_special_tokens: bool = True) -> list[int]:
+        """``text``'s token ids, tokenized a few texts at a time (``TOKENIZERS_AT_ONCE``: a long
+        text takes a worker thread for a while, and the doors' threads must not all wait on it).
+        A text longer than ``PIECE_CHARS_PER_TOKEN`` characters a token of the context is counted
+        in pieces first, and refused as soon as they hold more tokens than the context (less one a
+        piece, for the tokens a cut can split): a many-megabyte prompt costs a context's worth of
+        tokenizing, not its whole length."""
+        context = self.target_info.max_context
+        with self._tokenizing:
+            if context and len(text) > context * PIECE_CHARS_PER_TOKEN:
+                counted, pieces = 0, 0
+                for start in range(0, len(text), PIECE_CHARS):
+                    counted += len(self.tokenizer(text[start:start + PIECE_CHARS], add_special_tokens=False).input_ids)
+                    pieces += 1
+                    if counted - pieces >= context:
+                        raise InvalidRequest(f"{what} has more than {context} tokens (counted in its first {start + PIECE_CHARS} "
+                                             f"characters); the model's context is {context}")
+            return self.tokenizer(text, add_special_tokens=add_special_tokens).input_ids
 
     @functools.cached_property
     def longest_token_chars(self) -> int:
@@ -276,8 +301,23 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
                 with_text=with_text,
             )
             path.write_text(json.dumps(entry.to_json(), indent=1))
+            prune(self.log_dir, self.settings.log_max_mb << 20)
         except OSError as exc:
             log.warning("could not write the run log: %s", exc)
+
+
+def prune(directory: Path, max_bytes: int) -> int:
+    """Delete the oldest ``*.json`` files of ``directory`` until the rest take at most ``max_bytes``;
+    how many went. (Every write checks: a listing of a few thousand files costs about a millisecond.)"""
+    files = sorted(directory.glob("*.json"), key=lambda p: p.name)  # names begin with the time written
+    sizes = [p.stat().st_size for p in files]
+    total, gone = sum(sizes), 0
+    for path, size in zip(files, sizes):
+        if total <= max_bytes:
+            break
+        path.unlink(missing_ok=True)
+        total, gone = total - size, gone + 1
+    return gone
 
 
 def build_servicer(settings: config.OrchestratorSettings, startup_timeout_s: float = 600.0, metrics=None) -> GenerationServicer:
@@ -315,10 +355,30 @@ def build_servicer(settings: config.OrchestratorSettings, startup_timeout_s: flo
     return GenerationServicer(settings, tokenizer, verify_client, draft_clients, target_info, metrics, costs)
 
 
+def open_door(settings: config.OrchestratorSettings) -> str | None:
+    """Why these settings would let anyone who can reach the address generate (None: they do not):
+    an address beyond loopback with neither a bearer token nor TLS, unless ``allow_open`` says so."""
+    if settings.allow_open or settings.auth_token or settings.auth_token_file or settings.tls_cert:
+        return None
+    host = settings.host.strip("[]")
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        loopback = False
+    if loopback:
+        return None
+    return (f"listening on {settings.host} with neither a bearer token (--auth-token-file) nor TLS (--tls-cert) would let "
+            f"anyone who reaches it generate; set one, listen on 127.0.0.1, or set --allow-open true when a proxy "
+            f"checks callers or the port is published on loopback only")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="specdec serve orchestrator", description="Run the orchestrator (public API).")
     settings = config.parse_or_exit(parser, config.OrchestratorSettings, argv, "orchestrator")  # a refused setting: one line, exit 2
     setup_logging()
+    if (refusal := open_door(settings)) is not None:
+        print(f"specdec orchestrator: cannot start: {refusal}", file=sys.stderr, flush=True)
+        sys.exit(1)
     exit_if_ports_in_use("orchestrator", settings)  # before waiting for the other services and loading the tokenizer
     # Before the clients are built: their channels carry trace context only when tracing is on.
     _, metrics = start_telemetry("orchestrator", settings, attributes={"specdec.model": settings.target_model})

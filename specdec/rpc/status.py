@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import uuid
 
 import grpc
 
@@ -24,6 +25,13 @@ STATUS_OF_ERROR = {
     Unavailable: grpc.StatusCode.UNAVAILABLE,
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     Cancelled: grpc.StatusCode.CANCELLED,
+}
+
+
+# An internal call that ended this way says nothing of the services' insides: said as it is.
+PLAIN_UPSTREAM = {
+    grpc.StatusCode.DEADLINE_EXCEEDED: "the request's deadline passed during an internal call",
+    grpc.StatusCode.CANCELLED: "the request was cancelled during an internal call",
 }
 
 
@@ -43,10 +51,15 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, tuple(STATUS_OF_ERROR)):
         return code, str(exc)
     if isinstance(exc, grpc.RpcError) and hasattr(exc, "code"):
-        # An internal call failed: pass its status on, naming where it came from.
-        return code, f"upstream call failed: {exc.details()}"
-    log.exception("unhandled error in RPC")
-    return code, f"internal error: {type(exc).__name__}: {exc}"
+        # An internal call failed: its status passes on, its text (another service's internals) only to the log.
+        if code in PLAIN_UPSTREAM:
+            return code, PLAIN_UPSTREAM[code]
+        incident = uuid.uuid4().hex[:12]
+        log.warning("internal call failed [%s]: %s: %s", incident, code.name, exc.details())
+        return code, f"an internal call failed ({code.name}); the server log has the detail under [{incident}]"
+    incident = uuid.uuid4().hex[:12]
+    log.exception("unhandled error in RPC [%s]", incident)
+    return code, f"internal error; the server log has the detail under [{incident}]"
 
 
 def abort(context, exc: BaseException) -> None:

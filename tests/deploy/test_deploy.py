@@ -53,6 +53,7 @@ SETTINGS_OF_ROLE = {
 EXTRA_SETTINGS = {"SPECDEC_MODEL_DIR"}
 # Per-service compose wiring with no launcher equivalent (see compose/env.example).
 WIRING_RE = re.compile(r"^(VERIFY|DRAFT_\d+)_(GPU|MODEL)$")
+HOST_SETTINGS = {"PUBLISH_ADDRESS"}  # compose's own: where on the host the public ports are published
 
 
 # --------------------------------------------------------------------------- helpers
@@ -155,9 +156,10 @@ def published_ports(service: dict) -> set[tuple[int, int]]:
     for port in service.get("ports") or []:
         if isinstance(port, dict):
             found.add((int(port["published"]), int(port["target"])))
+            assert port.get("host_ip") == "127.0.0.1", f"published on loopback only by default: {port}"
         else:
             published, target = str(port).rsplit(":", 2)[-2:]
-            found.add((int(published), int(target)))
+            found.add((int(published), int(target.split("/")[0])))
     return found
 
 
@@ -215,7 +217,7 @@ def test_env_example_names_only_settings_the_services_read(services):
                 int(value)
             if f.metadata.get("choices"):
                 assert value in f.metadata["choices"], f"{name}={value}: one of {f.metadata['choices']}"
-        elif name.startswith(("OTEL_", "HF_", "OMP_", "PIP_")):  # libraries' (and pip's) own settings
+        elif name.startswith(("OTEL_", "HF_", "OMP_", "PIP_")) or name in HOST_SETTINGS:  # libraries' (and pip's) own settings
             continue
         else:
             match = WIRING_RE.match(name)
@@ -605,6 +607,11 @@ def check_manifests(docs: list[dict], gpu: bool) -> None:
     for doc in docs:
         by_kind.setdefault(doc["kind"], {})[doc["metadata"]["name"]] = doc
     assert list(by_kind["Namespace"]) == ["specdec"]
+    # Only the orchestrator reaches the model services (their metrics port stays open to the namespace).
+    (policy,) = by_kind["NetworkPolicy"].values()
+    assert set(policy["spec"]["podSelector"]["matchExpressions"][0]["values"]) == {"verify", "draft"}
+    assert policy["spec"]["ingress"][0] == {"from": [{"podSelector": {"matchLabels": {"app.kubernetes.io/component": "orchestrator"}}}]}
+    assert policy["spec"]["ingress"][1]["ports"] == [{"port": METRICS_PORT}]
     assert all(d["metadata"].get("namespace") == "specdec" for d in docs if d["kind"] != "Namespace")
     configmaps, services = by_kind["ConfigMap"], by_kind["Service"]
     deployments = {n: d for n, d in by_kind["Deployment"].items()
@@ -635,6 +642,12 @@ def check_manifests(docs: list[dict], gpu: bool) -> None:
         assert endpoint.hostname in services and any(p["port"] == endpoint.port for p in services[endpoint.hostname]["spec"]["ports"])
         assert {"name": "models", "mountPath": MODEL_MOUNT} in container["volumeMounts"]
         assert pod["securityContext"]["runAsNonRoot"] is True
+        hardened = container["securityContext"]
+        assert hardened["readOnlyRootFilesystem"] is True and hardened["allowPrivilegeEscalation"] is False
+        assert hardened["capabilities"]["drop"] == ["ALL"]
+        scratch = {v["name"]: v for v in pod["volumes"] if "emptyDir" in v and v["name"] != "models"}
+        assert {m["mountPath"] for m in container["volumeMounts"] if m["name"] in scratch} == {"/tmp", "/app"}
+        assert all(v["emptyDir"].get("sizeLimit") for v in scratch.values()), f"{name}: bounded scratch space"
         limits = container.get("resources", {}).get("limits", {})
         requests = container.get("resources", {}).get("requests", {})
         if gpu and roles[name] in ("verify", "draft"):

@@ -246,7 +246,7 @@ def test_a_body_that_never_ends_is_refused(cluster):
     host, port = host_port(cluster)
     with socket.create_connection((host, port), timeout=15) as sock:
         start = time.monotonic()
-        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
                      b"Content-Length: 100000\r\n\r\n{\"prompt\": \"")
         reply = sock.recv(4096)
         assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
@@ -316,3 +316,33 @@ def test_a_generation_past_the_servers_deadline_is_stopped(tiny_dirs):
             assert time.monotonic() - start < 10
             short.stub = stub
             wait_idle(short)
+
+
+def raw_request(cluster, head: bytes, body: bytes = b"") -> bytes:
+    """One raw HTTP/1.1 request; the whole reply."""
+    host, port = host_port(cluster)
+    with socket.create_connection((host, port), timeout=HONEST_S) as sock:
+        sock.sendall(head + b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body)
+        return drain(sock)
+
+
+def test_web_pages_cannot_use_the_door_without_a_token(cluster):
+    """No token set: a Host the server does not answer to (DNS rebinding), a cross-site Origin, and
+    a body not sent as JSON (a cross-site form) are refused before any work; the door's own host passes."""
+    body = json.dumps({"prompt": "def f(x):", "max_tokens": 2}).encode()
+    rebound = raw_request(cluster, b"POST /v1/completions HTTP/1.1\r\nHost: attacker.example:8000\r\nContent-Type: application/json\r\n", body)
+    assert rebound.startswith(b"HTTP/1.1 403") and b"attacker.example" in rebound
+    host, port = host_port(cluster)
+    here = b"Host: %s:%d\r\n" % (host.encode(), port)
+    cross_site = raw_request(cluster, b"POST /v1/completions HTTP/1.1\r\n" + here
+                             + b"Origin: https://attacker.example\r\nContent-Type: application/json\r\n", body)
+    assert cross_site.startswith(b"HTTP/1.1 403")
+    form = raw_request(cluster, b"POST /v1/completions HTTP/1.1\r\n" + here + b"Content-Type: text/plain\r\n", body)
+    assert form.startswith(b"HTTP/1.1 415")
+    models = raw_request(cluster, b"GET /v1/models HTTP/1.1\r\nHost: attacker.example\r\n")
+    assert models.startswith(b"HTTP/1.1 403")
+    health = raw_request(cluster, b"GET /health HTTP/1.1\r\nHost: attacker.example\r\n")
+    assert health.startswith(b"HTTP/1.1 200")  # probes keep working whatever name they use
+    same_site = raw_request(cluster, b"POST /v1/completions HTTP/1.1\r\n" + here
+                            + b"Origin: http://localhost:3000\r\nContent-Type: application/json; charset=utf-8\r\n", body)
+    assert same_site.startswith(b"HTTP/1.1 200"), same_site[:300]

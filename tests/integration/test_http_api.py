@@ -362,7 +362,7 @@ def test_oversized_body_is_413_before_it_is_read(base_url):
     limit = 64
     url = urlparse(base_url)
     with socket.create_connection((url.hostname, url.port), timeout=TIMEOUT_S) as sock:
-        sock.sendall(f"POST {http_api.COMPLETIONS} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        sock.sendall(f"POST {http_api.COMPLETIONS} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
                      f"Content-Length: {(limit << 20) + 1}\r\n\r\n".encode())
         reply = http.client.HTTPResponse(sock)
         reply.begin()
