@@ -4,6 +4,8 @@ generation must equal the target's own greedy output; no session may be left beh
 
 from __future__ import annotations
 
+import os
+
 import threading
 import time
 
@@ -23,6 +25,7 @@ def start_cluster(tiny_dirs, tmp_path, drafts=("draft",), replicas=1, env=None):
 
     settings = config.from_env(
         config.ClusterSettings,
+        environ={**os.environ, **(env or {})},  # the cluster passes the settings it shares with a child, these too
         target_model=str(tiny_dirs["target"]),
         draft_models=[str(tiny_dirs[d]) for d in drafts],
         verify_replicas=replicas,

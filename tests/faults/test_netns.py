@@ -139,6 +139,8 @@ def test_cut_draft_link_mid_generation(hosts, tiny_dirs, reference, tmp_path):
     serve("orchestrator", "specdec.orchestrator.server", "--target-model", str(tiny_dirs["target"]),
           "--verify-address", addr["verify"], "--draft-addresses", f"{addr['draft0']},{addr['draft1']}",
           "--draft-timeout-ms", "2000", "--log-dir", "",
+          # A private address in a namespace of its own, with no token: an open door on purpose.
+          "--allow-open", "true",
           # Every round drafts, as asked: the tiny drafts cost what the tiny target does, so the
           # cost model could stop drafting and the cut would go unseen.
           "--adaptive", "false")

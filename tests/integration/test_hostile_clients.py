@@ -62,8 +62,17 @@ def cluster(tiny_dirs, tmp_path_factory):
     with start_cluster(tiny_dirs, **limits) as running:
         channel = grpc.insecure_channel(running.orchestrator_address)
         running.stub = generation_pb2_grpc.GenerationServiceStub(channel)
+        honest(running)  # warm: the baseline is a serving orchestrator's
+        running.baseline = orchestrator_usage(running)
         yield running
         channel.close()
+
+
+def orchestrator_usage(cluster) -> tuple[int, int]:
+    """(threads, resident MiB) of the orchestrator's process."""
+    (process,) = [p for p in cluster.processes if p.name == "orchestrator"]
+    status = dict(line.split(":", 1) for line in open(f"/proc/{process.popen.pid}/status").read().splitlines() if ":" in line)
+    return int(status["Threads"]), int(status["VmRSS"].split()[0]) >> 10
 
 
 def host_port(cluster) -> tuple[str, int]:
@@ -346,3 +355,18 @@ def test_web_pages_cannot_use_the_door_without_a_token(cluster):
     same_site = raw_request(cluster, b"POST /v1/completions HTTP/1.1\r\n" + here
                             + b"Origin: http://localhost:3000\r\nContent-Type: application/json; charset=utf-8\r\n", body)
     assert same_site.startswith(b"HTTP/1.1 200"), same_site[:300]
+
+
+def test_nothing_is_left_behind(cluster):
+    """After every hostile client above (this module's order): no generation or session left, and
+    the orchestrator's threads and memory back near where they were before them."""
+    wait_idle(cluster)
+    deadline = time.monotonic() + 10
+    while True:
+        threads, rss = orchestrator_usage(cluster)
+        base_threads, base_rss = cluster.baseline
+        if (threads <= base_threads + 8 and rss <= base_rss + 200) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert threads <= base_threads + 8, (threads, base_threads)  # pools may keep a few idle workers
+    assert rss <= base_rss + 200, (rss, base_rss)  # MiB: a few bodies' worth of allocator slack at most

@@ -25,7 +25,7 @@ STOP = "zebra-never-seen"
 
 @pytest.fixture(scope="module")
 def private_orchestrator(tiny_cluster, tiny_dirs, tmp_path_factory):
-    """An orchestrator with the default log settings (and the session cluster's adaptive=false):
+    """An orchestrator with the default log settings (and the session cluster's adaptive=false, no lookup):
     (its address, its log directory)."""
     log_dir = tmp_path_factory.mktemp("private-logs")
     port = free_port()
@@ -33,7 +33,8 @@ def private_orchestrator(tiny_cluster, tiny_dirs, tmp_path_factory):
     process = subprocess.Popen(
         [sys.executable, "-m", "specdec.orchestrator", "--host", "127.0.0.1", "--port", str(port),
          "--target-model", str(tiny_dirs["target"]), "--verify-address", tiny_cluster.verify_address,
-         "--draft-addresses", ",".join(tiny_cluster.draft_addresses), "--log-dir", str(log_dir), "--adaptive", "false"],
+         "--draft-addresses", ",".join(tiny_cluster.draft_addresses), "--log-dir", str(log_dir), "--adaptive", "false",
+         "--prompt-lookup", "false"],  # as the session cluster: the same rounds
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
     )
     try:

@@ -124,6 +124,7 @@ def traced_cluster(tiny_dirs, receiver, tmp_path_factory):
         trace_file=str(root / "spans.jsonl"),
         metrics_port=port_block(4),
         adaptive=False,  # tiny drafts cost what the tiny target does: the cost model would stop drafting
+        prompt_lookup=False,  # every proposal a call with its spans (the lookup runs in-process, unseen)
     )
     env = {
         "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,

@@ -39,9 +39,9 @@ class CountingTokenizer:
     def __init__(self, tokenizer) -> None:
         self.tokenizer, self.calls = tokenizer, 0
 
-    def __call__(self, text):
+    def __call__(self, text, **kwargs):
         self.calls += 1
-        return self.tokenizer(text)
+        return self.tokenizer(text, **kwargs)
 
     def __getattr__(self, name):
         return getattr(self.tokenizer, name)
