@@ -557,12 +557,15 @@ def selects(selector: str, doc: dict) -> bool:
 
 
 def strategic_merge(target: dict, patch: dict) -> None:
-    """Maps merge; lists of named objects merge by name ($patch: delete removes one); others replace."""
+    """Maps merge; lists of named objects merge by name ($patch: delete removes one; new ones go
+    first); null removes a key; others replace."""
     for key, value in patch.items():
-        if isinstance(value, dict) and isinstance(target.get(key), dict):
+        if value is None:
+            target.pop(key, None)
+        elif isinstance(value, dict) and isinstance(target.get(key), dict):
             strategic_merge(target[key], value)
         elif isinstance(value, list) and value and all(isinstance(v, dict) and "name" in v for v in value):
-            current = target.setdefault(key, [])
+            current, added = target.setdefault(key, []), []
             for item in value:
                 existing = next((c for c in current if c.get("name") == item["name"]), None)
                 if item.get("$patch") == "delete":
@@ -571,7 +574,8 @@ def strategic_merge(target: dict, patch: dict) -> None:
                 elif existing is not None:
                     strategic_merge(existing, item)
                 else:
-                    current.append(item)
+                    added.append(item)
+            target[key] = added + current  # as kustomize does: a patch's new items come first
         else:
             target[key] = value
 
@@ -602,7 +606,7 @@ def expand(args: list[str], env: dict[str, str]) -> list[str]:
     return [re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], a) for a in args]
 
 
-def check_manifests(docs: list[dict], gpu: bool) -> None:
+def check_manifests(docs: list[dict], gpu: bool, tls: bool = False) -> None:
     by_kind: dict[str, dict[str, dict]] = {}
     for doc in docs:
         by_kind.setdefault(doc["kind"], {})[doc["metadata"]["name"]] = doc
@@ -635,7 +639,20 @@ def check_manifests(docs: list[dict], gpu: bool) -> None:
         port = int(env["SPECDEC_PORT"])
         assert any(p["containerPort"] == port and p["name"] == "grpc" for p in container["ports"])
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-            assert container[probe]["grpc"]["port"] == port, f"{name}: native gRPC {probe} on {port}"
+            if tls:  # native gRPC probes cannot present a client certificate: `specdec health`, with the TLS settings
+                assert "grpc" not in container[probe] and container[probe]["exec"]["command"] == ["specdec", "health"], name
+            else:
+                assert container[probe]["grpc"]["port"] == port, f"{name}: native gRPC {probe} on {port}"
+        if tls:
+            assert {"name": "certs", "mountPath": "/certs", "readOnly": True} in container["volumeMounts"]
+            (certs,) = [v for v in pod["volumes"] if v["name"] == "certs"]
+            assert certs["secret"]["secretName"] == "specdec-certs"
+            assert env["SPECDEC_TLS_CERT"] == "/certs/server.pem" and env["SPECDEC_TLS_CA"] == "/certs/ca.pem"
+            assert env["SPECDEC_TLS_CLIENT_CERT"] == "/certs/client.pem"  # its health check, and the orchestrator's calls
+            if roles[name] == "orchestrator":
+                assert env["SPECDEC_AUTH_TOKEN_FILE"] == "/certs/token" and "SPECDEC_TLS_CLIENT_CA" not in env
+            else:
+                assert env["SPECDEC_TLS_CLIENT_CA"] == "/certs/ca.pem", f"{name}: mutual TLS"
         assert int(env["SPECDEC_METRICS_PORT"]) == METRICS_PORT
         assert {k for k in env if k.startswith("SPECDEC_")} <= known_settings(), name
         endpoint = urlparse(env["OTEL_EXPORTER_OTLP_ENDPOINT"])
@@ -677,12 +694,12 @@ def check_manifests(docs: list[dict], gpu: bool) -> None:
 
 
 @pytest.mark.parametrize("renderer", [kubectl_render, python_render], ids=["kubectl", "python"])
-@pytest.mark.parametrize("overlay, gpu", [("base", False), ("overlays/gpu", True)])
-def test_kubernetes_manifests(renderer, overlay, gpu):
-    check_manifests(renderer(K8S / overlay), gpu)
+@pytest.mark.parametrize("overlay, gpu, tls", [("base", False, False), ("overlays/gpu", True, False), ("overlays/tls", False, True)])
+def test_kubernetes_manifests(renderer, overlay, gpu, tls):
+    check_manifests(renderer(K8S / overlay), gpu, tls)
 
 
-@pytest.mark.parametrize("overlay", ["base", "overlays/gpu"])
+@pytest.mark.parametrize("overlay", ["base", "overlays/gpu", "overlays/tls"])
 def test_python_renderer_agrees_with_kubectl(overlay):
     def normalized(docs):
         # kustomize names generated ConfigMaps name-<hash> and rewrites the references.
