@@ -22,6 +22,7 @@ class Call:
     grpc_context: Any = None  # a gRPC call's context (the caller's trace context is in its metadata)
     http_headers: Mapping[str, str] | None = None  # an HTTP call's headers (its traceparent)
     operation: str = "text_completion"  # gen_ai.operation.name: "chat" for chat completions
+    trace_id: str = ""  # the generation's trace, once it has one (the doors return it to the caller)
 
     @classmethod
     def of_grpc(cls, method: str, context) -> Call:

@@ -57,7 +57,7 @@ from starlette.routing import Route
 from specdec.errors import InvalidRequest, NotReady
 from specdec.orchestrator.calls import Call, StreamPiece
 from specdec.records import DecodingMode, GenerationResult, TokenLogprob
-from specdec.rpc.status import status_of
+from specdec.rpc.status import HTTP_STATUS_OF_CODE, status_of
 from specdec.sampling import MAX_TOP_LOGPROBS
 from specdec.v1 import generation_pb2
 
@@ -70,22 +70,8 @@ TIMEOUT_HEADER = "x-request-timeout"  # seconds: the generation's deadline, as a
 PARSER_THREADS = 2  # bodies parsed at once, off the event loop
 SEND_BUFFER_BYTES = 256 << 10  # per connection, in the kernel: enough for any stream's pace
 
-# The HTTP status and OpenAI error type for each gRPC status a failure gets on the gRPC API
-# (specdec.rpc.status: each typed error of specdec.errors has its code; a failed internal call
-# passes its own on). Anything not here is a 500.
-HTTP_STATUS_OF_CODE = {
-    grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error"),
-    grpc.StatusCode.OUT_OF_RANGE: (400, "invalid_request_error"),
-    grpc.StatusCode.UNAUTHENTICATED: (401, "authentication_error"),
-    grpc.StatusCode.PERMISSION_DENIED: (403, "permission_error"),
-    grpc.StatusCode.NOT_FOUND: (404, "invalid_request_error"),
-    grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "rate_limit_error"),
-    grpc.StatusCode.CANCELLED: (499, "cancelled"),  # the client went away: nobody reads it
-    grpc.StatusCode.UNIMPLEMENTED: (501, "server_error"),
-    grpc.StatusCode.FAILED_PRECONDITION: (503, "service_unavailable"),
-    grpc.StatusCode.UNAVAILABLE: (503, "service_unavailable"),
-    grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout"),
-}
+# A failure's HTTP status and OpenAI error type come from the gRPC status it gets on the gRPC API
+# (specdec.rpc.status.HTTP_STATUS_OF_CODE). Anything not there is a 500.
 CODE_OF_STATUS = {  # OpenAI's machine-readable codes, where it has one
     401: "invalid_api_key", 404: "not_found", 413: "request_too_large", 429: "rate_limit_exceeded",
 }
@@ -819,6 +805,7 @@ class HttpApi:
     async def generate(self, request: Request, chat: bool) -> Response:
         headers: dict[str, str] = {}
         entered = streaming = False
+        call: Call | None = None
         try:
             self.authorize(request)
             # The servicer checks a given one as it checks a gRPC request_id (a 400 when unfit).
@@ -861,12 +848,18 @@ class HttpApi:
                     return pieces, next(pieces)  # once admitted: a refusal is still an HTTP status
 
                 pieces, req = await self.in_thread(request, cancel, start)
+                if call.trace_id:
+                    headers["X-Trace-Id"] = call.trace_id
                 streaming = True
                 return EventStream(self.events(pieces, req.prompt_ids, formatter), headers, cancel, self.admission.leave,
                                    self.servicer.settings.stall_timeout_s)
             req, result, _ = await self.in_thread(request, cancel, lambda: self.servicer.run_generation(message(), call))
+            if call.trace_id:
+                headers["X-Trace-Id"] = call.trace_id
             return JSONResponse(formatter.whole(req.prompt_ids, result), headers=headers)
         except Exception as exc:  # noqa: BLE001 - every failure is answered in OpenAI's shape
+            if call is not None and call.trace_id:
+                headers["X-Trace-Id"] = call.trace_id
             return ApiError.of(exc).in_openai_terms(chat).response(headers)
         finally:
             if entered and not streaming:

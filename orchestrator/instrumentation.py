@@ -34,7 +34,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from specdec import telemetry
 from specdec.rpc.metrics import OrchestratorMetrics
-from specdec.rpc.status import code_of
+from specdec.rpc.status import code_of, http_status_of
 
 PROVIDER = "specdec"
 
@@ -60,6 +60,12 @@ class ObservedGeneration:
         self.admitted: float | None = None  # when it was given a generation slot
         self.first_token_s: float | None = None  # from arrival to the first token, once finished
 
+    @property
+    def trace_id(self) -> str:
+        """The generation's trace id (32 hex digits), for the caller and the run log; "" untraced."""
+        context = self.span.get_span_context()
+        return format(context.trace_id, "032x") if context.is_valid else ""
+
     def set_request(self, req, temperature: float = 0.0) -> None:
         """Once the request is checked and holds a generation slot."""
         self.mode = req.mode
@@ -67,6 +73,9 @@ class ObservedGeneration:
         if not self.span.is_recording():
             return
         self.span.set_attributes({
+            # The wait for a generation slot (and checks before it), apart from the generation itself.
+            "gen_ai.latency.time_in_queue": self.admitted - self.start,
+            "gen_ai.response.id": req.request_id,
             "gen_ai.request.max_tokens": req.max_new_tokens,
             "gen_ai.request.temperature": float(temperature),
             "gen_ai.usage.input_tokens": len(req.prompt_ids),
@@ -85,7 +94,14 @@ class ObservedGeneration:
             self.first_token_s = self.admitted - self.start + result.stats.time_to_first_token_ms / 1e3
         if not self.span.is_recording():
             return
+        e2e = time.perf_counter() - self.start
+        latency = {"gen_ai.latency.e2e": e2e}
+        if self.first_token_s is not None:
+            latency["gen_ai.latency.time_to_first_token"] = self.first_token_s
+            if len(result.token_ids) > 1:
+                latency["gen_ai.latency.time_per_output_token"] = (e2e - self.first_token_s) / (len(result.token_ids) - 1)
         self.span.set_attributes({
+            **latency,
             "gen_ai.response.finish_reasons": [result.finish_reason],
             "gen_ai.usage.input_tokens": result.stats.prompt_tokens,
             "gen_ai.usage.output_tokens": len(result.token_ids),
@@ -139,9 +155,13 @@ class GenerationInstrumentation:
                 if isinstance(exc, Exception):
                     span.record_exception(exc)
                 span.set_status(Status(StatusCode.ERROR, observed.code.name))
+                span.set_attribute("error.type", observed.code.name)
             raise
         finally:
-            span.set_attribute("rpc.grpc.status_code", observed.code.value[0])
+            if http_headers is None:
+                span.set_attribute("rpc.grpc.status_code", observed.code.value[0])
+            else:
+                span.set_attribute("http.response.status_code", http_status_of(observed.code))
             span.end()
             if self.metrics is not None:
                 self.metrics.in_flight.labels(method).dec()

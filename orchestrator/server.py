@@ -45,6 +45,7 @@ log = logging.getLogger("specdec.orchestrator")
 TOKENIZERS_AT_ONCE = 4  # texts tokenized at once, over both doors
 PIECE_CHARS_PER_TOKEN = 4  # past this many characters a context token, a text is counted in pieces first
 PIECE_CHARS = 1 << 16
+TRACE_ID_KEY = "x-trace-id"  # gRPC metadata and HTTP header: the generation's trace id
 SERVICE_NAME = generation_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 1024
@@ -205,11 +206,12 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         """One whole generation of a ``GenerateRequest``: the checked request, its result, and the
         text each generated token adds."""
         with self.instrumentation.generation(call.method, call.grpc_context, call.http_headers, call.operation) as observed:
+            self.announce_trace(call, observed)
             with self.admitted(request, observed, call.deadline, call.cancelled) as req:
                 result = self.controller.generate(req, observed.trace_parent)
             observed.finish(result)
         texts = token_texts(self.tokenizer, result.token_ids)
-        self.write_log(req, result, texts)
+        self.write_log(req, result, texts, call.trace_id)
         return req, result, texts
 
     def stream_generation(self, request, call: Call) -> Iterator[GenerationRequest | StreamPiece]:
@@ -219,6 +221,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         went away) stops the generation and releases its sessions in every service."""
         # The generation span is not made current here: this generator yields inside it.
         with self.instrumentation.generation(call.method, call.grpc_context, call.http_headers, call.operation) as observed:
+            self.announce_trace(call, observed)
             with self.admitted(request, observed, call.deadline, call.cancelled) as req:
                 yield req
                 stream = self.controller.stream(req, observed.trace_parent)
@@ -235,9 +238,17 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
                     # clean-up releases the sessions in every service.
                     stream.close()
             observed.finish(result)
-        self.write_log(req, result)
+        self.write_log(req, result, trace_id=call.trace_id)
         # Any text held back (it might have begun a stop string), and the totals.
         yield StreamPiece([], result.text[sent:], [], result=result)
+
+    @staticmethod
+    def announce_trace(call: Call, observed) -> None:
+        """The generation's trace id, for the caller to find its trace by: on ``call`` (the HTTP
+        door answers it as X-Trace-Id) and, over gRPC, in the response's initial metadata."""
+        call.trace_id = observed.trace_id
+        if call.trace_id and call.grpc_context is not None:
+            call.grpc_context.send_initial_metadata(((TRACE_ID_KEY, call.trace_id),))
 
     @rpc_method
     def Generate(self, request, context):
@@ -279,7 +290,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         info.cached_tokens = 0
         return info
 
-    def write_log(self, req: GenerationRequest, result: GenerationResult, texts: list[str] | None = None) -> None:
+    def write_log(self, req: GenerationRequest, result: GenerationResult, texts: list[str] | None = None, trace_id: str = "") -> None:
         if self.log_dir is None:
             return
         try:
@@ -292,7 +303,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
                 # Field by field: the left-out ones (a callable, the prompt) are never copied.
                 request={f.name: copy.deepcopy(getattr(req, f.name)) for f in dataclasses.fields(req)
                          if f.name not in ("prompt_ids", "deadline", "cancelled")}
-                | {"prompt_tokens": len(req.prompt_ids), "sampling": dataclasses.asdict(req.sampling)},
+                | {"prompt_tokens": len(req.prompt_ids), "sampling": dataclasses.asdict(req.sampling)}
+                | ({"trace_id": trace_id} if trace_id else {}),
                 # Only with --log-text (GenerationLog.counts_json leaves every text and token id out
                 # otherwise): the prompt and each token's text, so that the log alone can be shown.
                 prompt=self.tokenizer.decode(req.prompt_ids, skip_special_tokens=True) if with_text else "",

@@ -4,19 +4,22 @@ Reads the JSON-lines span file the services write (``--trace-file`` / ``SPECDEC_
 with ``--otlp-json`` an OTLP/JSON export (what an OpenTelemetry collector's or Jaeger v2's file
 exporter writes: ``resourceSpans`` / ``scopeSpans`` / ``spans``, one document or one per line).
 
-For every generation (a ``text_completion`` span) and in aggregate it reports the rounds, the mean
-tokens accepted per round, the acceptance at each draft position, and each round's *critical path*
-split four ways:
+For every generation (a server span with ``gen_ai.operation.name``: completions and chat, streamed
+or not, over gRPC and HTTP) and in aggregate it reports the rounds, the mean tokens accepted per
+round, the acceptance at each draft position, the wait for a generation slot
+(``gen_ai.latency.time_in_queue``), and each round's *critical path* split five ways:
 
 - **draft compute**: the server span of the draft call the round waited for longest (the drafts run
-  concurrently, so only the slowest one is on the critical path);
-- **verify compute**: the VerifyTree server span;
+  concurrently, so only the slowest one is on the critical path), less its wait for a pass;
+- **verify compute**: the VerifyTree server span, less its wait for a pass;
+- **queue**: what those calls waited in the model services for a batched pass to take them
+  (``specdec.queue_ms`` on their spans: under load, the other sessions' work, not this one's);
 - **transport**: client span minus server span, for that draft call and the verify call: network,
   (de)serialization, gRPC queues;
 - **orchestrator overhead**: the round's duration minus all of the above (merging the trie,
   accepting, stop strings, thread hand-offs).
 
-The four add up to the round span's duration. Only durations are compared across processes, never
+The five add up to the round span's duration. Only durations are compared across processes, never
 timestamps, so clocks on different hosts need not agree.
 """
 
@@ -32,9 +35,11 @@ from pathlib import Path
 
 from specdec.tools.analyze import acceptance_by_position as acceptance_of_pairs
 
-COMPONENTS = ("draft_ms", "verify_ms", "transport_ms", "overhead_ms")
-LABELS = {"draft_ms": "draft compute", "verify_ms": "verify compute", "transport_ms": "transport", "overhead_ms": "orchestrator"}
-COLOURS = {"draft_ms": "#4c9be8", "verify_ms": "#e8804c", "transport_ms": "#9b9b9b", "overhead_ms": "#6cc06c"}
+COMPONENTS = ("draft_ms", "verify_ms", "queue_ms", "transport_ms", "overhead_ms")
+LABELS = {"draft_ms": "draft compute", "verify_ms": "verify compute", "queue_ms": "queue (batched passes)",
+          "transport_ms": "transport", "overhead_ms": "orchestrator"}
+COLOURS = {"draft_ms": "#4c9be8", "verify_ms": "#e8804c", "queue_ms": "#c04cc0", "transport_ms": "#9b9b9b",
+           "overhead_ms": "#6cc06c"}
 DRAFT_METHOD, VERIFY_METHOD = "DraftBeams", "VerifyTree"
 PLOT_REQUESTS = 8  # panels in one image
 OTLP_KINDS = {0: "UNSPECIFIED", 1: "INTERNAL", 2: "SERVER", 3: "CLIENT", 4: "PRODUCER", 5: "CONSUMER"}
@@ -161,8 +166,9 @@ def _otlp_value(value: dict):
 class RoundSplit:
     index: int
     duration_ms: float
-    draft_ms: float  # server span of the slowest draft call
-    verify_ms: float  # VerifyTree server span
+    draft_ms: float  # server span of the slowest draft call, less its wait for a pass
+    verify_ms: float  # VerifyTree server span, less its wait for a pass
+    queue_ms: float  # the model services' waits for a batched pass (specdec.queue_ms on their spans)
     transport_ms: float  # client minus server, both calls
     overhead_ms: float  # the rest of the round
     drafted: int
@@ -188,7 +194,8 @@ class RequestAnalysis:
     input_tokens: int
     output_tokens: int
     rounds: list[RoundSplit]
-    outside_rounds_ms: float  # tokenizing, checks, statistics: the generation span minus its rounds
+    outside_rounds_ms: float  # tokenizing, checks, statistics: the generation span minus its rounds and queue
+    queue_ms: float = 0.0  # the wait for a generation slot (gen_ai.latency.time_in_queue)
 
     @property
     def accepted_per_round(self) -> float:
@@ -205,7 +212,8 @@ def analyze(spans: list[Span]) -> list[RequestAnalysis]:
     for s in spans:
         if s.parent_id:
             children[s.parent_id].append(s)
-    roots = sorted((s for s in spans if s.name.startswith("text_completion")), key=lambda s: s.start_ns)
+    # Found by what they are, not by name: completions, chat, streams, gRPC and HTTP alike.
+    roots = sorted((s for s in spans if s.kind == "SERVER" and s.attributes.get("gen_ai.operation.name")), key=lambda s: s.start_ns)
     requests = []
     for root in roots:
         a = root.attributes
@@ -213,6 +221,7 @@ def analyze(spans: list[Span]) -> list[RequestAnalysis]:
                              key=lambda s: (s.attributes.get("specdec.round.index", 0), s.start_ns))
         rounds = [split_round(r, children) for r in round_spans]
         finish = a.get("gen_ai.response.finish_reasons") or [""]
+        queue_ms = float(a.get("gen_ai.latency.time_in_queue", 0.0)) * 1e3
         requests.append(RequestAnalysis(
             trace_id=root.trace_id,
             name=root.name,
@@ -222,7 +231,8 @@ def analyze(spans: list[Span]) -> list[RequestAnalysis]:
             input_tokens=int(a.get("gen_ai.usage.input_tokens", 0)),
             output_tokens=int(a.get("gen_ai.usage.output_tokens", sum(r.new_tokens for r in rounds))),
             rounds=rounds,
-            outside_rounds_ms=max(0.0, root.duration_ms - sum(r.duration_ms for r in rounds)),
+            outside_rounds_ms=max(0.0, root.duration_ms - queue_ms - sum(r.duration_ms for r in rounds)),
+            queue_ms=queue_ms,
         ))
     return requests
 
@@ -253,6 +263,10 @@ def split_round(round_span: Span, children: dict[str, list[Span]]) -> RoundSplit
             notes.append("no server span for the slowest draft call")
         slowest_name = _draft_name(server) if server else str(slowest.attributes.get("server.address", ""))
         draft_compute, draft_transport = compute, max(0.0, on_path - compute)
+        waited = min(_queue_ms(server), draft_compute) if server else 0.0
+        draft_compute, queue = draft_compute - waited, waited
+    else:
+        queue = 0.0
 
     verify_compute = verify_transport = 0.0
     for call in verifies:
@@ -260,16 +274,19 @@ def split_round(round_span: Span, children: dict[str, list[Span]]) -> RoundSplit
         if server is None:
             notes.append("no server span for the verify call")
         compute = min(server.duration_ms, call.duration_ms) if server else 0.0
-        verify_compute += compute
+        waited = min(_queue_ms(server), compute) if server else 0.0
+        verify_compute += compute - waited
+        queue += waited
         verify_transport += call.duration_ms - compute
 
     duration = round_span.duration_ms
-    overhead = duration - draft_compute - draft_transport - verify_compute - verify_transport
+    overhead = duration - draft_compute - draft_transport - verify_compute - queue - verify_transport
     return RoundSplit(
         index=int(a.get("specdec.round.index", 0)),
         duration_ms=duration,
         draft_ms=draft_compute,
         verify_ms=verify_compute,
+        queue_ms=queue,
         transport_ms=draft_transport + verify_transport,
         overhead_ms=overhead,
         drafted=int(a.get("specdec.drafted", 0)),
@@ -280,6 +297,11 @@ def split_round(round_span: Span, children: dict[str, list[Span]]) -> RoundSplit
         slowest_draft=slowest_name,
         notes=notes,
     )
+
+
+def _queue_ms(server: Span) -> float:
+    """What a model service's call waited for a batched pass to take it (shared with other sessions)."""
+    return float(server.attributes.get("specdec.queue_ms", 0.0))
 
 
 def _server_span(client: Span, children: dict[str, list[Span]]) -> Span | None:
@@ -318,6 +340,7 @@ def summary(requests: list[RequestAnalysis]) -> dict:
         "components_ms": {c: sum(getattr(r, c) for r in rounds) for c in COMPONENTS},
         "components_share": {c: (sum(getattr(r, c) for r in rounds) / total if total else 0.0) for c in COMPONENTS},
         "outside_rounds_ms": sum(req.outside_rounds_ms for req in requests),
+        "slot_queue_ms": sum(req.queue_ms for req in requests),
         "acceptance_by_position": {str(p): {"drafted": d, "accepted": a, "rate": a / d if d else 0.0}
                                    for p, (d, a) in acceptance_by_position(rounds).items()},
         "fallback_rounds": sum(r.fallback for r in rounds),
@@ -347,16 +370,16 @@ def format_report(requests: list[RequestAnalysis], rounds_table: bool = True, to
         out.append(
             f"  {req.output_tokens} tokens in {len(req.rounds)} rounds: {req.tokens_per_round:.2f} tokens/round, "
             f"{req.accepted_per_round:.2f} accepted draft tokens/round; {req.duration_ms:.1f} ms, "
-            f"{req.outside_rounds_ms:.1f} ms outside rounds"
+            f"{req.queue_ms:.1f} ms waiting for a generation slot, {req.outside_rounds_ms:.1f} ms outside rounds otherwise"
         )
         out.append(f"  acceptance by draft position: {_positions_text(req.rounds)}")
         if rounds_table and req.rounds:
-            out.append(f"  {'round':>5} {'total ms':>9} {'draft':>8} {'verify':>8} {'transport':>9} {'orch.':>8} "
+            out.append(f"  {'round':>5} {'total ms':>9} {'draft':>8} {'verify':>8} {'queue':>8} {'transport':>9} {'orch.':>8} "
                        f"{'drafted':>7} {'accepted':>8}  dominated by")
             for r in req.rounds:
                 flag = "  (" + "; ".join(r.notes) + ")" if r.notes else ""
-                out.append(f"  {r.index:>5} {r.duration_ms:>9.2f} {r.draft_ms:>8.2f} {r.verify_ms:>8.2f} {r.transport_ms:>9.2f} "
-                           f"{r.overhead_ms:>8.2f} {r.drafted:>7} {r.accepted:>8}  {_dominance(r)}{flag}")
+                out.append(f"  {r.index:>5} {r.duration_ms:>9.2f} {r.draft_ms:>8.2f} {r.verify_ms:>8.2f} {r.queue_ms:>8.2f} "
+                           f"{r.transport_ms:>9.2f} {r.overhead_ms:>8.2f} {r.drafted:>7} {r.accepted:>8}  {_dominance(r)}{flag}")
         out.append("")
     s = summary(requests)
     out.append(f"all: {s['requests']} generation{'' if s['requests'] == 1 else 's'}, {s['rounds']} rounds, {s['output_tokens']} tokens; "
@@ -365,7 +388,7 @@ def format_report(requests: list[RequestAnalysis], rounds_table: bool = True, to
     if s["rounds"]:
         out.append(f"  round time {s['round_ms_total']:.1f} ms (median round {s['round_ms_median']:.2f} ms): " + ", ".join(
             f"{LABELS[c]} {s['components_ms'][c]:.1f} ms ({s['components_share'][c]:.0%})" for c in COMPONENTS))
-        out.append(f"  outside rounds {s['outside_rounds_ms']:.1f} ms")
+        out.append(f"  waiting for a generation slot {s['slot_queue_ms']:.1f} ms; outside rounds otherwise {s['outside_rounds_ms']:.1f} ms")
         out.append(f"  acceptance by draft position: {_positions_text([r for req in requests for r in req.rounds])}")
         out.append("  slowest rounds:")
         for req, r in slowest_rounds(requests, top):
@@ -440,7 +463,8 @@ def cmd_analyze_traces(args) -> int:
         return 2
     requests = analyze(spans)
     if not requests:
-        print(f"specdec traces: no generations (text_completion spans) among the {len(spans)} spans in {args.file}", file=sys.stderr)
+        print(f"specdec traces: no generations (server spans with gen_ai.operation.name) among the {len(spans)} spans in {args.file}",
+              file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(to_json(requests), indent=1))

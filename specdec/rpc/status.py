@@ -35,6 +35,27 @@ PLAIN_UPSTREAM = {
 }
 
 
+# The HTTP door's status (and OpenAI error type) for each code; anything not here is a 500. Here,
+# beside the codes, so the HTTP API and the spans it leaves say the same.
+HTTP_STATUS_OF_CODE = {
+    grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error"),
+    grpc.StatusCode.OUT_OF_RANGE: (400, "invalid_request_error"),
+    grpc.StatusCode.UNAUTHENTICATED: (401, "authentication_error"),
+    grpc.StatusCode.PERMISSION_DENIED: (403, "permission_error"),
+    grpc.StatusCode.NOT_FOUND: (404, "invalid_request_error"),
+    grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "rate_limit_error"),
+    grpc.StatusCode.CANCELLED: (499, "cancelled"),  # the client went away: nobody reads it
+    grpc.StatusCode.UNIMPLEMENTED: (501, "server_error"),
+    grpc.StatusCode.FAILED_PRECONDITION: (503, "service_unavailable"),
+    grpc.StatusCode.UNAVAILABLE: (503, "service_unavailable"),
+    grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout"),
+}
+
+
+def http_status_of(code: grpc.StatusCode) -> int:
+    return 200 if code == grpc.StatusCode.OK else HTTP_STATUS_OF_CODE.get(code, (500, ""))[0]
+
+
 def code_of(exc: BaseException) -> grpc.StatusCode:
     """The status a call that raised ``exc`` ends with."""
     for kind, code in STATUS_OF_ERROR.items():

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections import defaultdict
 from concurrent import futures
@@ -114,6 +115,10 @@ def receiver():
 def traced_cluster(tiny_dirs, receiver, tmp_path_factory):
     """verify + two drafts + orchestrator exporting over OTLP/gRPC and to one trace file, with metrics."""
     root = tmp_path_factory.mktemp("telemetry")
+    from conftest import TINY_CHAT_TEMPLATE
+
+    chat_template = root / "template.jinja"
+    chat_template.write_text(TINY_CHAT_TEMPLATE)
     settings = config.from_env(
         config.ClusterSettings,
         target_model=str(tiny_dirs["target"]),
@@ -125,6 +130,8 @@ def traced_cluster(tiny_dirs, receiver, tmp_path_factory):
         metrics_port=port_block(4),
         adaptive=False,  # tiny drafts cost what the tiny target does: the cost model would stop drafting
         prompt_lookup=False,  # every proposal a call with its spans (the lookup runs in-process, unseen)
+        http_port=free_port(),
+        chat_template=str(chat_template),
     )
     env = {
         "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
@@ -293,7 +300,7 @@ def test_trace_file_analysis_adds_up(traced_cluster, receiver, tmp_path):
     assert request.tokens_per_round == pytest.approx(reply.stats.mean_accepted_per_round, rel=1e-5)
     assert request.accepted_per_round == pytest.approx(reply.stats.draft_tokens_accepted / reply.stats.rounds)
     for split, r in zip(request.rounds, reply.rounds):
-        parts = [split.draft_ms, split.verify_ms, split.transport_ms, split.overhead_ms]
+        parts = [split.draft_ms, split.verify_ms, split.queue_ms, split.transport_ms, split.overhead_ms]
         assert sum(parts) == pytest.approx(split.duration_ms, abs=1e-3)
         assert all(p >= 0 for p in parts), split
         assert split.verify_ms > 0 and split.transport_ms > 0
@@ -421,3 +428,69 @@ def test_health_checks_are_not_traced(traced_cluster, receiver):
     time.sleep(0.5)
     names = {s["name"] for s in receiver.spans()}
     assert not any("Health" in n or "GetInfo" in n or "ReleaseSession" in n for n in names), names
+
+
+# --------------------------------------------------------------------------- the trace id, back to the caller
+
+
+def wait_for_root(receiver, trace_id: str) -> dict:
+    deadline = time.monotonic() + SPAN_WAIT_S
+    while time.monotonic() < deadline:
+        roots = [sp for sp in receiver.spans() if sp["trace_id"] == trace_id and sp["kind"] == KIND_SERVER
+                 and sp["attributes"].get("gen_ai.operation.name")]
+        if roots:
+            return roots[0]
+        time.sleep(0.1)
+    pytest.fail(f"no generation span in trace {trace_id}")
+
+
+def test_a_chat_over_http_joins_the_callers_trace_and_says_which(traced_cluster, receiver):
+    """A caller's W3C traceparent is honoured over HTTP: the generation is in the caller's trace,
+    whose id comes back as X-Trace-Id; the root carries the latencies, the HTTP status, and the
+    analysis finds the chat."""
+    caller_trace, caller_span = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    body = json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 6, "mode": "tree"}).encode()
+    request = urllib.request.Request(traced_cluster.http_url + "/v1/chat/completions", data=body, method="POST", headers={
+        "Content-Type": "application/json", "traceparent": f"00-{caller_trace}-{caller_span}-01"})
+    with urllib.request.urlopen(request, timeout=60) as reply:
+        assert reply.status == 200
+        assert reply.headers["X-Trace-Id"] == caller_trace
+    root = wait_for_root(receiver, caller_trace)
+    a = root["attributes"]
+    assert root["parent_id"] == caller_span and a["gen_ai.operation.name"] == "chat"
+    assert a["http.response.status_code"] == 200 and "rpc.grpc.status_code" not in a
+    assert 0 <= a["gen_ai.latency.time_in_queue"] < a["gen_ai.latency.time_to_first_token"] <= a["gen_ai.latency.e2e"]
+    assert a["gen_ai.response.id"].startswith("chatcmpl-")
+    deadline = time.monotonic() + SPAN_WAIT_S
+    while True:
+        found = [r for r in traces.analyze(traces.load_spans(traced_cluster.settings.trace_file)) if r.trace_id == caller_trace]
+        if found or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert found and found[0].name.startswith("chat ") and found[0].rounds
+
+
+def test_a_refused_http_request_leaves_an_error_span_with_its_status(traced_cluster, receiver):
+    trace_id = "5bf92f3577b34da6a3ce929d0e0e4737"
+    body = json.dumps({"prompt": "x", "max_tokens": 10**6}).encode()  # past max_new_tokens_limit: 400
+    request = urllib.request.Request(traced_cluster.http_url + "/v1/completions", data=body, method="POST", headers={
+        "Content-Type": "application/json", "traceparent": f"00-{trace_id}-00f067aa0ba902b7-01"})
+    try:
+        urllib.request.urlopen(request, timeout=60)
+        pytest.fail("accepted")
+    except urllib.error.HTTPError as error:
+        assert error.code == 400 and error.headers["X-Trace-Id"] == trace_id
+    a = wait_for_root(receiver, trace_id)["attributes"]
+    assert a["http.response.status_code"] == 400 and a["error.type"] == "INVALID_ARGUMENT"
+
+
+def test_grpc_callers_get_the_trace_id_in_the_metadata(traced_cluster, receiver):
+    with grpc.insecure_channel(traced_cluster.orchestrator_address) as channel:
+        stub = generation_pb2_grpc.GenerationServiceStub(channel)
+        request = generation_pb2.GenerateRequest(prompt=PROMPT, max_new_tokens=5)
+        _, call = stub.Generate.with_call(request, timeout=60)
+        trace_id = dict(call.initial_metadata())["x-trace-id"]
+        assert len(trace_id) == 32 and wait_for_root(receiver, trace_id)["attributes"]["rpc.grpc.status_code"] == 0
+        stream = stub.GenerateStream(request, timeout=60)
+        list(stream)
+        assert wait_for_root(receiver, dict(stream.initial_metadata())["x-trace-id"])

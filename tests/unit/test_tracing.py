@@ -213,20 +213,24 @@ def span(name, span_id, parent, start_ms, end_ms, kind="INTERNAL", service="spec
                        {"specdec.model": f"/models/{service}"})
 
 
-def round_spans(draft_ends=(30, 40), verify=(42, 92), deadline_ms=None):
+def round_spans(draft_ends=(30, 40), verify=(42, 92), deadline_ms=None, operation="text_completion", root_start=0,
+                draft_queue_ms=0.0, verify_queue_ms=0.0):
     """A round 0–100 ms: drafts from 1 ms (server 2 ms in, 2 ms before the end), then verify."""
+    root_attributes = {"specdec.mode": "tree", "gen_ai.operation.name": operation}
+    if root_start:
+        root_attributes["gen_ai.latency.time_in_queue"] = -root_start / 1e3
     spans = [
-        span("text_completion m", "root", None, 0, 101, "SERVER", **{"specdec.mode": "tree"}),
+        span(f"{operation} m", "root", None, root_start, 101, "SERVER", **root_attributes),
         span("specdec.round", "r0", "root", 0, 100, **{"specdec.round.index": 0, "specdec.accepted": 2, "specdec.draft.depth": 3,
                                                          "specdec.drafted": 12, "specdec.new_tokens": 3}),
     ]
     for i, end in enumerate(draft_ends):
         spans.append(span("specdec.v1.DraftService/DraftBeams", f"d{i}", "r0", 1, end, "CLIENT", **{"rpc.method": "DraftBeams"}))
         spans.append(span("specdec.v1.DraftService/DraftBeams", f"ds{i}", f"d{i}", 3, end - 2, "SERVER", f"draft{i}",
-                          **{"rpc.method": "DraftBeams"}))
+                          **{"rpc.method": "DraftBeams", "specdec.queue_ms": draft_queue_ms}))
     spans.append(span("specdec.v1.VerifyService/VerifyTree", "v", "r0", *verify, "CLIENT", **{"rpc.method": "VerifyTree"}))
     spans.append(span("specdec.v1.VerifyService/VerifyTree", "vs", "v", verify[0] + 1, verify[1] - 1, "SERVER", "verify",
-                      **{"rpc.method": "VerifyTree"}))
+                      **{"rpc.method": "VerifyTree", "specdec.queue_ms": verify_queue_ms}))
     return spans
 
 
@@ -238,10 +242,28 @@ def test_split_follows_the_slowest_draft():
     assert r.verify_ms == pytest.approx(48)
     assert r.transport_ms == pytest.approx(4 + 2)
     assert r.overhead_ms == pytest.approx(100 - 39 - 50)
-    assert r.draft_ms + r.verify_ms + r.transport_ms + r.overhead_ms == pytest.approx(r.duration_ms)
+    assert r.draft_ms + r.verify_ms + r.queue_ms + r.transport_ms + r.overhead_ms == pytest.approx(r.duration_ms)
     assert r.slowest_draft == "draft1" and r.dominant == "verify_ms" and not r.notes
     assert req.outside_rounds_ms == pytest.approx(1)
     assert traces.acceptance_by_position(req.rounds) == {1: (1, 1), 2: (1, 1), 3: (1, 0)}
+
+
+def test_chat_and_every_generation_is_found_by_its_operation():
+    (req,) = traces.analyze(round_spans(operation="chat"))
+    assert req.name == "chat m" and len(req.rounds) == 1
+    not_a_generation = [s for s in round_spans() if s.span_id != "root"] + [span("text_completion x", "other", None, 0, 1, "CLIENT")]
+    assert traces.analyze(not_a_generation) == []
+
+
+def test_waits_are_queue_not_compute():
+    """The wait for a generation slot (before the rounds) and the model services' waits for a batched
+    pass (inside their spans) are reported as queue, taken out of compute and of 'outside rounds'."""
+    (req,) = traces.analyze(round_spans(root_start=-30, draft_queue_ms=5, verify_queue_ms=8))
+    (r,) = req.rounds
+    assert req.queue_ms == pytest.approx(30) and req.outside_rounds_ms == pytest.approx(1)
+    assert r.draft_ms == pytest.approx(35 - 5) and r.verify_ms == pytest.approx(48 - 8) and r.queue_ms == pytest.approx(13)
+    assert r.draft_ms + r.verify_ms + r.queue_ms + r.transport_ms + r.overhead_ms == pytest.approx(r.duration_ms)
+    assert "waiting for a generation slot 30.0 ms" in traces.format_report([req])
 
 
 def test_a_late_draft_counts_until_verification_starts():
@@ -250,7 +272,7 @@ def test_a_late_draft_counts_until_verification_starts():
     assert r.notes == ["slowest draft missed the deadline"]
     # On the critical path: 1–50 ms of the late draft (server from 3 ms), then verify 50–95.
     assert r.draft_ms == pytest.approx(47) and r.transport_ms == pytest.approx(2 + 2)
-    assert r.draft_ms + r.verify_ms + r.transport_ms + r.overhead_ms == pytest.approx(100)
+    assert r.draft_ms + r.verify_ms + r.queue_ms + r.transport_ms + r.overhead_ms == pytest.approx(100)
 
 
 def test_otlp_json_reads_like_the_trace_file():
