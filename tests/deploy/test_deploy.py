@@ -357,10 +357,21 @@ def test_orchestrators_wait_for_healthy_drafts_and_verifier(services):
         assert (port, port) in published_ports(orch), f"{name}: the public port is published"
 
 
-def test_every_service_sends_traces_to_jaeger(services):
-    jaeger = services["jaeger"]
+def test_every_service_sends_traces_through_the_collector(services):
+    jaeger, collector = services["jaeger"], services["otel-collector"]
     assert re.fullmatch(r"jaegertracing/jaeger:2\.\d+\.\d+", jaeger["image"]), jaeger["image"]
-    assert {(16686, 16686), (4317, 4317)} <= published_ports(jaeger)
+    assert re.fullmatch(r"otel/opentelemetry-collector-contrib:0\.\d+\.\d+", collector["image"]), collector["image"]
+    assert (16686, 16686) in published_ports(jaeger) and (4317, 4317) in published_ports(collector)
+    config_file = COMPOSE_DIR / "otel-collector.yaml"
+    collector_config = yaml.safe_load(config_file.read_text())
+    # Tail sampling keeps every error, fallback and slow trace; span metrics see every span; kept
+    # traces go to Jaeger and to a file `specdec traces analyze --otlp-json` reads.
+    policies = {p["type"] for p in collector_config["processors"]["tail_sampling"]["policies"]}
+    assert {"status_code", "boolean_attribute", "latency", "probabilistic"} <= policies
+    pipelines = collector_config["service"]["pipelines"]
+    assert pipelines["traces/in"]["exporters"] == ["spanmetrics"] and "tail_sampling" not in pipelines["traces/in"].get("processors", [])
+    assert set(pipelines["traces/kept"]["exporters"]) == {"otlp/jaeger", "file"}
+    assert collector_config["exporters"]["otlp/jaeger"]["endpoint"] == "jaeger:4317"
     for profile in ("gpu", "cpu"):
         names = []
         for name, service in in_profile(services, profile).items():
@@ -368,7 +379,7 @@ def test_every_service_sends_traces_to_jaeger(services):
                 continue
             env = environment(service)
             endpoint = urlparse(env.get("OTEL_EXPORTER_OTLP_ENDPOINT", ""))
-            assert (endpoint.hostname, endpoint.port) == ("jaeger", 4317), f"{name}: OTLP to jaeger:4317"
+            assert (endpoint.hostname, endpoint.port) == ("otel-collector", 4317), f"{name}: OTLP to the collector"
             assert env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") == "grpc"
             assert env.get("OTEL_TRACES_EXPORTER") == "otlp"
             assert env.get("OTEL_TRACES_SAMPLER")
