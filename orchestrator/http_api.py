@@ -858,9 +858,12 @@ class HttpApi:
                 headers["X-Trace-Id"] = call.trace_id
             return JSONResponse(formatter.whole(req.prompt_ids, result), headers=headers)
         except Exception as exc:  # noqa: BLE001 - every failure is answered in OpenAI's shape
-            if call is not None and call.trace_id:
-                headers["X-Trace-Id"] = call.trace_id
-            return ApiError.of(exc).in_openai_terms(chat).response(headers)
+            error = ApiError.of(exc).in_openai_terms(chat)
+            trace_id = call.trace_id if call is not None else self.servicer.instrumentation.refused(
+                request.url.path, trace_headers(request), error.status, error.code or error.type)
+            if trace_id:
+                headers["X-Trace-Id"] = trace_id
+            return error.response(headers)
         finally:
             if entered and not streaming:
                 self.admission.leave()

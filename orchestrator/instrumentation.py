@@ -87,6 +87,14 @@ class ObservedGeneration:
             "specdec.request.max_tree_nodes": req.max_tree_nodes,
         })
 
+    def streamed(self, record, waited_s: float) -> None:
+        """A streamed round's piece was passed on to the client, which took ``waited_s`` to take it
+        (back-pressure from a slow reader): an event on the generation's span."""
+        if self.span.is_recording():
+            self.span.add_event("specdec.stream.piece", {"specdec.round.index": record.index,
+                                                         "specdec.new_tokens": len(record.new_tokens),
+                                                         "specdec.client_wait_ms": waited_s * 1e3})
+
     def finish(self, result) -> None:
         """From the generation's specdec.records.GenerationResult."""
         if result.token_ids and self.admitted is not None:
@@ -169,6 +177,22 @@ class GenerationInstrumentation:
                 self.metrics.requests.labels(method, observed.code.name).inc()
                 if observed.first_token_s is not None:
                     self.metrics.time_to_first_token.labels(observed.mode).observe(observed.first_token_s)
+
+    def refused(self, route: str, http_headers, status: int, error_type: str) -> str:
+        """A span for an HTTP request refused before any generation began (a bad token, a body that
+        does not parse, a request the server cannot take now), under the caller's trace; its trace
+        id ("" when tracing is off). Not a generation: it carries no gen_ai.operation.name."""
+        if not telemetry.enabled():
+            return ""
+        span = telemetry.tracer().start_span(
+            f"POST {route}", context=propagate.extract(dict(http_headers)), kind=SpanKind.SERVER,
+            attributes={"http.request.method": "POST", "http.route": route, "http.response.status_code": status,
+                        "error.type": error_type},
+        )
+        span.set_status(Status(StatusCode.ERROR, error_type))
+        span.end()
+        context = span.get_span_context()
+        return format(context.trace_id, "032x") if context.is_valid else ""
 
     def round(self, trace_parent, index: int, mode: str):
         """Around one round of the controller (no ``yield`` inside): ``with ... as observed:``,

@@ -230,7 +230,10 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
                     while True:
                         record = next(stream)
                         sent += len(record.text)
+                        handed = time.perf_counter()
                         yield StreamPiece(record.new_tokens, record.text, record.logprobs, record=record)
+                        # How long the door took to pass it on: a slow reader shows here, not as compute.
+                        observed.streamed(record, time.perf_counter() - handed)
                 except StopIteration as done:
                     result = done.value
                 finally:

@@ -69,6 +69,7 @@ class OtlpReceiver(trace_service_pb2_grpc.TraceServiceServicer):
                             "service": resource.get("service.name"), "resource": resource,
                             "start": s.start_time_unix_nano, "end": s.end_time_unix_nano,
                             "attributes": {a.key: any_value(a.value) for a in s.attributes},
+                            "events": [(e.name, {a.key: any_value(a.value) for a in e.attributes}) for e in s.events],
                         })
         return out
 
@@ -491,6 +492,26 @@ def test_grpc_callers_get_the_trace_id_in_the_metadata(traced_cluster, receiver)
         _, call = stub.Generate.with_call(request, timeout=60)
         trace_id = dict(call.initial_metadata())["x-trace-id"]
         assert len(trace_id) == 32 and wait_for_root(receiver, trace_id)["attributes"]["rpc.grpc.status_code"] == 0
-        stream = stub.GenerateStream(request, timeout=60)
-        list(stream)
-        assert wait_for_root(receiver, dict(stream.initial_metadata())["x-trace-id"])
+        stream = stub.GenerateStream(generation_pb2.GenerateRequest(prompt=PROMPT, max_new_tokens=6, include_rounds=True), timeout=60)
+        rounds = [m.round for m in stream if m.HasField("round")]
+        root = wait_for_root(receiver, dict(stream.initial_metadata())["x-trace-id"])
+        # A streamed generation: one event per round passed on, with the client's wait for it.
+        events = [attrs for name, attrs in root["events"] if name == "specdec.stream.piece"]
+        assert [e["specdec.round.index"] for e in events] == [r.index for r in rounds]
+        assert all(e["specdec.client_wait_ms"] >= 0 for e in events)
+
+
+def test_a_request_refused_before_its_generation_leaves_a_span(traced_cluster, receiver):
+    trace_id = "6bf92f3577b34da6a3ce929d0e0e4738"
+    request = urllib.request.Request(traced_cluster.http_url + "/v1/completions", data=b"{not json", method="POST", headers={
+        "Content-Type": "application/json", "traceparent": f"00-{trace_id}-00f067aa0ba902b7-01"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=60)
+    assert refused.value.code == 400 and refused.value.headers["X-Trace-Id"] == trace_id
+    deadline = time.monotonic() + SPAN_WAIT_S
+    while not (found := [sp for sp in receiver.spans() if sp["trace_id"] == trace_id]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    (span,) = found
+    a = span["attributes"]
+    assert span["name"] == "POST /v1/completions" and span["kind"] == KIND_SERVER and "gen_ai.operation.name" not in a
+    assert a["http.response.status_code"] == 400 and a["error.type"]
