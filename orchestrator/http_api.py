@@ -767,11 +767,13 @@ class HttpApi:
         return JSONResponse({"status": "NOT_SERVING"}, status_code=503)
 
     async def metrics(self, request: Request) -> Response:
-        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+        from prometheus_client.exposition import choose_encoder
 
         if self.registry is None:
             return ApiError(404, "metrics are off", code="not_found").response()
-        return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
+        # OpenMetrics when the scraper asks for it (Prometheus does): the exemplars' trace ids come with it.
+        encode, content_type = choose_encoder(request.headers.get("accept", ""))
+        return Response(encode(self.registry), headers={"Content-Type": content_type})
 
     def model_card(self) -> dict:
         info = self.servicer.target_info

@@ -58,6 +58,7 @@ class ObservedGeneration:
         self.code = grpc.StatusCode.OK
         self.start = time.perf_counter() if start is None else start  # when the call arrived
         self.admitted: float | None = None  # when it was given a generation slot
+        self.output_tokens = 0  # once finished
         self.first_token_s: float | None = None  # from arrival to the first token, once finished
 
     @property
@@ -97,6 +98,7 @@ class ObservedGeneration:
 
     def finish(self, result) -> None:
         """From the generation's specdec.records.GenerationResult."""
+        self.output_tokens = len(result.token_ids)
         if result.token_ids and self.admitted is not None:
             # The controller times its first token from its own start, right after the slot was given.
             self.first_token_s = self.admitted - self.start + result.stats.time_to_first_token_ms / 1e3
@@ -172,11 +174,21 @@ class GenerationInstrumentation:
                 span.set_attribute("http.response.status_code", http_status_of(observed.code))
             span.end()
             if self.metrics is not None:
-                self.metrics.in_flight.labels(method).dec()
-                self.metrics.request_duration.labels(method).observe(time.perf_counter() - start)
-                self.metrics.requests.labels(method, observed.code.name).inc()
-                if observed.first_token_s is not None:
-                    self.metrics.time_to_first_token.labels(observed.mode).observe(observed.first_token_s)
+                self._count_generation(method, operation, observed, time.perf_counter() - start)
+
+    def _count_generation(self, method: str, operation: str, observed: ObservedGeneration, seconds: float) -> None:
+        m, labels = self.metrics, (operation, self.model)
+        exemplar = {"trace_id": observed.trace_id} if observed.trace_id else None
+        m.in_flight.labels(method).dec()
+        m.request_duration.labels(method).observe(seconds)
+        m.requests.labels(method, observed.code.name).inc()
+        m.genai_request_duration.labels(*labels).observe(seconds, exemplar)
+        if observed.first_token_s is not None:
+            m.time_to_first_token.labels(observed.mode).observe(observed.first_token_s)
+            m.genai_time_to_first_token.labels(*labels).observe(observed.first_token_s, exemplar)
+            if observed.output_tokens > 1:
+                m.genai_time_per_output_token.labels(*labels).observe(
+                    (seconds - observed.first_token_s) / (observed.output_tokens - 1), exemplar)
 
     def refused(self, route: str, http_headers, status: int, error_type: str) -> str:
         """A span for an HTTP request refused before any generation began (a bad token, a body that

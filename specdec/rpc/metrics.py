@@ -142,6 +142,21 @@ class OrchestratorMetrics(ServiceMetrics):
             ["mode"], registry=r,
         )
         self.tree_nodes = Counter("specdec_tree_nodes", "token-tree nodes sent to the verify service", ["mode"], registry=r)
+        # The OpenTelemetry GenAI server metrics, beside the specdec_* ones, for dashboards built on
+        # the conventions; each observation carries its generation's trace id as an exemplar
+        # (OpenMetrics), linking a slow bucket to a trace.
+        self.genai_request_duration = Histogram(
+            "gen_ai_server_request_duration_seconds", "GenAI server request duration (gen_ai.server.request.duration)",
+            ["gen_ai_operation_name", "gen_ai_request_model"], buckets=DURATION_BUCKETS, registry=r,
+        )
+        self.genai_time_to_first_token = Histogram(
+            "gen_ai_server_time_to_first_token_seconds", "time to the first output token (gen_ai.server.time_to_first_token)",
+            ["gen_ai_operation_name", "gen_ai_request_model"], buckets=DURATION_BUCKETS, registry=r,
+        )
+        self.genai_time_per_output_token = Histogram(
+            "gen_ai_server_time_per_output_token_seconds", "time per output token after the first (gen_ai.server.time_per_output_token)",
+            ["gen_ai_operation_name", "gen_ai_request_model"], buckets=TOKEN_BUCKETS, registry=r,
+        )
 
 
 class SessionStoreCollector:

@@ -515,3 +515,21 @@ def test_a_request_refused_before_its_generation_leaves_a_span(traced_cluster, r
     a = span["attributes"]
     assert span["name"] == "POST /v1/completions" and span["kind"] == KIND_SERVER and "gen_ai.operation.name" not in a
     assert a["http.response.status_code"] == 400 and a["error.type"]
+
+
+def test_genai_metrics_carry_trace_ids_as_exemplars(traced_cluster, receiver):
+    """gen_ai.server.* histograms beside the specdec_* ones; over OpenMetrics each observation's
+    exemplar names its generation's trace, which the traces hold."""
+    with grpc.insecure_channel(traced_cluster.orchestrator_address) as channel:
+        _, call = generation_pb2_grpc.GenerationServiceStub(channel).Generate.with_call(
+            generation_pb2.GenerateRequest(prompt=PROMPT, max_new_tokens=7), timeout=60)
+    trace_id = dict(call.initial_metadata())["x-trace-id"]
+    orchestrator = next(p for p in traced_cluster.processes if p.name == "orchestrator")
+    request = urllib.request.Request(f"http://{orchestrator.metrics_address}/metrics",
+                                     headers={"Accept": "application/openmetrics-text; version=1.0.0"})
+    text = urllib.request.urlopen(request, timeout=10).read().decode()
+    for name in ("gen_ai_server_request_duration_seconds", "gen_ai_server_time_to_first_token_seconds",
+                 "gen_ai_server_time_per_output_token_seconds"):
+        assert f'{name}_bucket{{gen_ai_operation_name="text_completion"' in text, name
+    assert f'trace_id="{trace_id}"' in text
+    assert wait_for_root(receiver, trace_id)
