@@ -411,7 +411,7 @@ def main(argv: list[str] | None = None) -> None:
         servicer = build_servicer(settings, metrics=metrics)
         http = None
         if settings.http_port:
-            from specdec.orchestrator.http_api import start_http
+            from specdec.orchestrator.http_server import start_http
 
             http = start_http(servicer, settings, load_token(settings), metrics.registry)  # its port bound now
     except (NotReady, SecurityConfigError, OSError) as exc:
