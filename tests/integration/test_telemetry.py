@@ -533,3 +533,47 @@ def test_genai_metrics_carry_trace_ids_as_exemplars(traced_cluster, receiver):
         assert f'{name}_bucket{{gen_ai_operation_name="text_completion"' in text, name
     assert f'trace_id="{trace_id}"' in text
     assert wait_for_root(receiver, trace_id)
+
+
+def test_under_load_every_generation_is_found_and_the_queue_grows(traced_cluster, receiver):
+    """Generations alone, then six at once over both doors: the analysis of the trace file finds
+    every one (chat and completions, unary and streamed), and the rounds' queue (calls waiting for a
+    batched pass the other sessions share) grows with the load."""
+    def grpc_generation(stream: bool) -> str:
+        with grpc.insecure_channel(traced_cluster.orchestrator_address) as channel:
+            stub = generation_pb2_grpc.GenerationServiceStub(channel)
+            request = generation_pb2.GenerateRequest(prompt=PROMPT, max_new_tokens=12)
+            if stream:
+                replies = stub.GenerateStream(request, timeout=60)
+                list(replies)
+                return dict(replies.initial_metadata())["x-trace-id"]
+            return dict(stub.Generate.with_call(request, timeout=60)[1].initial_metadata())["x-trace-id"]
+
+    def http_generation(chat: bool) -> str:
+        body = {"messages": [{"role": "user", "content": "hi"}]} if chat else {"prompt": PROMPT}
+        request = urllib.request.Request(traced_cluster.http_url + ("/v1/chat/completions" if chat else "/v1/completions"),
+                                         data=json.dumps({**body, "max_tokens": 12}).encode(), method="POST",
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as reply:
+            return reply.headers["X-Trace-Id"]
+
+    kinds = [lambda: grpc_generation(False), lambda: grpc_generation(True), lambda: http_generation(False),
+             lambda: http_generation(True)]
+    alone = [kind() for kind in kinds]
+    with futures.ThreadPoolExecutor(6) as pool:
+        loaded = list(pool.map(lambda i: kinds[i % 4](), range(6)))
+    wanted = set(alone + loaded)
+    deadline = time.monotonic() + SPAN_WAIT_S
+    while True:
+        found = {r.trace_id: r for r in traces.analyze(traces.load_spans(traced_cluster.settings.trace_file))}
+        if wanted <= set(found) and all(found[t].rounds for t in wanted) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert wanted <= set(found), f"{len(wanted - set(found))} generations not found"
+    assert {found[t].name.split()[0] for t in wanted} == {"text_completion", "chat"}
+
+    def queue_per_round(trace_ids):
+        rounds = [r for t in trace_ids for r in found[t].rounds]
+        return sum(r.queue_ms for r in rounds) / len(rounds)
+
+    assert queue_per_round(loaded) > queue_per_round(alone), (queue_per_round(loaded), queue_per_round(alone))
