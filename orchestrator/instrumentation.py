@@ -37,6 +37,8 @@ from specdec.rpc.metrics import OrchestratorMetrics
 from specdec.rpc.status import code_of, http_status_of
 
 PROVIDER = "specdec"
+# The GenAI conventions' finish reasons for ours: the end-of-sequence token, a stop string and a stop token are all "stop".
+FINISH_REASONS = {"eos": "stop", "stop_string": "stop", "stop_token": "stop"}
 
 
 @dataclass
@@ -112,7 +114,9 @@ class ObservedGeneration:
                 latency["gen_ai.latency.time_per_output_token"] = (e2e - self.first_token_s) / (len(result.token_ids) - 1)
         self.span.set_attributes({
             **latency,
-            "gen_ai.response.finish_reasons": [result.finish_reason],
+            # The conventions' reasons ("stop" for any stop, as OpenAI says it); ours, finer, beside them.
+            "gen_ai.response.finish_reasons": [FINISH_REASONS.get(result.finish_reason, result.finish_reason)],
+            "specdec.finish_reason": result.finish_reason,
             "gen_ai.usage.input_tokens": result.stats.prompt_tokens,
             "gen_ai.usage.output_tokens": len(result.token_ids),
             "specdec.rounds": result.stats.rounds,

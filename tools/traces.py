@@ -220,7 +220,7 @@ def analyze(spans: list[Span]) -> list[RequestAnalysis]:
         round_spans = sorted((s for s in children[root.span_id] if s.name == "specdec.round"),
                              key=lambda s: (s.attributes.get("specdec.round.index", 0), s.start_ns))
         rounds = [split_round(r, children) for r in round_spans]
-        finish = a.get("gen_ai.response.finish_reasons") or [""]
+        finish = [a["specdec.finish_reason"]] if "specdec.finish_reason" in a else a.get("gen_ai.response.finish_reasons") or [""]
         queue_ms = float(a.get("gen_ai.latency.time_in_queue", 0.0)) * 1e3
         requests.append(RequestAnalysis(
             trace_id=root.trace_id,

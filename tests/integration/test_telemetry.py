@@ -219,7 +219,8 @@ def test_one_connected_trace_per_generation(traced_cluster, receiver):
     assert a["gen_ai.request.max_tokens"] == max_tokens
     assert a["gen_ai.request.temperature"] == 0.0
     finish = {generation_pb2.FINISH_REASON_LENGTH: "length", generation_pb2.FINISH_REASON_EOS: "eos"}[reply.finish_reason]
-    assert a["gen_ai.response.finish_reasons"] == [finish]
+    assert a["specdec.finish_reason"] == finish
+    assert a["gen_ai.response.finish_reasons"] == [{"eos": "stop"}.get(finish, finish)]
     assert a["gen_ai.usage.input_tokens"] == stats.prompt_tokens
     assert a["gen_ai.usage.output_tokens"] == stats.tokens_generated == len(reply.token_ids)
     assert a["specdec.mode"] == "tree"
