@@ -273,7 +273,7 @@ class SpeculativeController:
                 yield record
         finally:
             self.traffic.leave(session_id)
-            self._release(session_id)
+            self._release(session_id, after=warming)
         text.finish()
         result = self._result(req, output, text.text, stop[0] if stop else "length", rounds, start, first_token_ms)
         result.stop_reason = stop[1] if stop else None
@@ -401,10 +401,12 @@ class SpeculativeController:
         return GenerationResult(token_ids=output, text=text, finish_reason=finish_reason, stats=stats, rounds=rounds,
                                 request_id=req.request_id)
 
-    def _release(self, session_id: str) -> None:
-        """Free the session's caches everywhere now, without holding up the reply."""
-        for client in [self.verifier, *self.drafts]:
-            self._pool.submit(_quietly, client.release, session_id)
+    def _release(self, session_id: str, after: list | None = None) -> None:
+        """Free the session's caches everywhere now, without holding up the reply; the drafts' once
+        the calls ``after`` are done (a draft still reading the prompt would make its session again)."""
+        self._pool.submit(_quietly, self.verifier.release, session_id)
+        for client in self.drafts:
+            self._pool.submit(_after, after or [], self.draft_timeout_s, client.release, session_id)
 
 
 def _round_record(index: int, mode: str, proposals: list[Proposal], fallback_reason: str, verdict: Verdict,
@@ -456,6 +458,11 @@ def _describe(exc: BaseException) -> str:
     if hasattr(exc, "code") and hasattr(exc, "details"):  # a grpc.RpcError
         return f"{exc.code().name}: {exc.details()}"
     return f"{type(exc).__name__}: {exc}"
+
+
+def _after(futures: list, timeout_s: float, fn, *args) -> None:
+    wait(futures, timeout=timeout_s)
+    _quietly(fn, *args)
 
 
 def _quietly(fn, *args) -> None:
