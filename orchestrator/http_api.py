@@ -41,7 +41,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Annotated, Any, AsyncIterator, Callable, Optional, Union
+from typing import Annotated, Any, AsyncIterator, Callable, Literal, Optional, Union
 
 import anyio
 import grpc
@@ -177,6 +177,19 @@ class Speculation(BaseModel):
     adaptive: Optional[bool] = None
 
 
+class ContentPart(BaseModel):
+    model_config = STRICT
+    type: str
+    text: Optional[str] = None
+
+
+class Prediction(BaseModel):
+    """OpenAI's Predicted Outputs: text the answer is expected to repeat."""
+    model_config = STRICT
+    type: Literal["content"]
+    content: Union[str, list[ContentPart]]
+
+
 class _Body(BaseModel):
     model_config = STRICT
     model: Optional[str] = None
@@ -203,6 +216,9 @@ class _Body(BaseModel):
     return_token_ids: Optional[bool] = None
     mode: Optional[str] = None
     speculation: Optional[Speculation] = None
+    # Checked (a malformed one is a 400), then left aside: the prompt lookup already proposes what
+    # the context repeats; the prediction itself is not yet a source of proposals.
+    prediction: Optional[Prediction] = None
 
 
 class CompletionBody(_Body):
@@ -211,12 +227,6 @@ class CompletionBody(_Body):
     echo: Optional[bool] = None
     best_of: Optional[int] = None
     suffix: Optional[str] = None
-
-
-class ContentPart(BaseModel):
-    model_config = STRICT
-    type: str
-    text: Optional[str] = None
 
 
 class Message(BaseModel):

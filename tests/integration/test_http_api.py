@@ -436,3 +436,16 @@ def test_client_leaving_mid_stream_stops_the_generation(base_url, grpc_stubs):
     assert wait_for_no_sessions(grpc_stubs, 10) == [0, 0, 0]
     status, _, text = raw(base_url, "/metrics")
     assert metric(text, "specdec_requests_total", method="/v1/completions", code="CANCELLED") >= 1
+
+
+def test_a_prediction_is_checked(base_url):
+    """OpenAI's Predicted Outputs: a well-formed prediction is accepted (the output stays the
+    target's own), a malformed one is a 400 naming it, never silently dropped."""
+    good = {"prompt": PROMPT, "max_tokens": 8, "temperature": 0, "prediction": {"type": "content", "content": "    return x"}}
+    status, _, body = raw(base_url, http_api.COMPLETIONS, good)
+    plain = raw(base_url, http_api.COMPLETIONS, {"prompt": PROMPT, "max_tokens": 8, "temperature": 0})[2]
+    assert status == 200 and body["choices"][0]["text"] == plain["choices"][0]["text"]
+    parts = {"type": "content", "content": [{"type": "text", "text": "x"}]}
+    assert raw(base_url, http_api.CHAT, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "prediction": parts})[0] == 200
+    for bad in ({"type": "image", "content": 3}, {"type": "content"}, "text", {"type": "content", "content": 3}):
+        assert_error(raw(base_url, http_api.COMPLETIONS, {**good, "prediction": bad}), 400, "prediction", param="prediction")
