@@ -8,15 +8,17 @@ PROTOS := $(wildcard protos/specdec/v1/*.proto)
 STUBS  := specdec/v1/.generated
 DEMO_PROMPT ?= def quicksort(arr):
 
-.PHONY: setup protos models demo test test-fast bench clean up down image base-image test-containers compose-cli certs chromium node-example grpcurl loadtest gpu-check llama-cpp
+.PHONY: setup protos models demo test test-fast bench clean up down image base-image test-containers compose-cli certs chromium node-example grpcurl loadtest gpu-check llama-cpp docs
 
 setup: $(VENV)/.installed $(STUBS)
 
+# Development gets everything: the client (`pip install specdec`), the server and tools extras and
+# the test dependencies (pyproject.toml); torch first, so the extra's `torch>=...` keeps this build.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[all,test]'
 	touch $@
 
 protos: $(STUBS)
@@ -161,5 +163,9 @@ down:
 test-containers: setup compose-cli
 	$(BIN)/python tests/containers/check.py $(CHECK_ARGS)
 
+# The documentation site (mkdocs.yml, docs/) into site/; strict: a broken link, anchor or page left out of nav fails it.
+docs: setup
+	$(BIN)/mkdocs build --strict -d site
+
 clean:
-	rm -rf $(VENV) specdec/v1/*_pb2*.py specdec/v1/*_pb2*.pyi $(STUBS) *.egg-info build dist $(NODE_EXAMPLE)/node_modules
+	rm -rf site $(VENV) specdec/v1/*_pb2*.py specdec/v1/*_pb2*.pyi $(STUBS) *.egg-info build dist $(NODE_EXAMPLE)/node_modules

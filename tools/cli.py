@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import sys
 import threading
@@ -89,19 +90,111 @@ def run(argv: list[str] | None = None) -> int:
     serve.add_argument("args", nargs=argparse.REMAINDER, help="the service's own flags (see: specdec serve SERVICE -- --help)")
     serve.set_defaults(func=cmd_serve)
 
-    from specdec.tools import analyze, bench, dashboard, loadtest, traces
-
-    bench.add_parser(commands)
-    analyze.add_parser(commands)
-    traces.add_parser(commands)
-    dashboard.add_parser(commands)
-    loadtest.add_parser(commands)
+    # The tools' own modules are imported only for the command asked for (or for --help): bench's
+    # imports torch, which `specdec generate` and `specdec health` have no use for.
+    chosen = argv[0] if argv and not argv[0].startswith("-") else None
+    unavailable = {}
+    for name in TOOL_COMMANDS:
+        if chosen is not None and chosen != name:
+            commands.add_parser(name, add_help=False)  # a name to parse past; never run
+            continue
+        try:
+            tool = import_tool(name)
+        except ModuleNotFoundError as exc:
+            if not NEEDS[name] or (exc.name or "").partition(".")[0] == "specdec":
+                raise
+            # A dependency of an extra that is not installed: the command is still listed, and says what to install.
+            unavailable[name] = NEEDS[name]
+            commands.add_parser(name, add_help=False, help=f"(needs {install_hint(NEEDS[name])})")
+        else:
+            tool.add_parser(commands)
+    if chosen in unavailable:
+        return needs_extras(f"specdec {chosen}", missing_extras(unavailable[chosen]) or unavailable[chosen])
 
     args = parser.parse_args(argv)
+    label, needed = requirements(args)
+    missing = missing_extras(needed)
+    if missing:
+        return needs_extras(label, missing)
     try:
         return args.func(args) or 0
     except KeyboardInterrupt:
         return 130
+
+
+# `pip install specdec` is the client: `generate` (against a running orchestrator), `health`,
+# `analyze` and `traces analyze` run with it alone. The rest need an extra of pyproject.toml; one
+# that is missing is named in one line (status 2), not found out by a traceback half-way.
+SERVER, TOOLS = "server", "tools"
+NEEDS = {
+    "serve": (SERVER,), "cluster": (SERVER,), "models": (SERVER,), "certs": (SERVER,), "loadtest": (SERVER,),
+    "bench": (SERVER, TOOLS),  # a sweep ends with its plot
+    "dashboard": (TOOLS,),
+    "analyze": (), "traces": (),
+}
+# The subcommands the tools register themselves, each in the module of its name.
+TOOL_COMMANDS = ("bench", "analyze", "traces", "dashboard", "loadtest")
+
+
+def import_tool(name: str):
+    if name == "bench":
+        from specdec.tools import bench as tool
+    elif name == "analyze":
+        from specdec.tools import analyze as tool
+    elif name == "traces":
+        from specdec.tools import traces as tool
+    elif name == "dashboard":
+        from specdec.tools import dashboard as tool
+    else:
+        from specdec.tools import loadtest as tool
+    return tool
+
+
+def requirements(args) -> tuple[str, tuple[str, ...]]:
+    """What a parsed command line needs beyond the client: its words (for the message) and the extras."""
+    words = [args.command, *([args.action] if getattr(args, "action", None) else [])]
+    label, needed = "specdec " + " ".join(words), list(NEEDS.get(args.command, ()))
+    if args.command == "generate" and args.local:
+        label, needed = label + " --local", needed + [SERVER]
+    if getattr(args, "plot", None):  # loadtest --plot, traces analyze --plot
+        label, needed = label + " --plot", needed + [TOOLS]
+    return label, tuple(dict.fromkeys(needed))
+
+
+def missing_extras(extras: tuple[str, ...]) -> list[str]:
+    """Those of ``extras`` with a requirement that is not installed, as the installed package's own
+    metadata lists them (nothing is imported to find out). Without that metadata (a bare checkout
+    on sys.path) nothing counts as missing."""
+    from importlib import metadata
+
+    try:
+        requires = metadata.requires("specdec") or []
+    except metadata.PackageNotFoundError:
+        return []
+    missing = []
+    for extra in extras:
+        marker = re.compile(rf"""extra\s*==\s*["']{re.escape(extra)}["']""")
+        for requirement in requires:
+            name = re.match(r"[A-Za-z0-9._-]+", requirement)
+            if name is None or not marker.search(requirement.partition(";")[2]):
+                continue
+            try:
+                metadata.distribution(name.group(0))
+            except metadata.PackageNotFoundError:
+                missing.append(extra)
+                break
+    return missing
+
+
+def install_hint(extras) -> str:
+    return f"pip install 'specdec[{','.join(extras)}]'"
+
+
+def needs_extras(label: str, extras) -> int:
+    extras = list(extras)
+    which = f"the {extras[0]} extra" if len(extras) == 1 else f"the {' and '.join(extras)} extras"
+    print(f"{label} needs {which}: {install_hint(extras)}", file=sys.stderr)
+    return 2
 
 
 # Speculation settings a generate call sends only when given (flag or SPECDEC_* variable); otherwise
@@ -136,7 +229,6 @@ def cmd_generate(args) -> int:
     import grpc
 
     from specdec.client import Client
-    from specdec.tools.cluster import LocalCluster
     from specdec.records import DecodingMode
     from specdec.rpc import security
 
@@ -157,6 +249,8 @@ def cmd_generate(args) -> int:
     # Before the cluster starts: the stock models are loaded, timed and freed one at a time.
     stock = stock_baseline(args) if args.compare and args.local else []
     if args.local:
+        from specdec.tools.cluster import LocalCluster  # the services' code: the server extra
+
         settings = config.from_env(
             config.ClusterSettings, target_model=args.target_model,
             draft_models=[m for m in args.draft_models.split(",") if m], port=0,
