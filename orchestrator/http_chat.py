@@ -1,0 +1,65 @@
+"""The HTTP door's chat template: a chat request's messages to the target's prompt tokens."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from specdec.errors import InvalidRequest, NotReady
+from specdec.orchestrator.http_responses import ApiError
+from specdec.orchestrator.http_schemas import Message
+
+log = logging.getLogger("specdec.orchestrator.http")
+
+
+class ChatTemplate:
+    """Messages to prompt tokens: the target tokenizer's chat template, or ``--chat-template``'s."""
+
+    def __init__(self, servicer, path: str = "") -> None:
+        self.servicer = servicer
+        self.template: str | None = None
+        if path:
+            try:
+                self.template = Path(path).expanduser().read_text()
+            except (OSError, UnicodeDecodeError) as exc:
+                raise NotReady(f"--chat-template {path}: cannot read it ({exc})") from None
+        elif not getattr(servicer.tokenizer, "chat_template", None):
+            log.info("the target's tokenizer has no chat template: /v1/chat/completions answers 400 until --chat-template is set")
+
+    def prompt_ids(self, messages: list[Message]) -> list[int]:
+        tokenizer = self.servicer.tokenizer
+        if self.template is None and not getattr(tokenizer, "chat_template", None):
+            raise ApiError(400, "the target model's tokenizer has no chat template; start the orchestrator with "
+                                "--chat-template FILE (SPECDEC_CHAT_TEMPLATE)", param="messages")
+        limit = self.servicer.settings.max_chat_messages
+        if len(messages) > limit:
+            raise ApiError(400, f"messages has {len(messages)} entries; at most {limit} are accepted (--max-chat-messages)",
+                           param="messages")
+        conversation = []
+        for i, m in enumerate(messages):
+            if isinstance(m.content, list):
+                if any(part.type != "text" or part.text is None for part in m.content):
+                    raise ApiError(400, f"messages[{i}].content: only text parts are supported", param="messages")
+                content = "".join(part.text for part in m.content)
+            else:
+                content = m.content or ""
+            conversation.append({**(m.model_extra or {}), "role": m.role, "content": content}
+                                | ({"name": m.name} if m.name is not None else {}))
+        # Sized before the template renders them (it only adds), and again after.
+        context, longest = self.servicer.target_info.max_context, self.servicer.longest_token_chars
+        chars = sum(len(c["content"]) for c in conversation)
+        if context and chars > context * longest:
+            raise InvalidRequest(f"the messages hold {chars} characters; the model's context of {context} tokens "
+                                 f"holds at most {context * longest}")
+        try:
+            text = tokenizer.apply_chat_template(conversation, chat_template=self.template, add_generation_prompt=True,
+                                                 tokenize=False)
+        except Exception as exc:  # noqa: BLE001 - a template may raise anything (jinja's raise_exception: TemplateError)
+            raise ApiError(400, f"messages: the chat template refused them: {exc}", param="messages") from None
+        # Sized before tokenised, as the gRPC API's text prompts are: a text far past the context takes long.
+        if context and len(text) > context * longest:
+            raise InvalidRequest(f"the messages make a prompt of {len(text)} characters; the model's context of "
+                                 f"{context} tokens holds at most {context * longest}")
+        # The template writes any special tokens it wants (a BOS, the role markers): none added here.
+        return self.servicer.tokenize(text, "messages", add_special_tokens=False)
+

@@ -1,0 +1,238 @@
+"""The HTTP door's requests: the JSON body parsed (no NaN, no lone surrogate), validated into
+OpenAI's request bodies (:class:`CompletionBody`, :class:`ChatBody`), the settings this server
+cannot honour refused, and the body turned into the gRPC API's ``GenerateRequest``."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Annotated, Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from specdec.orchestrator.http_responses import ApiError
+from specdec.records import DecodingMode
+from specdec.sampling import MAX_TOP_LOGPROBS
+from specdec.v1 import generation_pb2
+
+INT32_MAX, UINT64_MAX = 2**31 - 1, 2**64 - 1
+
+
+# --------------------------------------------------------------------------- the body as JSON
+
+LONE_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]")  # where to look before walking the parsed body
+
+
+def _is_text(value: Any) -> bool:
+    """Whether every string in a parsed JSON value (keys too) is valid Unicode text."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return False
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return True
+
+
+def _parse_json(body: bytes) -> Any:
+    """The body as JSON; no NaN or Infinity, and no lone surrogate escape."""
+    def refuse_constant(name: str):
+        raise ValueError(f"{name} is not JSON")
+
+    try:
+        data = json.loads(body, parse_constant=refuse_constant)
+    except (ValueError, RecursionError) as exc:
+        raise ApiError(400, f"the body is not valid JSON: {exc}") from None
+    if LONE_SURROGATE.search(body) and not _is_text(data):
+        # JSON may escape half a UTF-16 pair (\ud800): no string of the API can hold it.
+        raise ApiError(400, "the body holds a lone surrogate escape (\\ud800 to \\udfff): not text")
+    return data
+
+
+# --------------------------------------------------------------------------- request bodies
+# Strict: a string where a number belongs, or a float where an integer does, is a 400 naming the
+# field, never a coercion. Fields this server does not know are ignored, as vLLM ignores them.
+
+Int32 = Annotated[int, Field(ge=-(2**31), le=INT32_MAX)]
+Count = Annotated[int, Field(ge=0, le=INT32_MAX)]
+TokenCount = Annotated[int, Field(ge=1, le=INT32_MAX)]
+TopLogprobs = Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)]
+Number = Annotated[float, Field(allow_inf_nan=False)]
+STRICT = ConfigDict(strict=True, extra="ignore")
+
+
+class StreamOptions(BaseModel):
+    model_config = STRICT
+    include_usage: Optional[bool] = None
+
+
+class Speculation(BaseModel):
+    """``SpeculationParams``: 0 (or absent) = the server's default."""
+
+    model_config = STRICT
+    draft_length: Count = 0
+    beam_width: Count = 0
+    beam_depth: Count = 0
+    max_tree_nodes: Count = 0
+    adaptive: Optional[bool] = None
+
+
+class ContentPart(BaseModel):
+    model_config = STRICT
+    type: str
+    text: Optional[str] = None
+
+
+class Prediction(BaseModel):
+    """OpenAI's Predicted Outputs: text the answer is expected to repeat."""
+    model_config = STRICT
+    type: Literal["content"]
+    content: Union[str, list[ContentPart]]
+
+
+class _Body(BaseModel):
+    model_config = STRICT
+    model: Optional[str] = None
+    max_tokens: Optional[TokenCount] = None
+    temperature: Optional[Annotated[float, Field(ge=0, le=100, allow_inf_nan=False)]] = None
+    top_p: Optional[Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]] = None
+    top_k: Optional[Annotated[int, Field(ge=-1, le=INT32_MAX)]] = None  # vLLM's: -1 or 0 = off
+    seed: Optional[Annotated[int, Field(ge=0, le=UINT64_MAX)]] = None
+    stop: Union[str, list[str], None] = None
+    stream: Optional[bool] = None
+    stream_options: Optional[StreamOptions] = None
+    n: Optional[int] = None
+    user: Optional[str] = None
+    # Refused unless neutral: each would change the distribution the target's tokens are drawn from.
+    presence_penalty: Optional[Number] = None
+    frequency_penalty: Optional[Number] = None
+    repetition_penalty: Optional[Number] = None
+    logit_bias: Optional[dict[str, Number]] = None
+    min_p: Optional[Number] = None
+    min_tokens: Optional[Count] = None
+    # vLLM's extra fields, and this server's speculation settings (GenerateRequest's).
+    stop_token_ids: Optional[list[Int32]] = None
+    ignore_eos: Optional[bool] = None
+    return_token_ids: Optional[bool] = None
+    mode: Optional[str] = None
+    speculation: Optional[Speculation] = None
+    # Checked (a malformed one is a 400), then left aside: the prompt lookup already proposes what
+    # the context repeats; the prediction itself is not yet a source of proposals.
+    prediction: Optional[Prediction] = None
+
+
+class CompletionBody(_Body):
+    prompt: Union[str, list[str], list[Int32], list[list[Int32]]]
+    logprobs: Optional[TopLogprobs] = None  # this many alternatives per token, with each token's own
+    echo: Optional[bool] = None
+    best_of: Optional[int] = None
+    suffix: Optional[str] = None
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")  # tool_calls and the like reach the template
+    role: str
+    content: Union[str, list[ContentPart], None] = None
+    name: Optional[str] = None
+
+
+class ChatBody(_Body):
+    messages: Annotated[list[Message], Field(min_length=1)]
+    max_completion_tokens: Optional[TokenCount] = None
+    logprobs: Optional[bool] = None
+    top_logprobs: Optional[TopLogprobs] = None
+    response_format: Optional[dict[str, Any]] = None
+    tools: Optional[list[Any]] = None
+    functions: Optional[list[Any]] = None
+    tool_choice: Any = None
+    function_call: Any = None
+
+
+def parse_body(kind: type[BaseModel], data: Any) -> BaseModel:
+    if not isinstance(data, dict):
+        raise ApiError(400, f"the body must be a JSON object, not {type(data).__name__}")
+    try:
+        return kind.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        loc = [str(part) for part in first["loc"]]
+        # A union's failed branches name themselves in the location (str, list[int], ...): drop them.
+        path = ".".join(p for p in loc if not any(c in p for c in "[]") and p not in ("str", "int", "float", "bool"))
+        raise ApiError(400, f"{path or 'body'}: {first['msg']}", param=loc[0] if loc else None) from None
+
+
+def refuse_unsupported(body: _Body) -> None:
+    """A 400 for every setting this server cannot honour, rather than silently ignoring it."""
+    if body.n not in (None, 1):
+        raise ApiError(400, f"n = {body.n} is not supported: one choice per request (n = 1); send the request n times "
+                            "(with different seeds when sampling)", param="n")
+    neutral = {"presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0, "min_p": 0.0, "min_tokens": 0}
+    for name, value in neutral.items():
+        given = getattr(body, name)
+        if given is not None and given != value:
+            raise ApiError(400, f"{name} = {given} is not supported (it would change the target's distribution); "
+                                f"leave it unset or {value}", param=name)
+    if body.logit_bias:
+        raise ApiError(400, "logit_bias is not supported (it would change the target's distribution)", param="logit_bias")
+    if isinstance(body, CompletionBody):
+        if body.best_of not in (None, 1):
+            raise ApiError(400, f"best_of = {body.best_of} is not supported: one sequence per request", param="best_of")
+        if body.echo:
+            raise ApiError(400, "echo is not supported", param="echo")
+        if body.suffix:
+            raise ApiError(400, "suffix is not supported", param="suffix")
+    if isinstance(body, ChatBody):
+        if body.tools or body.functions:
+            raise ApiError(400, "tools and functions are not supported", param="tools" if body.tools else "functions")
+        if body.response_format and body.response_format.get("type", "text") != "text":
+            raise ApiError(400, "response_format: only {\"type\": \"text\"} is supported", param="response_format")
+
+
+# --------------------------------------------------------------------------- JSON -> GenerateRequest
+
+def generate_request(body: _Body, prompt: dict[str, Any], rid: str, logprobs: bool, top_logprobs: int,
+                     max_tokens: int | None) -> generation_pb2.GenerateRequest:
+    """The ``GenerateRequest`` a gRPC client would send for the same thing (``prompt``: ``prompt=``
+    or ``prompt_token_ids=``)."""
+    stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    spec = body.speculation or Speculation()
+    return generation_pb2.GenerateRequest(
+        **prompt,
+        max_new_tokens=max_tokens or 0,  # 0: the server's default, shortened to fit the context
+        mode=DecodingMode.parse(body.mode).to_pb() if body.mode else generation_pb2.DECODING_MODE_UNSPECIFIED,
+        speculation=generation_pb2.SpeculationParams(
+            draft_length=spec.draft_length, beam_width=spec.beam_width, beam_depth=spec.beam_depth,
+            max_tree_nodes=spec.max_tree_nodes, **({"adaptive": spec.adaptive} if spec.adaptive is not None else {}),
+        ),
+        sampling=generation_pb2.SamplingParams(
+            temperature=1.0 if body.temperature is None else body.temperature,  # OpenAI's default
+            top_p=1.0 if body.top_p is None else body.top_p,
+            top_k=max(0, body.top_k or 0),
+            seed=body.seed or 0,
+        ),
+        stop=stops,
+        request_id=rid,
+        stop_token_ids=body.stop_token_ids or [],
+        ignore_eos=bool(body.ignore_eos),
+        logprobs=logprobs,
+        top_logprobs=top_logprobs,
+    )
+
+
+def completion_prompt(body: CompletionBody) -> dict[str, Any]:
+    prompt = body.prompt
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+        if len(prompt) > 1:
+            raise ApiError(400, f"prompt holds {len(prompt)} prompts; this server takes one per request", param="prompt")
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        return {"prompt": prompt}
+    return {"prompt_token_ids": prompt}
+
