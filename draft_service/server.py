@@ -7,12 +7,12 @@ import argparse
 from specdec import config
 from specdec.cost import EarlyStop
 from specdec.draft_service.drafter import BeamDrafter
-from specdec.errors import InvalidRequest, check_range, check_token_ids
-from specdec.rpc.convert import distribution_pb, sampling_params
+from specdec.errors import InvalidRequest, check_range
+from specdec.rpc.convert import sampling_params
 from specdec.quantize import quantize_model
 from specdec.rpc.server import ModelServicer, load_for_service, observe_batches, run_model_service
 from specdec.rpc.status import rpc_method
-from specdec.v1 import common_pb2, draft_pb2, draft_pb2_grpc
+from specdec.v1 import draft_pb2, draft_pb2_grpc
 
 SERVICE_NAME = draft_pb2.DESCRIPTOR.services_by_name["DraftService"].full_name
 
@@ -28,27 +28,17 @@ class DraftServicer(ModelServicer, draft_pb2_grpc.DraftServiceServicer):
         # The largest beams a request may ask for: config.SpeculationLimits.
         width = check_range("beam_width", request.beam_width, 1, self.settings.max_beam_width)
         depth = check_range("beam_depth", request.beam_depth, 1, self.settings.max_beam_depth)
-        context_ids = check_token_ids("context_token_ids", request.context_token_ids, self.info.vocab_size,
-                                      max_len=self.info.max_context)
+        context_ids = self.context_ids(request)
         if self.info.max_context and len(context_ids) + depth > self.info.max_context:
             raise InvalidRequest(
                 f"context_token_ids ({len(context_ids)} tokens) plus beam_depth {depth} exceeds the model's context of {self.info.max_context}"
             )
-        sampling = sampling_params(request)
-        if sampling.greedy:
-            stop = early_stop(request)
-            outcome = self.in_session("DraftBeams", request, context, lambda session, caller: self.engine.propose(
-                session, context_ids, width, depth, caller, stop))
-        else:
-            outcome = self.in_session("DraftBeams", request, context, lambda session, caller: self.engine.sample_chains(
-                session, context_ids, width, depth, sampling, request.seed, caller))
-        index = outcome.distribution_index or [[] for _ in outcome.beams]
+        sampling, stop = sampling_params(request, seed=request.seed), early_stop(request)
+        outcome = self.in_session("DraftBeams", request, context, lambda session, caller: self.engine.propose(
+            session, context_ids, width, depth, caller, stop, sampling))
         return draft_pb2.DraftBeamsResponse(
-            beams=[
-                draft_pb2.DraftBeam(token_ids=b.tokens, logprob=b.logprob, distribution_index=i, token_probabilities=b.probabilities)
-                for b, i in zip(outcome.beams, index)
-            ],
-            distributions=[distribution_pb(q16, common_pb2.Distribution.PRECISION_FLOAT16) for q16 in outcome.sent_distributions or []],
+            beams=[draft_pb2.DraftBeam(token_ids=b.tokens, logprob=b.logprob, token_probabilities=b.probabilities)
+                   for b in outcome.beams],
             reused_tokens=outcome.reused_tokens,
             fed_tokens=outcome.fed_tokens,
             compute_ms=outcome.forward_s * 1e3,

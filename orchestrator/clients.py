@@ -1,15 +1,16 @@
 """gRPC clients for the draft and verify services, shaped as the controller's DraftClient and
-VerifyClient: plain data in and out (a draft's ``specdec.speculation.Proposal``; the target's tokens,
-or its distributions under sampling)."""
+VerifyClient: plain data in and out (a draft's ``specdec.speculation.Proposal``; the target's tokens).
+Between rounds only the context tokens a session lacks travel (:class:`SentContexts`)."""
 
 from __future__ import annotations
 
-import torch
+from typing import Any, Callable
+
+import grpc
 
 from specdec.cost import CostCurve, EarlyStop
 from specdec.errors import NotReady
 from specdec.rpc.channels import internal_channel
-from specdec.rpc.convert import distribution_from_pb
 from specdec.sampling import SamplingParams
 from specdec.speculation import Proposal
 from specdec.tree import TokenTree
@@ -25,11 +26,13 @@ class _Client:
         self.address = address
         self.channel = internal_channel(address, max_message_mb)
         self.stub = self.stub_class(self.channel)
+        self.contexts = SentContexts()
 
     def info(self, timeout_s: float = 10.0) -> common_pb2.ModelInfo:
         return self.stub.GetInfo(common_pb2.GetInfoRequest(), timeout=timeout_s, wait_for_ready=True)
 
     def release(self, session_id: str) -> None:
+        self.contexts.forget(session_id)
         self.stub.ReleaseSession(common_pb2.ReleaseSessionRequest(session_id=session_id), timeout=RELEASE_TIMEOUT_S)
 
     def close(self) -> None:
@@ -45,59 +48,74 @@ class GrpcDraftClient(_Client):
         self.model = model  # the model the service serves (its GetInfo), recorded beside the name
 
     def draft(self, session_id: str, context: list[int], paths: int, depth: int, timeout_s: float,
-              sampling: SamplingParams = SamplingParams(), seed: int = 0, vocab_size: int = 0,
-              stop: EarlyStop = EarlyStop()) -> Proposal:
-        """Greedy: beams, best first, each token with the draft's probability of it (where the draft
-        has one), grown less deep where ``stop`` says. Sampled: independent chains, and for each
-        chain token the exact distribution it was drawn from (the service sends each distinct one once)."""
-        reply = self.stub.DraftBeams(
-            draft_pb2.DraftBeamsRequest(
-                session_id=session_id, context_token_ids=context, beam_width=paths, beam_depth=depth,
-                temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k, seed=seed,
-                min_path_probability=stop.min_path_probability, confidence_calibration=stop.calibration,
-            ),
-            timeout=timeout_s,
-        )
+              sampling: SamplingParams = SamplingParams(), stop: EarlyStop = EarlyStop()) -> Proposal:
+        """Beams, best first (sampled: ranked under the target's noise), each token with the draft's
+        probability of it where the draft has one, grown less deep where ``stop`` says."""
+        def call(start: int, tail: list[int]):
+            return self.stub.DraftBeams(
+                draft_pb2.DraftBeamsRequest(
+                    session_id=session_id, context_token_ids=tail, context_start=start, beam_width=paths, beam_depth=depth,
+                    temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k, seed=sampling.seed,
+                    min_path_probability=stop.min_path_probability, confidence_calibration=stop.calibration,
+                ),
+                timeout=timeout_s,
+            )
+
+        reply = self.contexts.call(session_id, context, call)
         beams = [list(beam.token_ids) for beam in reply.beams]
-        if not reply.distributions:
-            confidences = [list(beam.token_probabilities) for beam in reply.beams]
-            return Proposal(self.name, beams, confidences=confidences if confidences and all(confidences) else None)
-        dists = [distribution_from_pb(d, vocab_size) for d in reply.distributions]
-        return Proposal(self.name, beams, [[dists[i] for i in beam.distribution_index] for beam in reply.beams])
+        confidences = [list(beam.token_probabilities) for beam in reply.beams]
+        return Proposal(self.name, beams, confidences=confidences if confidences and all(confidences) else None)
 
 
 class GrpcVerifyClient(_Client):
     stub_class = verify_pb2_grpc.VerifyServiceStub
 
-    def verify(self, session_id: str, context: list[int], tree: TokenTree, timeout_s: float) -> list[int]:
-        return self.verify_with_logprobs(session_id, context, tree, timeout_s, 0)[0]
+    def verify(self, session_id: str, context: list[int], tree: TokenTree, timeout_s: float,
+               sampling: SamplingParams = SamplingParams(), top: int = 0) -> tuple[list[int], list | None]:
+        """The target's token at the context end and after each node (greedy, or sampled with
+        ``sampling``'s seed) and, with ``top`` > 0, at each of the same places its ``top`` most
+        likely tokens and their log-probabilities (else None)."""
+        def call(start: int, tail: list[int]):
+            return self.stub.VerifyTree(
+                verify_pb2.VerifyTreeRequest(
+                    session_id=session_id, context_token_ids=tail, context_start=start,
+                    tree_token_ids=tree.tokens, tree_parents=tree.parents, top_logprobs=top,
+                    temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k, seed=sampling.seed,
+                ),
+                timeout=timeout_s,
+            )
 
-    def verify_with_logprobs(self, session_id: str, context: list[int], tree: TokenTree, timeout_s: float,
-                             top: int) -> tuple[list[int], list[tuple[list[int], list[float]]]]:
-        """The target's greedy tokens and, at each of the same places, its ``top`` most likely tokens
-        and their log-probabilities."""
-        reply = self.stub.VerifyTree(
-            verify_pb2.VerifyTreeRequest(
-                session_id=session_id,
-                context_token_ids=context,
-                tree_token_ids=tree.tokens,
-                tree_parents=tree.parents,
-                top_logprobs=top,
-            ),
-            timeout=timeout_s,
-        )
-        return list(reply.target_token_ids), [(list(t.token_ids), list(t.logprobs)) for t in reply.target_logprobs]
+        reply = self.contexts.call(session_id, context, call)
+        tops = [(list(t.token_ids), list(t.logprobs)) for t in reply.target_logprobs] if top > 0 else None
+        return list(reply.target_token_ids), tops
 
-    def verify_sampled(self, session_id, context, tree: TokenTree, timeout_s: float, sampling, vocab_size: int):
-        """The target's warped distributions at the context end and after each node: ``[n + 1, vocab]``."""
-        reply = self.stub.VerifyTree(
-            verify_pb2.VerifyTreeRequest(
-                session_id=session_id, context_token_ids=context, tree_token_ids=tree.tokens, tree_parents=tree.parents,
-                temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
-            ),
-            timeout=timeout_s,
-        )
-        return torch.stack([distribution_from_pb(d, vocab_size) for d in reply.target_distributions])
+
+class SentContexts:
+    """The lean wire's one rule, for every client: a session's call sends only the context tokens
+    after the context its last call sent (``context_start``), and the whole context when the service
+    answers that it lacks them (NOT_FOUND: restarted, evicted, another replica) or the last call
+    failed. A generation's contexts only grow, each a prefix of the next, so what the service holds
+    is always a prefix of what is sent."""
+
+    def __init__(self) -> None:
+        self._last: dict[str, list[int]] = {}
+
+    def call(self, session_id: str, context: list[int], send: Callable[[int, list[int]], Any]):
+        """``send(context_start, tokens)``'s reply, the context sent as short as the session allows."""
+        last = self._last.pop(session_id, None) if session_id else None
+        start = len(last) if last is not None and len(last) <= len(context) and context[: len(last)] == last else 0
+        try:
+            reply = send(start, context[start:] if start else context)
+        except grpc.RpcError as exc:
+            if start == 0 or exc.code() != grpc.StatusCode.NOT_FOUND:
+                raise
+            reply = send(0, context)
+        if session_id:
+            self._last[session_id] = context
+        return reply
+
+    def forget(self, session_id: str) -> None:
+        self._last.pop(session_id, None)
 
 
 def cost_curve(info: common_pb2.ModelInfo) -> CostCurve:

@@ -3,18 +3,19 @@
 Each *round* (:meth:`SpeculativeController.stream`; the words are defined in ``specdec.speculation``):
 1. *propose*: every draft proposes paths after the current context, all drafts concurrently (tree
    mode: beam search, up to ``beam_width`` beams of up to ``beam_depth`` tokens; sequential mode: one
-   chain of up to ``draft_length`` tokens; autoregressive mode: no drafts; under sampling,
-   independent sampled chains instead of beams), beside the prompt lookup's chain (``specdec.lookup``,
+   chain of up to ``draft_length`` tokens; autoregressive mode: no drafts; under sampling, the beams
+   rank under the target's noise), beside the prompt lookup's chain (``specdec.lookup``,
    run here first: it costs microseconds, so its proposal is in hand when the shape is chosen). The round's shape is the
    :class:`~specdec.speculation.SpeculationPolicy`'s: with ``adaptive``, the one with the most
    expected tokens per second from the services' measured costs and the acceptance seen so far
    (none at all when speculation does not pay), else the request's settings as given;
 2. *merge*: the paths become one de-duplicated token tree;
-3. *verify*: the target checks the whole tree in one forward pass and returns its own token (or,
-   under sampling, its distribution) at the context end and after every node;
+3. *verify*: the target checks the whole tree in one forward pass and returns its own token at the
+   context end and after every node (greedy: its argmax; sampled: its draw under noise keyed by the
+   generation's seed and the token's position, :mod:`specdec.sampling`);
 4. *accept*: the accepted tokens and the bonus token, so every round yields at least one token and
-   the output is exactly what the target alone would produce (greedy) or is distributed as its own
-   sampling (sampled);
+   the output is exactly what the target alone would produce, greedy or sampled with that seed,
+   whatever the mode, the shapes or the other traffic;
 5. *truncate*: the round's tokens end at the token budget, an end-of-sequence token (unless
    ``ignore_eos``), one of ``stop_token_ids`` or the token that completes a stop string
    (``specdec.detokenize.TextStream`` finds it); with ``logprobs`` each token kept gets the
@@ -33,6 +34,7 @@ engines in tests, the same loop either way.
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 import logging
 import time
 import uuid
@@ -40,18 +42,16 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Protocol
 
-import torch
-
 from specdec.config import SpeculationLimits
 from specdec.cost import AcceptanceStats, Choice, EarlyStop, RoundCosts, Traffic
 from specdec.detokenize import TextStream
 from specdec.errors import Cancelled, DeadlineExceeded, InvalidRequest, Unavailable, check_range, check_token_ids
 from specdec.lookup import NAME as LOOKUP
-from specdec.lookup import Match, PromptLookup, one_hot
+from specdec.lookup import Match, PromptLookup
 from specdec.orchestrator.instrumentation import GenerationInstrumentation
 from specdec.orchestrator.resilience import DraftHealth
 from specdec.records import DecodingMode, DraftStats, GenerationResult, GenerationStats, RoundRecord, TokenLogprob
-from specdec.sampling import MAX_TOP_LOGPROBS, SamplingParams, top_of
+from specdec.sampling import MAX_TOP_LOGPROBS, SamplingParams
 from specdec.speculation import DraftTree, Proposal, SpeculationPolicy, Verdict, accept, merge
 from specdec.tree import TokenTree
 
@@ -67,26 +67,21 @@ class DraftClient(Protocol):
     model: str  # the model it serves
 
     def draft(self, session_id: str, context: list[int], paths: int, depth: int, timeout_s: float,
-              sampling: SamplingParams, seed: int, vocab_size: int, stop: EarlyStop = EarlyStop()) -> Proposal:
-        """Up to ``paths`` paths of up to ``depth`` tokens after ``context``. Greedy
-        (``sampling.greedy``): beam search, best first, grown less deep where ``stop`` says, each
-        token with the draft's probability of it where the draft has one. Sampled: independent
-        chains drawn with ``seed``, each token with the distribution over ``vocab_size`` tokens it
-        was drawn from."""
+              sampling: SamplingParams, stop: EarlyStop = EarlyStop()) -> Proposal:
+        """Up to ``paths`` paths of up to ``depth`` tokens after ``context``: beam search, best first
+        (sampled: ranked under the noise of ``sampling.seed``), grown less deep where ``stop`` says,
+        each token with the draft's probability of it where the draft has one."""
 
     def release(self, session_id: str) -> None: ...
 
 
 class VerifyClient(Protocol):
-    def verify(self, session_id: str, context: list[int], tree: TokenTree, timeout_s: float) -> list[int]:
-        """The target's token at the context end and after each node: ``len(tree) + 1`` entries."""
-
-    def verify_with_logprobs(self, session_id, context, tree, timeout_s, top) -> tuple[list[int], list]:
-        """:meth:`verify`'s tokens, and at the same places the ``top`` most likely tokens and their
-        log-probabilities: ``[(token ids, log-probabilities)]``, best first."""
-
-    def verify_sampled(self, session_id, context, tree, timeout_s, sampling, vocab_size) -> torch.Tensor:
-        """The target's warped distributions at the context end and after each node: ``[n + 1, vocab]``."""
+    def verify(self, session_id: str, context: list[int], tree: TokenTree, timeout_s: float,
+               sampling: SamplingParams = SamplingParams(), top: int = 0) -> tuple[list[int], list | None]:
+        """The target's token at the context end and after each node (``len(tree) + 1`` entries;
+        greedy, or sampled with ``sampling``'s seed) and, with ``top`` > 0, at the same places its
+        ``top`` most likely tokens and their log-probabilities ``[(token ids, log-probabilities)]``,
+        best first (else None)."""
 
     def release(self, session_id: str) -> None: ...
 
@@ -221,9 +216,10 @@ class SpeculativeController:
         policy = SpeculationPolicy([d.name for d in self.drafts] if req.mode != DecodingMode.AUTOREGRESSIVE else [],
                                    req.paths, req.max_depth, req.max_tree_nodes, req.adaptive, self.costs,
                                    self.acceptance.seeded(GENERATION_PRIOR_ROUNDS), shared=self.acceptance)
-        # One generator per request drives every random choice (draft seeds, accept coins, bonus
-        # draws): a fixed seed replays the same output on the same cluster configuration.
-        generator = torch.Generator().manual_seed(req.sampling.seed or int.from_bytes(uuid.uuid4().bytes[:7], "big"))
+        # Sampled: every token is a function of (seed, position, the target's distribution there),
+        # so a given seed replays the same output in any mode, shape or company; none given, one drawn.
+        sampling = req.sampling if req.sampling.greedy or req.sampling.seed else \
+            dataclasses.replace(req.sampling, seed=int.from_bytes(uuid.uuid4().bytes[:7], "big"))
         warming: list = []  # the drafts' calls reading the prompt during the first round, if any
         self.traffic.join(session_id)
         try:
@@ -246,21 +242,20 @@ class SpeculativeController:
                     if rounds and warming:  # the drafts have read the prompt before the session's next call
                         wait(warming, timeout=draft_timeout_s)
                         warming = []
-                    proposals, fallback_reason = self._propose(req, session_id, context, choice, policy, generator, draft_timeout_s)
+                    proposals, fallback_reason = self._propose(req, session_id, context, choice, policy, sampling, draft_timeout_s)
                     if match and (taken := match.tokens[:choice.taken(match.stats_key)]):
-                        dists = None if req.sampling.greedy else [one_hot(taken, self.limits.vocab_size)]
-                        proposals.append(Proposal(LOOKUP, [taken], dists, stats_key=match.stats_key))
+                        proposals.append(Proposal(LOOKUP, [taken], stats_key=match.stats_key))
                         fallback_reason = ""
                     elif reading:
                         fallback_reason = "first round: the drafts read the prompt while the target does"
                     t1 = time.perf_counter()
-                    merged = merge(proposals, choice.nodes or req.max_tree_nodes, self.limits.vocab_size, sampled=not req.sampling.greedy)
-                    target, tops = self._verify(session_id, context, merged, req, verify_timeout_s)
+                    merged = merge(proposals, choice.nodes or req.max_tree_nodes, self.limits.vocab_size)
+                    target, tops = self._verify(session_id, context, merged, req, sampling, verify_timeout_s)
                     t2 = time.perf_counter()
-                    verdict = accept(merged, target, generator)
+                    verdict = accept(merged, target)
                     new_tokens, new_text, stop = self._truncate(req, verdict.tokens, req.max_new_tokens - len(output), text)
                     verdict = verdict.cut(len(new_tokens))
-                    new_logprobs = _logprobs(verdict, target, tops, req.top_logprobs) if req.logprobs else []
+                    new_logprobs = _logprobs(verdict, tops, req.top_logprobs) if req.logprobs else []
                     output += new_tokens
                     logprobs += new_logprobs
                     first_token_ms = first_token_ms or (time.perf_counter() - start) * 1e3
@@ -311,11 +306,11 @@ class SpeculativeController:
         """Each usable draft reads the prompt into its session's cache (a one-token proposal, not
         waited for: the first round's verify pass runs meanwhile); the calls' futures."""
         return [self._pool.submit(contextvars.copy_context().run, _quietly, d.draft, session_id, context, 1, 1, timeout_s,
-                                  SamplingParams(), 0, self.limits.vocab_size, EarlyStop())
+                                  SamplingParams(), EarlyStop())
                 for d in self.drafts if self.draft_health.usable(d.name)]
 
     def _propose(self, req: GenerationRequest, session_id: str, context: list[int], choice: Choice, policy: SpeculationPolicy,
-                 generator: torch.Generator, timeout_s: float) -> tuple[list[Proposal], str]:
+                 sampling: SamplingParams, timeout_s: float) -> tuple[list[Proposal], str]:
         """Ask every usable model draft at once; returns the proposals (in draft order) and, when
         there are none, why ("" in autoregressive mode)."""
         if req.mode == DecodingMode.AUTOREGRESSIVE:
@@ -327,19 +322,16 @@ class SpeculativeController:
                 return [], "token budget leaves no room to draft"
             return [], "speculation does not pay at the measured costs and acceptance"
         depth = choice.depth
-        # Seeds are drawn for every draft, usable or not, so a fixed seed gives every draft the same
-        # stream whichever others are down (greedy drafting ignores them).
-        seeds = torch.randint(1 << 62, (len(self.drafts),), generator=generator).tolist()
-        usable = [(d, seed) for d, seed in zip(self.drafts, seeds) if self.draft_health.usable(d.name)]
+        usable = [d for d in self.drafts if self.draft_health.usable(d.name)]
         if not usable:
             return [], "every draft is backing off after failures: " + ", ".join(self.draft_health.down())
         # Each call runs in a copy of this thread's context, so its trace span is the round's child.
         calls = {
             self._pool.submit(
                 contextvars.copy_context().run, d.draft, session_id, context, choice.width, depth, timeout_s,
-                req.sampling, seed, self.limits.vocab_size, policy.early_stop(d.name, choice) if req.sampling.greedy else EarlyStop(),
+                sampling, policy.early_stop(d.name, choice),
             ): d
-            for d, seed in usable
+            for d in usable
         }
         _, late = wait(calls, timeout=timeout_s)
         proposals, failures = [], []
@@ -359,18 +351,14 @@ class SpeculativeController:
                 proposals.append(proposal)
         return proposals, "; ".join(failures) if not proposals else ""
 
-    def _verify(self, session_id: str, context: list[int], merged: DraftTree, req: GenerationRequest, timeout_s: float):
-        """The target's answer on the tree: greedy, its tokens (``[nodes + 1]``); sampled, its
-        distributions (``[nodes + 1, vocab]``); and, greedy with logprobs, its most likely tokens at
-        the same places (else None)."""
-        tops = None
-        if merged.sampled:
-            target = self.verifier.verify_sampled(session_id, context, merged.tree, timeout_s, req.sampling, self.limits.vocab_size)
-        elif req.logprobs:
-            # At least the top one: the greedy token's own log-probability.
-            target, tops = self.verifier.verify_with_logprobs(session_id, context, merged.tree, timeout_s, max(1, req.top_logprobs))
-        else:
-            target = self.verifier.verify(session_id, context, merged.tree, timeout_s)
+    def _verify(self, session_id: str, context: list[int], merged: DraftTree, req: GenerationRequest,
+                sampling: SamplingParams, timeout_s: float):
+        """The target's tokens on the tree (``[nodes + 1]``) and, with logprobs, its most likely
+        tokens at the same places (else None)."""
+        # With logprobs at least the top one: a greedy token's own log-probability (a sampled token's
+        # comes after the top ones when it is not among them).
+        top = max(1, req.top_logprobs) if req.logprobs else 0
+        target, tops = self.verifier.verify(session_id, context, merged.tree, timeout_s, sampling=sampling, top=top)
         if len(target) != len(merged.tree) + 1 or (tops is not None and len(tops) != len(target)):
             raise Unavailable(f"verify service returned {len(target)} predictions for a tree of {len(merged.tree)}")
         return target, tops
@@ -436,20 +424,14 @@ def _round_record(index: int, mode: str, proposals: list[Proposal], fallback_rea
     )
 
 
-def _logprobs(verdict: Verdict, target: list[int] | torch.Tensor, tops, k: int) -> list[TokenLogprob]:
-    """Each of the round's output tokens with its log-probability under the target: greedy, from the
-    verify pass's most likely tokens (the output token is the first of them); sampled, from the
-    distribution it was drawn from."""
+def _logprobs(verdict: Verdict, tops, k: int) -> list[TokenLogprob]:
+    """Each of the round's output tokens with its log-probability under the target (sampled: under
+    the warped distribution it was drawn from), from the verify pass's most likely tokens."""
     entries = []
     for token, place in zip(verdict.tokens, verdict.places):
-        if tops is not None:
-            ids, values = tops[place]
-            top = list(zip(ids, values))
-            logprob = dict(top).get(token, values[0])  # the greedy token is the first; a tie may order it second
-        else:
-            probs = target[place]
-            logprob = float(probs[token].log())
-            top = list(zip(*top_of(probs, k)))
+        ids, values = tops[place]
+        top = list(zip(ids, values))
+        logprob = dict(top).get(token, values[0])  # a greedy token is the first; a tie may order it second
         entries.append(TokenLogprob(token, logprob, top[:k]))
     return entries
 

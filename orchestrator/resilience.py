@@ -109,14 +109,8 @@ class ReplicatedVerifier:
     def info(self, timeout_s: float = 10.0):
         return self.replicas[0].info(timeout_s)
 
-    def verify(self, session_id, context, tree, timeout_s: float):
-        return self._call("verify", session_id, timeout_s, context, tree)
-
-    def verify_with_logprobs(self, session_id, context, tree, timeout_s: float, top: int):
-        return self._call("verify_with_logprobs", session_id, timeout_s, context, tree, top=top)
-
-    def verify_sampled(self, session_id, context, tree, timeout_s: float, sampling, vocab_size: int):
-        return self._call("verify_sampled", session_id, timeout_s, context, tree, sampling=sampling, vocab_size=vocab_size)
+    def verify(self, session_id, context, tree, timeout_s: float, **options):
+        return self._call("verify", session_id, timeout_s, context, tree, **options)
 
     def release(self, session_id: str) -> None:
         with self._lock:

@@ -27,6 +27,11 @@ class NotReady(SpecdecError):
     """A dependency is missing or mismatched (FAILED_PRECONDITION)."""
 
 
+class SessionLost(SpecdecError):
+    """A call sent only the tokens its session lacked, and the session no longer holds the rest (a
+    restart, an eviction, another replica): NOT_FOUND, and the caller sends the whole context."""
+
+
 class Unavailable(SpecdecError):
     """A transient fault worth retrying (UNAVAILABLE)."""
 

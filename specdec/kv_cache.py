@@ -24,6 +24,7 @@ import torch
 from transformers import DynamicCache
 
 from specdec import telemetry
+from specdec.errors import SessionLost
 
 
 def common_prefix_len(a: list[int], b: list[int]) -> int:
@@ -66,6 +67,9 @@ class SessionKV:
     prefix_tokens: list[int] = field(default_factory=list)  # [P], sequential context tokens in the cache
     tail_tokens: list[int] = field(default_factory=list)  # [T], tree nodes cached after the prefix
     tail_parents: list[int] = field(default_factory=list)  # [T], -1 = child of the last prefix token
+    # The whole context of the session's last call: a call may send only what follows a prefix of
+    # it (``context_start``; :meth:`SessionStore.context`).
+    context: list[int] = field(default_factory=list)
     last_used: float = field(default_factory=time.monotonic)
 
     @property
@@ -199,7 +203,22 @@ class SessionStore:
         context tokens it holds."""
         session = self.get(session_id)
         self.share_prefix(session, context)
+        session.context = context
         return session, session.sync(context)
+
+    def context(self, session_id: str, start: int, tail: list[int]) -> list[int]:
+        """The whole context of a call that sent only ``tail``, the tokens after the first ``start``
+        of its session's last context; raises :class:`~specdec.errors.SessionLost` when the session
+        is gone or holds fewer. (Read off the model's thread: a session's calls come one at a time,
+        so its last one has finished with it.)"""
+        if start <= 0:
+            return tail
+        session = self.peek(session_id)
+        held = len(session.context) if session is not None else 0
+        if held < start:
+            raise SessionLost(f"session {session_id} holds {held} context tokens, the call builds on {start}: "
+                              f"send the whole context (context_start 0)")
+        return session.context[:start] + tail
 
     def share_prefix(self, session: SessionKV, context: list[int], min_tokens: int = 8) -> int:
         """Start an empty ``session`` from the cache of the session sharing the longest prefix with

@@ -18,11 +18,9 @@ Words used here:
 - its *continuation* is what followed it, read on past the context's end through the tokens it
   proposes itself, so a repeating pattern continues for the whole depth asked.
 
-Under sampling each token comes with a one-hot distribution, which is what a deterministic proposer
-draws from. Under the acceptance rule (:mod:`specdec.sampling`) a token ``x`` with ``q = one-hot(x)``
-is accepted with probability ``min(1, p(x) / 1) = p(x)`` and, when rejected, leaves the residual
-``norm(max(p - q, 0))``, i.e. ``p`` with ``x`` removed: the output is still distributed exactly as
-the target's own sampling.
+Under sampling its tokens are checked as every draft's are: a token is accepted when it is the
+target's own sampled token there (:mod:`specdec.sampling`), so the output is the target's sampling
+whatever the lookup proposed.
 """
 
 from __future__ import annotations
@@ -30,7 +28,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 NAME = "prompt-lookup"  # the draft's name in proposals, statistics and traces
 MATCH_HORIZON = 64  # how far back a match's length is measured, to rank matches
@@ -123,14 +120,3 @@ class PromptLookup:
             return None
         found = _ranked(context, 1, depth, self.max_ngram, self.min_ngram)
         return Match(*found[0]) if found else None
-
-
-def one_hot(tokens: list[int], vocab_size: int) -> list[torch.Tensor]:
-    """The distribution a deterministic proposer draws each of ``tokens`` from (float64, as the
-    model drafts' are after :func:`specdec.sampling.normalise16`); a repeated token shares one."""
-    made: dict[int, torch.Tensor] = {}
-    for token in tokens:
-        if token not in made:
-            made[token] = torch.zeros(vocab_size, dtype=torch.float64)
-            made[token][token] = 1.0
-    return [made[token] for token in tokens]

@@ -4,16 +4,15 @@ token tree, then accept what the target's verdict on that tree allows.
 A round, and the words used for it (as in vLLM's spec-decode docs; see Leviathan et al.,
 arXiv:2211.17192, and SpecInfer, arXiv:2305.09781, for trees):
 
-- each draft makes a :class:`Proposal`: paths of *draft tokens* after the context (greedy: beam
-  search, best first; sampled: independent chains, each token with the distribution it was drawn
-  from);
+- each draft makes a :class:`Proposal`: paths of *draft tokens* after the context (beam search, best
+  first; when sampling, beams ranked under the target's noise: :mod:`specdec.sampling`);
 - :func:`merge` joins every draft's paths into one de-duplicated :class:`DraftTree`, the tree the
   target verifies in one forward pass;
 - :func:`accept` walks the tree with the target's answer and gives the :class:`Verdict`. The
-  *accepted* tokens are the longest drafted path the target agrees with (greedy: each is the
-  target's own argmax; sampled: each passed the ``min(1, p / q)`` test). The *bonus token* is the
-  target's own token after them (greedy: its argmax there; sampled: a draw from the target's, or
-  the residual, distribution), always kept, so a round yields at least one token. The bonus is a
+  *accepted* tokens are the longest drafted path the target agrees with: each is the target's own
+  token there (greedy: its argmax; sampled: its draw under the position's noise, a fixed function
+  of the path, so sampled acceptance is the same token match). The *bonus token* is the target's
+  own token after them, always kept, so a round yields at least one token. The bonus is a
   *correction* when some draft had proposed a token at that position and the target took another;
   otherwise it is a free extra token past the end of every proposal.
 
@@ -25,10 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
-
 from specdec.cost import AcceptanceStats, Choice, Company, EarlyStop, RoundCosts, choose, price, prompt_first, stop_below
-from specdec.sampling import Candidate, accept_sampled_tree
 from specdec.tree import TokenTree, TokenTrie, greedy_accept
 
 
@@ -37,9 +33,8 @@ class Proposal:
     """What one draft proposed in a round."""
 
     draft: str  # the draft's name (draft-0, draft-1, ...)
-    paths: list[list[int]]  # [paths][<= depth] draft tokens; greedy: beams best first, sampled: chains in the order drawn
-    dists: list[list[torch.Tensor]] | None = None  # sampled only: [paths][<= depth] of [vocab], q for each token
-    confidences: list[list[float]] | None = None  # greedy, model drafts: [paths][<= depth] the draft's probability of each token
+    paths: list[list[int]]  # [paths][<= depth] draft tokens, best first
+    confidences: list[list[float]] | None = None  # model drafts: [paths][<= depth] the draft's probability of each token
     stats_key: str = ""  # what its acceptance is counted under, when not its draft's name (the lookup's, by match length)
 
     def cut(self, depth: int) -> Proposal | None:
@@ -50,7 +45,6 @@ class Proposal:
         return Proposal(
             self.draft,
             [self.paths[i][:depth] for i in keep],
-            [self.dists[i][:depth] for i in keep] if self.dists is not None else None,
             [self.confidences[i][:depth] for i in keep] if self.confidences is not None else None,
             self.stats_key,
         )
@@ -67,48 +61,25 @@ class DraftTree:
 
     tree: TokenTree
     drafts: list[str]  # names of the drafts that proposed; ``tree.sources`` holds indices into it
-    # Sampled only: for each node (-1 = the context end) the draft samples of its children, in the
-    # order the acceptance rule tries them. None under greedy decoding.
-    candidates: dict[int, list[Candidate]] | None = None
-
-    @property
-    def sampled(self) -> bool:
-        return self.candidates is not None
 
 
-def merge(proposals: list[Proposal], max_nodes: int, vocab_size: int, sampled: bool) -> DraftTree:
-    """One trie of every draft's paths, capped at ``max_nodes``, and under sampling each node's candidates.
+def merge(proposals: list[Proposal], max_nodes: int, vocab_size: int) -> DraftTree:
+    """One trie of every draft's paths, capped at ``max_nodes``.
 
     Each draft's best path goes in first, then every draft's second, and so on: a node cap trims the
     least likely branches, never a draft's best guess before others' runner-ups. A draft with a
     larger vocabulary than the target's may propose tokens the target cannot take; a path is cut
-    there.
-
-    Under sampling every chain token is a candidate at its parent node, duplicates included (they
-    are separate draws). The cap then counts chain tokens in this fixed order, never looking at
-    their values: cutting a draw because of its own value would bias what is accepted.
+    there. Sampled or greedy, the tree is the same kind: the target answers one token per place.
     """
-    # Greedy: the trie caps distinct nodes. Sampled: the chain-token budget below caps instead.
-    trie = TokenTrie(None if sampled else max_nodes)
-    candidates: dict[int, list[Candidate]] | None = {} if sampled else None
-    budget = max_nodes
+    trie = TokenTrie(max_nodes)
     for rank in range(max((len(p.paths) for p in proposals), default=0)):
         for source, proposal in enumerate(proposals):
             if rank >= len(proposal.paths):
                 continue
             path = proposal.paths[rank]
-            if sampled:
-                path = path[:budget]
-                budget -= len(path)
             valid = next((i for i, token in enumerate(path) if not 0 <= token < vocab_size), len(path))
             trie.insert(path[:valid], source)
-            if sampled:
-                node = -1
-                for token, q in zip(path[:valid], proposal.dists[rank]):
-                    child = trie.child(node, token)
-                    candidates.setdefault(node, []).append(Candidate(child, q))
-                    node = child
-    return DraftTree(trie.tree, [p.draft for p in proposals], candidates)
+    return DraftTree(trie.tree, [p.draft for p in proposals])
 
 
 @dataclass
@@ -166,17 +137,10 @@ class Verdict:
         return Verdict(self.merged, self.accepted_nodes[:n_tokens], None)
 
 
-def accept(merged: DraftTree, target: list[int] | torch.Tensor, generator: torch.Generator) -> Verdict:
-    """The accepted path and the bonus token.
-
-    ``target`` is the verify service's answer at the context end and after every node: greedy, the
-    target's tokens (``[nodes + 1]``); sampled, its distributions (``[nodes + 1, vocab]``), and the
-    acceptance rule's coins come from ``generator``.
-    """
-    if merged.sampled:
-        nodes, bonus = accept_sampled_tree(merged.tree.tokens, target, merged.candidates, generator)
-    else:
-        nodes, bonus = greedy_accept(merged.tree, target)
+def accept(merged: DraftTree, target: list[int]) -> Verdict:
+    """The accepted path and the bonus token. ``target`` is the verify service's answer, the target's
+    token at the context end and after every node (``[nodes + 1]``; greedy or sampled alike)."""
+    nodes, bonus = greedy_accept(merged.tree, target)
     return Verdict(merged, nodes, bonus)
 
 

@@ -106,6 +106,11 @@ class TokenTree:
     def max_depth(self) -> int:
         return max(node_depths(self.parents), default=-1) + 1
 
+    def answer_positions(self, context_len: int) -> list[int]:
+        """Where each of the target's ``n + 1`` answers stands in the sequence: the token after the
+        context sits at ``context_len``, the token after node ``i`` one past that node's own place."""
+        return [context_len] + [context_len + depth + 1 for depth in node_depths(self.parents)]
+
     def branching_factor(self) -> float:
         """Mean number of children over nodes (the root included) that have any."""
         counts: dict[int, int] = {}

@@ -20,14 +20,9 @@ class LocalDraft:
         self.name, self.model = name, type(model).__name__
         self.drafter = BeamDrafter(model, vocab_limit=vocab_limit)
 
-    def draft(self, session_id, context, paths, depth, timeout_s, sampling=SamplingParams(), seed=0, vocab_size=0,
-              stop=EarlyStop()) -> Proposal:
-        if sampling.greedy:
-            beams = self.drafter.propose(session_id, context, paths, depth, None, stop).beams
-            return Proposal(self.name, [b.tokens for b in beams], confidences=[b.probabilities for b in beams])
-        out = self.drafter.sample_chains(session_id, context, paths, depth, sampling, seed)
-        dists = [[out.distributions[i] for i in index] for index in out.distribution_index]
-        return Proposal(self.name, [b.tokens for b in out.beams], dists)
+    def draft(self, session_id, context, paths, depth, timeout_s, sampling=SamplingParams(), stop=EarlyStop()) -> Proposal:
+        beams = self.drafter.propose(session_id, context, paths, depth, None, stop, sampling).beams
+        return Proposal(self.name, [b.tokens for b in beams], confidences=[b.probabilities for b in beams])
 
     def release(self, session_id):
         self.drafter.release(session_id)
@@ -37,15 +32,9 @@ class LocalVerify:
     def __init__(self, model, **batching) -> None:
         self.verifier = TreeVerifier(model, **batching)
 
-    def verify(self, session_id, context, tree, timeout_s):
-        return self.verifier.verify(session_id, context, tree).target_tokens
-
-    def verify_with_logprobs(self, session_id, context, tree, timeout_s, top):
-        outcome = self.verifier.verify(session_id, context, tree, top_logprobs=top)
+    def verify(self, session_id, context, tree, timeout_s, sampling=SamplingParams(), top=0):
+        outcome = self.verifier.verify(session_id, context, tree, sampling, top_logprobs=top)
         return outcome.target_tokens, outcome.top_logprobs
-
-    def verify_sampled(self, session_id, context, tree, timeout_s, sampling, vocab_size):
-        return self.verifier.verify(session_id, context, tree, sampling).target_probs
 
     def release(self, session_id):
         self.verifier.release(session_id)

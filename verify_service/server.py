@@ -6,13 +6,13 @@ import argparse
 
 from specdec import config, precision
 from specdec.errors import InvalidRequest, check_range, check_token_ids
-from specdec.rpc.convert import distribution_pb, sampling_params
+from specdec.rpc.convert import sampling_params
 from specdec.quantize import quantize_model
 from specdec.sampling import MAX_TOP_LOGPROBS
 from specdec.rpc.server import ModelServicer, load_for_service, observe_batches, run_model_service
 from specdec.rpc.status import rpc_method
 from specdec.tree import TokenTree, validate_parents
-from specdec.v1 import common_pb2, verify_pb2, verify_pb2_grpc
+from specdec.v1 import verify_pb2, verify_pb2_grpc
 from specdec.verify_service.verifier import TreeVerifier
 
 SERVICE_NAME = verify_pb2.DESCRIPTOR.services_by_name["VerifyService"].full_name
@@ -30,7 +30,7 @@ class VerifyServicer(ModelServicer, verify_pb2_grpc.VerifyServiceServicer):
         if len(request.tree_parents) != len(request.tree_token_ids):
             raise InvalidRequest(f"tree_parents has {len(request.tree_parents)} entries but tree_token_ids has {len(request.tree_token_ids)}")
         max_context = self.info.max_context or 1 << 30
-        context_ids = check_token_ids("context_token_ids", request.context_token_ids, vocab, max_len=max_context)
+        context_ids = self.context_ids(request)
         tokens = check_token_ids("tree_token_ids", request.tree_token_ids, vocab, allow_empty=True)
         parents = list(request.tree_parents)
         validate_parents(parents)  # before anything walks the tree: a bad parent index would crash it
@@ -40,15 +40,12 @@ class VerifyServicer(ModelServicer, verify_pb2_grpc.VerifyServiceServicer):
             raise InvalidRequest(
                 f"context_token_ids ({len(context_ids)} tokens) plus tree depth {depth} exceeds the model's context of {max_context}"
             )
-        sampling = sampling_params(request)
+        sampling = sampling_params(request, seed=request.seed)
         top = check_range("top_logprobs", request.top_logprobs, 0, MAX_TOP_LOGPROBS)
         outcome = self.in_session("VerifyTree", request, context,
                                   lambda session, caller: self.engine.verify(session, context_ids, tree, sampling, caller, top))
         return verify_pb2.VerifyTreeResponse(
             target_token_ids=outcome.target_tokens,
-            target_distributions=[
-                distribution_pb(p, common_pb2.Distribution.PRECISION_FLOAT32) for p in outcome.target_probs
-            ] if outcome.target_probs is not None else [],
             reused_tokens=outcome.reused_tokens,
             fed_tokens=outcome.fed_tokens,
             cached_tokens=outcome.cached_tokens,

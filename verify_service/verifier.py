@@ -20,18 +20,18 @@ from specdec.cost import CALIBRATION_CONTEXT, CALIBRATION_ROWS, CostCurve
 from specdec.engine import calibrate_forward, forward_batch
 from specdec.kernels import make_batch_invariant
 from specdec.kv_cache import SessionStore
-from specdec.sampling import SamplingParams, distribution
+from specdec.sampling import SamplingParams, pick, warp_logits
 from specdec.tree import TokenTree, validate_parents
 
 
 @dataclass
 class VerifyOutcome:
-    target_tokens: list[int]  # [n + 1], argmax after the context and after each node
+    target_tokens: list[int]  # [n + 1], the target's token after the context and after each node (greedy: argmax; sampled: specdec.sampling.pick)
     reused_tokens: int  # context tokens whose KV came from the cache
     fed_tokens: int  # tokens in the forward pass (missing context + tree nodes)
     cached_tokens: int  # cache length after the call (context + tree)
-    target_probs: torch.Tensor | None = None  # [n + 1, vocab] float32, the warped distributions (sampling only)
-    # [n + 1] (token ids, log-probabilities), most likely first (greedy with top_logprobs only)
+    # [n + 1] (token ids, log-probabilities), most likely first (with top_logprobs only; sampled:
+    # of the warped distribution the token was drawn from)
     top_logprobs: list[tuple[list[int], list[float]]] | None = None
     forward_s: float = 0.0  # from the call's first pass to its last
     queue_s: float = 0.0  # waiting for the model before its first pass
@@ -56,10 +56,10 @@ class TreeVerifier:
 
     def verify(self, session_id: str, context: list[int], tree: TokenTree, sampling: SamplingParams | None = None,
                caller: Caller | None = None, top_logprobs: int = 0) -> VerifyOutcome:
-        """Score the tree; with ``sampling`` (temperature > 0) also return the target's warped
-        distributions, which the acceptance rule needs; greedy with ``top_logprobs`` > 0, the most
-        likely tokens at each place and their log-probabilities. ``caller``: dropped unrun once it
-        has gone."""
+        """Score the tree: the target's token at each place, greedy (argmax) or, with ``sampling``
+        (temperature > 0), sampled by the noise of ``sampling.seed`` at that place's position
+        (:mod:`specdec.sampling`); with ``top_logprobs`` > 0 also the most likely tokens at each
+        place and their log-probabilities. ``caller``: dropped unrun once it has gone."""
         if not context:
             raise ValueError("context must hold at least one token")
         validate_parents(tree.parents)
@@ -76,16 +76,18 @@ class TreeVerifier:
         reduce = None if sampled else functools.partial(_argmax_and_top, k=top) if top > 0 else _argmax
         scored = yield from feed(session, pending, tree.tokens, tree.parents, keep=len(tree) + 1,
                                  reduce=reduce, chunk=self.max_batch_rows)
-        tops = None
-        if top > 0 and not sampled:
+        if sampled:
+            tokens, tops = _sampled(scored, sampling, tree.answer_positions(len(context)), top)
+        elif top > 0:
             tops = [(row[1 : top + 1].long().tolist(), row[top + 1 :].tolist()) for row in scored]
-            scored = scored[:, 0].long()
+            tokens = scored[:, 0].long().tolist()
+        else:
+            tokens, tops = scored.tolist(), None
         return VerifyOutcome(
-            target_tokens=(scored.argmax(-1) if sampled else scored).tolist(),
+            target_tokens=tokens,
             reused_tokens=reused,
             fed_tokens=len(pending) + len(tree),
             cached_tokens=session.cached_len,
-            target_probs=distribution(scored.cpu(), sampling) if sampled else None,
             forward_s=time.perf_counter() - start,
             top_logprobs=tops,
         )
@@ -108,3 +110,24 @@ def _argmax_and_top(logits: torch.Tensor, k: int) -> torch.Tensor:
     likely token ids and their log-probabilities."""
     top = torch.log_softmax(logits, -1).topk(k, -1)
     return torch.cat([_argmax(logits)[:, None].double(), top.indices.double(), top.values.double()], -1)
+
+
+def _sampled(logits: torch.Tensor, sampling: SamplingParams, positions: list[int], k: int):
+    """Per row, the sampled token at its position and, with ``k`` > 0, the ``k`` most likely tokens
+    of the warped distribution and their log-probabilities, the sampled token's own appended when it
+    is not among them. Row by row: each row's answer comes from that row's logits alone, whatever
+    else the pass held."""
+    tokens, tops = [], []
+    for row, position in zip(logits.cpu(), positions):
+        scores = warp_logits(row, sampling)
+        token = pick(scores, sampling.seed, position)
+        tokens.append(token)
+        if k > 0:
+            logprobs = torch.log_softmax(scores, -1)
+            top = logprobs.topk(k)
+            ids, values = top.indices.tolist(), top.values.tolist()
+            if token not in ids:
+                ids.append(token)
+                values.append(float(logprobs[token]))
+            tops.append((ids, values))
+    return tokens, tops if k > 0 else None

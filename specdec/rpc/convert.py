@@ -1,17 +1,13 @@
 """Protobuf messages to the library's plain values and back, for every service: the algorithm
 modules never see a message.
 
-Requests' sampling fields become a checked :class:`~specdec.sampling.SamplingParams`; a probability
-distribution travels as a :class:`common_pb2.Distribution` (packed by :mod:`specdec.sampling`); a
-model service's :class:`~specdec.service_info.ModelDescription` answers ``GetInfo``.
+Requests' sampling fields become a checked :class:`~specdec.sampling.SamplingParams`; a model service's :class:`~specdec.service_info.ModelDescription` answers ``GetInfo``.
 """
 
 from __future__ import annotations
 
-import torch
-
 from specdec.errors import InvalidRequest
-from specdec.sampling import SamplingParams, normalise16, pack, unpack
+from specdec.sampling import SamplingParams
 from specdec.service_info import ModelDescription
 from specdec.v1 import common_pb2
 
@@ -25,22 +21,6 @@ def sampling_params(message, seed: int = 0) -> SamplingParams:
     if message.top_k < 0:
         raise InvalidRequest(f"top_k = {message.top_k} must be >= 0")
     return SamplingParams(temperature=message.temperature, top_k=message.top_k, top_p=message.top_p or 1.0, seed=seed)
-
-
-def distribution_pb(probs: torch.Tensor, precision) -> common_pb2.Distribution:
-    data, token_ids = pack(probs)
-    return common_pb2.Distribution(precision=precision, probs=data, token_ids=token_ids, vocab_size=len(probs))
-
-
-def distribution_from_pb(message: common_pb2.Distribution, vocab_size: int) -> torch.Tensor:
-    """The exact distribution a service sent (float64 for drafts, float32 for the target)."""
-    if message.vocab_size != vocab_size:
-        raise InvalidRequest(f"a distribution over {message.vocab_size} tokens does not fit the vocabulary of {vocab_size}")
-    if any(not 0 <= t < vocab_size for t in message.token_ids):
-        raise InvalidRequest("a distribution names a token outside the vocabulary")
-    if message.precision == common_pb2.Distribution.PRECISION_FLOAT16:
-        return normalise16(unpack(message.probs, list(message.token_ids), vocab_size, torch.float16))
-    return unpack(message.probs, list(message.token_ids), vocab_size, torch.float32)
 
 
 def model_info_pb(info: ModelDescription, store) -> common_pb2.ModelInfo:

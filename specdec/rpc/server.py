@@ -23,6 +23,7 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry import trace
 
 from specdec import telemetry
+from specdec.errors import check_range, check_token_ids
 from specdec.rpc.channels import server_options
 from specdec.rpc.convert import model_info_pb
 from specdec.rpc.interceptors import Admission, AdmissionInterceptor, DecodeGuard
@@ -224,6 +225,16 @@ class ModelServicer:
         self.info = info  # specdec.service_info.ModelDescription
         self.settings = settings
         self.metrics = metrics  # specdec.rpc.metrics.ModelServiceMetrics, or None when metrics are off
+
+    def context_ids(self, request) -> list[int]:
+        """The request's whole context, checked: its ``context_token_ids`` after the first
+        ``context_start`` tokens of its session's last context (:meth:`SessionStore.context`; a
+        session that lacks them answers NOT_FOUND), at most the model's context in all."""
+        max_context = self.info.max_context or 1 << 30
+        start = check_range("context_start", request.context_start, 0, max_context - 1)
+        tail = check_token_ids("context_token_ids", request.context_token_ids, self.info.vocab_size,
+                               allow_empty=start > 0, max_len=max_context - start)
+        return self.engine.store.context(request.session_id, start, tail)
 
     def in_session(self, method: str, request, context, run):
         """``run(session_id, caller)`` in the request's session (``caller``: a

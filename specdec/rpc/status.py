@@ -14,7 +14,7 @@ import uuid
 
 import grpc
 
-from specdec.errors import Cancelled, DeadlineExceeded, InvalidRequest, NotReady, Overloaded, Unavailable
+from specdec.errors import Cancelled, DeadlineExceeded, InvalidRequest, NotReady, Overloaded, SessionLost, Unavailable
 
 log = logging.getLogger("specdec.rpc.status")
 
@@ -25,6 +25,7 @@ STATUS_OF_ERROR = {
     Unavailable: grpc.StatusCode.UNAVAILABLE,
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     Cancelled: grpc.StatusCode.CANCELLED,
+    SessionLost: grpc.StatusCode.NOT_FOUND,
 }
 
 

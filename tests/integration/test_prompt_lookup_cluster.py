@@ -87,13 +87,17 @@ def test_lookup_proposals_were_accepted(lookup_cluster):
 
 
 def test_sampled_generation_runs(lookup_cluster):
-    sampling = generation_pb2.SamplingParams(temperature=0.7, seed=11)
     spec = {"beam_width": 2, "beam_depth": 4, "adaptive": False}
-    reply = generate(lookup_cluster, PROMPTS[0], 24, TREE, spec, sampling)
-    again = generate(lookup_cluster, PROMPTS[0], 24, TREE, spec, sampling)
-    assert len(reply.token_ids) == 24 or reply.finish_reason == generation_pb2.FINISH_REASON_EOS
-    assert list(reply.token_ids) == list(again.token_ids)  # a fixed seed replays
-    assert lookup_stats(reply).proposed_tokens > 0
+    proposed = 0
+    for seed in (11, 12, 13, 14):
+        sampling = generation_pb2.SamplingParams(temperature=0.7, seed=seed)
+        reply = generate(lookup_cluster, PROMPTS[0], 24, TREE, spec, sampling)
+        assert len(reply.token_ids) == 24 or reply.finish_reason == generation_pb2.FINISH_REASON_EOS
+        # A seed gives the target's own sampled tokens, whatever the lookup proposed.
+        alone = generate(lookup_cluster, PROMPTS[0], 24, generation_pb2.DECODING_MODE_AUTOREGRESSIVE, {}, sampling)
+        assert list(reply.token_ids) == list(alone.token_ids)
+        proposed += lookup_stats(reply).proposed_tokens
+    assert proposed > 0
 
 
 def test_autoregressive_mode_looks_nothing_up(lookup_cluster):

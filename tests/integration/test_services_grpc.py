@@ -437,6 +437,50 @@ def test_verify_tree_reuses_kv_across_rounds(grpc_stubs, reference, tokenizer):
     assert stub.GetInfo(common_pb2.GetInfoRequest(), timeout=RPC_TIMEOUT_S).active_sessions == 0
 
 
+def test_a_call_sends_only_what_its_session_lacks(grpc_stubs, reference, tokenizer, tiny_cluster):
+    """The lean wire: after a first call, the next sends only the new tokens (context_start); a
+    session that lacks the prefix answers NOT_FOUND; the orchestrator's clients then resend it whole."""
+    from specdec.orchestrator.clients import GrpcDraftClient, GrpcVerifyClient
+    from specdec.tree import TokenTree
+    from specdec.v1 import draft_pb2
+
+    stub, draft = grpc_stubs["verify"], grpc_stubs["drafts"][0]
+    prompt_ids = tokenizer("def quicksort(arr):").input_ids
+    truth = reference(prompt_ids, 3)
+    session = "lean-wire-test"
+    try:
+        verify(stub, prompt_ids, [], [], session)
+        lean = stub.VerifyTree(verify_pb2.VerifyTreeRequest(
+            session_id=session, context_start=len(prompt_ids), context_token_ids=truth[:2]), timeout=RPC_TIMEOUT_S)
+        assert list(lean.target_token_ids) == [truth[2]] and lean.reused_tokens == len(prompt_ids)
+        for call in (lambda start: stub.VerifyTree(verify_pb2.VerifyTreeRequest(
+                         session_id=session, context_start=start, context_token_ids=[truth[2]]), timeout=RPC_TIMEOUT_S),
+                     lambda start: draft.DraftBeams(draft_pb2.DraftBeamsRequest(
+                         session_id=session, context_start=start, context_token_ids=[truth[2]], beam_width=1, beam_depth=1),
+                         timeout=RPC_TIMEOUT_S)):
+            with pytest.raises(grpc.RpcError) as lost:
+                call(len(prompt_ids) + 10)  # more than the session holds (the draft's holds nothing)
+            assert lost.value.code() == grpc.StatusCode.NOT_FOUND and "whole context" in lost.value.details()
+    finally:
+        stub.ReleaseSession(common_pb2.ReleaseSessionRequest(session_id=session), timeout=RPC_TIMEOUT_S)
+    # The clients: the first call whole, the next incremental; after the service lost the session, whole again.
+    verifier = GrpcVerifyClient(tiny_cluster.verify_address)
+    drafter = GrpcDraftClient(tiny_cluster.draft_addresses[0])
+    try:
+        for step in range(3):
+            context = prompt_ids + truth[:step]
+            assert verifier.verify(session, context, TokenTree(), RPC_TIMEOUT_S)[0] == [truth[step]]
+            assert drafter.draft(session, context, 1, 1, RPC_TIMEOUT_S).paths
+            if step == 1:
+                stub.ReleaseSession(common_pb2.ReleaseSessionRequest(session_id=session), timeout=RPC_TIMEOUT_S)
+                draft.ReleaseSession(common_pb2.ReleaseSessionRequest(session_id=session), timeout=RPC_TIMEOUT_S)
+    finally:
+        verifier.release(session)
+        drafter.release(session)
+        verifier.close()
+        drafter.close()
+
+
 def test_verify_empty_tree_is_one_decoding_step(grpc_stubs, reference, tokenizer):
     prompt_ids = tokenizer("abc").input_ids
     reply = verify(grpc_stubs["verify"], prompt_ids, [], [], session_id="")

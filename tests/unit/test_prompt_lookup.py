@@ -9,8 +9,7 @@ import time
 import pytest
 import torch
 
-from specdec.lookup import Match, PromptLookup, find_continuations, one_hot
-from specdec.sampling import Candidate, accept_sampled_tree
+from specdec.lookup import Match, PromptLookup, find_continuations
 
 
 def test_proposes_what_followed_the_last_ngram():
@@ -103,33 +102,6 @@ def test_matches_are_counted_by_how_far_they_agree():
     assert keys == ["prompt-lookup/1", "prompt-lookup/2", "prompt-lookup/2", "prompt-lookup/4", "prompt-lookup/4",
                     "prompt-lookup/8", "prompt-lookup/8", "prompt-lookup/16", "prompt-lookup/16", "prompt-lookup/32",
                     "prompt-lookup/32"]
-
-
-def test_one_hot_distributions():
-    qs = one_hot([2, 1, 2], vocab_size=16)
-    assert len(qs) == 3 and qs[0] is qs[2]  # a repeated token shares one
-    for token, q in zip([2, 1, 2], qs):
-        assert q.dtype == torch.float64 and q.shape == (16,)
-        assert float(q[token]) == 1.0 and float(q.sum()) == 1.0
-
-
-def test_one_hot_drafts_keep_sampling_exact():
-    """With one-hot q's the acceptance rule's output is distributed as p (chi-square): a root with
-    two candidates (the same token twice and another), over a 5-token vocabulary."""
-    p = torch.tensor([0.1, 0.4, 0.2, 0.25, 0.05], dtype=torch.float64)
-    one_hot = torch.eye(5, dtype=torch.float64)
-    tokens = [1, 1, 3]  # nodes 0, 1 (duplicates of a token under the same parent occur as candidates) and 2
-    candidates = {-1: [Candidate(0, one_hot[1]), Candidate(1, one_hot[1]), Candidate(2, one_hot[3])]}
-    target = torch.stack([p] + [p] * 3)  # p at the root, then after each node (unused beyond the root)
-    generator = torch.Generator().manual_seed(0)
-    draws = 20000
-    counts = torch.zeros(5)
-    for _ in range(draws):
-        nodes, bonus = accept_sampled_tree(tokens, target, candidates, generator)
-        counts[tokens[nodes[0]] if nodes else bonus] += 1
-    expected = p.float() * draws
-    chi2 = float(((counts - expected) ** 2 / expected).sum())
-    assert chi2 < 18.47, (counts, expected)  # 4 degrees of freedom, p = 0.001
 
 
 def test_lookup_on_a_long_context_costs_well_under_a_millisecond():

@@ -67,12 +67,12 @@ class Replica:
         self.address, self.fail, self.code = address, fail, code
         self.calls, self.released = [], []
 
-    def verify(self, session_id, context, tree, timeout_s):
+    def verify(self, session_id, context, tree, timeout_s, **options):
         self.calls.append(session_id)
         if self.fail:
             self.fail -= 1
             raise FakeRpcError(self.code, "connection refused")
-        return [len(context)]
+        return [len(context)], None
 
     def release(self, session_id):
         self.released.append(session_id)
@@ -82,14 +82,14 @@ def test_verifier_retries_the_same_replica_until_it_answers():
     replica = Replica("a", fail=3)
     sleeps = []
     verifier = ReplicatedVerifier([replica], Backoff(initial_s=0.01, max_s=0.02), sleep=sleeps.append)
-    assert verifier.verify("s", [1, 2], None, timeout_s=5) == [2]
+    assert verifier.verify("s", [1, 2], None, timeout_s=5) == ([2], None)
     assert len(replica.calls) == 4 and len(sleeps) == 3 and verifier.retries == 3
 
 
 def test_verifier_fails_over_and_releases_everywhere_the_session_went():
     a, b = Replica("a", fail=1), Replica("b")
     verifier = ReplicatedVerifier([a, b], Backoff(initial_s=0.0, max_s=0.0), sleep=lambda s: None)
-    assert verifier.verify("s1", [1], None, timeout_s=5) == [1]
+    assert verifier.verify("s1", [1], None, timeout_s=5) == ([1], None)
     assert a.calls == ["s1"] and b.calls == ["s1"]
     verifier.verify("s1", [1, 2], None, timeout_s=5)
     assert b.calls == ["s1", "s1"]  # the session stays on the replica that answered

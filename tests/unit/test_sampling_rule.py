@@ -1,6 +1,7 @@
-"""The speculative sampling rule on hand-built distributions: exact outcomes, and a statistical
-check that sampled trees from several drafts reproduce the target's distribution exactly (while a
-deliberately broken rule is caught by the same test)."""
+"""Sampling by position-keyed noise on hand-built distributions: the noise is a function of (seed,
+position) alone, a draw follows the distribution it is taken from, speculation over a token tree
+gives the very tokens the target alone samples with the same seed, and the joint output follows the
+target's distribution (while noise keyed wrongly is caught by the same test)."""
 
 import itertools
 
@@ -8,51 +9,33 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from specdec.sampling import Candidate, SamplingParams, accept_sampled_tree, distribution, residual, warp_logits
-from specdec.tree import TokenTrie
+from specdec.sampling import SamplingParams, distribution, gumbel_noise, pick, warp_logits
+from specdec.tree import TokenTrie, greedy_accept
 
 
 def gen(seed=0):
     return torch.Generator().manual_seed(seed)
 
 
-def dist(*values):
-    t = torch.tensor(values, dtype=torch.float32)
-    return t / t.sum()
+def test_noise_is_keyed_by_seed_and_position_alone():
+    a = gumbel_noise(7, 100, 10_000)
+    assert torch.equal(a, gumbel_noise.__wrapped__(7, 100, 10_000))  # not a cache artefact
+    assert not torch.equal(a, gumbel_noise(7, 101, 10_000)) and not torch.equal(a, gumbel_noise(8, 100, 10_000))
+    # A narrower vocabulary (a draft's output layer) sees the same noise on the ids it has.
+    assert torch.equal(gumbel_noise(7, 100, 5_000), a[:5_000])
+    assert abs(float(a.mean()) - 0.5772) < 0.05  # the Gumbel distribution's mean (Euler's constant)
 
 
-def test_certain_accept_then_bonus_from_child():
-    # p puts everything on token 1 at the root, and on token 2 after it.
-    p = torch.stack([dist(0, 1, 0), dist(0, 0, 1)])
-    outcome = accept_sampled_tree([1], p, {-1: [Candidate(0, dist(1, 1, 1))]}, gen())
-    assert outcome == ([0], 2)
-
-
-def test_certain_reject_samples_from_the_residual():
-    # The target never emits token 0; the draft proposed it. Residual of p minus q keeps token 2 only.
-    p = torch.stack([dist(0, 1, 3), dist(1, 1, 1)])
-    q = dist(2, 1, 0)
-    assert residual(p[0], q).tolist() == pytest.approx([0, 0, 1])
-    for seed in range(20):
-        assert accept_sampled_tree([0], p, {-1: [Candidate(0, q)]}, gen(seed)) == ([], 2)
-
-
-def test_second_candidate_competes_for_the_residual():
-    # Candidate A (token 0) is always rejected; candidate B (token 1) is then accepted for sure,
-    # because after removing q_A the residual puts all its mass on token 1.
-    p = torch.stack([dist(0, 1, 0), dist(1, 0, 0), dist(0, 0, 1)])
-    cands = {-1: [Candidate(0, dist(1, 0, 0)), Candidate(1, dist(0, 1, 0))]}
-    assert accept_sampled_tree([0, 1], p, cands, gen()) == ([1], 2)
-
-
-@pytest.mark.parametrize("depth", [1, 2, 4])
-def test_whole_chain_accepted_when_draft_equals_target(depth):
-    p_row = dist(1, 2, 3, 4)
-    tokens = [3, 1, 2, 0][:depth]
-    p = p_row.repeat(depth + 1, 1)
-    cands = {i - 1: [Candidate(i, p_row)] for i in range(depth)}
-    accepted, bonus = accept_sampled_tree(tokens, p, cands, gen())
-    assert accepted == list(range(depth)) and 0 <= bonus < 4
+def test_pick_follows_the_distribution():
+    scores = torch.log(torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05], dtype=torch.float64))
+    n = 4000
+    counts = torch.bincount(torch.tensor([pick(scores, seed, 3) for seed in range(1, n + 1)]), minlength=5)
+    expected = [p * n / float(scores.exp().sum()) for p in scores.exp().tolist()]
+    assert chisquare(counts.tolist(), expected).pvalue > 1e-3
+    # An excluded token (top-k, top-p: -inf) is never drawn.
+    masked = scores.clone()
+    masked[0] = float("-inf")
+    assert all(pick(masked, seed, 3) != 0 for seed in range(200))
 
 
 def test_warping_matches_transformers():
@@ -75,63 +58,79 @@ V = 5
 
 
 def world(seed: int, sharp: float):
-    """A deterministic conditional distribution p(. | prefix) for short prefixes."""
+    """A deterministic conditional distribution p(. | prefix) for short prefixes (log-probabilities)."""
     def cond(prefix: tuple[int, ...]) -> torch.Tensor:
         g = torch.Generator().manual_seed(hash((seed, prefix)) % (2**31))
-        return distribution(torch.randn(V, generator=g) * sharp, SamplingParams(temperature=1.0))
+        return distribution(torch.randn(V, generator=g) * sharp, SamplingParams(temperature=1.0)).log()
     return cond
 
 
 TARGET, DRAFTS = world(1, 1.5), [world(2, 1.5), world(3, 2.5)]
 
 
-def speculative_two_tokens(g: torch.Generator, n_drafts: int, chains: int, depth: int, rule=accept_sampled_tree):
-    """Generate two tokens with sampled draft chains merged into a tree, round after round."""
-    out: list[int] = []
-    while len(out) < 2:
-        trie, cands = TokenTrie(), {}
+def keyed(seed: int, position: int) -> torch.Tensor:
+    return gumbel_noise(seed, position, V)
+
+
+def one_key(seed: int, position: int) -> torch.Tensor:
+    """Broken on purpose: every position draws the same noise."""
+    return gumbel_noise(seed, 0, V)
+
+
+def alone(seed: int, n: int = 2, noise=keyed) -> tuple[int, ...]:
+    """The target alone, one token at a time."""
+    out: tuple[int, ...] = ()
+    while len(out) < n:
+        out += (int((TARGET(out) + noise(seed, len(out))).argmax()),)
+    return out
+
+
+def speculative(seed: int, n_drafts: int, width: int, depth: int, n: int = 2, noise=keyed) -> tuple[int, ...]:
+    """Rounds of drafts' beams (ranked under the same noise) merged into a tree, checked by a token match."""
+    out: tuple[int, ...] = ()
+    while len(out) < n:
+        trie = TokenTrie()
         for d in range(n_drafts):
-            for _ in range(chains):
-                prefix, node = tuple(out), -1
-                path = []
-                for _ in range(depth):
-                    q = DRAFTS[d](prefix)
-                    x = int(torch.multinomial(q, 1, generator=g))
-                    path.append(x)
-                    trie.insert(path, d)
-                    child = trie.child(node, x)
-                    cands.setdefault(node, []).append(Candidate(child, q))
-                    prefix, node = prefix + (x,), child
+            beams = [((), 0.0)]
+            for level in range(depth):
+                ranked = [(path + (x,), score + float(DRAFTS[d](out + path)[x] + noise(seed, len(out) + level)[x]))
+                          for path, score in beams for x in range(V)]
+                beams = sorted(ranked, key=lambda b: -b[1])[:width]
+            for path, _ in beams:
+                trie.insert(list(path), d)
         tree = trie.tree
-        p = torch.stack([TARGET(tuple(out))] + [TARGET(tuple(out) + tuple(tree.tokens[i] for i in tree.path_to(n))) for n in range(len(tree))])
-        accepted, bonus = rule(tree.tokens, p, cands, g)
-        out += [tree.tokens[i] for i in accepted] + [bonus]
-    return tuple(out[:2])
+        places = [out] + [out + tuple(tree.tokens[i] for i in tree.path_to(node)) for node in range(len(tree))]
+        target = [int((TARGET(prefix) + noise(seed, len(prefix))).argmax()) for prefix in places]
+        accepted, bonus = greedy_accept(tree, target)
+        out += tuple(tree.tokens[i] for i in accepted) + (bonus,)
+    return out[:n]
 
 
-def always_accept(tokens, p, cands, g):
-    node, accepted = -1, []
-    while cands.get(node):
-        node = cands[node][0].node
-        accepted.append(node)
-    return accepted, int(torch.multinomial(p[node + 1], 1, generator=g))
+SHAPES = [(1, 1, 1), (1, 1, 3), (2, 1, 2), (1, 3, 2), (2, 2, 3)]
 
 
-def joint_test(n_drafts, chains, depth, rule, samples=4000):
-    g = gen(1234)
+@pytest.mark.parametrize("n_drafts, width, depth", SHAPES)
+def test_speculation_samples_what_the_target_alone_samples(n_drafts, width, depth):
+    for seed in range(1, 201):
+        assert speculative(seed, n_drafts, width, depth, n=4) == alone(seed, n=4)
+
+
+def joint_test(n_drafts, width, depth, noise=keyed, samples=4000):
     counts = {pair: 0 for pair in itertools.product(range(V), repeat=2)}
-    for _ in range(samples):
-        counts[speculative_two_tokens(g, n_drafts, chains, depth, rule)] += 1
-    expected = {(a, b): float(TARGET(())[a] * TARGET((a,))[b]) * samples for a, b in counts}
-    observed = [counts[k] for k in counts]
-    return chisquare(observed, [expected[k] for k in counts]).pvalue
+    for seed in range(1, samples + 1):
+        counts[speculative(seed, n_drafts, width, depth, noise=noise)] += 1
+    p0 = TARGET(()).double().exp()
+    expected = {(a, b): float(p0[a] * TARGET((a,)).double().exp()[b]) * samples for a, b in counts}
+    total = sum(expected.values())
+    expected = {k: v * samples / total for k, v in expected.items()}
+    return chisquare([counts[k] for k in counts], [expected[k] for k in counts]).pvalue
 
 
-@pytest.mark.parametrize("n_drafts, chains, depth", [(1, 1, 1), (1, 1, 3), (2, 1, 2), (1, 3, 2), (2, 2, 3)])
-def test_output_follows_target_distribution(n_drafts, chains, depth):
+@pytest.mark.parametrize("n_drafts, width, depth", [(1, 1, 1), (2, 2, 3)])
+def test_output_follows_target_distribution(n_drafts, width, depth):
     # Significance 0.001: a correct rule fails this one time in a thousand (seeded, so never flaky).
-    assert joint_test(n_drafts, chains, depth, accept_sampled_tree) > 1e-3
+    assert joint_test(n_drafts, width, depth) > 1e-3
 
 
-def test_broken_rule_is_detected():
-    assert joint_test(2, 2, 3, always_accept, samples=2000) < 1e-6
+def test_noise_keyed_wrongly_is_detected():
+    assert joint_test(1, 1, 1, noise=one_key, samples=2000) < 1e-6

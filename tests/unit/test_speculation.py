@@ -1,47 +1,31 @@
-"""One round on hand-built proposals: merge (greedy and sampled), accept, the verdict's words, and
+"""One round on hand-built proposals: merge, accept, the verdict's words, and
 the speculation policy."""
 
 import pytest
-import torch
 
 from specdec.speculation import Proposal, accept, merge
 
 VOCAB = 10
 
 
-def q(token: int) -> torch.Tensor:
-    """A draft distribution with most of its mass on ``token``."""
-    probs = torch.full((VOCAB,), 0.1 / (VOCAB - 1), dtype=torch.float64)
-    probs[token] = 0.9
-    return probs
-
-
-def one_hot(token: int) -> torch.Tensor:
-    return torch.nn.functional.one_hot(torch.tensor(token), VOCAB).float()
-
-
-def sampled(draft: str, paths: list[list[int]]) -> Proposal:
-    return Proposal(draft, paths, [[q(t) for t in path] for path in paths])
-
-
 GREEDY = [Proposal("A", [[1, 2, 3], [1, 4]]), Proposal("B", [[1, 2, 5], [6]])]
 
 
 def test_merge_puts_every_drafts_best_path_first():
-    merged = merge(GREEDY, max_nodes=100, vocab_size=VOCAB, sampled=False)
+    merged = merge(GREEDY, max_nodes=100, vocab_size=VOCAB)
     assert merged.tree.tokens == [1, 2, 3, 5, 4, 6]
     assert merged.tree.parents == [-1, 0, 1, 1, 0, -1]
     assert merged.tree.sources == [{0, 1}, {0, 1}, {0}, {1}, {0}, {1}]
-    assert merged.drafts == ["A", "B"] and not merged.sampled
+    assert merged.drafts == ["A", "B"]
 
 
 def test_merge_cap_drops_runner_ups_before_best_paths():
-    merged = merge(GREEDY, max_nodes=4, vocab_size=VOCAB, sampled=False)
+    merged = merge(GREEDY, max_nodes=4, vocab_size=VOCAB)
     assert merged.tree.tokens == [1, 2, 3, 5]
 
 
 def test_merge_cuts_paths_at_tokens_outside_the_target_vocabulary():
-    merged = merge(GREEDY, max_nodes=100, vocab_size=5, sampled=False)
+    merged = merge(GREEDY, max_nodes=100, vocab_size=5)
     assert merged.tree.tokens == [1, 2, 3, 4]
     assert merged.tree.sources[1] == {0, 1}
 
@@ -55,7 +39,7 @@ def test_merge_cuts_paths_at_tokens_outside_the_target_vocabulary():
     ],
 )
 def test_greedy_verdict(target, accepted, bonus, correction, winner, by_draft):
-    verdict = accept(merge(GREEDY, 100, VOCAB, sampled=False), target, torch.Generator())
+    verdict = accept(merge(GREEDY, 100, VOCAB), target)
     assert verdict.accepted == accepted and verdict.bonus_token == bonus
     assert verdict.tokens == accepted + [bonus]
     assert verdict.correction == correction
@@ -64,45 +48,17 @@ def test_greedy_verdict(target, accepted, bonus, correction, winner, by_draft):
 
 
 def test_cut_verdict_keeps_only_what_reached_the_output():
-    verdict = accept(merge(GREEDY, 100, VOCAB, sampled=False), [1, 2, 5, 0, 9, 0, 0], torch.Generator())
+    verdict = accept(merge(GREEDY, 100, VOCAB), [1, 2, 5, 0, 9, 0, 0])
     assert verdict.cut(4) is verdict
     cut = verdict.cut(1)
     assert cut.accepted == [1] and cut.bonus_token is None and cut.tokens == [1]
     assert not cut.correction and cut.winning_draft == "A" and cut.accepted_by_draft == {"A": 1, "B": 1}
 
 
-def test_sampled_merge_keeps_every_draw_as_a_candidate():
-    merged = merge([sampled("A", [[1, 2], [1, 3]]), sampled("B", [[1, 2]])], 100, VOCAB, sampled=True)
-    assert merged.sampled and merged.tree.tokens == [1, 2, 3]
-    # Duplicates are separate draws, tried in a fixed order: best of each draft first.
-    assert [c.node for c in merged.candidates[-1]] == [0, 0, 0]
-    assert [c.node for c in merged.candidates[0]] == [1, 1, 2]
-    assert all(torch.equal(c.q, q(merged.tree.tokens[c.node])) for cs in merged.candidates.values() for c in cs)
-
-
-def test_sampled_cap_counts_chain_tokens_in_order():
-    proposals = [sampled("A", [[1, 2], [1, 3]]), sampled("B", [[1, 2]])]
-    merged = merge(proposals, max_nodes=3, vocab_size=VOCAB, sampled=True)
-    assert merged.tree.tokens == [1, 2]
-    assert [c.node for c in merged.candidates[-1]] == [0, 0] and [c.node for c in merged.candidates[0]] == [1]
-    # A token outside the vocabulary cuts its chain, but the chain still spent its share of the cap.
-    merged = merge([sampled("A", [[1, 3], [4]]), sampled("B", [[1, 2]])], max_nodes=3, vocab_size=3, sampled=True)
-    assert merged.tree.tokens == [1] and len(merged.candidates[-1]) == 2
-
-
-def test_sampled_verdict():
-    merged = merge([sampled("A", [[1, 2]]), sampled("B", [[1, 2]])], 100, VOCAB, sampled=True)
-    # The target is certain of 1, then 2, then 4: both drafted tokens are accepted, the bonus is 4.
-    target = torch.stack([one_hot(1), one_hot(2), one_hot(4)])
-    verdict = accept(merged, target, torch.Generator().manual_seed(0))
-    assert verdict.tokens == [1, 2, 4] and not verdict.correction
-    assert verdict.winning_draft == "A" and verdict.accepted_by_draft == {"A": 2, "B": 2}
-
-
 def test_proposal_cut():
-    proposal = sampled("A", [[1, 2, 3], [], [4]])
+    proposal = Proposal("A", [[1, 2, 3], [], [4]], confidences=[[0.9, 0.8, 0.7], [], [0.5]])
     cut = proposal.cut(2)
-    assert cut.paths == [[1, 2], [4]] and [len(d) for d in cut.dists] == [2, 1] and cut.depth == 2
+    assert cut.paths == [[1, 2], [4]] and cut.confidences == [[0.9, 0.8], [0.5]] and cut.depth == 2
     assert Proposal("A", [[], []]).cut(3) is None
 
 
@@ -112,7 +68,7 @@ def test_speculation_policy():
 
     def verdict(accepted: int, drafted: int) -> Verdict:
         proposal = Proposal("A", [list(range(drafted))])
-        return Verdict(merge([proposal], 64, VOCAB, sampled=False), list(range(accepted)), 0)
+        return Verdict(merge([proposal], 64, VOCAB), list(range(accepted)), 0)
 
     fixed = SpeculationPolicy(["A"], max_width=3, max_depth=4, max_nodes=64, adaptive=False)
     assert (fixed.next(room=10).width, fixed.next(room=10).depth, fixed.next(room=10).nodes) == (3, 4, 12)

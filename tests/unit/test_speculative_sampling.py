@@ -76,6 +76,27 @@ def test_fixed_seed_replays_and_seeds_differ(target):
     assert runs[0] == runs[1] and runs[0] != runs[2]
 
 
+def test_same_seed_same_tokens_in_every_mode_shape_and_company(target):
+    """A seeded generation is a function of (model, prompt, parameters, seed) alone: the tokens of
+    autoregressive decoding, whatever mode, shape or concurrent traffic produced them."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    drafts = [LocalDraft("truncated", truncated_copy(target, 1)), LocalDraft("stranger", tiny_qwen2(seed=9, layers=1, sharpness=2.0))]
+    controller = make(target, drafts)
+    shapes = [("autoregressive", {}), ("sequential", {"draft_length": 2}), ("sequential", {"draft_length": 5}),
+              ("tree", {"beam_width": 3, "beam_depth": 2}), ("tree", {"beam_width": 2, "beam_depth": 4, "max_tree_nodes": 5}),
+              ("tree", {"adaptive": True})]
+    seeds = range(1, 41)
+    alone = {seed: controller.generate(request("autoregressive", seed, max_new_tokens=12)).token_ids for seed in seeds}
+    accepted = 0
+    for mode, spec in shapes:
+        with ThreadPoolExecutor(4) as pool:  # four generations in flight at once: batched passes
+            results = list(pool.map(lambda seed: controller.generate(request(mode, seed, max_new_tokens=12, **spec)), seeds))
+        assert [r.token_ids for r in results] == [alone[seed] for seed in seeds], (mode, spec)
+        accepted += sum(r.stats.draft_tokens_accepted for r in results)
+    assert accepted > 0, "no draft token was ever accepted: the test would not exercise speculation"
+
+
 def test_sampling_through_the_services(tiny_cluster):
     with grpc.insecure_channel(tiny_cluster.orchestrator_address) as channel:
         stub = generation_pb2_grpc.GenerationServiceStub(channel)
@@ -90,6 +111,9 @@ def test_sampling_through_the_services(tiny_cluster):
         assert list(first.token_ids) != list(other.token_ids)
         sequential = generate(11, generation_pb2.DECODING_MODE_SEQUENTIAL)
         assert sequential.stats.tokens_generated == len(sequential.token_ids) > 0
+        # The same seed gives the same tokens in every mode (sampling by position-keyed noise).
+        alone = generate(11, generation_pb2.DECODING_MODE_AUTOREGRESSIVE)
+        assert list(sequential.token_ids) == list(first.token_ids) == list(alone.token_ids)
         with pytest.raises(grpc.RpcError) as bad:
             stub.Generate(generation_pb2.GenerateRequest(
                 prompt_token_ids=PROMPT, sampling=generation_pb2.SamplingParams(temperature=1.0, top_p=1.5)), timeout=10)
