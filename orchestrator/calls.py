@@ -1,5 +1,6 @@
 """What the orchestrator's front doors (the gRPC servicer in ``specdec.orchestrator.server``, the
-HTTP API in ``specdec.orchestrator.http_api``) hand the generation code and get back from it."""
+HTTP API in ``specdec.orchestrator.http_api``) hand the generations (``specdec.orchestrator.generations``)
+beside the parameters, and get back from them."""
 
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ class Call:
     http_headers: Mapping[str, str] | None = None  # an HTTP call's headers (its traceparent)
     operation: str = "text_completion"  # gen_ai.operation.name: "chat" for chat completions
     trace_id: str = ""  # the generation's trace, once it has one (the doors return it to the caller)
+    request_id: str = ""  # the client's id for the request ("": a new one); checked as it is used
+    on_trace_id: Callable[[str], None] | None = None  # how the door hands the trace id over before the output (gRPC: metadata)
 
     @classmethod
     def of_grpc(cls, method: str, context) -> Call:

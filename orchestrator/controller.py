@@ -45,18 +45,18 @@ from typing import Callable, Iterator, Protocol
 from specdec.config import SpeculationLimits
 from specdec.cost import AcceptanceStats, Choice, EarlyStop, RoundCosts, Traffic
 from specdec.detokenize import TextStream
-from specdec.errors import Cancelled, DeadlineExceeded, InvalidRequest, Unavailable, check_range, check_token_ids
+from specdec.errors import InvalidRequest, Unavailable, check_range, check_token_ids
+from specdec.generation import CallContext, GenerationParams, GenerationState
 from specdec.lookup import NAME as LOOKUP
 from specdec.lookup import Match, PromptLookup
 from specdec.orchestrator.instrumentation import GenerationInstrumentation
 from specdec.orchestrator.resilience import DraftHealth
 from specdec.records import DecodingMode, DraftStats, GenerationResult, GenerationStats, RoundRecord, TokenLogprob
-from specdec.sampling import MAX_TOP_LOGPROBS, SamplingParams
+from specdec.sampling import SamplingParams
 from specdec.speculation import DraftTree, Proposal, SpeculationPolicy, Verdict, accept, merge
 from specdec.tree import TokenTree
 
 log = logging.getLogger("specdec.orchestrator")
-MAX_STOP_TOKEN_IDS = 64
 # A generation starts from the acceptance every earlier one saw, weighed as this many rounds: its
 # own rounds outweigh them after a few (acceptance follows the text: code is not prose).
 GENERATION_PRIOR_ROUNDS = 4
@@ -84,41 +84,6 @@ class VerifyClient(Protocol):
         best first (else None)."""
 
     def release(self, session_id: str) -> None: ...
-
-
-@dataclass
-class GenerationRequest:
-    prompt_ids: list[int]
-    max_new_tokens: int
-    mode: str  # a DecodingMode
-    draft_length: int
-    beam_width: int
-    beam_depth: int
-    max_tree_nodes: int
-    stop: list[str] = field(default_factory=list)
-    include_rounds: bool = False
-    sampling: SamplingParams = field(default_factory=SamplingParams)  # temperature 0: greedy
-    deadline: float | None = None  # time.monotonic() by which the whole generation must end
-    adaptive: bool = False  # each round's shape chosen by cost and acceptance, within the requested values
-    cancelled: Callable[[], bool] | None = None  # true once the client has gone away
-    request_id: str = ""
-    stop_token_ids: list[int] = field(default_factory=list)  # they end the generation as EOS does
-    ignore_eos: bool = False  # generate past the model's end-of-sequence tokens
-    logprobs: bool = False  # each token's log-probability under the target
-    top_logprobs: int = 0  # with logprobs: this many most likely tokens at each place
-
-    @property
-    def paths(self) -> int:
-        """Paths each draft proposes at most: ``beam_width`` beams in tree mode, one chain otherwise."""
-        return self.beam_width if self.mode == DecodingMode.TREE else 1
-
-    @property
-    def max_depth(self) -> int:
-        """Tokens per path at most: ``draft_length`` in sequential mode, ``beam_depth`` otherwise. An
-        adaptive tree may also choose any chain sequential mode could: up to ``draft_length`` deep."""
-        if self.mode == DecodingMode.SEQUENTIAL:
-            return self.draft_length
-        return max(self.beam_depth, self.draft_length) if self.adaptive and self.mode == DecodingMode.TREE else self.beam_depth
 
 
 @dataclass
@@ -169,71 +134,70 @@ class SpeculativeController:
         # batch them (specdec.batching); a round's shape is priced for the batch it joins.
         self.traffic = Traffic()
 
-    def check(self, req: GenerationRequest) -> None:
-        """Raise InvalidRequest naming the field for anything the loop cannot serve."""
+    def check(self, params: GenerationParams) -> None:
+        """Raise InvalidRequest naming the field for anything the model or the operator's limits do
+        not allow (``params``, resolved, have checked themselves: :mod:`specdec.generation`)."""
         lim, spec = self.limits, self.limits.speculation
-        if not req.prompt_ids:
+        prompt = params.prompt_ids
+        if not prompt:
             raise InvalidRequest("prompt is empty")
         # The size first: the token checks after it then read at most a context's worth.
-        if lim.max_context and len(req.prompt_ids) >= lim.max_context:
-            raise InvalidRequest(f"prompt has {len(req.prompt_ids)} tokens; the model's context is {lim.max_context}")
-        check_token_ids("prompt_token_ids", req.prompt_ids, lim.vocab_size)
-        check_range("max_new_tokens", req.max_new_tokens, 1, lim.max_new_tokens_limit)
-        if lim.max_context and len(req.prompt_ids) + req.max_new_tokens > lim.max_context:
+        if lim.max_context and len(prompt) >= lim.max_context:
+            raise InvalidRequest(f"prompt has {len(prompt)} tokens; the model's context is {lim.max_context}")
+        check_token_ids("prompt_token_ids", prompt, lim.vocab_size)
+        check_range("max_new_tokens", params.max_new_tokens, 1, lim.max_new_tokens_limit)
+        if lim.max_context and len(prompt) + params.max_new_tokens > lim.max_context:
             # Refused up front: the verify service would reject the context mid-generation.
             raise InvalidRequest(
-                f"max_new_tokens = {req.max_new_tokens} plus the prompt's {len(req.prompt_ids)} tokens exceeds the model's context of {lim.max_context}"
+                f"max_new_tokens = {params.max_new_tokens} plus the prompt's {len(prompt)} tokens exceeds the model's context of {lim.max_context}"
             )
-        DecodingMode.parse(req.mode)
-        check_range("speculation.draft_length", req.draft_length, 1, spec.max_beam_depth)
-        check_range("speculation.beam_width", req.beam_width, 1, spec.max_beam_width)
-        check_range("speculation.beam_depth", req.beam_depth, 1, spec.max_beam_depth)
-        check_range("speculation.max_tree_nodes", req.max_tree_nodes, 1, spec.max_tree_nodes_limit)
-        check_range("stop_token_ids count", len(req.stop_token_ids), 0, MAX_STOP_TOKEN_IDS)
-        check_token_ids("stop_token_ids", req.stop_token_ids, lim.vocab_size, allow_empty=True)
-        check_range("top_logprobs", req.top_logprobs, 0, MAX_TOP_LOGPROBS)
-        if req.top_logprobs and not req.logprobs:
-            raise InvalidRequest("top_logprobs needs logprobs = true")
+        if params.mode is None:
+            raise InvalidRequest("mode is not set")
+        check_range("speculation.draft_length", params.speculation.draft_length, 1, spec.max_beam_depth)
+        check_range("speculation.beam_width", params.speculation.beam_width, 1, spec.max_beam_width)
+        check_range("speculation.beam_depth", params.speculation.beam_depth, 1, spec.max_beam_depth)
+        check_range("speculation.max_tree_nodes", params.speculation.max_tree_nodes, 1, spec.max_tree_nodes_limit)
+        check_token_ids("stop_token_ids", params.stop_token_ids, lim.vocab_size, allow_empty=True)
 
-    def generate(self, req: GenerationRequest, trace_parent=None) -> GenerationResult:
-        stream = self.stream(req, trace_parent)
+    def generate(self, params: GenerationParams, call: CallContext | None = None) -> GenerationResult:
+        stream = self.stream(params, call)
         while True:
             try:
                 next(stream)
             except StopIteration as done:
                 return done.value
 
-    def stream(self, req: GenerationRequest, trace_parent=None) -> Iterator[RoundRecord]:
+    def stream(self, params: GenerationParams, call: CallContext | None = None) -> Iterator[RoundRecord]:
         """Yield each round as it completes; the generator's return value is the GenerationResult.
-
-        ``trace_parent``: the OpenTelemetry context of the generation's span, parent of the round spans.
-        """
-        self.check(req)
-        session_id, start = f"gen-{uuid.uuid4()}", time.perf_counter()
-        output, rounds, first_token_ms, stop = [], [], 0.0, None
-        logprobs: list[TokenLogprob] = []
-        text = self.detokenizer(req.stop)
-        policy = SpeculationPolicy([d.name for d in self.drafts] if req.mode != DecodingMode.AUTOREGRESSIVE else [],
-                                   req.paths, req.max_depth, req.max_tree_nodes, req.adaptive, self.costs,
+        ``params``: resolved (:meth:`GenerationParams.resolved`); ``call``: its deadline, liveness,
+        request id and trace."""
+        self.check(params)
+        call = call or CallContext()
+        state, prompt, spec = GenerationState(), list(params.prompt_ids), params.speculation
+        text = self.detokenizer(list(params.stop))
+        policy = SpeculationPolicy([d.name for d in self.drafts] if params.mode != DecodingMode.AUTOREGRESSIVE else [],
+                                   params.paths, params.max_depth, spec.max_tree_nodes, spec.adaptive, self.costs,
                                    self.acceptance.seeded(GENERATION_PRIOR_ROUNDS), shared=self.acceptance)
         # Sampled: every token is a function of (seed, position, the target's distribution there),
         # so a given seed replays the same output in any mode, shape or company; none given, one drawn.
-        sampling = req.sampling if req.sampling.greedy or req.sampling.seed else \
-            dataclasses.replace(req.sampling, seed=int.from_bytes(uuid.uuid4().bytes[:7], "big"))
+        sampling = params.sampling if params.sampling.greedy or params.sampling.seed else \
+            dataclasses.replace(params.sampling, seed=int.from_bytes(uuid.uuid4().bytes[:7], "big"))
         warming: list = []  # the drafts' calls reading the prompt during the first round, if any
+        session_id = state.session_id
         self.traffic.join(session_id)
         try:
-            while len(output) < req.max_new_tokens and stop is None:
-                context = req.prompt_ids + output
-                draft_timeout_s, verify_timeout_s = self._budget(req, len(rounds))
+            while len(state.output) < params.max_new_tokens and state.stop is None:
+                context = prompt + state.output
+                rounds = state.rounds
+                draft_timeout_s, verify_timeout_s = self._budget(call, len(rounds))
                 # The round's trace span (current while it runs) and metrics; nothing when both are off.
-                with self.instrumentation.round(trace_parent, len(rounds), req.mode) as observed:
+                with self.instrumentation.round(call.trace_parent, len(rounds), params.mode) as observed:
                     t0 = time.perf_counter()
-                    room = self._room(req, context, len(output))
-                    match = self._look_up(req, context, room)
+                    room = self._room(params, context, len(state.output))
+                    match = self._look_up(params, context, room)
                     known = ((match.stats_key, len(match.tokens)),) if match else ()
                     reading = False
-                    if rounds or req.mode == DecodingMode.AUTOREGRESSIVE:
+                    if rounds or params.mode == DecodingMode.AUTOREGRESSIVE:
                         choice = policy.next(room, self.traffic.company(session_id), known)
                     else:
                         choice, reading = policy.first(room, len(context), self.traffic.company(session_id), known)
@@ -242,52 +206,44 @@ class SpeculativeController:
                     if rounds and warming:  # the drafts have read the prompt before the session's next call
                         wait(warming, timeout=draft_timeout_s)
                         warming = []
-                    proposals, fallback_reason = self._propose(req, session_id, context, choice, policy, sampling, draft_timeout_s)
+                    proposals, fallback_reason = self._propose(params, session_id, context, choice, policy, sampling, draft_timeout_s)
                     if match and (taken := match.tokens[:choice.taken(match.stats_key)]):
                         proposals.append(Proposal(LOOKUP, [taken], stats_key=match.stats_key))
                         fallback_reason = ""
                     elif reading:
                         fallback_reason = "first round: the drafts read the prompt while the target does"
                     t1 = time.perf_counter()
-                    merged = merge(proposals, choice.nodes or req.max_tree_nodes, self.limits.vocab_size)
-                    target, tops = self._verify(session_id, context, merged, req, sampling, verify_timeout_s)
+                    merged = merge(proposals, choice.nodes or spec.max_tree_nodes, self.limits.vocab_size)
+                    target, tops = self._verify(session_id, context, merged, params, sampling, verify_timeout_s)
                     t2 = time.perf_counter()
                     verdict = accept(merged, target)
-                    new_tokens, new_text, stop = self._truncate(req, verdict.tokens, req.max_new_tokens - len(output), text)
+                    new_tokens, new_text, state.stop = self._truncate(params, verdict.tokens, params.max_new_tokens - len(state.output), text)
                     verdict = verdict.cut(len(new_tokens))
-                    new_logprobs = _logprobs(verdict, tops, req.top_logprobs) if req.logprobs else []
-                    output += new_tokens
-                    logprobs += new_logprobs
-                    first_token_ms = first_token_ms or (time.perf_counter() - start) * 1e3
+                    new_logprobs = _logprobs(verdict, tops, params.top_logprobs) if params.logprobs else []
                     policy.update(choice, proposals, verdict, (t1 - t0) * 1e3, (t2 - t1) * 1e3, first=not rounds)
                     observed.record = record = _round_record(
-                        len(rounds), req.mode, proposals, fallback_reason, verdict, new_tokens, new_text, t1 - t0, t2 - t1, choice
+                        len(rounds), params.mode, proposals, fallback_reason, verdict, new_tokens, new_text, t1 - t0, t2 - t1, choice
                     )
                     record.logprobs = new_logprobs
-                    rounds.append(record)
+                    state.add(record, new_tokens, new_logprobs)
                 yield record
         finally:
             self.traffic.leave(session_id)
             self._release(session_id, after=warming)
         text.finish()
-        result = self._result(req, output, text.text, stop[0] if stop else "length", rounds, start, first_token_ms)
-        result.stop_reason = stop[1] if stop else None
-        result.logprobs = logprobs if req.logprobs else None
+        result = self._result(params, call, state, text.text)
+        result.logprobs = state.logprobs if params.logprobs else None
         return result
 
-    def _budget(self, req: GenerationRequest, round_index: int) -> tuple[float, float]:
-        """(draft timeout, verify timeout) for this round, within the request's deadline; raises
-        when the client has gone or the deadline has passed."""
-        if req.cancelled is not None and req.cancelled():
-            raise Cancelled(f"the client cancelled the request after {round_index} rounds")
-        if req.deadline is None:
+    def _budget(self, call: CallContext, round_index: int) -> tuple[float, float]:
+        """(draft timeout, verify timeout) for this round, within the call's deadline; raises when
+        the client has gone or the deadline has passed."""
+        left = call.left(round_index)
+        if left is None:
             return self.draft_timeout_s, self.verify_timeout_s
-        left = req.deadline - time.monotonic()
-        if left <= 0:
-            raise DeadlineExceeded(f"the request's deadline passed after {round_index} rounds")
         return min(self.draft_timeout_s, left), min(self.verify_timeout_s, left)
 
-    def _room(self, req: GenerationRequest, context: list[int], generated: int) -> int:
+    def _room(self, req: GenerationParams, context: list[int], generated: int) -> int:
         """The most tokens this round may draft: drafting past the token budget or the model's
         context is wasted work, since a round adds the accepted tokens and one bonus token."""
         room = req.max_new_tokens - generated
@@ -295,12 +251,12 @@ class SpeculativeController:
             room = min(room, self.limits.max_context - len(context))
         return room - 1
 
-    def _look_up(self, req: GenerationRequest, context: list[int], room: int) -> Match | None:
+    def _look_up(self, req: GenerationParams, context: list[int], room: int) -> Match | None:
         """The prompt lookup's chain after ``context`` (None: none, or no lookup here): at most
         ``lookup_depth`` tokens, or with fixed shapes the request's own depth."""
         if self.lookup is None or req.mode == DecodingMode.AUTOREGRESSIVE or room <= 0:
             return None
-        return self.lookup.propose(context, min(room, self.lookup_depth if req.adaptive else req.max_depth))
+        return self.lookup.propose(context, min(room, self.lookup_depth if req.speculation.adaptive else req.max_depth))
 
     def _read_prompt(self, session_id: str, context: list[int], timeout_s: float) -> list:
         """Each usable draft reads the prompt into its session's cache (a one-token proposal, not
@@ -309,7 +265,7 @@ class SpeculativeController:
                                   SamplingParams(), EarlyStop())
                 for d in self.drafts if self.draft_health.usable(d.name)]
 
-    def _propose(self, req: GenerationRequest, session_id: str, context: list[int], choice: Choice, policy: SpeculationPolicy,
+    def _propose(self, req: GenerationParams, session_id: str, context: list[int], choice: Choice, policy: SpeculationPolicy,
                  sampling: SamplingParams, timeout_s: float) -> tuple[list[Proposal], str]:
         """Ask every usable model draft at once; returns the proposals (in draft order) and, when
         there are none, why ("" in autoregressive mode)."""
@@ -351,7 +307,7 @@ class SpeculativeController:
                 proposals.append(proposal)
         return proposals, "; ".join(failures) if not proposals else ""
 
-    def _verify(self, session_id: str, context: list[int], merged: DraftTree, req: GenerationRequest,
+    def _verify(self, session_id: str, context: list[int], merged: DraftTree, req: GenerationParams,
                 sampling: SamplingParams, timeout_s: float):
         """The target's tokens on the tree (``[nodes + 1]``) and, with logprobs, its most likely
         tokens at the same places (else None)."""
@@ -363,7 +319,7 @@ class SpeculativeController:
             raise Unavailable(f"verify service returned {len(target)} predictions for a tree of {len(merged.tree)}")
         return target, tops
 
-    def _truncate(self, req: GenerationRequest, tokens: list[int], remaining: int,
+    def _truncate(self, req: GenerationParams, tokens: list[int], remaining: int,
                   text: TextStream) -> tuple[list[int], str, tuple[str, str | int | None] | None]:
         """Cut a round's tokens at the budget, an end-of-sequence token, a stop token or the token
         that completes a stop string; returns (tokens kept, the text they released, and what stopped
@@ -380,14 +336,16 @@ class SpeculativeController:
                 return kept, "".join(released), ("stop_string", text.stopped_by)
         return kept, "".join(released), None
 
-    def _result(self, req: GenerationRequest, output: list[int], text: str, finish_reason: str, rounds: list[RoundRecord],
-                start: float, first_token_ms: float) -> GenerationResult:
+    def _result(self, params: GenerationParams, call: CallContext, state: GenerationState, text: str) -> GenerationResult:
         names = [(d.name, d.model) for d in self.drafts] + ([(LOOKUP, LOOKUP)] if self.lookup is not None else [])
-        drafts = [DraftStats.of(name, model, rounds) for name, model in names] if req.mode != DecodingMode.AUTOREGRESSIVE else []
-        stats = GenerationStats.of(str(req.mode), len(req.prompt_ids), len(output), rounds, drafts,
-                                   (time.perf_counter() - start) * 1e3, first_token_ms)
-        return GenerationResult(token_ids=output, text=text, finish_reason=finish_reason, stats=stats, rounds=rounds,
-                                request_id=req.request_id)
+        rounds = state.rounds
+        drafts = [DraftStats.of(name, model, rounds) for name, model in names] if params.mode != DecodingMode.AUTOREGRESSIVE else []
+        stats = GenerationStats.of(str(params.mode), len(params.prompt_ids), len(state.output), rounds, drafts,
+                                   (time.perf_counter() - state.start) * 1e3, state.first_token_ms)
+        result = GenerationResult(token_ids=state.output, text=text, finish_reason=state.stop[0] if state.stop else "length",
+                                  stats=stats, rounds=rounds, request_id=call.request_id)
+        result.stop_reason = state.stop[1] if state.stop else None
+        return result
 
     def _release(self, session_id: str, after: list | None = None) -> None:
         """Free the session's caches everywhere now, without holding up the reply; the drafts' once

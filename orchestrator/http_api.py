@@ -4,11 +4,11 @@ Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (both also as se
 ``"stream": true``), ``GET /v1/models``, ``GET /health`` and ``GET /metrics``. Built on Starlette and
 served by uvicorn from a thread of the orchestrator process, beside the gRPC server (``http_server``).
 
-Every generation goes through the gRPC API's own code: the JSON body becomes a
-``specdec.v1.GenerateRequest``, which :class:`~specdec.orchestrator.server.GenerationServicer` runs
-exactly as it runs a gRPC call (``run_generation`` / ``stream_generation``: the same checks, modes
-and settings, the same generation queue, traces, metrics and run log), so the output is the same
-token for token. The servicer's calls block; they run in worker threads, one per generation in
+Every generation goes through the code every door shares: the JSON body becomes a
+:class:`~specdec.generation.GenerationParams` (``http_schemas.generation_params``), which
+:class:`~specdec.orchestrator.generations.Generations` runs exactly as it runs a gRPC call (the same
+checks, modes and settings, the same generation queue, traces, metrics and run log), so the output
+is the same token for token. Its calls block; they run in worker threads, one per generation in
 flight, and a client that disconnects is seen as a cancelled call (the controller stops between
 rounds).
 
@@ -29,7 +29,7 @@ What is OpenAI's and what is this server's:
   gRPC health checks do.
 
 This module is the app and its routes; the door's other parts: ``http_schemas`` (request bodies,
-their checks, the ``GenerateRequest`` they make), ``http_chat`` (the chat template),
+their checks, the generation parameters they make), ``http_chat`` (the chat template),
 ``http_responses`` (errors and the responses' JSON) and ``http_streaming`` (server-sent events).
 """
 
@@ -51,14 +51,14 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from specdec.errors import InvalidRequest
+from specdec.generation import GenerationParams
 from specdec.orchestrator.calls import Call
 from specdec.orchestrator.http_chat import ChatTemplate
 from specdec.orchestrator.http_responses import ApiError, Formatter
 from specdec.orchestrator.http_schemas import (
-    ChatBody, CompletionBody, _parse_json, completion_prompt, generate_request, parse_body, refuse_unsupported,
+    ChatBody, CompletionBody, _parse_json, completion_prompt, generation_params, parse_body, refuse_unsupported,
 )
 from specdec.orchestrator.http_streaming import EventStream, _capture, _watch_disconnect, sse
-from specdec.v1 import generation_pb2
 
 COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
 TIMEOUT_HEADER = "x-request-timeout"  # seconds: the generation's deadline, as a gRPC call's deadline
@@ -82,23 +82,23 @@ def _host_name(value: str) -> str:
 
 
 class HttpApi:
-    """The Starlette app over one :class:`~specdec.orchestrator.server.GenerationServicer`."""
+    """The Starlette app over the orchestrator's :class:`~specdec.orchestrator.generations.Generations`."""
 
-    def __init__(self, servicer, token: str = "", registry=None, chat_template: str = "",
+    def __init__(self, generations, token: str = "", registry=None, chat_template: str = "",
                  max_body_bytes: int = 64 << 20, threads: int = 48) -> None:
-        self.servicer = servicer
+        self.generations = generations
         self._token = token.encode()
         self.registry = registry
-        self.template = ChatTemplate(servicer, chat_template)
+        self.template = ChatTemplate(generations, chat_template)
         self.max_body_bytes = max_body_bytes
-        self.allowed_hosts = {_host_name(h) for h in servicer.settings.http_allowed_hosts} | {_host_name(servicer.settings.host)}
+        self.allowed_hosts = {_host_name(h) for h in generations.settings.http_allowed_hosts} | {_host_name(generations.settings.host)}
         self.threads = threads
         self._limiter: anyio.CapacityLimiter | None = None
         self._parsers: anyio.CapacityLimiter | None = None
         self.admission = None  # the gRPC server's (specdec.rpc.interceptors.Admission), once it serves
-        model = servicer.target_info.model or servicer.settings.target_model
+        model = generations.target_info.model or generations.settings.target_model
         self.model = model
-        self.aliases = {name for m in (model, servicer.settings.target_model) for name in (m, Path(m).name) if name}
+        self.aliases = {name for m in (model, generations.settings.target_model) for name in (m, Path(m).name) if name}
         self.created = int(time.time())
         self.app = Starlette(
             routes=[
@@ -116,7 +116,7 @@ class HttpApi:
 
     @property
     def limiter(self) -> anyio.CapacityLimiter:
-        # Worker threads for the servicer's blocking calls: one per generation running or waiting
+        # Worker threads for the generations' blocking calls: one per generation running or waiting
         # for a slot, and a few over (the generation queue, not this, refuses what is beyond).
         if self._limiter is None:
             self._limiter = anyio.CapacityLimiter(self.threads)
@@ -181,7 +181,7 @@ class HttpApi:
                 raise ApiError(400, "Content-Length is not a number")
             if int(length) > limit:
                 raise ApiError(413, f"the body has {length} bytes; at most {limit} are accepted (--max-message-mb)")
-        chunks, size, timeout_s = [], 0, self.servicer.settings.http_read_timeout_s
+        chunks, size, timeout_s = [], 0, self.generations.settings.http_read_timeout_s
         try:
             with anyio.fail_after(timeout_s):
                 async for chunk in request.stream():
@@ -229,7 +229,7 @@ class HttpApi:
         return Response(encode(self.registry), headers={"Content-Type": content_type})
 
     def model_card(self) -> dict:
-        info = self.servicer.target_info
+        info = self.generations.target_info
         # Beyond OpenAI's fields, as vLLM adds max_model_len: the dtype the verify service runs in,
         # and with --dtype auto why (every exact path it measured at start-up).
         return {"id": self.model, "object": "model", "created": self.created, "owned_by": "specdec",
@@ -263,7 +263,7 @@ class HttpApi:
         call: Call | None = None
         try:
             self.authorize(request)
-            # The servicer checks a given one as it checks a gRPC request_id (a 400 when unfit).
+            # Checked as a gRPC request_id is (a 400 when unfit).
             rid = request.headers.get("x-request-id") or f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
             headers["X-Request-Id"] = rid
             deadline = self.deadline(request)
@@ -289,32 +289,32 @@ class HttpApi:
             # A plain function, as gRPC's is: the run log copies the request (dataclasses.asdict), and a
             # bound method of the Event would take its lock along.
             call = Call(request.url.path, deadline, lambda: cancel.is_set(), http_headers=trace_headers(request),
-                        operation="chat" if chat else "text_completion")
+                        operation="chat" if chat else "text_completion", request_id=rid)
 
-            def message() -> generation_pb2.GenerateRequest:
-                given = {"prompt_token_ids": self.template.prompt_ids(body.messages)} if chat else prompt
-                return generate_request(body, given, rid, logprobs, top, max_tokens)
+            def params() -> GenerationParams:
+                given = {"prompt_ids": self.template.prompt_ids(body.messages)} if chat else prompt
+                return generation_params(body, given, logprobs, top, max_tokens)
 
-            formatter = Formatter(chat, rid, self.model, self.servicer.tokenizer, logprobs, bool(body.return_token_ids),
+            formatter = Formatter(chat, rid, self.model, self.generations.tokenizer, logprobs, bool(body.return_token_ids),
                                   include_usage=bool(body.stream_options and body.stream_options.include_usage))
             if body.stream:
                 def start():
-                    pieces = self.servicer.stream_generation(message(), call)
-                    return pieces, next(pieces)  # once admitted: a refusal is still an HTTP status
+                    pieces = self.generations.stream(params(), call)
+                    return pieces, next(pieces)[0]  # once admitted: a refusal is still an HTTP status
 
                 pieces, req = await self.in_thread(request, cancel, start)
                 if call.trace_id:
                     headers["X-Trace-Id"] = call.trace_id
                 streaming = True
                 return EventStream(self.events(pieces, req.prompt_ids, formatter), headers, cancel, self.admission.leave,
-                                   self.servicer.settings.stall_timeout_s)
-            req, result, _ = await self.in_thread(request, cancel, lambda: self.servicer.run_generation(message(), call))
+                                   self.generations.settings.stall_timeout_s)
+            req, result, _ = await self.in_thread(request, cancel, lambda: self.generations.run(params(), call))
             if call.trace_id:
                 headers["X-Trace-Id"] = call.trace_id
             return JSONResponse(formatter.whole(req.prompt_ids, result), headers=headers)
         except Exception as exc:  # noqa: BLE001 - every failure is answered in OpenAI's shape
             error = ApiError.of(exc).in_openai_terms(chat)
-            trace_id = call.trace_id if call is not None else self.servicer.instrumentation.refused(
+            trace_id = call.trace_id if call is not None else self.generations.instrumentation.refused(
                 request.url.path, trace_headers(request), error.status, error.code or error.type)
             if trace_id:
                 headers["X-Trace-Id"] = trace_id
@@ -325,7 +325,7 @@ class HttpApi:
 
     def check_message_count(self, data: Any) -> None:
         """A chat request's messages counted before each is validated."""
-        messages, limit = data.get("messages") if isinstance(data, dict) else None, self.servicer.settings.max_chat_messages
+        messages, limit = data.get("messages") if isinstance(data, dict) else None, self.generations.settings.max_chat_messages
         if isinstance(messages, list) and len(messages) > limit:
             raise ApiError(400, f"messages has {len(messages)} entries; at most {limit} are accepted (--max-chat-messages)",
                            param="messages")
@@ -336,7 +336,7 @@ class HttpApi:
         prompt = data.get("prompt") if isinstance(data, dict) else None
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], list):
             prompt = prompt[0]
-        context = self.servicer.target_info.max_context
+        context = self.generations.target_info.max_context
         if isinstance(prompt, list) and context and len(prompt) >= context and not isinstance(prompt[0], (str, list)):
             raise InvalidRequest(f"prompt has {len(prompt)} tokens; the model's context is {context}")
 

@@ -15,23 +15,23 @@ log = logging.getLogger("specdec.orchestrator.http")
 class ChatTemplate:
     """Messages to prompt tokens: the target tokenizer's chat template, or ``--chat-template``'s."""
 
-    def __init__(self, servicer, path: str = "") -> None:
-        self.servicer = servicer
+    def __init__(self, generations, path: str = "") -> None:
+        self.generations = generations
         self.template: str | None = None
         if path:
             try:
                 self.template = Path(path).expanduser().read_text()
             except (OSError, UnicodeDecodeError) as exc:
                 raise NotReady(f"--chat-template {path}: cannot read it ({exc})") from None
-        elif not getattr(servicer.tokenizer, "chat_template", None):
+        elif not getattr(generations.tokenizer, "chat_template", None):
             log.info("the target's tokenizer has no chat template: /v1/chat/completions answers 400 until --chat-template is set")
 
     def prompt_ids(self, messages: list[Message]) -> list[int]:
-        tokenizer = self.servicer.tokenizer
+        tokenizer = self.generations.tokenizer
         if self.template is None and not getattr(tokenizer, "chat_template", None):
             raise ApiError(400, "the target model's tokenizer has no chat template; start the orchestrator with "
                                 "--chat-template FILE (SPECDEC_CHAT_TEMPLATE)", param="messages")
-        limit = self.servicer.settings.max_chat_messages
+        limit = self.generations.settings.max_chat_messages
         if len(messages) > limit:
             raise ApiError(400, f"messages has {len(messages)} entries; at most {limit} are accepted (--max-chat-messages)",
                            param="messages")
@@ -46,7 +46,7 @@ class ChatTemplate:
             conversation.append({**(m.model_extra or {}), "role": m.role, "content": content}
                                 | ({"name": m.name} if m.name is not None else {}))
         # Sized before the template renders them (it only adds), and again after.
-        context, longest = self.servicer.target_info.max_context, self.servicer.longest_token_chars
+        context, longest = self.generations.target_info.max_context, self.generations.longest_token_chars
         chars = sum(len(c["content"]) for c in conversation)
         if context and chars > context * longest:
             raise InvalidRequest(f"the messages hold {chars} characters; the model's context of {context} tokens "
@@ -61,5 +61,5 @@ class ChatTemplate:
             raise InvalidRequest(f"the messages make a prompt of {len(text)} characters; the model's context of "
                                  f"{context} tokens holds at most {context * longest}")
         # The template writes any special tokens it wants (a BOS, the role markers): none added here.
-        return self.servicer.tokenize(text, "messages", add_special_tokens=False)
+        return self.generations.tokenize(text, "messages", add_special_tokens=False)
 

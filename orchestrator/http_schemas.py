@@ -11,9 +11,8 @@ from typing import Annotated, Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from specdec.orchestrator.http_responses import ApiError
-from specdec.records import DecodingMode
 from specdec.sampling import MAX_TOP_LOGPROBS
-from specdec.v1 import generation_pb2
+from specdec.generation import GenerationParams
 
 INT32_MAX, UINT64_MAX = 2**31 - 1, 2**64 - 1
 
@@ -101,8 +100,9 @@ class _Body(BaseModel):
     model_config = STRICT
     model: Optional[str] = None
     max_tokens: Optional[TokenCount] = None
-    temperature: Optional[Annotated[float, Field(ge=0, le=100, allow_inf_nan=False)]] = None
-    top_p: Optional[Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]] = None
+    # Ranges are the generation parameters' to check (specdec.generation): the same words as over gRPC.
+    temperature: Optional[Number] = None
+    top_p: Optional[Number] = None
     top_k: Optional[Annotated[int, Field(ge=-1, le=INT32_MAX)]] = None  # vLLM's: -1 or 0 = off
     seed: Optional[Annotated[int, Field(ge=0, le=UINT64_MAX)]] = None
     stop: Union[str, list[str], None] = None
@@ -195,30 +195,27 @@ def refuse_unsupported(body: _Body) -> None:
             raise ApiError(400, "response_format: only {\"type\": \"text\"} is supported", param="response_format")
 
 
-# --------------------------------------------------------------------------- JSON -> GenerateRequest
+# --------------------------------------------------------------------------- JSON -> GenerationParams
 
-def generate_request(body: _Body, prompt: dict[str, Any], rid: str, logprobs: bool, top_logprobs: int,
-                     max_tokens: int | None) -> generation_pb2.GenerateRequest:
-    """The ``GenerateRequest`` a gRPC client would send for the same thing (``prompt``: ``prompt=``
-    or ``prompt_token_ids=``)."""
+def generation_params(body: _Body, prompt: dict[str, Any], logprobs: bool, top_logprobs: int,
+                      max_tokens: int | None) -> GenerationParams:
+    """The generation's parameters (``prompt``: ``prompt=`` or ``prompt_ids=``), by the one
+    constructor every door uses: a bad value gets the gRPC door's words."""
     stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     spec = body.speculation or Speculation()
-    return generation_pb2.GenerateRequest(
+    return GenerationParams.of(
         **prompt,
         max_new_tokens=max_tokens or 0,  # 0: the server's default, shortened to fit the context
-        mode=DecodingMode.parse(body.mode).to_pb() if body.mode else generation_pb2.DECODING_MODE_UNSPECIFIED,
-        speculation=generation_pb2.SpeculationParams(
-            draft_length=spec.draft_length, beam_width=spec.beam_width, beam_depth=spec.beam_depth,
-            max_tree_nodes=spec.max_tree_nodes, **({"adaptive": spec.adaptive} if spec.adaptive is not None else {}),
-        ),
-        sampling=generation_pb2.SamplingParams(
-            temperature=1.0 if body.temperature is None else body.temperature,  # OpenAI's default
-            top_p=1.0 if body.top_p is None else body.top_p,
-            top_k=max(0, body.top_k or 0),
-            seed=body.seed or 0,
-        ),
+        mode=body.mode or None,
+        speculation={"draft_length": spec.draft_length, "beam_width": spec.beam_width, "beam_depth": spec.beam_depth,
+                     "max_tree_nodes": spec.max_tree_nodes, "adaptive": spec.adaptive},
+        sampling={
+            "temperature": 1.0 if body.temperature is None else body.temperature,  # OpenAI's default
+            "top_p": 1.0 if body.top_p is None else body.top_p,
+            "top_k": max(0, body.top_k or 0),
+            "seed": body.seed or 0,
+        },
         stop=stops,
-        request_id=rid,
         stop_token_ids=body.stop_token_ids or [],
         ignore_eos=bool(body.ignore_eos),
         logprobs=logprobs,
@@ -234,5 +231,5 @@ def completion_prompt(body: CompletionBody) -> dict[str, Any]:
         prompt = prompt[0]
     if isinstance(prompt, str):
         return {"prompt": prompt}
-    return {"prompt_token_ids": prompt}
+    return {"prompt_ids": prompt}
 

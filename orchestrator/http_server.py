@@ -106,9 +106,9 @@ class HttpServer:
         self.thread.join(timeout_s)
 
 
-def start_http(servicer, settings, token: str, registry) -> HttpServer:
+def start_http(generations, settings, token: str, registry) -> HttpServer:
     """The HTTP API of ``settings`` (``http_port``, ``host``, TLS, ``max_message_mb``,
     ``chat_template``), its port bound; :meth:`HttpServer.start` serves it."""
     threads = settings.max_active_generations + settings.max_queued_generations + 8
-    api = HttpApi(servicer, token, registry, settings.chat_template, settings.max_message_mb << 20, threads)
+    api = HttpApi(generations, token, registry, settings.chat_template, settings.max_message_mb << 20, threads)
     return HttpServer(api, settings)

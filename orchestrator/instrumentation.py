@@ -69,25 +69,25 @@ class ObservedGeneration:
         context = self.span.get_span_context()
         return format(context.trace_id, "032x") if context.is_valid else ""
 
-    def set_request(self, req, temperature: float = 0.0) -> None:
-        """Once the request is checked and holds a generation slot."""
-        self.mode = req.mode
+    def set_request(self, params, request_id: str) -> None:
+        """Once the request (``params``: a resolved GenerationParams) is checked and holds a generation slot."""
+        self.mode = params.mode
         self.admitted = time.perf_counter()
         if not self.span.is_recording():
             return
         self.span.set_attributes({
             # The wait for a generation slot (and checks before it), apart from the generation itself.
             "gen_ai.latency.time_in_queue": self.admitted - self.start,
-            "gen_ai.response.id": req.request_id,
-            "gen_ai.request.max_tokens": req.max_new_tokens,
-            "gen_ai.request.temperature": float(temperature),
-            "gen_ai.usage.input_tokens": len(req.prompt_ids),
-            "specdec.mode": req.mode,
-            "specdec.request_id": req.request_id,
-            "specdec.request.draft_length": req.draft_length,
-            "specdec.request.beam_width": req.beam_width,
-            "specdec.request.beam_depth": req.beam_depth,
-            "specdec.request.max_tree_nodes": req.max_tree_nodes,
+            "gen_ai.response.id": request_id,
+            "gen_ai.request.max_tokens": params.max_new_tokens,
+            "gen_ai.request.temperature": float(params.sampling.temperature),
+            "gen_ai.usage.input_tokens": len(params.prompt_ids),
+            "specdec.mode": str(params.mode),
+            "specdec.request_id": request_id,
+            "specdec.request.draft_length": params.speculation.draft_length,
+            "specdec.request.beam_width": params.speculation.beam_width,
+            "specdec.request.beam_depth": params.speculation.beam_depth,
+            "specdec.request.max_tree_nodes": params.speculation.max_tree_nodes,
         })
 
     def streamed(self, record, waited_s: float) -> None:

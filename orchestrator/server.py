@@ -1,8 +1,8 @@
-"""GenerationService, the public gRPC API: converts messages at the edge and runs the controller.
+"""GenerationService, the public gRPC API: a thin door over the orchestrator's generations.
 
-Requests become a :class:`~specdec.orchestrator.controller.GenerationRequest`; results go back through
-the records' own ``to_pb`` (``specdec.records``) and, with ``--log-dir``, into one
-:class:`~specdec.records.GenerationLog` file per generation. At start-up it asks the verify service
+Requests become a :class:`~specdec.generation.GenerationParams` (:func:`params_of`), run by
+:class:`~specdec.orchestrator.generations.Generations` as every door's are; results go back through
+the records' own ``to_pb`` (``specdec.records``). At start-up it asks the verify service
 and every draft service for their model info and refuses a draft (or its own tokenizer) whose
 tokenizer fingerprint differs from the target's.
 """
@@ -11,331 +11,115 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
-import dataclasses
-import functools
 import ipaddress
-import json
 import logging
 import sys
-import threading
-import time
-import uuid
-from typing import Callable, Iterator
 from pathlib import Path
 
-from specdec.orchestrator.calls import Call, Stall, StreamPiece
-from specdec.orchestrator.clients import GrpcDraftClient, GrpcVerifyClient, check_fingerprints, cost_curve
-from specdec.orchestrator.instrumentation import GenerationInstrumentation
-from specdec.orchestrator.resilience import GenerationQueue, ReplicatedVerifier
-from specdec.orchestrator.controller import MAX_STOP_TOKEN_IDS, GenerationRequest, Limits, SpeculativeController
 from specdec import config
 from specdec.cost import RoundCosts
-from specdec.detokenize import TextStream, token_texts
-from specdec.errors import InvalidRequest, NotReady, check_range
-from specdec.lookup import PromptLookup
-from specdec.records import DecodingMode, GenerationLog, GenerationResult, finish_reason_pb, stop_reason_pb
-from specdec.rpc.convert import sampling_params
+from specdec.errors import InvalidRequest, NotReady
+from specdec.generation import GenerationParams
+from specdec.orchestrator.calls import Call, Stall
+from specdec.orchestrator.clients import GrpcDraftClient, GrpcVerifyClient, check_fingerprints, cost_curve
+from specdec.orchestrator.generations import Generations
+from specdec.orchestrator.resilience import ReplicatedVerifier
+from specdec.records import DecodingMode, finish_reason_pb, stop_reason_pb
 from specdec.rpc.security import SecurityConfigError, auth_interceptors, describe_server_tls, load_token, use_client_tls
 from specdec.rpc.server import announce, exit_if_ports_in_use, serve_until_signalled, setup_logging, start_server, start_telemetry
 from specdec.rpc.status import rpc_method
 from specdec.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 
 log = logging.getLogger("specdec.orchestrator")
-TOKENIZERS_AT_ONCE = 4  # texts tokenized at once, over both doors
-PIECE_CHARS_PER_TOKEN = 4  # past this many characters a context token, a text is counted in pieces first
-PIECE_CHARS = 1 << 16
-TRACE_ID_KEY = "x-trace-id"  # gRPC metadata and HTTP header: the generation's trace id
+TRACE_ID_KEY = "x-trace-id"  # gRPC metadata: the generation's trace id (the HTTP door's X-Trace-Id)
 SERVICE_NAME = generation_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name
-MAX_STOP_STRINGS = 16
-MAX_STOP_CHARS = 1024
 
 
-MAX_REQUEST_ID_CHARS = 128
-
-
-def request_id(given: str) -> str:
-    """The client's request id, checked (it goes into logs and traces), or a new one."""
-    if not given:
-        return f"req-{uuid.uuid4().hex}"
-    if len(given) > MAX_REQUEST_ID_CHARS or not (given.isascii() and given.isprintable()):
-        raise InvalidRequest(f"request_id must be 1 to {MAX_REQUEST_ID_CHARS} printable ASCII characters")
-    return given
+def params_of(request: generation_pb2.GenerateRequest, max_context: int = 0) -> GenerationParams:
+    """A ``GenerateRequest`` as the generation's parameters (checked by their one constructor)."""
+    # A repeated field knows its length: counted against the context before it is copied (a
+    # message may carry millions of ids, the context holds far fewer).
+    if max_context and len(request.prompt_token_ids) >= max_context:
+        raise InvalidRequest(f"prompt has {len(request.prompt_token_ids)} tokens; the model's context is {max_context}")
+    spec, sampling = request.speculation, request.sampling
+    return GenerationParams.of(
+        prompt=request.prompt,
+        prompt_ids=request.prompt_token_ids,
+        max_new_tokens=request.max_new_tokens,
+        mode=DecodingMode.from_pb(request.mode),
+        speculation={"draft_length": spec.draft_length, "beam_width": spec.beam_width, "beam_depth": spec.beam_depth,
+                     "max_tree_nodes": spec.max_tree_nodes, "adaptive": spec.adaptive if spec.HasField("adaptive") else None},
+        sampling={"temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k, "seed": sampling.seed},
+        stop=request.stop,
+        stop_token_ids=request.stop_token_ids,
+        ignore_eos=request.ignore_eos,
+        logprobs=request.logprobs,
+        top_logprobs=request.top_logprobs,
+        include_rounds=request.include_rounds,
+    )
 
 
 class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
-    def __init__(self, settings: config.OrchestratorSettings, tokenizer, verify_client, draft_clients, target_info,
-                 metrics=None, costs: RoundCosts | None = None) -> None:
-        self.settings = settings
-        self.tokenizer = tokenizer
-        self.target_info = target_info
-        self.log_dir = Path(settings.log_dir) if settings.log_dir else None
-        limits = Limits(
-            vocab_size=target_info.vocab_size,
-            max_context=target_info.max_context,
-            max_new_tokens_limit=settings.max_new_tokens_limit,
-            eos_token_ids=frozenset(target_info.eos_token_ids),
-            speculation=settings,
-        )
-        # The generation's trace and the metrics (specdec.rpc.metrics.OrchestratorMetrics, or None when off).
-        self.instrumentation = GenerationInstrumentation(target_info.model, metrics)
-        self._tokenizing = threading.BoundedSemaphore(TOKENIZERS_AT_ONCE)
-        self.queue = GenerationQueue(settings.max_active_generations, settings.max_queued_generations,
-                                     max_wait_s=settings.max_queue_wait_s)
-        self.controller = SpeculativeController(
-            verify_client,
-            draft_clients,
-            limits,
-            detokenizer=functools.partial(TextStream, tokenizer),
-            draft_timeout_s=settings.draft_timeout_ms / 1e3,
-            verify_timeout_s=settings.verify_timeout_ms / 1e3,
-            instrumentation=self.instrumentation,
-            costs=costs,
-            lookup=PromptLookup(settings.lookup_max_ngram, settings.lookup_min_ngram) if settings.prompt_lookup else None,
-            lookup_depth=settings.lookup_depth,
-        )
+    """The gRPC door: ``GenerateRequest`` to :class:`~specdec.generation.GenerationParams`, the
+    generation run by :class:`~specdec.orchestrator.generations.Generations`, the result back to messages."""
 
-    def to_request(self, request) -> GenerationRequest:
-        s, spec = self.settings, request.speculation
-        if request.prompt and request.prompt_token_ids:
-            raise InvalidRequest("set one of prompt and prompt_token_ids, not both")
-        if request.prompt:
-            # Refused before tokenising: a text far past the context takes long to tokenise.
-            if self.target_info.max_context and len(request.prompt) > self.target_info.max_context * self.longest_token_chars:
-                raise InvalidRequest(
-                    f"prompt has {len(request.prompt)} characters; the model's context of {self.target_info.max_context} tokens holds at most "
-                    f"{self.target_info.max_context * self.longest_token_chars}"
-                )
-            prompt_ids = self.tokenize(request.prompt, "prompt")
-        elif request.prompt_token_ids:
-            # Counted before copied (the repeated field knows its length): a message may carry
-            # millions of ids, the context holds far fewer.
-            count, context = len(request.prompt_token_ids), self.target_info.max_context
-            if context and count >= context:
-                raise InvalidRequest(f"prompt has {count} tokens; the model's context is {context}")
-            prompt_ids = list(request.prompt_token_ids)
-        else:
-            raise InvalidRequest("prompt is empty: set prompt or prompt_token_ids")
-        mode = DecodingMode.from_pb(request.mode) or DecodingMode.parse(s.mode)
-        try:
-            sampling = sampling_params(request.sampling, seed=request.sampling.seed)
-        except InvalidRequest as exc:
-            raise InvalidRequest(f"sampling.{exc}") from None
-        # Bounded because every round searches the output for each stop string and its prefixes.
-        if len(request.stop) > MAX_STOP_STRINGS:
-            raise InvalidRequest(f"stop has {len(request.stop)} strings; at most {MAX_STOP_STRINGS} are allowed")
-        for i, stop in enumerate(request.stop):
-            if not stop:
-                raise InvalidRequest(f"stop[{i}] is empty")
-            if len(stop) > MAX_STOP_CHARS:
-                raise InvalidRequest(f"stop[{i}] has {len(stop)} characters; at most {MAX_STOP_CHARS} are allowed")
-        check_range("stop_token_ids count", len(request.stop_token_ids), 0, MAX_STOP_TOKEN_IDS)
-        return GenerationRequest(
-            prompt_ids=prompt_ids,
-            max_new_tokens=request.max_new_tokens or self.default_max_new_tokens(len(prompt_ids)),
-            mode=mode,
-            draft_length=spec.draft_length or s.draft_length,
-            beam_width=spec.beam_width or s.beam_width,
-            beam_depth=spec.beam_depth or s.beam_depth,
-            max_tree_nodes=spec.max_tree_nodes or s.max_tree_nodes,
-            adaptive=spec.adaptive if spec.HasField("adaptive") else s.adaptive,
-            stop=list(request.stop),
-            include_rounds=request.include_rounds,
-            sampling=sampling,
-            request_id=request_id(request.request_id),
-            stop_token_ids=list(request.stop_token_ids),  # counted above, before copied; the controller checks each
-            ignore_eos=request.ignore_eos,
-            logprobs=request.logprobs,
-            top_logprobs=request.top_logprobs,
-        )
+    def __init__(self, generations: Generations) -> None:
+        self.generations = generations
 
-    def tokenize(self, text: str, what: str, add_special_tokens: bool = True) -> list[int]:
-        """``text``'s token ids, tokenized a few texts at a time (``TOKENIZERS_AT_ONCE``: a long
-        text takes a worker thread for a while, and the doors' threads must not all wait on it).
-        A text longer than ``PIECE_CHARS_PER_TOKEN`` characters a token of the context is counted
-        in pieces first, and refused as soon as they hold more tokens than the context (less one a
-        piece, for the tokens a cut can split): a many-megabyte prompt costs a context's worth of
-        tokenizing, not its whole length."""
-        context = self.target_info.max_context
-        with self._tokenizing:
-            if context and len(text) > context * PIECE_CHARS_PER_TOKEN:
-                counted, pieces = 0, 0
-                for start in range(0, len(text), PIECE_CHARS):
-                    counted += len(self.tokenizer(text[start:start + PIECE_CHARS], add_special_tokens=False).input_ids)
-                    pieces += 1
-                    if counted - pieces >= context:
-                        raise InvalidRequest(f"{what} has more than {context} tokens (counted in its first {start + PIECE_CHARS} "
-                                             f"characters); the model's context is {context}")
-            return self.tokenizer(text, add_special_tokens=add_special_tokens).input_ids
-
-    @functools.cached_property
-    def longest_token_chars(self) -> int:
-        """Characters in the tokenizer's longest token: a prompt has at least len(text) / this many tokens."""
-        return max(map(len, self.tokenizer.get_vocab()), default=1)
-
-    def default_max_new_tokens(self, prompt_len: int) -> int:
-        """The server default, shortened to fit the model's context (an explicit value is never cut)."""
-        room = self.target_info.max_context - prompt_len if self.target_info.max_context else self.settings.max_new_tokens
-        return max(1, min(self.settings.max_new_tokens, room))
-
-    @contextlib.contextmanager
-    def admitted(self, request, observed, deadline: float | None = None,
-                 cancelled: Callable[[], bool] | None = None) -> Iterator[GenerationRequest]:
-        """The checked request, bound to the client's ``deadline`` (``time.monotonic()``; None: none)
-        and liveness (``cancelled()`` true once the client has gone; the controller stops between
-        rounds when either ends), holding a generation slot while the block runs."""
-        req = self.to_request(request)
-        self.controller.check(req)
-        # The server's own deadline bounds every generation; a client's may only shorten it.
-        if self.settings.generation_timeout_s:
-            own = time.monotonic() + self.settings.generation_timeout_s
-            deadline = own if deadline is None else min(deadline, own)
-        req.deadline = deadline
-        req.cancelled = cancelled
-        self.queue.acquire(req.deadline, req.cancelled)
-        try:
-            observed.set_request(req, request.sampling.temperature)
-            yield req
-        finally:
-            self.queue.release()
-
-    # The front doors (gRPC here, HTTP in specdec.orchestrator.http_api) run every generation
-    # through the two methods below: the same checks, admission, instrumentation and run log.
-
-    def run_generation(self, request, call: Call) -> tuple[GenerationRequest, GenerationResult, list[str]]:
-        """One whole generation of a ``GenerateRequest``: the checked request, its result, and the
-        text each generated token adds."""
-        with self.instrumentation.generation(call.method, call.grpc_context, call.http_headers, call.operation) as observed:
-            self.announce_trace(call, observed)
-            with self.admitted(request, observed, call.deadline, call.cancelled) as req:
-                result = self.controller.generate(req, observed.trace_parent)
-            observed.finish(result)
-        texts = token_texts(self.tokenizer, result.token_ids)
-        self.write_log(req, result, texts, call.trace_id)
-        return req, result, texts
-
-    def stream_generation(self, request, call: Call) -> Iterator[GenerationRequest | StreamPiece]:
-        """A generation as it goes: first the checked request once it holds a generation slot (a
-        refusal raises before it), then a :class:`StreamPiece` per round, then the last piece, with
-        the text held back until the end and the result. Closing the iterator early (the client
-        went away) stops the generation and releases its sessions in every service."""
-        # The generation span is not made current here: this generator yields inside it.
-        with self.instrumentation.generation(call.method, call.grpc_context, call.http_headers, call.operation) as observed:
-            self.announce_trace(call, observed)
-            with self.admitted(request, observed, call.deadline, call.cancelled) as req:
-                yield req
-                stream = self.controller.stream(req, observed.trace_parent)
-                sent = 0  # characters of text handed out so far
-                try:
-                    while True:
-                        record = next(stream)
-                        sent += len(record.text)
-                        handed = time.perf_counter()
-                        yield StreamPiece(record.new_tokens, record.text, record.logprobs, record=record)
-                        # How long the door took to pass it on: a slow reader shows here, not as compute.
-                        observed.streamed(record, time.perf_counter() - handed)
-                except StopIteration as done:
-                    result = done.value
-                finally:
-                    # Also when the client goes away (GeneratorExit here): the controller's own
-                    # clean-up releases the sessions in every service.
-                    stream.close()
-            observed.finish(result)
-        self.write_log(req, result, trace_id=call.trace_id)
-        # Any text held back (it might have begun a stop string), and the totals.
-        yield StreamPiece([], result.text[sent:], [], result=result)
+    def params_of(self, request) -> GenerationParams:
+        return params_of(request, self.generations.target_info.max_context)
 
     @staticmethod
-    def announce_trace(call: Call, observed) -> None:
-        """The generation's trace id, for the caller to find its trace by: on ``call`` (the HTTP
-        door answers it as X-Trace-Id) and, over gRPC, in the response's initial metadata."""
-        call.trace_id = observed.trace_id
-        if call.trace_id and call.grpc_context is not None:
-            call.grpc_context.send_initial_metadata(((TRACE_ID_KEY, call.trace_id),))
+    def call(method: str, request, context) -> Call:
+        call = Call.of_grpc(method, context)
+        call.request_id = request.request_id
+        call.on_trace_id = lambda trace_id: context.send_initial_metadata(((TRACE_ID_KEY, trace_id),))
+        return call
 
     @rpc_method
     def Generate(self, request, context):
-        req, result, texts = self.run_generation(request, Call.of_grpc("Generate", context))
-        return result.to_pb(req.include_rounds, texts)
+        params, result, texts = self.generations.run(self.params_of(request), self.call("Generate", request, context))
+        return result.to_pb(params.include_rounds, texts)
 
     @rpc_method
     def GenerateStream(self, request, context):
         # A client that takes no message for stall_timeout_s is cut off (the call cancelled): gRPC's
         # own flow control would otherwise hold the generation, and its slot, at a send forever.
-        stall = Stall(self.settings.stall_timeout_s, context.cancel)
-        with contextlib.closing(self.stream_generation(request, Call.of_grpc("GenerateStream", context))) as pieces:
-            req = next(pieces)
+        stall = Stall(self.generations.settings.stall_timeout_s, context.cancel)
+        pieces = self.generations.stream(self.params_of(request), self.call("GenerateStream", request, context))
+        with contextlib.closing(pieces):
+            params, call = next(pieces)
             for piece in pieces:
                 if piece.result is None:
                     with stall:
                         yield generation_pb2.GenerateStreamResponse(
                             token_ids=piece.token_ids,
                             text=piece.text,
-                            round=piece.record.to_pb() if req.include_rounds else None,
+                            round=piece.record.to_pb() if params.include_rounds else None,
                             logprobs=[t.to_pb() for t in piece.logprobs],
-                            request_id=req.request_id,
+                            request_id=call.request_id,
                         )
                 else:
                     result = piece.result
                     # The last message: any text held back, and the totals.
                     yield generation_pb2.GenerateStreamResponse(
                         text=piece.text, finish_reason=finish_reason_pb(result.finish_reason), stats=result.stats.to_pb(),
-                        request_id=req.request_id, **stop_reason_pb(result.stop_reason),
+                        request_id=call.request_id, **stop_reason_pb(result.stop_reason),
                     )
 
     @rpc_method
     def GetInfo(self, request, context):
+        generations = self.generations
         info = common_pb2.ModelInfo()
-        info.CopyFrom(self.target_info)
+        info.CopyFrom(generations.target_info)
         info.service = "orchestrator"
         # The orchestrator's sessions are its generations: running or waiting for a slot.
-        info.active_sessions = self.queue.active + self.queue.queued
+        info.active_sessions = generations.queue.active + generations.queue.queued
         info.cached_tokens = 0
         return info
 
-    def write_log(self, req: GenerationRequest, result: GenerationResult, texts: list[str] | None = None, trace_id: str = "") -> None:
-        if self.log_dir is None:
-            return
-        try:
-            self.log_dir.mkdir(parents=True, exist_ok=True)
-            path = self.log_dir / f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}.json"
-            with_text = self.settings.log_text
-            entry = GenerationLog(
-                result=result,
-                target_model=self.target_info.model,
-                # Field by field: the left-out ones (a callable, the prompt) are never copied.
-                request={f.name: copy.deepcopy(getattr(req, f.name)) for f in dataclasses.fields(req)
-                         if f.name not in ("prompt_ids", "deadline", "cancelled")}
-                | {"prompt_tokens": len(req.prompt_ids), "sampling": dataclasses.asdict(req.sampling)}
-                | ({"trace_id": trace_id} if trace_id else {}),
-                # Only with --log-text (GenerationLog.counts_json leaves every text and token id out
-                # otherwise): the prompt and each token's text, so that the log alone can be shown.
-                prompt=self.tokenizer.decode(req.prompt_ids, skip_special_tokens=True) if with_text else "",
-                prompt_token_ids=list(req.prompt_ids) if with_text else [],
-                token_texts=(texts if texts is not None else token_texts(self.tokenizer, result.token_ids)) if with_text else [],
-                with_text=with_text,
-            )
-            path.write_text(json.dumps(entry.to_json(), indent=1))
-            prune(self.log_dir, self.settings.log_max_mb << 20)
-        except OSError as exc:
-            log.warning("could not write the run log: %s", exc)
 
-
-def prune(directory: Path, max_bytes: int) -> int:
-    """Delete the oldest ``*.json`` files of ``directory`` until the rest take at most ``max_bytes``;
-    how many went. (Every write checks: a listing of a few thousand files costs about a millisecond.)"""
-    files = sorted(directory.glob("*.json"), key=lambda p: p.name)  # names begin with the time written
-    sizes = [p.stat().st_size for p in files]
-    total, gone = sum(sizes), 0
-    for path, size in zip(files, sizes):
-        if total <= max_bytes:
-            break
-        path.unlink(missing_ok=True)
-        total, gone = total - size, gone + 1
-    return gone
-
-
-def build_servicer(settings: config.OrchestratorSettings, startup_timeout_s: float = 600.0, metrics=None) -> GenerationServicer:
+def build_generations(settings: config.OrchestratorSettings, startup_timeout_s: float = 600.0, metrics=None) -> Generations:
     from transformers import AutoTokenizer
 
     from specdec.model_store import resolve_model, tokenizer_fingerprint
@@ -367,7 +151,7 @@ def build_servicer(settings: config.OrchestratorSettings, startup_timeout_s: flo
     costs = RoundCosts(cost_curve(target_info), {c.name: cost_curve(i) for c, i in zip(draft_clients, draft_infos.values())})
     log.info("forward costs, ms by rows: verify %s; %s", costs.verify.points,
              "; ".join(f"{name} {curve.points}" for name, curve in costs.drafts.items()))
-    return GenerationServicer(settings, tokenizer, verify_client, draft_clients, target_info, metrics, costs)
+    return Generations(settings, tokenizer, verify_client, draft_clients, target_info, metrics, costs)
 
 
 def open_door(settings: config.OrchestratorSettings) -> str | None:
@@ -408,12 +192,13 @@ def main(argv: list[str] | None = None) -> None:
         print(f"specdec orchestrator: cannot start: {exc}", file=sys.stderr, flush=True)
         sys.exit(1)
     try:
-        servicer = build_servicer(settings, metrics=metrics)
+        generations = build_generations(settings, metrics=metrics)
+        servicer = GenerationServicer(generations)
         http = None
         if settings.http_port:
             from specdec.orchestrator.http_server import start_http
 
-            http = start_http(servicer, settings, load_token(settings), metrics.registry)  # its port bound now
+            http = start_http(generations, settings, load_token(settings), metrics.registry)  # its port bound now
     except (NotReady, SecurityConfigError, OSError) as exc:
         # A refused configuration is the operator's to fix: say why plainly, no traceback.
         print(f"specdec orchestrator: cannot start: {exc}", file=sys.stderr, flush=True)

@@ -31,6 +31,8 @@ from dataclasses import dataclass
 
 import torch
 
+from specdec.errors import InvalidRequest
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -38,6 +40,18 @@ class SamplingParams:
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1 (or 0) = off
     seed: int = 0  # the noise's key; 0 = none given (the orchestrator draws one per generation)
+
+    def __post_init__(self) -> None:
+        if not self.temperature >= 0:  # also catches NaN
+            raise InvalidRequest(f"temperature = {self.temperature} must be >= 0")
+        if not 0 <= self.top_p <= 1:
+            raise InvalidRequest(f"top_p = {self.top_p} must be in [0, 1]")
+        if self.top_k < 0:
+            raise InvalidRequest(f"top_k = {self.top_k} must be >= 0")
+        if not 0 <= self.seed < 1 << 64:
+            raise InvalidRequest(f"seed = {self.seed} must be in [0, 2**64)")
+        if self.top_p == 0:  # 0 means off, as 1 does
+            object.__setattr__(self, "top_p", 1.0)
 
     @property
     def greedy(self) -> bool:

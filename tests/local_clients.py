@@ -8,6 +8,7 @@ import functools
 from specdec.detokenize import TextStream
 from specdec.cost import EarlyStop
 from specdec.draft_service.drafter import BeamDrafter
+from specdec.generation import GenerationParams, Speculation
 from specdec.orchestrator.controller import Limits, SpeculativeController
 from specdec.sampling import SamplingParams
 from specdec.speculation import Proposal
@@ -52,3 +53,10 @@ def local_controller(verify: LocalVerify, drafts: list, eos_token_ids=(), max_ne
     limits = Limits(vocab_size=VOCAB, max_context=512, max_new_tokens_limit=max_new_tokens_limit,
                     eos_token_ids=frozenset(eos_token_ids))
     return SpeculativeController(verify, drafts, limits, detokenizer(), **kwargs)
+
+
+def params(prompt_ids, max_new_tokens: int, mode: str, draft_length: int = 2, beam_width: int = 2, beam_depth: int = 4,
+           max_tree_nodes: int = 64, adaptive: bool = False, **fields) -> GenerationParams:
+    """Resolved generation parameters for the controller, fixed shapes unless ``adaptive``."""
+    return GenerationParams.of(prompt_ids=prompt_ids, max_new_tokens=max_new_tokens, mode=mode,
+                               speculation=Speculation(draft_length, beam_width, beam_depth, max_tree_nodes, adaptive), **fields)

@@ -6,7 +6,6 @@ Requests' sampling fields become a checked :class:`~specdec.sampling.SamplingPar
 
 from __future__ import annotations
 
-from specdec.errors import InvalidRequest
 from specdec.sampling import SamplingParams
 from specdec.service_info import ModelDescription
 from specdec.v1 import common_pb2
@@ -14,13 +13,7 @@ from specdec.v1 import common_pb2
 
 def sampling_params(message, seed: int = 0) -> SamplingParams:
     """SamplingParams from a request's temperature / top_p / top_k fields, checked."""
-    if not message.temperature >= 0:  # also catches NaN
-        raise InvalidRequest(f"temperature = {message.temperature} must be >= 0")
-    if not 0 <= message.top_p <= 1:
-        raise InvalidRequest(f"top_p = {message.top_p} must be in [0, 1]")
-    if message.top_k < 0:
-        raise InvalidRequest(f"top_k = {message.top_k} must be >= 0")
-    return SamplingParams(temperature=message.temperature, top_k=message.top_k, top_p=message.top_p or 1.0, seed=seed)
+    return SamplingParams(temperature=message.temperature, top_k=message.top_k, top_p=message.top_p, seed=seed)
 
 
 def model_info_pb(info: ModelDescription, store) -> common_pb2.ModelInfo:

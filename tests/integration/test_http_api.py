@@ -384,7 +384,7 @@ def test_oversized_chunked_body_is_413():
         return {"type": "http.request", "body": b"x" * 4, "more_body": True}  # never ends
 
     request = Request({"type": "http", "method": "POST", "path": "/", "headers": []}, receive)
-    api = types.SimpleNamespace(max_body_bytes=10, servicer=types.SimpleNamespace(settings=types.SimpleNamespace(http_read_timeout_s=10)))
+    api = types.SimpleNamespace(max_body_bytes=10, generations=types.SimpleNamespace(settings=types.SimpleNamespace(http_read_timeout_s=10)))
     with pytest.raises(http_api.ApiError) as refused:
         asyncio.run(http_api.HttpApi.read_json(api, request))
     assert refused.value.status == 413 and len(sent) == 3

@@ -9,11 +9,10 @@ import random
 import pytest
 import torch
 
-from local_clients import LocalDraft, LocalVerify, local_controller
+from local_clients import LocalDraft, LocalVerify, local_controller, params
 from specdec.engine import tree_forward
 from specdec.kernels import make_batch_invariant
 from specdec.kv_cache import SessionKV
-from specdec.orchestrator.controller import GenerationRequest
 from specdec.tools.gpu_check import TREE_SHAPES, check_tree
 from specdec.tools.gpu_check import mismatched_nodes as check_mismatched_nodes
 from specdec.tree import TokenTree
@@ -111,8 +110,8 @@ def test_speculative_output_is_one_token_greedy_bit_for_bit(flat_target, mode, s
     drafts = [LocalDraft("self", flat_target), LocalDraft("truncated", truncated_copy(flat_target, 1))]
     c = local_controller(LocalVerify(flat_target), drafts, eos_token_ids={EOS})
     request = dict(draft_length=5, beam_width=2, beam_depth=4, max_tree_nodes=64) | settings
-    result = c.generate(GenerationRequest(PROMPT, 20, mode, request["draft_length"], request["beam_width"],
-                                          request["beam_depth"], request["max_tree_nodes"]))
+    result = c.generate(params(PROMPT, 20, mode, request["draft_length"], request["beam_width"],
+                               request["beam_depth"], request["max_tree_nodes"]))
     assert result.token_ids == stepped_greedy(flat_target, PROMPT, 20)
 
 
@@ -133,7 +132,7 @@ def test_an_int8_target_is_batch_invariant(int8_target, rows):
     rng = random.Random(rows)
     assert mismatched_nodes(int8_target, random_tree(rng, rows), PROMPT, cached=4) == []
     c = local_controller(LocalVerify(int8_target), [LocalDraft("self", int8_target)], eos_token_ids={EOS})
-    result = c.generate(GenerationRequest(PROMPT, 16, "tree", 3, 2, rows, 64))
+    result = c.generate(params(PROMPT, 16, "tree", 3, 2, rows, 64))
     assert result.token_ids == stepped_greedy(int8_target, PROMPT, 16)
 
 

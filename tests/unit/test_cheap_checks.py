@@ -11,11 +11,13 @@ import grpc
 import pytest
 
 from specdec import config
+from specdec.generation import GenerationParams
 from specdec.errors import InvalidRequest
-from specdec.orchestrator.controller import GenerationRequest
-from specdec.orchestrator.server import SERVICE_NAME, GenerationServicer
+from specdec.orchestrator.generations import Generations
+from specdec.orchestrator.server import SERVICE_NAME, GenerationServicer, params_of
 from specdec.rpc.server import start_server
 from specdec.v1 import common_pb2, generation_pb2, generation_pb2_grpc
+from local_clients import params
 from tiny_models import EOS, VOCAB, tiny_tokenizer
 
 MAX_CONTEXT = 512
@@ -49,7 +51,7 @@ class CountingTokenizer:
 def servicer():
     settings = config.from_env(config.OrchestratorSettings, environ={}, log_dir="", target_model="tiny")
     info = common_pb2.ModelInfo(model="tiny", vocab_size=VOCAB, max_context=MAX_CONTEXT, eos_token_ids=[EOS])
-    return GenerationServicer(settings, CountingTokenizer(tiny_tokenizer()), NoVerify(), [], info)
+    return GenerationServicer(Generations(settings, CountingTokenizer(tiny_tokenizer()), NoVerify(), [], info))
 
 
 @pytest.fixture(scope="module")
@@ -76,10 +78,8 @@ def huge_ids_request(count: int = HUGE, token: int = 5) -> generation_pb2.Genera
     return generation_pb2.GenerateRequest.FromString(b"\x12" + varint(len(ids)) + ids + b"\x18\x08")
 
 
-def checked(servicer, request) -> GenerationRequest:
-    req = servicer.to_request(request)
-    servicer.controller.check(req)
-    return req
+def checked(servicer, request) -> GenerationParams:
+    return servicer.generations.resolve(params_of(request, MAX_CONTEXT))
 
 
 def test_huge_prompt_ids_refused_before_a_copy(servicer):
@@ -111,12 +111,12 @@ def test_huge_prompt_ids_answered_invalid_argument(stub, streamed):
 
 
 def test_huge_prompt_text_refused_before_tokenising(servicer):
-    calls = servicer.tokenizer.calls
+    calls = servicer.generations.tokenizer.calls
     start = time.perf_counter()
     with pytest.raises(InvalidRequest, match="characters"):
         checked(servicer, generation_pb2.GenerateRequest(prompt="a" * 5_000_000, max_new_tokens=8))
     assert time.perf_counter() - start < QUICK_S
-    assert servicer.tokenizer.calls == calls
+    assert servicer.generations.tokenizer.calls == calls
 
 
 def test_the_first_bad_token_is_named(servicer):
@@ -131,13 +131,13 @@ def test_size_is_checked_before_the_tokens(servicer):
     with pytest.raises(InvalidRequest, match=f"prompt has {MAX_CONTEXT} tokens"):
         checked(servicer, generation_pb2.GenerateRequest(prompt_token_ids=[-1] * MAX_CONTEXT, max_new_tokens=8))
     # The controller checks a request built in-process the same way.
-    req = GenerationRequest([VOCAB] * (MAX_CONTEXT + 1), 8, "tree", 2, 2, 4, 64)
+    req = params([VOCAB] * (MAX_CONTEXT + 1), 8, "tree", 2, 2, 4, 64)
     with pytest.raises(InvalidRequest, match="context"):
-        servicer.controller.check(req)
+        servicer.generations.controller.check(req)
 
 
 def test_a_prompt_that_fits_passes(servicer):
     req = checked(servicer, generation_pb2.GenerateRequest(prompt_token_ids=[0, 5, VOCAB - 1] * 10, max_new_tokens=8))
-    assert req.prompt_ids == [0, 5, VOCAB - 1] * 10
+    assert list(req.prompt_ids) == [0, 5, VOCAB - 1] * 10
     req = checked(servicer, generation_pb2.GenerateRequest(prompt="def f(x):", max_new_tokens=8))
     assert len(req.prompt_ids) == len("def f(x):")

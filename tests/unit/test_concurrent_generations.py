@@ -8,8 +8,8 @@ import threading
 
 import pytest
 
-from local_clients import LocalDraft, LocalVerify, local_controller
-from specdec.orchestrator.controller import GenerationRequest
+from local_clients import LocalDraft, LocalVerify, local_controller, params
+from specdec.generation import GenerationParams
 from specdec.sampling import SamplingParams
 from test_batch_invariance import VARIANTS, invariant, stepped_greedy, tiny_model
 from tiny_models import EOS, truncated_copy
@@ -26,12 +26,12 @@ def target(request):
     return invariant(tiny_model(seed=0, layers=3, sharpness=1.5, hidden=128, dtype=dtype), kernel)
 
 
-def request_for(i: int, **extra) -> GenerationRequest:
+def request_for(i: int, **extra) -> GenerationParams:
     mode, width, depth, nodes = SHAPES[i % len(SHAPES)]
-    return GenerationRequest(PROMPTS[i % len(PROMPTS)], 12 + 4 * (i % 5), mode, depth, width, depth, nodes, **extra)
+    return params(PROMPTS[i % len(PROMPTS)], 12 + 4 * (i % 5), mode, depth, width, depth, nodes, **extra)
 
 
-def run_concurrently(controller, requests: list[GenerationRequest]) -> list[list[int]]:
+def run_concurrently(controller, requests: list[GenerationParams]) -> list[list[int]]:
     outputs = [None] * len(requests)
     start = threading.Barrier(len(requests))
 

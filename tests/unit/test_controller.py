@@ -6,10 +6,11 @@ import time
 
 import pytest
 
-from local_clients import LocalDraft, LocalVerify, local_controller
+from local_clients import LocalDraft, LocalVerify, local_controller, params
 from specdec.config import SpeculationLimits
 from specdec.errors import InvalidRequest
-from specdec.orchestrator.controller import GenerationRequest, Limits, SpeculativeController
+from specdec.generation import CallContext
+from specdec.orchestrator.controller import Limits, SpeculativeController
 from tiny_models import EOS, VOCAB, reference_greedy, tiny_qwen2, tiny_tokenizer, truncated_copy
 
 PROMPTS = [[11, 40, 3, 77, 25, 60, 8], [5], list(range(20, 50))]
@@ -50,7 +51,7 @@ def controller(target, draft_clients, **kwargs):
 
 
 def request(prompt, mode, max_new_tokens=24, draft_length=5, beam_width=2, beam_depth=4, max_tree_nodes=64, **kwargs):
-    return GenerationRequest(prompt, max_new_tokens, mode, draft_length, beam_width, beam_depth, max_tree_nodes, **kwargs)
+    return params(prompt, max_new_tokens, mode, draft_length, beam_width, beam_depth, max_tree_nodes, **kwargs)
 
 
 @pytest.mark.parametrize("prompt", PROMPTS)
@@ -196,8 +197,8 @@ def test_cancelled_request_stops_and_releases_its_sessions(target, drafts):
     verify, draft = LocalVerify(target), LocalDraft("self", drafts["self"])
     c = local_controller(verify, [draft], max_new_tokens_limit=100)
     rounds = []
-    req = request(PROMPTS[0], "tree", max_new_tokens=60, cancelled=lambda: len(rounds) >= 2)
-    stream = c.stream(req)
+    req = request(PROMPTS[0], "tree", max_new_tokens=60)
+    stream = c.stream(req, CallContext(cancelled=lambda: len(rounds) >= 2))
     with pytest.raises(Cancelled):
         for record in stream:
             rounds.append(record)
@@ -213,7 +214,7 @@ def test_passed_deadline_stops_the_generation(target, drafts):
 
     c = controller(target, [LocalDraft("self", drafts["self"])])
     with pytest.raises(DeadlineExceeded):
-        c.generate(request(PROMPTS[0], "tree", max_new_tokens=10, deadline=time.monotonic() - 1))
+        c.generate(request(PROMPTS[0], "tree", max_new_tokens=10), CallContext(deadline=time.monotonic() - 1))
 
 
 @pytest.mark.parametrize("mode", ["sequential", "tree"])

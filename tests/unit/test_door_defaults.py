@@ -11,7 +11,8 @@ import grpc
 import pytest
 
 from specdec import config
-from specdec.orchestrator.server import open_door, prune
+from specdec.orchestrator.generations import prune
+from specdec.orchestrator.server import open_door
 from specdec.rpc.status import status_of
 
 
@@ -69,7 +70,7 @@ def test_a_huge_prompt_is_counted_in_pieces_and_refused_early():
     import types
 
     from specdec.errors import InvalidRequest
-    from specdec.orchestrator.server import PIECE_CHARS, GenerationServicer
+    from specdec.orchestrator.generations import PIECE_CHARS, Generations
     from tiny_models import tiny_tokenizer
 
     tokenizer = tiny_tokenizer()
@@ -82,9 +83,9 @@ def test_a_huge_prompt_is_counted_in_pieces_and_refused_early():
     servicer = types.SimpleNamespace(target_info=types.SimpleNamespace(max_context=512), tokenizer=counting,
                                      _tokenizing=threading.BoundedSemaphore(1))
     short = "def f(x): return x"
-    assert GenerationServicer.tokenize(servicer, short, "prompt") == tokenizer(short).input_ids
+    assert Generations.tokenize(servicer, short, "prompt") == tokenizer(short).input_ids
     assert calls == [len(short)]
     calls.clear()
     with pytest.raises(InvalidRequest, match="prompt has more than 512 tokens"):
-        GenerationServicer.tokenize(servicer, "ab" * 2_000_000, "prompt")
+        Generations.tokenize(servicer, "ab" * 2_000_000, "prompt")
     assert calls == [PIECE_CHARS]  # one piece counted, not four million characters

@@ -151,3 +151,25 @@ def test_every_folder_is_installed(graph):
     for module, path in project_modules().items():
         if path.name == "__init__.py":
             assert module in packages, f"{module} ({path}) is not in pyproject.toml's packages"
+
+
+# The orchestrator's doors and its core: each door converts its wire format into the core's types
+# (specdec.generation) and runs them through the core (specdec.orchestrator.generations); no door
+# calls another, and the core speaks no protocol.
+GRPC_DOOR = "specdec.orchestrator.server"
+HTTP_DOOR = ("specdec.orchestrator.http_api", "specdec.orchestrator.http_schemas", "specdec.orchestrator.http_chat",
+             "specdec.orchestrator.http_responses", "specdec.orchestrator.http_streaming", "specdec.orchestrator.http_server")
+CORE = ("specdec.generation", "specdec.orchestrator.generations", "specdec.orchestrator.controller")
+PROTOCOLS = ("grpc", "grpc_health", "grpc_reflection", "specdec.v1", "specdec.rpc", "starlette", "uvicorn", "pydantic", "anyio")
+
+
+def test_the_doors_never_import_each_other(graph):
+    assert GRPC_DOOR in graph and all(m in graph for m in HTTP_DOOR)
+    assert not [i for i in graph[GRPC_DOOR] if i in HTTP_DOOR and i != "specdec.orchestrator.http_server"]
+    assert not {m: sorted(i for i in graph[m] if i == GRPC_DOOR) for m in HTTP_DOOR if GRPC_DOOR in graph[m]}
+
+
+def test_the_core_imports_no_protocol_and_no_door(graph):
+    bad = {m: sorted(i for i in graph[m] if any(under(i, p) for p in PROTOCOLS) or i == GRPC_DOOR or i in HTTP_DOOR)
+           for m in CORE}
+    assert not {m: i for m, i in bad.items() if i}

@@ -6,8 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from local_clients import LocalDraft, LocalVerify, local_controller
-from specdec.orchestrator.controller import GenerationRequest
+from local_clients import LocalDraft, LocalVerify, local_controller, params
 from specdec.quantize import Int8Linear, quantize_model
 from tiny_models import EOS, reference_greedy, tiny_qwen2, truncated_copy
 
@@ -82,8 +81,8 @@ def test_int8_draft_is_lossless(target, prompt, vocab_limit, mode, settings):
         LocalDraft("truncated-int8", quantize_model(truncated_copy(target, 1), "int8"), vocab_limit=vocab_limit),
     ]
     c = local_controller(LocalVerify(target), drafts, eos_token_ids={EOS})
-    request = GenerationRequest(prompt, 24, mode, settings.get("draft_length", 2), settings.get("beam_width", 2),
-                                settings.get("beam_depth", 4), 64, adaptive=False)
+    request = params(prompt, 24, mode, settings.get("draft_length", 2), settings.get("beam_width", 2),
+                     settings.get("beam_depth", 4), 64, adaptive=False)
     result = c.generate(request)
     assert result.token_ids == reference_greedy(target, prompt, 24)
     if not vocab_limit:  # (with 40 ids a draft cannot propose the target's tokens beyond them)

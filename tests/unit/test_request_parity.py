@@ -6,9 +6,9 @@ token and the length."""
 import pytest
 import torch
 
-from local_clients import LocalDraft, LocalVerify, local_controller
+from specdec.generation import CallContext
+from local_clients import LocalDraft, LocalVerify, local_controller, params
 from specdec.errors import InvalidRequest
-from specdec.orchestrator.controller import GenerationRequest
 from specdec.records import GenerationResult
 from specdec.sampling import SamplingParams, distribution
 from tiny_models import EOS, reference_greedy, tiny_qwen2, truncated_copy
@@ -27,7 +27,7 @@ def reference(target):
 
 
 def request(mode="tree", max_new_tokens=30, **kwargs):
-    return GenerationRequest(PROMPT, max_new_tokens, mode, 4, 2, 4, 64, **kwargs)
+    return params(PROMPT, max_new_tokens, mode, 4, 2, 4, 64, **kwargs)
 
 
 def controller(target, eos=EOS):
@@ -100,7 +100,7 @@ def test_bad_fields_are_refused_by_name(target, fields, message):
 
 
 def test_result_round_trips_through_json_and_proto(target):
-    result = controller(target).generate(request(max_new_tokens=6, logprobs=True, top_logprobs=2, request_id="abc-1"))
+    result = controller(target).generate(request(max_new_tokens=6, logprobs=True, top_logprobs=2), CallContext("abc-1"))
     again = GenerationResult.from_json(result.to_json())
     assert again.logprobs == result.logprobs and again.request_id == "abc-1" and again.finish_reason == result.finish_reason
     message = result.to_pb()

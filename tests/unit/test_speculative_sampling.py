@@ -7,8 +7,7 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from local_clients import LocalDraft, LocalVerify, local_controller
-from specdec.orchestrator.controller import GenerationRequest
+from local_clients import LocalDraft, LocalVerify, local_controller, params
 from specdec.sampling import SamplingParams, distribution
 from specdec.v1 import generation_pb2, generation_pb2_grpc
 from tiny_models import tiny_qwen2, truncated_copy
@@ -28,7 +27,7 @@ def make(target, drafts):
 
 def request(mode, seed, max_new_tokens=2, **spec):
     spec = {"draft_length": 3, "beam_width": 2, "beam_depth": 3, "max_tree_nodes": 64} | spec
-    return GenerationRequest(PROMPT, max_new_tokens, mode, sampling=SamplingParams(PARAMS.temperature, PARAMS.top_k, 1.0, seed), **spec)
+    return params(PROMPT, max_new_tokens, mode, sampling=SamplingParams(PARAMS.temperature, PARAMS.top_k, 1.0, seed), **spec)
 
 
 def exact_two_token_distribution(model) -> dict[tuple[int, int], float]:

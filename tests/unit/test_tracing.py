@@ -18,10 +18,10 @@ import pytest
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
 from specdec.tools import traces
-from specdec.orchestrator.controller import GenerationRequest
+from specdec.generation import CallContext, GenerationParams
 from specdec.orchestrator.instrumentation import GenerationInstrumentation
 from specdec import telemetry
-from local_clients import LocalDraft, LocalVerify, local_controller
+from local_clients import LocalDraft, LocalVerify, local_controller, params
 from tiny_models import EOS, tiny_qwen2, truncated_copy
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -133,9 +133,9 @@ def controller():
                             instrumentation=GenerationInstrumentation("tiny"))
 
 
-def request(**fields) -> GenerationRequest:
-    return GenerationRequest(**{"prompt_ids": [11, 40, 3, 77, 25], "max_new_tokens": 16, "mode": "tree", "draft_length": 4,
-                                "beam_width": 2, "beam_depth": 3, "max_tree_nodes": 32} | fields)
+def request(**fields) -> GenerationParams:
+    return params(**{"prompt_ids": [11, 40, 3, 77, 25], "max_new_tokens": 16, "mode": "tree", "draft_length": 4,
+                     "beam_width": 2, "beam_depth": 3, "max_tree_nodes": 32} | fields)
 
 
 @pytest.fixture
@@ -160,8 +160,8 @@ def test_rounds_and_draft_threads_in_one_trace(controller, traced):
     instrumentation = controller.instrumentation
     with instrumentation.generation("Generate") as observed:
         req = request()
-        observed.set_request(req)
-        stream = controller.stream(req, observed.trace_parent)
+        observed.set_request(req, "req-1")
+        stream = controller.stream(req, CallContext("req-1", trace_parent=observed.trace_parent))
         try:
             while True:
                 next(stream)
@@ -188,7 +188,7 @@ def test_rounds_and_draft_threads_in_one_trace(controller, traced):
 def test_sampled_out_generations_leave_no_spans(controller, traced):
     path = traced(OTEL_TRACES_SAMPLER="always_off")
     with controller.instrumentation.generation("Generate") as observed:
-        stream = controller.stream(request(), observed.trace_parent)
+        stream = controller.stream(request(), CallContext(trace_parent=observed.trace_parent))
         for _ in stream:
             pass
     telemetry.shutdown()
