@@ -32,7 +32,25 @@ def run(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="specdec", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
+    add_own_commands(commands)
+    chosen = argv[0] if argv and not argv[0].startswith("-") else None
+    unavailable = add_tool_commands(commands, chosen)
+    if chosen in unavailable:
+        return needs_extras(f"specdec {chosen}", missing_extras(unavailable[chosen]) or unavailable[chosen])
 
+    args = parser.parse_args(argv)
+    label, needed = requirements(args)
+    missing = missing_extras(needed)
+    if missing:
+        return needs_extras(label, missing)
+    try:
+        return args.func(args) or 0
+    except KeyboardInterrupt:
+        return 130
+
+
+def add_own_commands(commands) -> None:
+    """generate, cluster, models, certs, health and serve: the commands this module runs itself."""
     gen = commands.add_parser("generate", help="generate from one prompt")
     gen.add_argument("--prompt", required=True)
     config.add_arguments(gen, config.SpeculationDefaults, skip=("max_new_tokens", "max_new_tokens_limit"))
@@ -90,9 +108,11 @@ def run(argv: list[str] | None = None) -> int:
     serve.add_argument("args", nargs=argparse.REMAINDER, help="the service's own flags (see: specdec serve SERVICE -- --help)")
     serve.set_defaults(func=cmd_serve)
 
-    # The tools' own modules are imported only for the command asked for (or for --help): bench's
-    # imports torch, which `specdec generate` and `specdec health` have no use for.
-    chosen = argv[0] if argv and not argv[0].startswith("-") else None
+
+def add_tool_commands(commands, chosen: str | None) -> dict:
+    """The tools' commands; their modules imported only for the command asked for (``chosen``; None:
+    all, for --help): bench's imports torch, which `specdec generate` and `specdec health` have no
+    use for. Returns the commands whose extra is not installed, and what each needs."""
     unavailable = {}
     for name in TOOL_COMMANDS:
         if chosen is not None and chosen != name:
@@ -108,18 +128,7 @@ def run(argv: list[str] | None = None) -> int:
             commands.add_parser(name, add_help=False, help=f"(needs {install_hint(NEEDS[name])})")
         else:
             tool.add_parser(commands)
-    if chosen in unavailable:
-        return needs_extras(f"specdec {chosen}", missing_extras(unavailable[chosen]) or unavailable[chosen])
-
-    args = parser.parse_args(argv)
-    label, needed = requirements(args)
-    missing = missing_extras(needed)
-    if missing:
-        return needs_extras(label, missing)
-    try:
-        return args.func(args) or 0
-    except KeyboardInterrupt:
-        return 130
+    return unavailable
 
 
 # `pip install specdec` is the client: `generate` (against a running orchestrator), `health`,

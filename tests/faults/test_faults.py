@@ -73,13 +73,14 @@ class Stubs:
             c.close()
 
 
-def request(prompt_ids, mode, max_new_tokens=LONG, **spec):
+def request(prompt_ids, mode, max_new_tokens=LONG, sampling=None, **spec):
     return generation_pb2.GenerateRequest(
         prompt_token_ids=prompt_ids,
         max_new_tokens=max_new_tokens,
         mode=getattr(generation_pb2, f"DECODING_MODE_{mode.upper()}"),
         speculation=generation_pb2.SpeculationParams(**spec),
         include_rounds=True,
+        sampling=sampling,
     )
 
 
