@@ -110,6 +110,70 @@ def feed(session, pending: list[int], new_tokens=(), new_parents=(), keep: int =
     return (yield Part(session, pending, new_tokens, list(new_parents), keep, reduce, head))
 
 
+class PassSchedule:
+    """When the next pass starts and which calls it takes: the scheduling policy alone, no thread
+    and no model (:class:`BatchWorker` consults it under its lock before every pass).
+
+    It remembers, per session, when its last call ended and how long it usually stays away (the
+    other service's part of a round), and the recent passes' duration: a pass may wait a little for
+    the sessions about to come back (:meth:`start_at`), so that the rounds of many generations keep
+    sharing passes instead of splitting into cohorts."""
+
+    def __init__(self, max_rows: int = 256, gather_s: float = 0.002, company_wait: float = 0.5) -> None:
+        self.max_rows, self.gather_s = max(1, max_rows), gather_s
+        self.company_wait = company_wait  # share of a pass a pass may wait for sessions due back
+        self._returns: dict[str, list[float]] = {}  # session -> [when its last call ended, its usual time away]
+        self.pass_s = 0.0  # recent passes' duration (a running mean)
+
+    def arrived(self, session_id: str, now: float) -> None:
+        """A call of the session came in: how long it was away joins its usual time away."""
+        if (back := self._returns.get(session_id)) is not None and back[0]:
+            away = now - back[0]
+            back[1] = away if back[1] is None else back[1] + 0.3 * (away - back[1])
+            back[0] = 0.0  # here now
+
+    def ended(self, session_id: str, now: float) -> None:
+        """A call of the session completed: it is expected back."""
+        self._returns.setdefault(session_id, [0.0, None])[0] = now
+
+    def forget(self, session_id: str) -> None:
+        """The session is gone (released, or its call failed): never waited for."""
+        self._returns.pop(session_id, None)
+
+    def passed(self, took_s: float) -> None:
+        self.pass_s = took_s if not self.pass_s else self.pass_s + 0.2 * (took_s - self.pass_s)
+
+    def start_at(self, now: float) -> float:
+        """When to start the next pass, waiting for sessions due back soon.
+
+        Under load, each generation's rounds come back to this service after the other service's
+        part of the round: the verify service sees a session again a drafting step after it
+        answered it. Sessions that fall out of step would split into cohorts that each pay for a
+        pass of their own, so a pass waits for the sessions whose usual time away says they are
+        about to arrive, up to ``company_wait`` of a pass; a session that is late past that, or
+        away longer than that, is not waited for (the draft service, whose sessions are away for a
+        whole verify pass, never waits this way)."""
+        bound = now + self.company_wait * self.pass_s
+        start = now
+        for session_id, (ended, away) in list(self._returns.items()):
+            if ended and now > ended + (away or 0.0) + STALE_S:
+                del self._returns[session_id]  # a caller that never came back nor released its session
+            elif ended and away is not None and now <= ended + away + self.gather_s <= bound:
+                start = max(start, ended + away + self.gather_s)
+        return start
+
+    def choose(self, active: list[_Job]) -> list[_Job]:
+        """The pass's calls: least recently served first, within ``max_rows`` rows (a call whose part
+        does not fit waits for the next pass; the first always goes)."""
+        batch, rows = [], 0
+        for job in sorted(active, key=lambda j: j.served_at):
+            if batch and rows + job.part.rows > self.max_rows:
+                continue
+            batch.append(job)
+            rows += job.part.rows
+        return batch
+
+
 class BatchWorker:
     """Runs a model's jobs on one thread, batching their parts; see the module docstring.
 
@@ -122,10 +186,8 @@ class BatchWorker:
                  gather_s: float = 0.002, observe: Callable[[BatchInfo, float], None] | None = None,
                  company_wait: float = 0.5) -> None:
         self.forward, self.store = forward, store
-        self.max_rows, self.gather_s = max(1, max_rows), gather_s
-        self.company_wait = company_wait  # share of a pass a pass may wait for sessions due back
-        self._returns: dict[str, list[float]] = {}  # session -> [when its last call ended, its usual time away]
-        self._pass_s = 0.0  # recent passes' duration (a running mean)
+        self.gather_s = gather_s
+        self.schedule = PassSchedule(max_rows, gather_s, company_wait)
         self.observe = observe  # (a pass's batch, seconds it waited in the queue), for metrics
         self._incoming: deque = deque()
         self._waiting: list[_Job] = []  # admitted, not started (their session is busy)
@@ -157,7 +219,7 @@ class BatchWorker:
             for job in self._active:
                 if job.session_id == session_id:
                     job.released = True
-            self._returns.pop(session_id, None)
+            self.schedule.forget(session_id)
         return self.store.release(session_id)
 
     @property
@@ -170,30 +232,9 @@ class BatchWorker:
         with self._cond:
             self._incoming.append(item)
             self._last_arrival = now = time.monotonic()
-            if isinstance(item, _Job) and (back := self._returns.get(item.session_id)) is not None and back[0]:
-                away = now - back[0]
-                back[1] = away if back[1] is None else back[1] + 0.3 * (away - back[1])
-                back[0] = 0.0  # here now
+            if isinstance(item, _Job):
+                self.schedule.arrived(item.session_id, now)
             self._cond.notify()
-
-    def _due_back(self, now: float) -> float:
-        """When to start the next pass, waiting for sessions due back soon (under the lock).
-
-        Under load, each generation's rounds come back to this service after the other service's
-        part of the round: the verify service sees a session again a drafting step after it
-        answered it. Sessions that fall out of step would split into cohorts that each pay for a
-        pass of their own, so a pass waits for the sessions whose usual time away says they are
-        about to arrive, up to ``company_wait`` of a pass; a session that is late past that, or
-        away longer than that, is not waited for (the draft service, whose sessions are away for a
-        whole verify pass, never waits this way)."""
-        bound = now + self.company_wait * self._pass_s
-        start = now
-        for session_id, (ended, away) in list(self._returns.items()):
-            if ended and now > ended + (away or 0.0) + STALE_S:
-                del self._returns[session_id]  # a caller that never came back nor released its session
-            elif ended and away is not None and now <= ended + away + self.gather_s <= bound:
-                start = max(start, ended + away + self.gather_s)
-        return start
 
     # ------------------------------------------------------------------ the model thread
 
@@ -208,7 +249,7 @@ class BatchWorker:
                     end = time.monotonic() + self.gather_s
                     while (now := time.monotonic()) < min(end, self._last_arrival + self.gather_s / 4):
                         self._cond.wait(min(end, self._last_arrival + self.gather_s / 4) - now)
-                while (now := time.monotonic()) < (start := self._due_back(now)):
+                while (now := time.monotonic()) < (start := self.schedule.start_at(now)):
                     self._cond.wait(start - now)
                 incoming = list(self._incoming)
                 self._incoming.clear()
@@ -258,9 +299,9 @@ class BatchWorker:
             if job in self._active:
                 self._active.remove(job)
             if completed and not job.released:
-                self._returns.setdefault(job.session_id, [0.0, None])[0] = time.monotonic()
+                self.schedule.ended(job.session_id, time.monotonic())
             else:
-                self._returns.pop(job.session_id, None)
+                self.schedule.forget(job.session_id)
         if job.released:
             self.store.release(job.session_id)
         self.store.enforce_limits(keep={j.session_id for j in self._active} | {job.session_id})
@@ -278,21 +319,16 @@ class BatchWorker:
         for job in list(self._active):
             if (error := job.gone(now)) is not None:
                 self._fail(job, error)
-        batch, rows = [], 0
-        for job in sorted(self._active, key=lambda j: j.served_at):
-            if batch and rows + job.part.rows > self.max_rows:
-                continue
-            batch.append(job)
-            rows += job.part.rows
+        batch = self.schedule.choose(self._active)
         if not batch:
             return
+        rows = sum(job.part.rows for job in batch)
         for job in batch:  # each call's trace gets a span over the pass it shared
             job.part.span = job.context.run(_forward_span, job.part, len(batch), rows)
         started = time.monotonic()
         try:
             outputs = self._forward(batch)
-            took = time.monotonic() - started
-            self._pass_s = took if not self._pass_s else self._pass_s + 0.2 * (took - self._pass_s)
+            self.schedule.passed(time.monotonic() - started)
         finally:
             for job in batch:
                 if job.part.span is not None:

@@ -238,3 +238,27 @@ def test_a_new_session_starts_from_a_shared_prefix_with_the_same_bits(model):
     assert store.share_prefix(fresh, system + [40, 41, 42]) == len(system)
     logits = tree_forward(model, fresh, [40, 41, 42], tree.tokens, tree.parents, logits_to_keep=4)
     assert torch.equal(logits, reference)
+
+
+def test_the_pass_schedule_is_a_policy_apart():
+    """PassSchedule alone (no thread, no model): which calls a pass takes, and when it starts."""
+    import types
+
+    from specdec.batching import PassSchedule
+
+    schedule = PassSchedule(max_rows=10, gather_s=0.0, company_wait=0.5)
+    jobs = [types.SimpleNamespace(served_at=t, part=types.SimpleNamespace(rows=r)) for t, r in [(3.0, 4), (1.0, 8), (2.0, 2)]]
+    assert schedule.choose(jobs) == [jobs[1], jobs[2]]  # least recently served first; the 4-row part waits
+    assert schedule.choose([jobs[0]]) == [jobs[0]]
+    big = types.SimpleNamespace(served_at=0.0, part=types.SimpleNamespace(rows=50))
+    assert schedule.choose([big]) == [big]  # the first call always goes, whatever its rows
+    # A session that comes back 0.1 s after its calls end is waited for, within half a pass.
+    schedule.passed(1.0)
+    schedule.ended("s", 10.0)
+    schedule.arrived("s", 10.1)
+    schedule.ended("s", 20.0)
+    assert abs(schedule.start_at(20.05) - 20.1) < 1e-9
+    assert schedule.start_at(20.2) == 20.2  # late: not waited for
+    schedule.forget("s")
+    schedule.ended("t", 30.0)  # never seen away: nothing to wait for
+    assert schedule.start_at(30.05) == 30.05
