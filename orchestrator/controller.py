@@ -48,7 +48,7 @@ from specdec.detokenize import TextStream
 from specdec.errors import InvalidRequest, Unavailable, check_range, check_token_ids
 from specdec.generation import CallContext, GenerationParams, GenerationState
 from specdec.lookup import NAME as LOOKUP
-from specdec.lookup import Match, PromptLookup
+from specdec.lookup import PREDICTION, Match, PromptLookup
 from specdec.orchestrator.instrumentation import GenerationInstrumentation
 from specdec.orchestrator.resilience import DraftHealth
 from specdec.records import DecodingMode, DraftStats, GenerationResult, GenerationStats, RoundRecord, TokenLogprob
@@ -60,6 +60,7 @@ log = logging.getLogger("specdec.orchestrator")
 # A generation starts from the acceptance every earlier one saw, weighed as this many rounds: its
 # own rounds outweigh them after a few (acceptance follows the text: code is not prose).
 GENERATION_PRIOR_ROUNDS = 4
+PREDICTION_LOOKUP = PromptLookup()  # a request's prediction is searched with the default n-grams when lookup is off
 
 
 class DraftClient(Protocol):
@@ -158,6 +159,8 @@ class SpeculativeController:
         check_range("speculation.beam_depth", params.speculation.beam_depth, 1, spec.max_beam_depth)
         check_range("speculation.max_tree_nodes", params.speculation.max_tree_nodes, 1, spec.max_tree_nodes_limit)
         check_token_ids("stop_token_ids", params.stop_token_ids, lim.vocab_size, allow_empty=True)
+        check_token_ids("prediction_token_ids", params.prediction_ids, lim.vocab_size, allow_empty=True,
+                        max_len=lim.max_context or 0)
 
     def generate(self, params: GenerationParams, call: CallContext | None = None) -> GenerationResult:
         stream = self.stream(params, call)
@@ -208,7 +211,7 @@ class SpeculativeController:
                         warming = []
                     proposals, fallback_reason = self._propose(params, session_id, context, choice, policy, sampling, draft_timeout_s)
                     if match and (taken := match.tokens[:choice.taken(match.stats_key)]):
-                        proposals.append(Proposal(LOOKUP, [taken], stats_key=match.stats_key))
+                        proposals.append(Proposal(match.source, [taken], stats_key=match.stats_key))
                         fallback_reason = ""
                     elif reading:
                         fallback_reason = "first round: the drafts read the prompt while the target does"
@@ -252,11 +255,14 @@ class SpeculativeController:
         return room - 1
 
     def _look_up(self, req: GenerationParams, context: list[int], room: int) -> Match | None:
-        """The prompt lookup's chain after ``context`` (None: none, or no lookup here): at most
-        ``lookup_depth`` tokens, or with fixed shapes the request's own depth."""
-        if self.lookup is None or req.mode == DecodingMode.AUTOREGRESSIVE or room <= 0:
+        """The prompt lookup's chain after ``context``, found there or in the request's prediction
+        (None: none, or no lookup here): at most ``lookup_depth`` tokens, or with fixed shapes the
+        request's own depth. A prediction is looked up even where the operator turned prompt lookup off."""
+        lookup = self.lookup or (PREDICTION_LOOKUP if req.prediction_ids else None)
+        if lookup is None or req.mode == DecodingMode.AUTOREGRESSIVE or room <= 0:
             return None
-        return self.lookup.propose(context, min(room, self.lookup_depth if req.speculation.adaptive else req.max_depth))
+        return lookup.propose(context, min(room, self.lookup_depth if req.speculation.adaptive else req.max_depth),
+                              req.prediction_ids)
 
     def _read_prompt(self, session_id: str, context: list[int], timeout_s: float) -> list:
         """Each usable draft reads the prompt into its session's cache (a one-token proposal, not
@@ -337,7 +343,8 @@ class SpeculativeController:
         return kept, "".join(released), None
 
     def _result(self, params: GenerationParams, call: CallContext, state: GenerationState, text: str) -> GenerationResult:
-        names = [(d.name, d.model) for d in self.drafts] + ([(LOOKUP, LOOKUP)] if self.lookup is not None else [])
+        names = [(d.name, d.model) for d in self.drafts] + ([(LOOKUP, LOOKUP)] if self.lookup is not None else []) \
+            + ([(PREDICTION, PREDICTION)] if params.prediction_ids else [])
         rounds = state.rounds
         drafts = [DraftStats.of(name, model, rounds) for name, model in names] if params.mode != DecodingMode.AUTOREGRESSIVE else []
         stats = GenerationStats.of(str(params.mode), len(params.prompt_ids), len(state.output), rounds, drafts,

@@ -93,7 +93,10 @@ class Generations:
             prompt_ids = params.prompt_ids
             if max_context and len(prompt_ids) >= max_context:
                 raise InvalidRequest(f"prompt has {len(prompt_ids)} tokens; the model's context is {max_context}")
-        resolved = params.resolved(prompt_ids, self.settings, params.max_new_tokens or self.default_max_new_tokens(len(prompt_ids)))
+        # The prediction is tokenised as a continuation (no special tokens), bounded as a prompt is.
+        prediction_ids = self.tokenize(params.prediction, "prediction", add_special_tokens=False) if params.prediction else None
+        resolved = params.resolved(prompt_ids, self.settings, params.max_new_tokens or self.default_max_new_tokens(len(prompt_ids)),
+                                   prediction_ids)
         self.controller.check(resolved)
         return resolved
 

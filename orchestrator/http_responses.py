@@ -12,6 +12,7 @@ from typing import Any
 from starlette.responses import JSONResponse
 
 from specdec.orchestrator.calls import StreamPiece
+from specdec.lookup import PREDICTION
 from specdec.records import GenerationResult, TokenLogprob
 from specdec.rpc.status import HTTP_STATUS_OF_CODE, status_of
 
@@ -27,7 +28,7 @@ GRPC_FIELD_NAMES = [
     ("max_new_tokens", "max_tokens"), ("prompt_token_ids", "prompt"), ("sampling.temperature", "temperature"),
     ("sampling.top_p", "top_p"), ("sampling.top_k", "top_k"), ("stop_token_ids", "stop_token_ids"),
     ("top_logprobs", "top_logprobs"), ("speculation.", "speculation."), ("request_id", "X-Request-Id"),
-    ("prompt", "prompt"), ("stop", "stop"), ("mode", "mode"),
+    ("prompt", "prompt"), ("stop", "stop"), ("mode", "mode"), ("prediction", "prediction"),
 ]
 # OpenAI's finish reasons: every stop (end-of-sequence, a stop string, a stop token) is "stop".
 FINISH_REASON = {"length": "length", "eos": "stop", "stop_string": "stop", "stop_token": "stop", "stop": "stop"}
@@ -174,7 +175,16 @@ class Formatter:
 
     def usage(self, result: GenerationResult) -> dict:
         prompt, completion = result.stats.prompt_tokens, len(result.token_ids)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        predicted = next((d for d in result.stats.drafts if d.draft == PREDICTION), None)
+        if predicted is not None:
+            # Predicted Outputs: the prediction's tokens the target accepted, and those it proposed
+            # that were not accepted (OpenAI counts the prediction's tokens absent from the answer).
+            usage["completion_tokens_details"] = {
+                "accepted_prediction_tokens": predicted.accepted_tokens,
+                "rejected_prediction_tokens": predicted.proposed_tokens - predicted.accepted_tokens,
+            }
+        return usage
 
     def whole(self, prompt_ids: list[int], result: GenerationResult) -> dict:
         choice: dict[str, Any] = {"index": 0}

@@ -123,8 +123,8 @@ class _Body(BaseModel):
     return_token_ids: Optional[bool] = None
     mode: Optional[str] = None
     speculation: Optional[Speculation] = None
-    # Checked (a malformed one is a 400), then left aside: the prompt lookup already proposes what
-    # the context repeats; the prediction itself is not yet a source of proposals.
+    # OpenAI's Predicted Outputs: text the answer is expected to repeat, a source of draft tokens
+    # (specdec.lookup); the usage then counts its accepted and rejected tokens.
     prediction: Optional[Prediction] = None
 
 
@@ -220,7 +220,19 @@ def generation_params(body: _Body, prompt: dict[str, Any], logprobs: bool, top_l
         ignore_eos=bool(body.ignore_eos),
         logprobs=logprobs,
         top_logprobs=top_logprobs,
+        prediction=prediction_text(body.prediction),
     )
+
+
+def prediction_text(prediction: Prediction | None) -> str:
+    """A prediction's text: its content, or its text parts joined (OpenAI allows only text parts)."""
+    if prediction is None:
+        return ""
+    if isinstance(prediction.content, str):
+        return prediction.content
+    if any(part.type != "text" or part.text is None for part in prediction.content):
+        raise ApiError(400, "prediction: every content part must be {\"type\": \"text\", \"text\": ...}", param="prediction")
+    return "".join(part.text for part in prediction.content)
 
 
 def completion_prompt(body: CompletionBody) -> dict[str, Any]:

@@ -41,6 +41,8 @@ def params_of(request: generation_pb2.GenerateRequest, max_context: int = 0) -> 
     # message may carry millions of ids, the context holds far fewer).
     if max_context and len(request.prompt_token_ids) >= max_context:
         raise InvalidRequest(f"prompt has {len(request.prompt_token_ids)} tokens; the model's context is {max_context}")
+    if max_context and len(request.prediction_token_ids) > max_context:
+        raise InvalidRequest(f"prediction_token_ids has {len(request.prediction_token_ids)} tokens; the model's context is {max_context}")
     spec, sampling = request.speculation, request.sampling
     return GenerationParams.of(
         prompt=request.prompt,
@@ -56,6 +58,8 @@ def params_of(request: generation_pb2.GenerateRequest, max_context: int = 0) -> 
         logprobs=request.logprobs,
         top_logprobs=request.top_logprobs,
         include_rounds=request.include_rounds,
+        prediction=request.prediction,
+        prediction_ids=request.prediction_token_ids,
     )
 
 

@@ -67,6 +67,10 @@ class GenerationParams:
     logprobs: bool = False  # each token's log-probability under the target
     top_logprobs: int = 0  # with logprobs: this many most likely tokens at each place
     include_rounds: bool = False  # return every round's record
+    # Text the answer is expected to repeat (OpenAI's Predicted Outputs: a file being edited), or its
+    # token ids: a source of draft tokens beside the context, checked by the target as every draft's.
+    prediction: str = ""
+    prediction_ids: tuple[int, ...] = ()
 
     @classmethod
     def of(cls, *, speculation: Mapping[str, Any] | Speculation | None = None,
@@ -85,7 +89,7 @@ class GenerationParams:
                 fields[key] = given
         if isinstance(fields.get("mode"), str):
             fields["mode"] = DecodingMode.parse(fields["mode"]) if fields["mode"] else None
-        for key in ("prompt_ids", "stop", "stop_token_ids"):
+        for key in ("prompt_ids", "stop", "stop_token_ids", "prediction_ids"):
             if key in fields:
                 fields[key] = tuple(fields[key])
         return cls(**fields)
@@ -104,15 +108,19 @@ class GenerationParams:
             if len(stop) > MAX_STOP_CHARS:
                 raise InvalidRequest(f"stop[{i}] has {len(stop)} characters; at most {MAX_STOP_CHARS} are allowed")
         check_range("stop_token_ids count", len(self.stop_token_ids), 0, MAX_STOP_TOKEN_IDS)
+        if self.prediction and self.prediction_ids:
+            raise InvalidRequest("set one of prediction and prediction_token_ids, not both")
         check_range("top_logprobs", self.top_logprobs, 0, MAX_TOP_LOGPROBS)
         if self.top_logprobs and not self.logprobs:
             raise InvalidRequest("top_logprobs needs logprobs = true")
 
-    def resolved(self, prompt_ids: Sequence[int], defaults, max_new_tokens: int) -> GenerationParams:
-        """These parameters as the server runs them: the prompt's token ids, the mode and speculation
-        with ``defaults`` (the server's settings) filled in, and ``max_new_tokens``."""
+    def resolved(self, prompt_ids: Sequence[int], defaults, max_new_tokens: int,
+                 prediction_ids: Sequence[int] | None = None) -> GenerationParams:
+        """These parameters as the server runs them: the prompt's (and the prediction's) token ids,
+        the mode and speculation with ``defaults`` (the server's settings) filled in, and ``max_new_tokens``."""
         return dataclasses.replace(self, prompt="", prompt_ids=tuple(prompt_ids), max_new_tokens=max_new_tokens,
-                                   mode=self.mode or DecodingMode.parse(defaults.mode), speculation=self.speculation.over(defaults))
+                                   mode=self.mode or DecodingMode.parse(defaults.mode), speculation=self.speculation.over(defaults),
+                                   prediction="", prediction_ids=tuple(self.prediction_ids if prediction_ids is None else prediction_ids))
 
     @property
     def paths(self) -> int:
@@ -131,11 +139,11 @@ class GenerationParams:
     def summary(self) -> dict[str, Any]:
         """Every field but the prompt, as plain JSON values (the run log's ``request``; the
         speculation's fields at the top, as the logs have always had them)."""
-        skip = ("prompt", "prompt_ids", "speculation")
+        skip = ("prompt", "prompt_ids", "speculation", "prediction", "prediction_ids")
         entry = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
         entry.update(dataclasses.asdict(self.speculation), prompt_tokens=len(self.prompt_ids),
                      mode=str(self.mode) if self.mode else None, sampling=dataclasses.asdict(self.sampling),
-                     stop=list(self.stop), stop_token_ids=list(self.stop_token_ids))
+                     stop=list(self.stop), stop_token_ids=list(self.stop_token_ids), prediction_tokens=len(self.prediction_ids))
         return entry
 
 

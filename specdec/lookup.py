@@ -26,10 +26,13 @@ whatever the lookup proposed.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 
 NAME = "prompt-lookup"  # the draft's name in proposals, statistics and traces
+PREDICTION = "prediction"  # its name when the chain comes from the request's prediction (Predicted Outputs)
+SEPARATOR = -1  # between a reference text and the context: matches nothing, and a chain ends at it
 MATCH_HORIZON = 64  # how far back a match's length is measured, to rank matches
 
 
@@ -38,14 +41,14 @@ def find_continuations(context, width: int, depth: int, max_ngram: int = 4, min_
     best first: suffixes of ``max_ngram`` tokens down to ``min_ngram``, and for each, matches by
     length, then the most recent first. A continuation that is a prefix of one already chosen adds
     nothing to the trie and is skipped. Empty when the context's end occurs nowhere earlier."""
-    return [continuation for continuation, _ in _ranked(context, width, depth, max_ngram, min_ngram)]
+    return [continuation for continuation, _, _ in _ranked(context, width, depth, max_ngram, min_ngram)]
 
 
-def _ranked(context, width: int, depth: int, max_ngram: int, min_ngram: int) -> list[tuple[list[int], int]]:
-    """:func:`find_continuations`, each with its match's length."""
+def _ranked(context, width: int, depth: int, max_ngram: int, min_ngram: int) -> list[tuple[list[int], int, int]]:
+    """:func:`find_continuations`, each with its match's length and where its continuation starts."""
     tokens = np.asarray(context, dtype=np.int64)  # [L]
     size = len(tokens)
-    chosen: list[tuple[list[int], int]] = []
+    chosen: list[tuple[list[int], int, int]] = []
     for n in range(min(max_ngram, size - 1), min_ngram - 1, -1):
         # Matches start at i <= size - n - 1: each is followed by at least one token of the context.
         starts = size - n
@@ -58,8 +61,8 @@ def _ranked(context, width: int, depth: int, max_ngram: int, min_ngram: int) -> 
         lengths = _match_lengths(tokens, ends, n)
         for i in np.lexsort((-ends, -lengths)):
             continuation = _continue(tokens, int(ends[i]), depth)
-            if not any(c[:len(continuation)] == continuation for c, _ in chosen):
-                chosen.append((continuation, int(lengths[i])))
+            if continuation and not any(c[:len(continuation)] == continuation for c, _, _ in chosen):
+                chosen.append((continuation, int(lengths[i]), int(ends[i])))
                 if len(chosen) == width:
                     return chosen
     return chosen
@@ -85,6 +88,8 @@ def _continue(tokens: np.ndarray, start: int, depth: int) -> list[int]:
     """``depth`` tokens read from ``start``; past the context's end, from the tokens proposed so far
     (a match that overlaps the end repeats its period)."""
     out = tokens[start:start + depth].tolist()
+    if SEPARATOR in out:  # a match in a reference text reads on only to its end
+        return out[:out.index(SEPARATOR)]
     for k in range(len(out), depth):
         out.append(out[start + k - len(tokens)])
     return out
@@ -96,12 +101,13 @@ class Match:
 
     tokens: list[int]
     agreed: int
+    source: str = NAME  # NAME: found in the context; PREDICTION: in the request's prediction
 
     @property
     def stats_key(self) -> str:
         """The name its acceptance is counted under: a match agreeing on 2-3 tokens is a guess, one
         agreeing on 16 a copy, and the cost model prices each kind by what such chains have given."""
-        return f"{NAME}/{1 << min(self.agreed.bit_length() - 1, 5)}"
+        return f"{self.source}/{1 << min(self.agreed.bit_length() - 1, 5)}"
 
 
 class PromptLookup:
@@ -114,9 +120,16 @@ class PromptLookup:
             raise ValueError(f"n-gram sizes must satisfy 1 <= min ({min_ngram}) <= max ({max_ngram})")
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
 
-    def propose(self, context: list[int], depth: int) -> Match | None:
-        """Up to ``depth`` tokens after ``context``; None when its end occurs nowhere earlier."""
+    def propose(self, context: list[int], depth: int, reference: Sequence[int] = ()) -> Match | None:
+        """Up to ``depth`` tokens after ``context``; None when its end occurs nowhere earlier. With a
+        ``reference`` (a text the answer is expected to repeat: OpenAI's Predicted Outputs), its
+        matches compete with the context's, the longest agreement first; a chain found there is
+        named :data:`PREDICTION`."""
         if depth <= 0:
             return None
-        found = _ranked(context, 1, depth, self.max_ngram, self.min_ngram)
-        return Match(*found[0]) if found else None
+        searched = [*reference, SEPARATOR, *context] if reference else context
+        found = _ranked(searched, 1, depth, self.max_ngram, self.min_ngram)
+        if not found:
+            return None
+        tokens, agreed, start = found[0]
+        return Match(tokens, agreed, PREDICTION if start <= len(reference) else NAME)

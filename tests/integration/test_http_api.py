@@ -438,14 +438,24 @@ def test_client_leaving_mid_stream_stops_the_generation(base_url, grpc_stubs):
     assert metric(text, "specdec_requests_total", method="/v1/completions", code="CANCELLED") >= 1
 
 
-def test_a_prediction_is_checked(base_url):
-    """OpenAI's Predicted Outputs: a well-formed prediction is accepted (the output stays the
-    target's own), a malformed one is a 400 naming it, never silently dropped."""
+def test_a_prediction_is_used_and_checked(base_url):
+    """OpenAI's Predicted Outputs: a well-formed prediction proposes draft tokens (the output stays
+    the target's own; the usage counts the prediction's accepted and rejected tokens), a malformed
+    one is a 400 naming it, never silently dropped."""
     good = {"prompt": PROMPT, "max_tokens": 8, "temperature": 0, "prediction": {"type": "content", "content": "    return x"}}
     status, _, body = raw(base_url, http_api.COMPLETIONS, good)
-    plain = raw(base_url, http_api.COMPLETIONS, {"prompt": PROMPT, "max_tokens": 8, "temperature": 0})[2]
-    assert status == 200 and body["choices"][0]["text"] == plain["choices"][0]["text"]
+    plain = raw(base_url, http_api.COMPLETIONS, {"prompt": PROMPT, "max_tokens": 24, "temperature": 0})[2]
+    assert status == 200 and plain["choices"][0]["text"].startswith(body["choices"][0]["text"])
+    assert "completion_tokens_details" not in plain["usage"]
+    # The answer itself as the prediction (after its first few characters): accepted in long runs.
+    answer = plain["choices"][0]["text"]
+    status, _, predicted = raw(base_url, http_api.COMPLETIONS, {"prompt": PROMPT, "max_tokens": 24, "temperature": 0,
+                                                                "prediction": {"type": "content", "content": answer}})
+    assert status == 200 and predicted["choices"][0]["text"] == answer
+    details = predicted["usage"]["completion_tokens_details"]
+    assert details["accepted_prediction_tokens"] > 0 and details["rejected_prediction_tokens"] >= 0
     parts = {"type": "content", "content": [{"type": "text", "text": "x"}]}
     assert raw(base_url, http_api.CHAT, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "prediction": parts})[0] == 200
-    for bad in ({"type": "image", "content": 3}, {"type": "content"}, "text", {"type": "content", "content": 3}):
+    for bad in ({"type": "image", "content": 3}, {"type": "content"}, "text", {"type": "content", "content": 3},
+                {"type": "content", "content": [{"type": "image_url"}]}):
         assert_error(raw(base_url, http_api.COMPLETIONS, {**good, "prediction": bad}), 400, "prediction", param="prediction")

@@ -320,3 +320,18 @@ def test_drafts_read_a_long_prompt_while_the_target_does(target, drafts):
     first, *rest = result.rounds
     assert not first.proposals and "read the prompt" in first.fallback_reason
     assert any("self" in r.proposals for r in rest)
+
+
+def test_a_prediction_proposes_and_changes_no_output(target, drafts):
+    """Predicted Outputs: the answer's own text as the prediction is accepted in long runs (the
+    usage counts them), with no draft model and prompt lookup off; the output is the target's."""
+    want = reference_greedy(target, PROMPTS[0], 30)
+    c = controller(target, [])
+    plain = c.generate(request(PROMPTS[0], "sequential", max_new_tokens=30, draft_length=8))
+    predicted = c.generate(request(PROMPTS[0], "sequential", max_new_tokens=30, draft_length=8, prediction_ids=want[3:]))
+    assert plain.token_ids == predicted.token_ids == want
+    (stats,) = [d for d in predicted.stats.drafts if d.draft == "prediction"]
+    assert stats.accepted_tokens >= 15 and predicted.stats.rounds < plain.stats.rounds
+    # A prediction that is wrong everywhere still changes nothing.
+    wrong = c.generate(request(PROMPTS[0], "sequential", max_new_tokens=30, draft_length=8, prediction_ids=[(t + 1) % 50 for t in want]))
+    assert wrong.token_ids == plain.token_ids

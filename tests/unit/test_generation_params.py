@@ -37,6 +37,7 @@ MAX_CONTEXT = 512
     ({"prompt": "a", "stop_token_ids": [1] * 65}, "stop_token_ids count = 65"),
     ({"prompt": "a", "top_logprobs": 21, "logprobs": True}, "top_logprobs = 21"),
     ({"prompt": "a", "top_logprobs": 2}, "top_logprobs needs logprobs = true"),
+    ({"prompt": "a", "prediction": "b", "prediction_ids": [1]}, "set one of prediction and prediction_token_ids"),
 ])
 def test_every_bad_field_is_one_clear_error(fields, words):
     with pytest.raises(InvalidRequest) as error:
@@ -83,6 +84,7 @@ SAME_BAD_REQUEST = [
     ({"speculation": {"beam_width": 99}}, {"speculation": {"beam_width": 99}}),
     ({"prompt": "", "prompt_token_ids": [5, -1, 6]}, {"prompt": [5, -1, 6]}),
     ({"prompt": "", "prompt_token_ids": [3] * MAX_CONTEXT}, {"prompt": [3] * MAX_CONTEXT}),
+    ({"prediction": "ab" * 5000}, {"prediction": {"type": "content", "content": "ab" * 5000}}),
 ]
 
 

@@ -115,3 +115,21 @@ def test_lookup_on_a_long_context_costs_well_under_a_millisecond():
     per_call_ms = (time.perf_counter() - start) / 50 * 1e3
     assert paths[0] == context[110:118]
     assert per_call_ms < 20, per_call_ms  # loose: a shared CPU; typically a fraction of a millisecond
+
+
+def test_a_prediction_is_searched_beside_the_context():
+    """Predicted Outputs: where the context's end occurs in the request's prediction, what follows it
+    there is the chain (named "prediction"), read only to the prediction's end."""
+    from specdec.lookup import PREDICTION
+
+    lookup = PromptLookup(max_ngram=3, min_ngram=2)
+    prediction = [50, 51, 52, 53, 54, 55]
+    found = lookup.propose([1, 2, 3, 51, 52], 8, reference=prediction)
+    assert found.tokens == [53, 54, 55] and found.source == PREDICTION and found.stats_key.startswith(PREDICTION + "/")
+    # A longer agreement in the context itself wins, and is the context's own.
+    context = [7, 8, 9, 51, 52, 60, 7, 8, 9, 51, 52]
+    found = lookup.propose(context, 2, reference=prediction)
+    assert found.tokens == [60, 7] and found.source == "prompt-lookup"
+    # Nothing in either: no chain; the prediction's own end proposes nothing past it.
+    assert lookup.propose([1, 2, 3], 4, reference=prediction) is None
+    assert lookup.propose([9, 54, 55], 4, reference=prediction) is None
