@@ -44,8 +44,11 @@ def find_continuations(context, width: int, depth: int, max_ngram: int = 4, min_
     return [continuation for continuation, _, _ in _ranked(context, width, depth, max_ngram, min_ngram)]
 
 
-def _ranked(context, width: int, depth: int, max_ngram: int, min_ngram: int) -> list[tuple[list[int], int, int]]:
-    """:func:`find_continuations`, each with its match's length and where its continuation starts."""
+def _ranked(context, width: int, depth: int, max_ngram: int, min_ngram: int,
+            first_before: int = 0) -> list[tuple[list[int], int, int]]:
+    """:func:`find_continuations`, each with its match's length and where its continuation starts;
+    among matches of one length, those whose continuation starts before ``first_before`` come first
+    (a reference text before the context: see :meth:`PromptLookup.propose`)."""
     tokens = np.asarray(context, dtype=np.int64)  # [L]
     size = len(tokens)
     chosen: list[tuple[list[int], int, int]] = []
@@ -59,7 +62,7 @@ def _ranked(context, width: int, depth: int, max_ngram: int, min_ngram: int) -> 
         if not len(ends):
             continue
         lengths = _match_lengths(tokens, ends, n)
-        for i in np.lexsort((-ends, -lengths)):
+        for i in np.lexsort((-ends, ends >= first_before, -lengths)):
             continuation = _continue(tokens, int(ends[i]), depth)
             if continuation and not any(c[:len(continuation)] == continuation for c, _, _ in chosen):
                 chosen.append((continuation, int(lengths[i]), int(ends[i])))
@@ -123,12 +126,14 @@ class PromptLookup:
     def propose(self, context: list[int], depth: int, reference: Sequence[int] = ()) -> Match | None:
         """Up to ``depth`` tokens after ``context``; None when its end occurs nowhere earlier. With a
         ``reference`` (a text the answer is expected to repeat: OpenAI's Predicted Outputs), its
-        matches compete with the context's, the longest agreement first; a chain found there is
-        named :data:`PREDICTION`."""
+        matches compete with the context's, the longest agreement first, and on a tie the
+        reference's (the user sent it to be used: a prompt that quotes the file being edited
+        holds the same text, and the chain is then credited to the prediction); a chain found
+        there is named :data:`PREDICTION`."""
         if depth <= 0:
             return None
         searched = [*reference, SEPARATOR, *context] if reference else context
-        found = _ranked(searched, 1, depth, self.max_ngram, self.min_ngram)
+        found = _ranked(searched, 1, depth, self.max_ngram, self.min_ngram, first_before=len(reference) + 1 if reference else 0)
         if not found:
             return None
         tokens, agreed, start = found[0]

@@ -130,6 +130,9 @@ def test_a_prediction_is_searched_beside_the_context():
     context = [7, 8, 9, 51, 52, 60, 7, 8, 9, 51, 52]
     found = lookup.propose(context, 2, reference=prediction)
     assert found.tokens == [60, 7] and found.source == "prompt-lookup"
+    # As long a match in both: the prediction's (a prompt quoting the file being edited holds it too).
+    found = lookup.propose([50, 51, 52, 53, 9, 50, 51], 2, reference=prediction)
+    assert found.tokens == [52, 53] and found.source == PREDICTION
     # Nothing in either: no chain; the prediction's own end proposes nothing past it.
     assert lookup.propose([1, 2, 3], 4, reference=prediction) is None
     assert lookup.propose([9, 54, 55], 4, reference=prediction) is None
