@@ -151,14 +151,20 @@ def test_draft_killed_mid_generation_then_restarted(cluster, reference):
     assert stubs.wait_for_no_sessions() == NO_SESSIONS
 
 
-def test_verifier_restarted_mid_generation(cluster, reference):
+@pytest.mark.parametrize("mode, seed", [("autoregressive", 0), ("tree", 21)], ids=["greedy", "seeded"])
+def test_verifier_restarted_mid_generation(cluster, reference, mode, seed):
+    """Every verify replica restarted mid-generation: the output is what the target alone gives
+    (greedy), or what autoregressive decoding alone samples with the same seed."""
     c, stubs = cluster
-    expected = reference(PROMPT, LONG)
+    sampling = generation_pb2.SamplingParams(temperature=1.0, top_k=8, seed=seed) if seed else None
+    expected = reference(PROMPT, LONG) if not seed else list(stubs.generation.Generate(
+        request(PROMPT, "autoregressive", sampling=sampling), timeout=RPC_TIMEOUT_S).token_ids)
     first, out = threading.Event(), {}
 
     def consume():
         try:
-            out["result"] = collect(stubs.generation.GenerateStream(request(PROMPT, "autoregressive"), timeout=RPC_TIMEOUT_S), first.set)
+            out["result"] = collect(stubs.generation.GenerateStream(request(PROMPT, mode, sampling=sampling, beam_width=2, beam_depth=3)
+                                                                    if mode == "tree" else request(PROMPT, mode), timeout=RPC_TIMEOUT_S), first.set)
         except grpc.RpcError as exc:
             out["error"] = exc
 

@@ -49,6 +49,7 @@ def exact_two_token_distribution(model) -> dict[tuple[int, int], float]:
         ("sequential", ["truncated", "stranger"], {}),
         ("tree", ["truncated"], {"beam_width": 3}),
         ("tree", ["truncated", "stranger"], {"beam_width": 2, "max_tree_nodes": 5}),
+        ("tree", ["truncated"], {"beam_width": 3, "adaptive": True}),  # the cost model on: whatever shapes it picks
     ],
 )
 def test_sampled_output_follows_the_target(target, mode, draft_names, spec):
@@ -65,7 +66,7 @@ def test_sampled_output_follows_the_target(target, mode, draft_names, spec):
     # Significance 0.001 (the seeds are fixed, so the outcome is too).
     total = sum(exact.values())  # 1 up to float32 rounding; chisquare wants the sums to agree exactly
     assert chisquare(list(counts.values()), [exact[k] / total * samples for k in counts]).pvalue > 1e-3
-    if draft_names:
+    if draft_names and not spec.get("adaptive"):  # (the cost model may turn speculation off on these tiny models)
         assert accepted > 0, "the drafts were never accepted: the test would not exercise the rule"
 
 
