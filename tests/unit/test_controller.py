@@ -335,3 +335,26 @@ def test_a_prediction_proposes_and_changes_no_output(target, drafts):
     # A prediction that is wrong everywhere still changes nothing.
     wrong = c.generate(request(PROMPTS[0], "sequential", max_new_tokens=30, draft_length=8, prediction_ids=[(t + 1) % 50 for t in want]))
     assert wrong.token_ids == plain.token_ids
+
+
+@pytest.mark.parametrize("kind", ["exact", "partly-wrong", "insertion", "deletion", "empty", "longer", "other-script"])
+def test_any_prediction_leaves_the_output_unchanged(target, kind):
+    """Lossless with every prediction: exact, partly wrong, shifted by an insertion or a deletion
+    (it re-aligns further on), empty, longer than the answer, or tokens of another script."""
+    want = reference_greedy(target, PROMPTS[1], 30)
+    prediction = {
+        "exact": want,
+        "partly-wrong": want[:10] + [(t + 7) % VOCAB for t in want[10:15]] + want[15:],
+        "insertion": want[:8] + [3, 4, 5] + want[8:],
+        "deletion": want[:8] + want[12:],
+        "empty": [],
+        "longer": want + want[::-1] * 3,
+        "other-script": [(t * 31 + 5) % VOCAB for t in want],
+    }[kind]
+    result = controller(target, []).generate(request(PROMPTS[1], "tree", max_new_tokens=30, draft_length=6, beam_depth=6,
+                                                     prediction_ids=prediction))
+    assert result.token_ids == want
+    if kind in ("exact", "insertion", "deletion", "longer"):
+        (stats,) = [d for d in result.stats.drafts if d.draft == "prediction"]
+        assert stats.accepted_tokens >= 10  # it re-aligned after the edited spot
+
