@@ -21,6 +21,7 @@ from specdec.cost import CALIBRATION_CONTEXT, CALIBRATION_ROWS, CostCurve, Early
 from specdec.engine import Part, calibrate_forward, forward_batch
 from specdec.kernels import pack_linears
 from specdec.kv_cache import SessionStore
+from specdec.processors import Processing
 from specdec.quantize import Int8Linear
 from specdec.sampling import SamplingParams, noised, warp_logits
 
@@ -89,7 +90,8 @@ class BeamDrafter:
         return self.worker.release(session_id)
 
     def propose(self, session_id: str, context: list[int], beam_width: int, depth: int, caller: Caller | None = None,
-                stop: EarlyStop = EarlyStop(), sampling: SamplingParams = SamplingParams()) -> DraftOutcome:
+                stop: EarlyStop = EarlyStop(), sampling: SamplingParams = SamplingParams(),
+                processing: Processing | None = None, prompt_len: int = 0) -> DraftOutcome:
         """Beam search: up to ``beam_width`` beams of up to ``depth`` tokens, best first. Fewer levels
         once the best beam's calibrated probability is below ``stop.min_path_probability``
         (:class:`specdec.cost.EarlyStop`); the level that showed it is kept (it cost nothing more).
@@ -97,20 +99,22 @@ class BeamDrafter:
         Sampled (``sampling.temperature`` > 0): the beams rank the draft's warped log-probabilities
         plus the noise the target samples with at each position (:mod:`specdec.sampling`), so the
         best beam is the draft's own sample under the target's noise and the runner-ups its next
-        guesses at the target's."""
-        return self._run(lambda: self._beams(session_id, context, beam_width, depth, stop, sampling), session_id, context, caller)
+        guesses at the target's. With ``processing``, each row's logits are processed first with its
+        own history (the context and the beam so far), as the target's will be."""
+        level = functools.partial(_level, sampling=sampling, processing=processing if processing is not None and processing.active else None,
+                                  context=context, prompt_len=prompt_len)
+        return self._run(lambda: self._beams(session_id, context, beam_width, depth, stop, level), session_id, context, caller)
 
-    def _beams(self, session_id: str, context: list[int], beam_width: int, depth: int, stop: EarlyStop = EarlyStop(),
-               sampling: SamplingParams = SamplingParams()):
+    def _beams(self, session_id: str, context: list[int], beam_width: int, depth: int, stop: EarlyStop, level):
         session, reused = self.store.open(session_id, context)
         pending = context[reused:]
         start = time.perf_counter()
         fed = len(pending)
         logits = yield from feed(session, pending, head=self.head, chunk=self.max_batch_rows)
-        logprobs, ranked = _level(logits, sampling, len(context))  # [1, vocab] each
+        logprobs, ranked = level(logits, [[]])  # [1, vocab] each
         # A frontier entry: (tail index of its last node or -1, cumulative rank score, tokens, each token's probability).
         frontier: list[tuple[int, float, list[int], list[float]]] = [(-1, 0.0, [], [])]
-        for level in range(depth):
+        for depth_now in range(depth):
             scores = torch.tensor([entry[1] for entry in frontier], device=ranked.device)[:, None] + ranked  # [beams, vocab]
             top = scores.flatten().topk(min(beam_width, scores.numel()))
             vocab = scores.shape[-1]
@@ -118,14 +122,14 @@ class BeamDrafter:
             next_frontier = [(frontier[b][0], s, frontier[b][2] + [t], frontier[b][3] + [math.exp(float(logprobs[b, t]))])
                              for b, t, s in chosen if s > float("-inf")]
             best = next_frontier[0][3]
-            if level == depth - 1 or math.prod(calibrated(p, stop.calibration) for p in best) < stop.min_path_probability:
+            if depth_now == depth - 1 or math.prod(calibrated(p, stop.calibration) for p in best) < stop.min_path_probability:
                 frontier = next_frontier
                 break
             base = len(session.tail_tokens)
             tokens = [entry[2][-1] for entry in next_frontier]
             parents = [entry[0] for entry in next_frontier]
             logits = yield Part(session, [], tokens, parents, keep=len(tokens), head=self.head)
-            logprobs, ranked = _level(logits, sampling, len(context) + level + 1)
+            logprobs, ranked = level(logits, [entry[2] for entry in next_frontier])
             fed += len(tokens)
             frontier = [(base + k, *entry[1:]) for k, entry in enumerate(next_frontier)]
         forward_s = time.perf_counter() - start
@@ -137,11 +141,18 @@ class BeamDrafter:
         return self.worker.run(calibrate_forward, self.model, self.store, rows, reps, context_len, head=self.head)
 
 
-def _level(logits: torch.Tensor, sampling: SamplingParams, position: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """One beam-search level's rows (all at ``position``): the draft's log-probabilities (warped
-    when sampled) and what the beams rank by (greedy: the same; sampled: plus the position's noise)."""
+def _level(logits: torch.Tensor, paths: list[list[int]], sampling: SamplingParams, processing: Processing | None,
+           context: list[int], prompt_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One beam-search level's rows (row i after ``context + paths[i]``; all rows of a level at one
+    position): the draft's log-probabilities (processed and warped as the request says) and what
+    the beams rank by (greedy: the same; sampled: plus the position's noise)."""
+    if processing is not None:
+        logits = torch.stack([processing.apply(row, context + path, prompt_len) for row, path in zip(logits, paths)])
     if sampling.greedy:
         logprobs = torch.log_softmax(logits, -1)
         return logprobs, logprobs
-    logprobs = torch.log_softmax(warp_logits(logits, sampling), -1)
-    return logprobs, noised(logprobs, sampling.seed, position)
+    warped = warp_logits(logits, sampling)
+    if processing is not None:
+        warped = torch.stack([processing.after_warping(row) for row in warped])
+    logprobs = torch.log_softmax(warped, -1)
+    return logprobs, noised(logprobs, sampling.seed, len(context) + len(paths[0]))

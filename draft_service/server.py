@@ -8,7 +8,7 @@ from specdec import config
 from specdec.cost import EarlyStop
 from specdec.draft_service.drafter import BeamDrafter
 from specdec.errors import InvalidRequest, check_range
-from specdec.rpc.convert import sampling_params
+from specdec.rpc.convert import processing_of, sampling_params
 from specdec.quantize import quantize_model
 from specdec.rpc.server import ModelServicer, load_for_service, observe_batches, run_model_service
 from specdec.rpc.status import rpc_method
@@ -34,8 +34,9 @@ class DraftServicer(ModelServicer, draft_pb2_grpc.DraftServiceServicer):
                 f"context_token_ids ({len(context_ids)} tokens) plus beam_depth {depth} exceeds the model's context of {self.info.max_context}"
             )
         sampling, stop = sampling_params(request, seed=request.seed), early_stop(request)
+        processing, prompt_len = processing_of(request.processing)
         outcome = self.in_session("DraftBeams", request, context, lambda session, caller: self.engine.propose(
-            session, context_ids, width, depth, caller, stop, sampling))
+            session, context_ids, width, depth, caller, stop, sampling, processing, prompt_len))
         return draft_pb2.DraftBeamsResponse(
             beams=[draft_pb2.DraftBeam(token_ids=b.tokens, logprob=b.logprob, token_probabilities=b.probabilities)
                    for b in outcome.beams],

@@ -10,7 +10,9 @@ import grpc
 
 from specdec.cost import CostCurve, EarlyStop
 from specdec.errors import NotReady
+from specdec.processors import Processing
 from specdec.rpc.channels import internal_channel
+from specdec.rpc.convert import processing_pb
 from specdec.sampling import SamplingParams
 from specdec.speculation import Proposal
 from specdec.tree import TokenTree
@@ -48,7 +50,8 @@ class GrpcDraftClient(_Client):
         self.model = model  # the model the service serves (its GetInfo), recorded beside the name
 
     def draft(self, session_id: str, context: list[int], paths: int, depth: int, timeout_s: float,
-              sampling: SamplingParams = SamplingParams(), stop: EarlyStop = EarlyStop()) -> Proposal:
+              sampling: SamplingParams = SamplingParams(), stop: EarlyStop = EarlyStop(),
+              processing: Processing | None = None, prompt_len: int = 0) -> Proposal:
         """Beams, best first (sampled: ranked under the target's noise), each token with the draft's
         probability of it where the draft has one, grown less deep where ``stop`` says."""
         def call(start: int, tail: list[int]):
@@ -57,6 +60,7 @@ class GrpcDraftClient(_Client):
                     session_id=session_id, context_token_ids=tail, context_start=start, beam_width=paths, beam_depth=depth,
                     temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k, seed=sampling.seed,
                     min_path_probability=stop.min_path_probability, confidence_calibration=stop.calibration,
+                    processing=processing_pb(processing, prompt_len),
                 ),
                 timeout=timeout_s,
             )
@@ -71,7 +75,8 @@ class GrpcVerifyClient(_Client):
     stub_class = verify_pb2_grpc.VerifyServiceStub
 
     def verify(self, session_id: str, context: list[int], tree: TokenTree, timeout_s: float,
-               sampling: SamplingParams = SamplingParams(), top: int = 0) -> tuple[list[int], list | None]:
+               sampling: SamplingParams = SamplingParams(), top: int = 0, processing: Processing | None = None,
+               prompt_len: int = 0) -> tuple[list[int], list | None]:
         """The target's token at the context end and after each node (greedy, or sampled with
         ``sampling``'s seed) and, with ``top`` > 0, at each of the same places its ``top`` most
         likely tokens and their log-probabilities (else None)."""
@@ -81,6 +86,7 @@ class GrpcVerifyClient(_Client):
                     session_id=session_id, context_token_ids=tail, context_start=start,
                     tree_token_ids=tree.tokens, tree_parents=tree.parents, top_logprobs=top,
                     temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k, seed=sampling.seed,
+                    processing=processing_pb(processing, prompt_len),
                 ),
                 timeout=timeout_s,
             )

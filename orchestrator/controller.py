@@ -52,6 +52,7 @@ from specdec.lookup import PREDICTION, Match, PromptLookup
 from specdec.orchestrator.instrumentation import GenerationInstrumentation
 from specdec.orchestrator.resilience import DraftHealth
 from specdec.records import DecodingMode, DraftStats, GenerationResult, GenerationStats, RoundRecord, TokenLogprob
+from specdec.processors import Processing
 from specdec.sampling import SamplingParams
 from specdec.speculation import DraftTree, Proposal, SpeculationPolicy, Verdict, accept, merge
 from specdec.tree import TokenTree
@@ -68,21 +69,25 @@ class DraftClient(Protocol):
     model: str  # the model it serves
 
     def draft(self, session_id: str, context: list[int], paths: int, depth: int, timeout_s: float,
-              sampling: SamplingParams, stop: EarlyStop = EarlyStop()) -> Proposal:
+              sampling: SamplingParams, stop: EarlyStop = EarlyStop(), processing: Processing | None = None,
+              prompt_len: int = 0) -> Proposal:
         """Up to ``paths`` paths of up to ``depth`` tokens after ``context``: beam search, best first
-        (sampled: ranked under the noise of ``sampling.seed``), grown less deep where ``stop`` says,
-        each token with the draft's probability of it where the draft has one."""
+        (sampled: ranked under the noise of ``sampling.seed``; with ``processing``, over the processed
+        logits, the output beginning after ``prompt_len`` tokens), grown less deep where ``stop``
+        says, each token with the draft's probability of it where the draft has one."""
 
     def release(self, session_id: str) -> None: ...
 
 
 class VerifyClient(Protocol):
     def verify(self, session_id: str, context: list[int], tree: TokenTree, timeout_s: float,
-               sampling: SamplingParams = SamplingParams(), top: int = 0) -> tuple[list[int], list | None]:
+               sampling: SamplingParams = SamplingParams(), top: int = 0, processing: Processing | None = None,
+               prompt_len: int = 0) -> tuple[list[int], list | None]:
         """The target's token at the context end and after each node (``len(tree) + 1`` entries;
         greedy, or sampled with ``sampling``'s seed) and, with ``top`` > 0, at the same places its
         ``top`` most likely tokens and their log-probabilities ``[(token ids, log-probabilities)]``,
-        best first (else None)."""
+        best first (else None); with ``processing``, each place's logits processed first with its
+        own history (:mod:`specdec.processors`)."""
 
     def release(self, session_id: str) -> None: ...
 
@@ -159,6 +164,7 @@ class SpeculativeController:
         check_range("speculation.beam_depth", params.speculation.beam_depth, 1, spec.max_beam_depth)
         check_range("speculation.max_tree_nodes", params.speculation.max_tree_nodes, 1, spec.max_tree_nodes_limit)
         check_token_ids("stop_token_ids", params.stop_token_ids, lim.vocab_size, allow_empty=True)
+        params.processing.check_vocabulary(lim.vocab_size)
         check_token_ids("prediction_token_ids", params.prediction_ids, lim.vocab_size, allow_empty=True,
                         max_len=lim.max_context or 0)
 
@@ -185,6 +191,11 @@ class SpeculativeController:
         # so a given seed replays the same output in any mode, shape or company; none given, one drawn.
         sampling = params.sampling if params.sampling.greedy or params.sampling.seed else \
             dataclasses.replace(params.sampling, seed=int.from_bytes(uuid.uuid4().bytes[:7], "big"))
+        # Penalties, logit_bias, min_p, min_tokens: applied by the services at every place, with the
+        # model's end-of-sequence tokens for min_tokens, and the prompt's length (the output follows it).
+        processing = dataclasses.replace(params.processing, eos_token_ids=tuple(sorted(self.limits.eos_token_ids))) \
+            if params.processing.active else None
+        calls = _Calls(sampling, processing, len(prompt))
         warming: list = []  # the drafts' calls reading the prompt during the first round, if any
         session_id = state.session_id
         self.traffic.join(session_id)
@@ -209,7 +220,7 @@ class SpeculativeController:
                     if rounds and warming:  # the drafts have read the prompt before the session's next call
                         wait(warming, timeout=draft_timeout_s)
                         warming = []
-                    proposals, fallback_reason = self._propose(params, session_id, context, choice, policy, sampling, draft_timeout_s)
+                    proposals, fallback_reason = self._propose(params, session_id, context, choice, policy, calls, draft_timeout_s)
                     if match and (taken := match.tokens[:choice.taken(match.stats_key)]):
                         proposals.append(Proposal(match.source, [taken], stats_key=match.stats_key))
                         fallback_reason = ""
@@ -217,7 +228,7 @@ class SpeculativeController:
                         fallback_reason = "first round: the drafts read the prompt while the target does"
                     t1 = time.perf_counter()
                     merged = merge(proposals, choice.nodes or spec.max_tree_nodes, self.limits.vocab_size)
-                    target, tops = self._verify(session_id, context, merged, params, sampling, verify_timeout_s)
+                    target, tops = self._verify(session_id, context, merged, params, calls, verify_timeout_s)
                     t2 = time.perf_counter()
                     verdict = accept(merged, target)
                     new_tokens, new_text, state.stop = self._truncate(params, verdict.tokens, params.max_new_tokens - len(state.output), text)
@@ -272,7 +283,7 @@ class SpeculativeController:
                 for d in self.drafts if self.draft_health.usable(d.name)]
 
     def _propose(self, req: GenerationParams, session_id: str, context: list[int], choice: Choice, policy: SpeculationPolicy,
-                 sampling: SamplingParams, timeout_s: float) -> tuple[list[Proposal], str]:
+                 calls: _Calls, timeout_s: float) -> tuple[list[Proposal], str]:
         """Ask every usable model draft at once; returns the proposals (in draft order) and, when
         there are none, why ("" in autoregressive mode)."""
         if req.mode == DecodingMode.AUTOREGRESSIVE:
@@ -288,16 +299,16 @@ class SpeculativeController:
         if not usable:
             return [], "every draft is backing off after failures: " + ", ".join(self.draft_health.down())
         # Each call runs in a copy of this thread's context, so its trace span is the round's child.
-        calls = {
+        futures = {
             self._pool.submit(
                 contextvars.copy_context().run, d.draft, session_id, context, choice.width, depth, timeout_s,
-                sampling, policy.early_stop(d.name, choice),
+                calls.sampling, policy.early_stop(d.name, choice), **calls.options,
             ): d
             for d in usable
         }
-        _, late = wait(calls, timeout=timeout_s)
+        _, late = wait(futures, timeout=timeout_s)
         proposals, failures = [], []
-        for future, draft in calls.items():
+        for future, draft in futures.items():
             if future in late:
                 failures.append(f"{draft.name}: missed the {timeout_s * 1e3:.0f} ms deadline")
                 self.draft_health.failed(draft.name, failures[-1])
@@ -314,13 +325,14 @@ class SpeculativeController:
         return proposals, "; ".join(failures) if not proposals else ""
 
     def _verify(self, session_id: str, context: list[int], merged: DraftTree, req: GenerationParams,
-                sampling: SamplingParams, timeout_s: float):
+                calls: _Calls, timeout_s: float):
         """The target's tokens on the tree (``[nodes + 1]``) and, with logprobs, its most likely
         tokens at the same places (else None)."""
         # With logprobs at least the top one: a greedy token's own log-probability (a sampled token's
         # comes after the top ones when it is not among them).
         top = max(1, req.top_logprobs) if req.logprobs else 0
-        target, tops = self.verifier.verify(session_id, context, merged.tree, timeout_s, sampling=sampling, top=top)
+        target, tops = self.verifier.verify(session_id, context, merged.tree, timeout_s, sampling=calls.sampling, top=top,
+                                            **calls.options)
         if len(target) != len(merged.tree) + 1 or (tops is not None and len(tops) != len(target)):
             raise Unavailable(f"verify service returned {len(target)} predictions for a tree of {len(merged.tree)}")
         return target, tops
@@ -360,6 +372,22 @@ class SpeculativeController:
         self._pool.submit(_quietly, self.verifier.release, session_id)
         for client in self.drafts:
             self._pool.submit(_after, after or [], self.draft_timeout_s, client.release, session_id)
+
+
+@dataclass(frozen=True)
+class _Calls:
+    """What every call of one generation to the model services carries beside its context: the
+    sampling (with the generation's seed) and, when any, the logits processors and the prompt's
+    length (passed only then: a client that knows no processors is called as before)."""
+
+    sampling: SamplingParams
+    processing: Processing | None = None
+    prompt_len: int = 0
+
+    @property
+    def options(self) -> dict:
+        """The processors' keyword arguments of a draft or verify call (none when there are none)."""
+        return {"processing": self.processing, "prompt_len": self.prompt_len} if self.processing is not None else {}
 
 
 def _round_record(index: int, mode: str, proposals: list[Proposal], fallback_reason: str, verdict: Verdict,

@@ -28,7 +28,9 @@ GRPC_FIELD_NAMES = [
     ("max_new_tokens", "max_tokens"), ("prompt_token_ids", "prompt"), ("sampling.temperature", "temperature"),
     ("sampling.top_p", "top_p"), ("sampling.top_k", "top_k"), ("stop_token_ids", "stop_token_ids"),
     ("top_logprobs", "top_logprobs"), ("speculation.", "speculation."), ("request_id", "X-Request-Id"),
-    ("prompt", "prompt"), ("stop", "stop"), ("mode", "mode"), ("prediction", "prediction"),
+    ("prompt", "prompt"), ("stop", "stop"), ("mode", "mode"), ("prediction", "prediction"), ("logit_bias", "logit_bias"),
+    ("presence_penalty", "presence_penalty"), ("frequency_penalty", "frequency_penalty"),
+    ("repetition_penalty", "repetition_penalty"), ("min_p", "min_p"), ("min_tokens", "min_tokens"),
 ]
 # OpenAI's finish reasons: every stop (end-of-sequence, a stop string, a stop token) is "stop".
 FINISH_REASON = {"length": "length", "eos": "stop", "stop_string": "stop", "stop_token": "stop", "stop": "stop"}

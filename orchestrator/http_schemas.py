@@ -110,7 +110,7 @@ class _Body(BaseModel):
     stream_options: Optional[StreamOptions] = None
     n: Optional[int] = None
     user: Optional[str] = None
-    # Refused unless neutral: each would change the distribution the target's tokens are drawn from.
+    # Logits processors (specdec.processors), applied at every tree node with the node's own history.
     presence_penalty: Optional[Number] = None
     frequency_penalty: Optional[Number] = None
     repetition_penalty: Optional[Number] = None
@@ -173,14 +173,6 @@ def refuse_unsupported(body: _Body) -> None:
     if body.n not in (None, 1):
         raise ApiError(400, f"n = {body.n} is not supported: one choice per request (n = 1); send the request n times "
                             "(with different seeds when sampling)", param="n")
-    neutral = {"presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0, "min_p": 0.0, "min_tokens": 0}
-    for name, value in neutral.items():
-        given = getattr(body, name)
-        if given is not None and given != value:
-            raise ApiError(400, f"{name} = {given} is not supported (it would change the target's distribution); "
-                                f"leave it unset or {value}", param=name)
-    if body.logit_bias:
-        raise ApiError(400, "logit_bias is not supported (it would change the target's distribution)", param="logit_bias")
     if isinstance(body, CompletionBody):
         if body.best_of not in (None, 1):
             raise ApiError(400, f"best_of = {body.best_of} is not supported: one sequence per request", param="best_of")
@@ -221,7 +213,22 @@ def generation_params(body: _Body, prompt: dict[str, Any], logprobs: bool, top_l
         logprobs=logprobs,
         top_logprobs=top_logprobs,
         prediction=prediction_text(body.prediction),
+        processing={
+            "presence_penalty": body.presence_penalty or 0.0, "frequency_penalty": body.frequency_penalty or 0.0,
+            "repetition_penalty": 1.0 if body.repetition_penalty is None else body.repetition_penalty,
+            "logit_bias": logit_bias(body.logit_bias), "min_p": body.min_p or 0.0, "min_tokens": body.min_tokens or 0,
+        },
     )
+
+
+def logit_bias(given: dict[str, float] | None) -> dict[int, float]:
+    """OpenAI's ``logit_bias``: token ids as JSON object keys (strings)."""
+    bias = {}
+    for key, value in (given or {}).items():
+        if not key.isdigit():
+            raise ApiError(400, f"logit_bias key {key!r} is not a token id", param="logit_bias")
+        bias[int(key)] = value
+    return bias
 
 
 def prediction_text(prediction: Prediction | None) -> str:

@@ -25,6 +25,7 @@ from specdec.orchestrator.clients import GrpcDraftClient, GrpcVerifyClient, chec
 from specdec.orchestrator.generations import Generations
 from specdec.orchestrator.resilience import ReplicatedVerifier
 from specdec.records import DecodingMode, finish_reason_pb, stop_reason_pb
+from specdec.rpc.convert import processing_of
 from specdec.rpc.security import SecurityConfigError, auth_interceptors, describe_server_tls, load_token, use_client_tls
 from specdec.rpc.server import announce, exit_if_ports_in_use, serve_until_signalled, setup_logging, start_server, start_telemetry
 from specdec.rpc.status import rpc_method
@@ -60,6 +61,7 @@ def params_of(request: generation_pb2.GenerateRequest, max_context: int = 0) -> 
         include_rounds=request.include_rounds,
         prediction=request.prediction,
         prediction_ids=request.prediction_token_ids,
+        processing=processing_of(request.processing)[0],  # its prompt_length and eos_token_ids are the server's to set
     )
 
 

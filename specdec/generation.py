@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 from specdec.errors import Cancelled, DeadlineExceeded, InvalidRequest, check_range
+from specdec.processors import Processing
 from specdec.records import DecodingMode, RoundRecord, TokenLogprob
 from specdec.sampling import MAX_TOP_LOGPROBS, SamplingParams
 
@@ -71,20 +72,25 @@ class GenerationParams:
     # token ids: a source of draft tokens beside the context, checked by the target as every draft's.
     prediction: str = ""
     prediction_ids: tuple[int, ...] = ()
+    processing: Processing = Processing()  # penalties, logit_bias, min_p, min_tokens (specdec.processors)
 
     @classmethod
     def of(cls, *, speculation: Mapping[str, Any] | Speculation | None = None,
-           sampling: Mapping[str, Any] | SamplingParams | None = None, **fields) -> GenerationParams:
-        """The one constructor: plain values (``speculation`` and ``sampling`` as mappings of their
-        fields, or built), checked; raises :class:`InvalidRequest` naming the first bad field."""
-        for key in ("speculation", "sampling"):
+           sampling: Mapping[str, Any] | SamplingParams | None = None,
+           processing: Mapping[str, Any] | Processing | None = None, **fields) -> GenerationParams:
+        """The one constructor: plain values (``speculation``, ``sampling`` and ``processing`` as
+        mappings of their fields, or built), checked; raises :class:`InvalidRequest` naming the first
+        bad field (``speculation.*`` and ``sampling.*`` by their message's path; the processors by
+        their own names, as OpenAI's parameters are)."""
+        for key, kind, prefix in (("speculation", Speculation, True), ("sampling", SamplingParams, True),
+                                  ("processing", Processing.of, False)):
             given = locals()[key]
             if isinstance(given, Mapping):
                 try:
-                    fields[key] = (Speculation if key == "speculation" else SamplingParams)(**given)
+                    fields[key] = kind(**given)
                 except InvalidRequest as exc:
                     message = str(exc)
-                    raise InvalidRequest(message if message.startswith(key) else f"{key}.{message}") from None
+                    raise InvalidRequest(message if not prefix or message.startswith(key) else f"{key}.{message}") from None
             elif given is not None:
                 fields[key] = given
         if isinstance(fields.get("mode"), str):
@@ -139,11 +145,12 @@ class GenerationParams:
     def summary(self) -> dict[str, Any]:
         """Every field but the prompt, as plain JSON values (the run log's ``request``; the
         speculation's fields at the top, as the logs have always had them)."""
-        skip = ("prompt", "prompt_ids", "speculation", "prediction", "prediction_ids")
+        skip = ("prompt", "prompt_ids", "speculation", "prediction", "prediction_ids", "processing")
         entry = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
         entry.update(dataclasses.asdict(self.speculation), prompt_tokens=len(self.prompt_ids),
                      mode=str(self.mode) if self.mode else None, sampling=dataclasses.asdict(self.sampling),
-                     stop=list(self.stop), stop_token_ids=list(self.stop_token_ids), prediction_tokens=len(self.prediction_ids))
+                     stop=list(self.stop), stop_token_ids=list(self.stop_token_ids), prediction_tokens=len(self.prediction_ids),
+                     processing={**dataclasses.asdict(self.processing), "logit_bias": len(self.processing.logit_bias)})
         return entry
 
 

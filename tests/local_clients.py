@@ -21,8 +21,9 @@ class LocalDraft:
         self.name, self.model = name, type(model).__name__
         self.drafter = BeamDrafter(model, vocab_limit=vocab_limit)
 
-    def draft(self, session_id, context, paths, depth, timeout_s, sampling=SamplingParams(), stop=EarlyStop()) -> Proposal:
-        beams = self.drafter.propose(session_id, context, paths, depth, None, stop, sampling).beams
+    def draft(self, session_id, context, paths, depth, timeout_s, sampling=SamplingParams(), stop=EarlyStop(),
+              processing=None, prompt_len=0) -> Proposal:
+        beams = self.drafter.propose(session_id, context, paths, depth, None, stop, sampling, processing, prompt_len).beams
         return Proposal(self.name, [b.tokens for b in beams], confidences=[b.probabilities for b in beams])
 
     def release(self, session_id):
@@ -33,8 +34,9 @@ class LocalVerify:
     def __init__(self, model, **batching) -> None:
         self.verifier = TreeVerifier(model, **batching)
 
-    def verify(self, session_id, context, tree, timeout_s, sampling=SamplingParams(), top=0):
-        outcome = self.verifier.verify(session_id, context, tree, sampling, top_logprobs=top)
+    def verify(self, session_id, context, tree, timeout_s, sampling=SamplingParams(), top=0, processing=None, prompt_len=0):
+        outcome = self.verifier.verify(session_id, context, tree, sampling, top_logprobs=top, processing=processing,
+                                       prompt_len=prompt_len)
         return outcome.target_tokens, outcome.top_logprobs
 
     def release(self, session_id):

@@ -6,7 +6,7 @@ import argparse
 
 from specdec import config, precision
 from specdec.errors import InvalidRequest, check_range, check_token_ids
-from specdec.rpc.convert import sampling_params
+from specdec.rpc.convert import processing_of, sampling_params
 from specdec.quantize import quantize_model
 from specdec.sampling import MAX_TOP_LOGPROBS
 from specdec.rpc.server import ModelServicer, load_for_service, observe_batches, run_model_service
@@ -41,9 +41,11 @@ class VerifyServicer(ModelServicer, verify_pb2_grpc.VerifyServiceServicer):
                 f"context_token_ids ({len(context_ids)} tokens) plus tree depth {depth} exceeds the model's context of {max_context}"
             )
         sampling = sampling_params(request, seed=request.seed)
+        processing, prompt_len = processing_of(request.processing)
+        processing.check_vocabulary(vocab)
         top = check_range("top_logprobs", request.top_logprobs, 0, MAX_TOP_LOGPROBS)
         outcome = self.in_session("VerifyTree", request, context,
-                                  lambda session, caller: self.engine.verify(session, context_ids, tree, sampling, caller, top))
+                                  lambda session, caller: self.engine.verify(session, context_ids, tree, sampling, caller, top, processing, prompt_len))
         return verify_pb2.VerifyTreeResponse(
             target_token_ids=outcome.target_tokens,
             reused_tokens=outcome.reused_tokens,

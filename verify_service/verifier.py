@@ -20,6 +20,7 @@ from specdec.cost import CALIBRATION_CONTEXT, CALIBRATION_ROWS, CostCurve
 from specdec.engine import calibrate_forward, forward_batch
 from specdec.kernels import make_batch_invariant
 from specdec.kv_cache import SessionStore
+from specdec.processors import Processing
 from specdec.sampling import SamplingParams, pick, warp_logits
 from specdec.tree import TokenTree, validate_parents
 
@@ -55,29 +56,34 @@ class TreeVerifier:
         self.worker = BatchWorker(functools.partial(forward_batch, model), self.store, max_batch_rows, gather_s, observe)
 
     def verify(self, session_id: str, context: list[int], tree: TokenTree, sampling: SamplingParams | None = None,
-               caller: Caller | None = None, top_logprobs: int = 0) -> VerifyOutcome:
+               caller: Caller | None = None, top_logprobs: int = 0, processing: Processing | None = None,
+               prompt_len: int = 0) -> VerifyOutcome:
         """Score the tree: the target's token at each place, greedy (argmax) or, with ``sampling``
         (temperature > 0), sampled by the noise of ``sampling.seed`` at that place's position
         (:mod:`specdec.sampling`); with ``top_logprobs`` > 0 also the most likely tokens at each
-        place and their log-probabilities. ``caller``: dropped unrun once it has gone."""
+        place and their log-probabilities; with ``processing``, the logits processed first at each
+        place with its own history (the context and the path to the node; the output begins after
+        ``prompt_len`` tokens). ``caller``: dropped unrun once it has gone."""
         if not context:
             raise ValueError("context must hold at least one token")
         validate_parents(tree.parents)
-        outcome, stats = self.worker.submit(lambda: self._verify(session_id, context, tree, sampling, top_logprobs),
-                                            session_id, caller)
+        processing = processing if processing is not None and processing.active else None
+        outcome, stats = self.worker.submit(lambda: self._verify(session_id, context, tree, sampling, top_logprobs, processing,
+                                                                 prompt_len), session_id, caller)
         outcome.queue_s, outcome.batch = stats.queue_s, stats.batch
         return outcome
 
-    def _verify(self, session_id: str, context: list[int], tree: TokenTree, sampling: SamplingParams | None, top: int):
+    def _verify(self, session_id: str, context: list[int], tree: TokenTree, sampling: SamplingParams | None, top: int,
+                processing: Processing | None = None, prompt_len: int = 0):
         session, reused = self.store.open(session_id, context)
         pending = context[reused:]
         start = time.perf_counter()
-        sampled = sampling is not None and not sampling.greedy
-        reduce = None if sampled else functools.partial(_argmax_and_top, k=top) if top > 0 else _argmax
+        row_by_row = (sampling is not None and not sampling.greedy) or processing is not None
+        reduce = None if row_by_row else functools.partial(_argmax_and_top, k=top) if top > 0 else _argmax
         scored = yield from feed(session, pending, tree.tokens, tree.parents, keep=len(tree) + 1,
                                  reduce=reduce, chunk=self.max_batch_rows)
-        if sampled:
-            tokens, tops = _sampled(scored, sampling, tree.answer_positions(len(context)), top)
+        if row_by_row:
+            tokens, tops = _decide(scored, context, tree, sampling or SamplingParams(), processing or Processing(), prompt_len, top)
         elif top > 0:
             tops = [(row[1 : top + 1].long().tolist(), row[top + 1 :].tolist()) for row in scored]
             tokens = scored[:, 0].long().tolist()
@@ -112,15 +118,23 @@ def _argmax_and_top(logits: torch.Tensor, k: int) -> torch.Tensor:
     return torch.cat([_argmax(logits)[:, None].double(), top.indices.double(), top.values.double()], -1)
 
 
-def _sampled(logits: torch.Tensor, sampling: SamplingParams, positions: list[int], k: int):
-    """Per row, the sampled token at its position and, with ``k`` > 0, the ``k`` most likely tokens
-    of the warped distribution and their log-probabilities, the sampled token's own appended when it
-    is not among them. Row by row: each row's answer comes from that row's logits alone, whatever
-    else the pass held."""
+def _decide(logits: torch.Tensor, context: list[int], tree: TokenTree, sampling: SamplingParams, processing: Processing,
+            prompt_len: int, k: int):
+    """Per place, the target's token: its logits processed with the place's own history, then the
+    argmax (greedy) or the draw at the place's position (sampled: :func:`specdec.sampling.pick`);
+    with ``k`` > 0 also the ``k`` most likely tokens of that distribution and their
+    log-probabilities, the chosen token's own appended when it is not among them. Row by row: each
+    place's answer comes from its row's logits and history alone, whatever else the pass held."""
     tokens, tops = [], []
-    for row, position in zip(logits.cpu(), positions):
-        scores = warp_logits(row, sampling)
-        token = pick(scores, sampling.seed, position)
+    positions = tree.answer_positions(len(context))
+    for place, (row, position) in enumerate(zip(logits.cpu(), positions)):
+        history = context if place == 0 else context + [tree.tokens[n] for n in tree.path_to(place - 1)]
+        scores = processing.apply(row, history, prompt_len)
+        if sampling.greedy:
+            token = int(scores.argmax())
+        else:
+            scores = processing.after_warping(warp_logits(scores, sampling))
+            token = pick(scores, sampling.seed, position)
         tokens.append(token)
         if k > 0:
             logprobs = torch.log_softmax(scores, -1)

@@ -6,6 +6,7 @@ Requests' sampling fields become a checked :class:`~specdec.sampling.SamplingPar
 
 from __future__ import annotations
 
+from specdec.processors import Processing
 from specdec.sampling import SamplingParams
 from specdec.service_info import ModelDescription
 from specdec.v1 import common_pb2
@@ -14,6 +15,26 @@ from specdec.v1 import common_pb2
 def sampling_params(message, seed: int = 0) -> SamplingParams:
     """SamplingParams from a request's temperature / top_p / top_k fields, checked."""
     return SamplingParams(temperature=message.temperature, top_k=message.top_k, top_p=message.top_p, seed=seed)
+
+
+def processing_of(message: common_pb2.LogitsProcessing) -> tuple[Processing, int]:
+    """A request's logits processors, checked, and the prompt length they count the output from."""
+    return Processing.of(
+        presence_penalty=message.presence_penalty, frequency_penalty=message.frequency_penalty,
+        repetition_penalty=message.repetition_penalty or 1.0, logit_bias=dict(message.logit_bias), min_p=message.min_p,
+        min_tokens=message.min_tokens, eos_token_ids=tuple(message.eos_token_ids),
+    ), message.prompt_length
+
+
+def processing_pb(processing: Processing | None, prompt_len: int = 0) -> common_pb2.LogitsProcessing | None:
+    """The message for a call to a model service (None when nothing is processed)."""
+    if processing is None or not processing.active:
+        return None
+    return common_pb2.LogitsProcessing(
+        presence_penalty=processing.presence_penalty, frequency_penalty=processing.frequency_penalty,
+        repetition_penalty=processing.repetition_penalty, logit_bias=dict(processing.logit_bias), min_p=processing.min_p,
+        min_tokens=processing.min_tokens, prompt_length=prompt_len, eos_token_ids=processing.eos_token_ids,
+    )
 
 
 def model_info_pb(info: ModelDescription, store) -> common_pb2.ModelInfo:

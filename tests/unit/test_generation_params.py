@@ -85,6 +85,9 @@ SAME_BAD_REQUEST = [
     ({"prompt": "", "prompt_token_ids": [5, -1, 6]}, {"prompt": [5, -1, 6]}),
     ({"prompt": "", "prompt_token_ids": [3] * MAX_CONTEXT}, {"prompt": [3] * MAX_CONTEXT}),
     ({"prediction": "ab" * 5000}, {"prediction": {"type": "content", "content": "ab" * 5000}}),
+    ({"processing": {"presence_penalty": 2.5}}, {"presence_penalty": 2.5}),
+    ({"processing": {"logit_bias": {VOCAB: 1.0}}}, {"logit_bias": {str(VOCAB): 1.0}}),
+    ({"processing": {"repetition_penalty": 200.0}}, {"repetition_penalty": 200.0}),
 ]
 
 
