@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import functools
 import json
 import logging
@@ -38,6 +39,8 @@ log = logging.getLogger("specdec.orchestrator")
 TOKENIZERS_AT_ONCE = 4  # texts tokenized at once, over both doors
 PIECE_CHARS_PER_TOKEN = 4  # past this many characters a context token, a text is counted in pieces first
 PIECE_CHARS = 1 << 16
+# Fill-in-the-middle tokens (prefix, suffix, middle) of the model families that have them.
+FIM_TOKENS = (("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"), ("<fim_prefix>", "<fim_suffix>", "<fim_middle>"))
 
 
 class Generations:
@@ -81,6 +84,8 @@ class Generations:
         """``params`` as the server runs them (the prompt tokenised, its defaults filled in),
         checked against the model and the operator's limits."""
         max_context = self.target_info.max_context
+        if params.suffix:
+            params = dataclasses.replace(params, prompt=self.fill_in_the_middle(params.prompt, params.suffix), suffix="")
         if params.prompt:
             # Refused before tokenising: a text far past the context takes long to tokenise.
             if max_context and len(params.prompt) > max_context * self.longest_token_chars:
@@ -95,8 +100,12 @@ class Generations:
                 raise InvalidRequest(f"prompt has {len(prompt_ids)} tokens; the model's context is {max_context}")
         # The prediction is tokenised as a continuation (no special tokens), bounded as a prompt is.
         prediction_ids = self.tokenize(params.prediction, "prediction", add_special_tokens=False) if params.prediction else None
+        # Each bad word as given and after a space, as vLLM tokenises them (a word mid-sentence
+        # usually carries its space).
+        bad_words_ids = [ids for word in params.bad_words for text in dict.fromkeys((word, " " + word.lstrip()))
+                         if (ids := self.tokenize(text, "bad_words", add_special_tokens=False))]
         resolved = params.resolved(prompt_ids, self.settings, params.max_new_tokens or self.default_max_new_tokens(len(prompt_ids)),
-                                   prediction_ids)
+                                   prediction_ids, bad_words_ids)
         self.controller.check(resolved)
         return resolved
 
@@ -163,6 +172,17 @@ class Generations:
             yield resolved, context
         finally:
             self.queue.release()
+
+    def fill_in_the_middle(self, prefix: str, suffix: str) -> str:
+        """The prompt that asks the model for the text between ``prefix`` and ``suffix``, framed by
+        its own fill-in-the-middle tokens (Qwen2.5-Coder's, StarCoder's, ...); InvalidRequest when
+        it has none. Prompt lookup then searches the suffix too: infilling often repeats it."""
+        vocab = self.tokenizer.get_vocab()
+        for names in FIM_TOKENS:
+            if all(name in vocab for name in names):
+                before, after, middle = names
+                return f"{before}{prefix}{after}{suffix}{middle}"
+        raise InvalidRequest(f"suffix: the model {self.target_info.model} has no fill-in-the-middle tokens")
 
     def tokenize(self, text: str, what: str, add_special_tokens: bool = True) -> list[int]:
         """``text``'s token ids, tokenized a few texts at a time (``TOKENIZERS_AT_ONCE``: a long

@@ -17,8 +17,8 @@ What is OpenAI's and what is this server's:
 - Errors have OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``; the HTTP status
   comes from the one table :data:`HTTP_STATUS_OF_CODE`, keyed by the gRPC status the same failure
   gets on the gRPC API (``specdec.rpc.status``).
-- ``n`` must be 1; ``best_of``, ``echo``, ``suffix`` and tools are refused with a 400 that says so.
-  Penalties, ``logit_bias``, ``min_p`` and ``min_tokens`` are logits processors applied at every
+- ``n`` must be 1; ``best_of``, ``echo`` and tools are refused with a 400 that says so. ``suffix``
+  is fill-in-the-middle. Penalties, ``logit_bias``, ``min_p``, ``min_tokens`` and ``bad_words`` are logits processors applied at every
   tree node (``specdec.processors``): speculation stays exact against the distribution they make.
 - ``temperature`` defaults to 1 as in OpenAI's API; 0 is greedy, the target's own greedy output.
 - Each response carries the speculation statistics in an extra top-level ``spec_decode`` object,

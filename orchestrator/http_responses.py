@@ -31,6 +31,7 @@ GRPC_FIELD_NAMES = [
     ("prompt", "prompt"), ("stop", "stop"), ("mode", "mode"), ("prediction", "prediction"), ("logit_bias", "logit_bias"),
     ("presence_penalty", "presence_penalty"), ("frequency_penalty", "frequency_penalty"),
     ("repetition_penalty", "repetition_penalty"), ("min_p", "min_p"), ("min_tokens", "min_tokens"),
+    ("bad_words", "bad_words"), ("suffix", "suffix"),
 ]
 # OpenAI's finish reasons: every stop (end-of-sequence, a stop string, a stop token) is "stop".
 FINISH_REASON = {"length": "length", "eos": "stop", "stop_string": "stop", "stop_token": "stop", "stop": "stop"}

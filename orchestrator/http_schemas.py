@@ -117,6 +117,7 @@ class _Body(BaseModel):
     logit_bias: Optional[dict[str, Number]] = None
     min_p: Optional[Number] = None
     min_tokens: Optional[Count] = None
+    bad_words: Optional[list[str]] = None  # vLLM's
     # vLLM's extra fields, and this server's speculation settings (GenerateRequest's).
     stop_token_ids: Optional[list[Int32]] = None
     ignore_eos: Optional[bool] = None
@@ -178,8 +179,6 @@ def refuse_unsupported(body: _Body) -> None:
             raise ApiError(400, f"best_of = {body.best_of} is not supported: one sequence per request", param="best_of")
         if body.echo:
             raise ApiError(400, "echo is not supported", param="echo")
-        if body.suffix:
-            raise ApiError(400, "suffix is not supported", param="suffix")
     if isinstance(body, ChatBody):
         if body.tools or body.functions:
             raise ApiError(400, "tools and functions are not supported", param="tools" if body.tools else "functions")
@@ -218,6 +217,8 @@ def generation_params(body: _Body, prompt: dict[str, Any], logprobs: bool, top_l
             "repetition_penalty": 1.0 if body.repetition_penalty is None else body.repetition_penalty,
             "logit_bias": logit_bias(body.logit_bias), "min_p": body.min_p or 0.0, "min_tokens": body.min_tokens or 0,
         },
+        bad_words=body.bad_words or (),
+        suffix=(body.suffix or "") if isinstance(body, CompletionBody) else "",
     )
 
 

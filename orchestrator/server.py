@@ -62,6 +62,8 @@ def params_of(request: generation_pb2.GenerateRequest, max_context: int = 0) -> 
         prediction=request.prediction,
         prediction_ids=request.prediction_token_ids,
         processing=processing_of(request.processing)[0],  # its prompt_length and eos_token_ids are the server's to set
+        bad_words=request.bad_words,
+        suffix=request.suffix,
     )
 
 

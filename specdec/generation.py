@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 from specdec.errors import Cancelled, DeadlineExceeded, InvalidRequest, check_range
-from specdec.processors import Processing
+from specdec.processors import MAX_BAD_WORDS, Processing
 from specdec.records import DecodingMode, RoundRecord, TokenLogprob
 from specdec.sampling import MAX_TOP_LOGPROBS, SamplingParams
 
@@ -73,6 +73,8 @@ class GenerationParams:
     prediction: str = ""
     prediction_ids: tuple[int, ...] = ()
     processing: Processing = Processing()  # penalties, logit_bias, min_p, min_tokens (specdec.processors)
+    bad_words: tuple[str, ...] = ()  # text the output must not contain: tokenised by the server into processing.bad_words_ids
+    suffix: str = ""  # fill-in-the-middle: the text after the gap (the prompt is the text before it)
 
     @classmethod
     def of(cls, *, speculation: Mapping[str, Any] | Speculation | None = None,
@@ -95,7 +97,7 @@ class GenerationParams:
                 fields[key] = given
         if isinstance(fields.get("mode"), str):
             fields["mode"] = DecodingMode.parse(fields["mode"]) if fields["mode"] else None
-        for key in ("prompt_ids", "stop", "stop_token_ids", "prediction_ids"):
+        for key in ("prompt_ids", "stop", "stop_token_ids", "prediction_ids", "bad_words"):
             if key in fields:
                 fields[key] = tuple(fields[key])
         return cls(**fields)
@@ -116,17 +118,28 @@ class GenerationParams:
         check_range("stop_token_ids count", len(self.stop_token_ids), 0, MAX_STOP_TOKEN_IDS)
         if self.prediction and self.prediction_ids:
             raise InvalidRequest("set one of prediction and prediction_token_ids, not both")
+        check_range("bad_words count", len(self.bad_words), 0, MAX_BAD_WORDS)
+        for i, word in enumerate(self.bad_words):
+            if not 0 < len(word) <= MAX_STOP_CHARS:
+                raise InvalidRequest(f"bad_words[{i}] must be 1 to {MAX_STOP_CHARS} characters")
+        if self.suffix and not self.prompt:
+            raise InvalidRequest("suffix needs the prompt as text (fill-in-the-middle frames both with the model's tokens)")
         check_range("top_logprobs", self.top_logprobs, 0, MAX_TOP_LOGPROBS)
         if self.top_logprobs and not self.logprobs:
             raise InvalidRequest("top_logprobs needs logprobs = true")
 
     def resolved(self, prompt_ids: Sequence[int], defaults, max_new_tokens: int,
-                 prediction_ids: Sequence[int] | None = None) -> GenerationParams:
-        """These parameters as the server runs them: the prompt's (and the prediction's) token ids,
-        the mode and speculation with ``defaults`` (the server's settings) filled in, and ``max_new_tokens``."""
+                 prediction_ids: Sequence[int] | None = None, bad_words_ids: Sequence[Sequence[int]] = ()) -> GenerationParams:
+        """These parameters as the server runs them: the prompt's, the prediction's and the bad
+        words' token ids, the mode and speculation with ``defaults`` (the server's settings) filled
+        in, and ``max_new_tokens``."""
+        processing = self.processing
+        if bad_words_ids:
+            processing = dataclasses.replace(processing, bad_words_ids=processing.bad_words_ids + tuple(map(tuple, bad_words_ids)))
         return dataclasses.replace(self, prompt="", prompt_ids=tuple(prompt_ids), max_new_tokens=max_new_tokens,
                                    mode=self.mode or DecodingMode.parse(defaults.mode), speculation=self.speculation.over(defaults),
-                                   prediction="", prediction_ids=tuple(self.prediction_ids if prediction_ids is None else prediction_ids))
+                                   prediction="", prediction_ids=tuple(self.prediction_ids if prediction_ids is None else prediction_ids),
+                                   processing=processing, bad_words=(), suffix="")
 
     @property
     def paths(self) -> int:
@@ -145,12 +158,13 @@ class GenerationParams:
     def summary(self) -> dict[str, Any]:
         """Every field but the prompt, as plain JSON values (the run log's ``request``; the
         speculation's fields at the top, as the logs have always had them)."""
-        skip = ("prompt", "prompt_ids", "speculation", "prediction", "prediction_ids", "processing")
+        skip = ("prompt", "prompt_ids", "speculation", "prediction", "prediction_ids", "processing", "bad_words", "suffix")
         entry = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
         entry.update(dataclasses.asdict(self.speculation), prompt_tokens=len(self.prompt_ids),
                      mode=str(self.mode) if self.mode else None, sampling=dataclasses.asdict(self.sampling),
                      stop=list(self.stop), stop_token_ids=list(self.stop_token_ids), prediction_tokens=len(self.prediction_ids),
-                     processing={**dataclasses.asdict(self.processing), "logit_bias": len(self.processing.logit_bias)})
+                     processing={**dataclasses.asdict(self.processing), "logit_bias": len(self.processing.logit_bias),
+                                 "bad_words_ids": len(self.processing.bad_words_ids)})
         return entry
 
 

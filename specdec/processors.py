@@ -11,7 +11,8 @@ own logits and history alone, so the batch does not change its bits.
 Order, as vLLM applies them: the repetition penalty (over the prompt and the output, as
 ``transformers``' ``RepetitionPenaltyLogitsProcessor``), the frequency and presence penalties (over
 the output only, as OpenAI defines them), ``logit_bias``, ``min_tokens`` (end-of-sequence tokens
-barred until that many tokens are generated); then the sampling warpers (temperature, top-k,
+barred until that many tokens are generated), ``bad_words`` (a word's last token barred where the
+history ends with the rest of it, as vLLM does); then the sampling warpers (temperature, top-k,
 top-p: :func:`specdec.sampling.warp_logits`), then ``min_p`` (tokens below ``min_p`` times the most
 likely one's probability dropped).
 """
@@ -27,7 +28,8 @@ import torch
 from specdec.errors import InvalidRequest
 
 MAX_LOGIT_BIAS = 300  # entries: OpenAI allows 300
-NEUTRAL = -0.0  # for message fields: 0 penalties and biases change nothing
+MAX_BAD_WORDS = 64  # token sequences
+MAX_BAD_WORD_TOKENS = 32
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,8 @@ class Processing:
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, -100..100) added to its logit
     min_p: float = 0.0  # 0..1: drop tokens less likely than this share of the most likely one
     min_tokens: int = 0  # end-of-sequence tokens barred until this many tokens are generated
+    # vLLM's bad_words, tokenised: a sequence's last token is barred where the history ends with the rest of it
+    bad_words_ids: tuple[tuple[int, ...], ...] = ()
     eos_token_ids: tuple[int, ...] = field(default=(), compare=False)  # the model's, for min_tokens (the server fills them in)
 
     def __post_init__(self) -> None:
@@ -54,6 +58,11 @@ class Processing:
             raise InvalidRequest(f"min_tokens = {self.min_tokens} must be >= 0")
         if len(self.logit_bias) > MAX_LOGIT_BIAS:
             raise InvalidRequest(f"logit_bias has {len(self.logit_bias)} entries; at most {MAX_LOGIT_BIAS}")
+        if len(self.bad_words_ids) > MAX_BAD_WORDS:
+            raise InvalidRequest(f"bad_words has {len(self.bad_words_ids)} token sequences; at most {MAX_BAD_WORDS}")
+        for i, words in enumerate(self.bad_words_ids):
+            if not 1 <= len(words) <= MAX_BAD_WORD_TOKENS or min(words) < 0:
+                raise InvalidRequest(f"bad_words[{i}] must be 1 to {MAX_BAD_WORD_TOKENS} token ids of the vocabulary")
         for token, bias in self.logit_bias:
             if token < 0:
                 raise InvalidRequest(f"logit_bias names token {token}, outside the vocabulary")
@@ -61,20 +70,25 @@ class Processing:
                 raise InvalidRequest(f"logit_bias[{token}] = {bias} must be in [-100, 100]")
 
     @classmethod
-    def of(cls, logit_bias: Mapping[int, float] | Sequence[tuple[int, float]] = (), **fields) -> Processing:
+    def of(cls, logit_bias: Mapping[int, float] | Sequence[tuple[int, float]] = (),
+           bad_words_ids: Sequence[Sequence[int]] = (), **fields) -> Processing:
         pairs = logit_bias.items() if isinstance(logit_bias, Mapping) else logit_bias
-        return cls(logit_bias=tuple(sorted((int(t), float(b)) for t, b in pairs)), **fields)
+        return cls(logit_bias=tuple(sorted((int(t), float(b)) for t, b in pairs)),
+                   bad_words_ids=tuple(tuple(int(t) for t in words) for words in bad_words_ids), **fields)
 
     @property
     def active(self) -> bool:
         """Whether anything changes the logits (else every row is left as it is)."""
         return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0 or self.logit_bias
-                    or self.min_p or self.min_tokens)
+                    or self.min_p or self.min_tokens or self.bad_words_ids)
 
     def check_vocabulary(self, vocab_size: int) -> None:
         for token, _ in self.logit_bias:
             if token >= vocab_size:
                 raise InvalidRequest(f"logit_bias names token {token}, outside the vocabulary [0, {vocab_size})")
+        for i, words in enumerate(self.bad_words_ids):
+            if max(words) >= vocab_size:
+                raise InvalidRequest(f"bad_words[{i}] names a token outside the vocabulary [0, {vocab_size})")
 
     def apply(self, logits: torch.Tensor, history: Sequence[int], prompt_len: int) -> torch.Tensor:
         """One row of logits (``[width]``, float32) processed for the token after ``history`` (the
@@ -102,6 +116,10 @@ class Processing:
             for token in self.eos_token_ids:
                 if token < width:
                     scores[token] = float("-inf")
+        for words in self.bad_words_ids:
+            *before, last = words
+            if last < width and (not before or list(history[len(history) - len(before):]) == before):
+                scores[last] = float("-inf")
         return scores
 
     def after_warping(self, scores: torch.Tensor) -> torch.Tensor:

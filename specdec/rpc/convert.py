@@ -23,6 +23,7 @@ def processing_of(message: common_pb2.LogitsProcessing) -> tuple[Processing, int
         presence_penalty=message.presence_penalty, frequency_penalty=message.frequency_penalty,
         repetition_penalty=message.repetition_penalty or 1.0, logit_bias=dict(message.logit_bias), min_p=message.min_p,
         min_tokens=message.min_tokens, eos_token_ids=tuple(message.eos_token_ids),
+        bad_words_ids=[list(words.token_ids) for words in message.bad_words_ids],
     ), message.prompt_length
 
 
@@ -34,6 +35,7 @@ def processing_pb(processing: Processing | None, prompt_len: int = 0) -> common_
         presence_penalty=processing.presence_penalty, frequency_penalty=processing.frequency_penalty,
         repetition_penalty=processing.repetition_penalty, logit_bias=dict(processing.logit_bias), min_p=processing.min_p,
         min_tokens=processing.min_tokens, prompt_length=prompt_len, eos_token_ids=processing.eos_token_ids,
+        bad_words_ids=[common_pb2.TokenIds(token_ids=words) for words in processing.bad_words_ids],
     )
 
 

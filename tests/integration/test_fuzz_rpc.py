@@ -520,7 +520,7 @@ json_value = st.recursive(
 )
 HTTP_FIELDS = ["model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream", "stream_options", "n",
                "logprobs", "stop_token_ids", "ignore_eos", "mode", "speculation", "return_token_ids", "presence_penalty",
-               "frequency_penalty", "repetition_penalty", "min_p", "min_tokens", "logit_bias", "user", "prediction"]
+               "frequency_penalty", "repetition_penalty", "min_p", "min_tokens", "logit_bias", "bad_words", "user", "prediction"]
 COMPLETION_FIELDS = [*HTTP_FIELDS, "prompt", "echo", "best_of", "suffix"]
 CHAT_FIELDS = [*HTTP_FIELDS, "messages", "max_completion_tokens", "top_logprobs", "response_format", "tools"]
 message = st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "assistant"]), "content": printable_text})

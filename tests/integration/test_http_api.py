@@ -464,3 +464,18 @@ def test_a_prediction_is_used_and_checked(base_url):
     for bad in ({"type": "image", "content": 3}, {"type": "content"}, "text", {"type": "content", "content": 3},
                 {"type": "content", "content": [{"type": "image_url"}]}):
         assert_error(raw(base_url, http_api.COMPLETIONS, {**good, "prediction": bad}), 400, "prediction", param="prediction")
+
+
+def test_processors_over_http(base_url):
+    """Logits processors through the HTTP door: a bad word never appears; a strong logit_bias takes
+    over; the output under a penalty is the same every time (greedy)."""
+    plain = raw(base_url, http_api.COMPLETIONS, {"prompt": PROMPT, "max_tokens": 16, "temperature": 0})[2]["choices"][0]["text"]
+    banned = next(c for c in plain if c.strip())
+    status, _, body = raw(base_url, http_api.COMPLETIONS, {"prompt": PROMPT, "max_tokens": 16, "temperature": 0, "bad_words": [banned]})
+    assert status == 200 and banned not in body["choices"][0]["text"]
+    status, _, body = raw(base_url, http_api.COMPLETIONS, {"prompt": PROMPT, "max_tokens": 4, "temperature": 0, "logit_bias": {"7": 100}})
+    assert status == 200 and body["choices"][0]["text"] == tiny_tokenizer().decode([7] * 4)
+    penalised = [raw(base_url, http_api.COMPLETIONS, {"prompt": PROMPT, "max_tokens": 16, "temperature": 0,
+                                                       "frequency_penalty": 1.5, "repetition_penalty": 1.3})[2] for _ in range(2)]
+    assert penalised[0]["choices"][0]["text"] == penalised[1]["choices"][0]["text"]
+

@@ -38,6 +38,9 @@ MAX_CONTEXT = 512
     ({"prompt": "a", "top_logprobs": 21, "logprobs": True}, "top_logprobs = 21"),
     ({"prompt": "a", "top_logprobs": 2}, "top_logprobs needs logprobs = true"),
     ({"prompt": "a", "prediction": "b", "prediction_ids": [1]}, "set one of prediction and prediction_token_ids"),
+    ({"prompt": "a", "bad_words": ["x"] * 65}, "bad_words count = 65"),
+    ({"prompt": "a", "bad_words": [""]}, "bad_words[0]"),
+    ({"prompt_ids": [1, 2], "suffix": "x"}, "suffix needs the prompt as text"),
 ])
 def test_every_bad_field_is_one_clear_error(fields, words):
     with pytest.raises(InvalidRequest) as error:
@@ -88,6 +91,7 @@ SAME_BAD_REQUEST = [
     ({"processing": {"presence_penalty": 2.5}}, {"presence_penalty": 2.5}),
     ({"processing": {"logit_bias": {VOCAB: 1.0}}}, {"logit_bias": {str(VOCAB): 1.0}}),
     ({"processing": {"repetition_penalty": 200.0}}, {"repetition_penalty": 200.0}),
+    ({"suffix": "return x"}, {"suffix": "return x"}),  # the tiny model has no fill-in-the-middle tokens
 ]
 
 
@@ -107,3 +111,14 @@ def test_a_bad_value_has_the_same_words_through_both_doors(generations, grpc_fie
             door()
         words.append(str(error.value))
     assert words[0] == words[1]
+
+
+def test_fill_in_the_middle_frames_the_prompt_with_the_models_tokens(generations):
+    import types
+
+    fim = types.SimpleNamespace(get_vocab=lambda: {"<|fim_prefix|>": 1, "<|fim_suffix|>": 2, "<|fim_middle|>": 3})
+    framed = Generations.fill_in_the_middle(types.SimpleNamespace(tokenizer=fim), "def f(x):\n", "\n    return y\n")
+    assert framed == "<|fim_prefix|>def f(x):\n<|fim_suffix|>\n    return y\n<|fim_middle|>"
+    with pytest.raises(InvalidRequest, match="no fill-in-the-middle tokens"):
+        generations.fill_in_the_middle("a", "b")
+

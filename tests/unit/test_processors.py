@@ -38,6 +38,9 @@ def test_each_processor_as_defined():
     want = MinPLogitsWarper(0.1)(None, warped[None].clone())[0]
     assert torch.equal(torch.isinf(got), torch.isinf(want))
     assert not Processing().active and Processing().apply(logits, history, prompt_len) is logits
+    bad = Processing.of(bad_words_ids=[[4, 30], [12]]).apply(logits, history, prompt_len)
+    assert bad[30] == float("-inf") and bad[12] == float("-inf")  # the history ends with 4: 30 would complete [4, 30]
+    assert Processing.of(bad_words_ids=[[17, 30]]).apply(logits, history, prompt_len)[30] == logits[30]
 
 
 @pytest.mark.parametrize("fields, words", [
@@ -45,6 +48,7 @@ def test_each_processor_as_defined():
     ({"repetition_penalty": 0.0}, "repetition_penalty"), ({"min_p": -0.1}, "min_p"), ({"min_tokens": -1}, "min_tokens"),
     ({"logit_bias": {5: 200.0}}, "logit_bias"), ({"logit_bias": {-1: 1.0}}, "logit_bias"),
     ({"logit_bias": {i: 1.0 for i in range(301)}}, "300"),
+    ({"bad_words_ids": [[]]}, "bad_words"), ({"bad_words_ids": [[1]] * 65}, "bad_words"),
 ])
 def test_bad_processors_are_refused(fields, words):
     with pytest.raises(InvalidRequest, match=words):
@@ -79,10 +83,11 @@ PROCESSINGS = [
     Processing(frequency_penalty=1.0, presence_penalty=0.5),
     Processing.of(logit_bias={7: 3.0, 11: -5.0}, min_tokens=6),
     Processing(min_p=0.2, presence_penalty=-0.5),
+    Processing.of(bad_words_ids=[[8, 8], [3]], frequency_penalty=-1.0),
 ]
 
 
-@pytest.mark.parametrize("processing", PROCESSINGS, ids=["repetition", "frequency+presence", "bias+min_tokens", "min_p"])
+@pytest.mark.parametrize("processing", PROCESSINGS, ids=["repetition", "frequency+presence", "bias+min_tokens", "min_p", "bad_words"])
 @pytest.mark.parametrize("mode, spec", [("sequential", {"draft_length": 4}), ("tree", {"beam_width": 2, "beam_depth": 3}),
                                         ("tree", {"adaptive": True})])
 def test_speculation_is_exact_against_the_processed_distribution(target, processing, mode, spec):
