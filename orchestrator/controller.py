@@ -187,15 +187,7 @@ class SpeculativeController:
         policy = SpeculationPolicy([d.name for d in self.drafts] if params.mode != DecodingMode.AUTOREGRESSIVE else [],
                                    params.paths, params.max_depth, spec.max_tree_nodes, spec.adaptive, self.costs,
                                    self.acceptance.seeded(GENERATION_PRIOR_ROUNDS), shared=self.acceptance)
-        # Sampled: every token is a function of (seed, position, the target's distribution there),
-        # so a given seed replays the same output in any mode, shape or company; none given, one drawn.
-        sampling = params.sampling if params.sampling.greedy or params.sampling.seed else \
-            dataclasses.replace(params.sampling, seed=int.from_bytes(uuid.uuid4().bytes[:7], "big"))
-        # Penalties, logit_bias, min_p, min_tokens: applied by the services at every place, with the
-        # model's end-of-sequence tokens for min_tokens, and the prompt's length (the output follows it).
-        processing = dataclasses.replace(params.processing, eos_token_ids=tuple(sorted(self.limits.eos_token_ids))) \
-            if params.processing.active else None
-        calls = _Calls(sampling, processing, len(prompt))
+        calls = self._calls(params)
         warming: list = []  # the drafts' calls reading the prompt during the first round, if any
         session_id = state.session_id
         self.traffic.join(session_id)
@@ -248,6 +240,18 @@ class SpeculativeController:
         result = self._result(params, call, state, text.text)
         result.logprobs = state.logprobs if params.logprobs else None
         return result
+
+    def _calls(self, params: GenerationParams) -> _Calls:
+        """What the generation's calls to the services carry beside the context."""
+        # Sampled: every token is a function of (seed, position, the target's distribution there),
+        # so a given seed replays the same output in any mode, shape or company; none given, one drawn.
+        sampling = params.sampling if params.sampling.greedy or params.sampling.seed else \
+            dataclasses.replace(params.sampling, seed=int.from_bytes(uuid.uuid4().bytes[:7], "big"))
+        # Penalties, logit_bias, min_p, min_tokens, bad words: applied by the services at every place,
+        # with the model's end-of-sequence tokens for min_tokens, and the prompt's length (the output follows it).
+        processing = dataclasses.replace(params.processing, eos_token_ids=tuple(sorted(self.limits.eos_token_ids))) \
+            if params.processing.active else None
+        return _Calls(sampling, processing, len(params.prompt_ids))
 
     def _budget(self, call: CallContext, round_index: int) -> tuple[float, float]:
         """(draft timeout, verify timeout) for this round, within the call's deadline; raises when
