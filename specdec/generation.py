@@ -84,9 +84,8 @@ class GenerationParams:
         mappings of their fields, or built), checked; raises :class:`InvalidRequest` naming the first
         bad field (``speculation.*`` and ``sampling.*`` by their message's path; the processors by
         their own names, as OpenAI's parameters are)."""
-        for key, kind, prefix in (("speculation", Speculation, True), ("sampling", SamplingParams, True),
-                                  ("processing", Processing.of, False)):
-            given = locals()[key]
+        for key, given, kind, prefix in (("speculation", speculation, Speculation, True), ("sampling", sampling, SamplingParams, True),
+                                         ("processing", processing, Processing.of, False)):
             if isinstance(given, Mapping):
                 try:
                     fields[key] = kind(**given)

@@ -128,8 +128,10 @@ def _decide(logits: torch.Tensor, context: list[int], tree: TokenTree, sampling:
     tokens, tops = [], []
     positions = tree.answer_positions(len(context))
     for place, (row, position) in enumerate(zip(logits.cpu(), positions)):
-        history = context if place == 0 else context + [tree.tokens[n] for n in tree.path_to(place - 1)]
-        scores = processing.apply(row, history, prompt_len)
+        scores = row
+        if processing.active:  # the place's own history, built only when a processor reads it
+            history = context if place == 0 else context + [tree.tokens[n] for n in tree.path_to(place - 1)]
+            scores = processing.apply(row, history, prompt_len)
         if sampling.greedy:
             token = int(scores.argmax())
         else:
