@@ -21,7 +21,8 @@ from specdec.records import MODE_NAMES
 
 EMBEDDED_TARGET = "qwen2.5-coder-1.5b-instruct"
 EMBEDDED_DRAFT = "qwen2.5-coder-0.5b-instruct"
-QUANTIZE_MODES = ("auto", "none", "int8")  # --draft-quantize (specdec/quantize.py); auto: int8 on a CPU
+QUANTIZE_MODES = ("auto", "none", "int8", "w8a8")  # --draft-quantize (specdec/quantize.py); auto: int8 on a CPU
+TARGET_QUANTIZE_MODES = ("none", "int8", "w8a8")  # --target-quantize
 
 
 # Variables that are not settings of a dataclass here but that specdec reads (the CLI's orchestrator
@@ -109,7 +110,7 @@ class SpeculationLimits:
 @dataclass
 class VerifySettings(ModelServiceSettings, SpeculationLimits):
     target_model: str = _setting(EMBEDDED_TARGET, "target model: embedded alias, local path or hub id", model=True)
-    target_quantize: str = _setting("none", "store the target's linear layers and output head as int8 weights (one scale per output channel, multiplied in bfloat16): another model than the float one, exact against its own one-token decoding; faster on a CPU", choices=("none", "int8"))
+    target_quantize: str = _setting("none", "quantize the target's linear layers and output head: int8 (int8 weights, one scale per output channel, multiplied in bfloat16) or w8a8 (int8 weights and int8 activations with one scale per token, integer products through oneDNN: batch-invariant by construction, the fastest exact path on an x86 CPU); either is another model than the float one, exact against its own one-token decoding", choices=TARGET_QUANTIZE_MODES)
 
 
 @dataclass
@@ -176,8 +177,8 @@ class ClusterSettings(SpeculationDefaults, SpeculationLimits, DoorLimits, TlsSer
     draft_devices: list[str] = _setting(lambda: ["cpu"], "devices of the draft services, comma-separated (one, or one each)")
     dtype: str = _setting("auto", "model dtype for every service (auto: the verify service measures and keeps the fastest exact one; see specdec serve verify -- --help)", choices=DTYPES)
     draft_vocab: int = _setting(0, "draft services score only token ids below this (0 = all); see specdec serve draft -- --help", min=0)
-    draft_quantize: str = _setting("auto", "draft models' weights: auto (int8 on a CPU), none or int8 (see specdec serve draft -- --help)", choices=QUANTIZE_MODES)
-    target_quantize: str = _setting("none", "the target's weights: none or int8 (see specdec serve verify -- --help)", choices=("none", "int8"))
+    draft_quantize: str = _setting("auto", "draft models' weights: auto (int8 on a CPU), none, int8 or w8a8 (see specdec serve draft -- --help)", choices=QUANTIZE_MODES)
+    target_quantize: str = _setting("none", "the target's weights: none, int8 or w8a8 (see specdec serve verify -- --help)", choices=TARGET_QUANTIZE_MODES)
     log_dir: str = _setting("logs", "orchestrator statistics directory")
     log_text: bool = _setting(False, "the orchestrator also logs prompt and output text and token ids (see specdec serve orchestrator -- --help)")
     startup_timeout_s: int = _setting(600, "how long to wait for every service to report SERVING", min=1)

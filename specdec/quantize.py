@@ -1,19 +1,33 @@
-"""Weight-only int8 for a draft model: its linear layers and output head keep one int8 byte per
-weight and one scale per output channel, and multiply with torch's own packed kernel
-(``torch.ops.aten._weight_int8pack_mm``), whose cost is mostly reading the weights.
+"""Quantized linear layers: a model's linear layers and output head replaced in place
+(:func:`quantize_model`), the embedding table left in floating point (a lookup reads one row, not
+the table).
 
-Why a draft only: a draft need not be exact, the target decides every token, so a cheaper draft
-can cost acceptance but never output. Which int8 method is cheapest per one-row forward here
-(this one, ``torch.ao.quantization.quantize_dynamic`` or torchao's) has not been measured on a quiet
-machine yet (README, "Quantized drafts"). Activations keep the model's dtype; the embedding table stays in floating point (a lookup reads one row, not the table).
+- ``int8`` (:class:`Int8Linear`): int8 weights, one scale per output channel, multiplied in
+  bfloat16 by torch's packed kernel (``torch.ops.aten._weight_int8pack_mm``), whose cost is mostly
+  reading the weights. Any device; the embedded draft's default on a CPU.
+- ``w8a8`` (:class:`W8A8Linear`): int8 weights *and* int8 activations with one scale per row (per
+  token), multiplied by oneDNN's int8 product (``torch.ops.onednn.qlinear_pointwise``, VNNI where
+  the CPU has it), summed in int32. Integer sums are exact in any order or blocking, and a row's
+  scale depends on that row alone, so every row gets the same bits whatever else shares the pass:
+  batch-invariant by construction, and the flattest exact product measured on 2 cores (docs,
+  "Quantized engines"). x86 CPUs only (torch has no such product elsewhere).
+
+A quantized target is another model than the float one (each format's top-1 agreement with the
+float model is in the docs); speculation stays exact against that model's own one-token decoding.
+A quantized draft can cost acceptance, never output: the target decides every token.
 """
-
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch import nn
 
 from specdec.config import QUANTIZE_MODES
+
+#: The model dtype each quantized format runs the rest of the model in (norms, attention): the int8
+#: weight-only kernel wants bfloat16 activations; the w8a8 product takes float32 and returns it.
+MODEL_DTYPES = {"int8": ("bfloat16",), "w8a8": ("float32",)}
 # Devices with a kernel for the packed product; elsewhere the int8 weights are widened per call
 # (the memory saving stays, the speed-up does not).
 _PACKED_DEVICES = ("cpu", "mps")
@@ -36,12 +50,9 @@ class Int8Linear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
-        w = linear.weight.detach().float()
-        # The largest magnitude in each row maps to 127; -128 stays unused so the range is symmetric.
-        scales = w.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127.0
-        weight = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
+        weight, scales = _int8_per_channel(linear.weight.detach().float())
         bias = None if linear.bias is None else linear.bias.detach().clone()
-        return cls(weight.contiguous(), scales.to(linear.weight.dtype), bias)
+        return cls(weight, scales.to(linear.weight.dtype), bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
@@ -65,9 +76,94 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8"
 
 
+class W8A8Linear(nn.Module):
+    """A bias-optional linear layer with int8 weights (symmetric, one scale per output channel) and
+    int8 activations (symmetric, one scale per row), multiplied in integers by oneDNN:
+    ``out[r, n] = (sum_k qx[r, k] * qw[n, k]) * w_scale[n] * x_scale[r]``.
+
+    Each row is quantized by its own largest magnitude and its integer sums are exact, so a row's
+    output never depends on the other rows of the pass (checked anyway by
+    :func:`specdec.kernels.make_batch_invariant`, as every kernel is). The packed weight is opaque:
+    only the output head keeps its int8 matrix too (a draft scores a slice of it)."""
+
+    def __init__(self, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, keep_weight: bool = False) -> None:
+        super().__init__()
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.levels, self.zero_point = activation_range()
+        self.packed = torch.ops.onednn.qlinear_prepack(weight, None)
+        self.register_buffer("scales", scales.float())  # [out_features]
+        self.register_buffer("bias", None if bias is None else bias.float())
+        self.register_buffer("zero_points", torch.zeros(self.out_features, dtype=torch.long))
+        # A shape-only stand-in where the int8 matrix is not kept (code reads the head's shape).
+        self.register_buffer("weight", weight if keep_weight else torch.empty_like(weight, device="meta"))
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, keep_weight: bool = False) -> "W8A8Linear":
+        weight, scales = _int8_per_channel(linear.weight.detach().float())
+        bias = None if linear.bias is None else linear.bias.detach().clone()
+        return cls(weight, scales, bias, keep_weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features).float()
+        step = rows.abs().amax(dim=1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny) / self.levels
+        # Unsigned with a zero point: oneDNN's fast int8 path takes u8 activations (s8 ones ran a
+        # reference path, 20 to 100 times slower, on the EPYC measured).
+        q = (torch.round(rows / step) + self.zero_point).to(torch.uint8)
+        out = torch.ops.onednn.qlinear_pointwise(q, 1.0, self.zero_point, self.packed, self.scales, self.zero_points,
+                                                 None, 1.0, 0, torch.float32, "none", [], "")
+        out = out * step
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def dequantized_rows(self, limit: int) -> torch.Tensor:
+        """The first ``limit`` rows of the weight in float32 (the output head only)."""
+        if self.weight.is_meta:
+            raise ValueError("this layer keeps only its packed weight")
+        return self.weight[:limit].float() * self.scales[:limit, None]
+
+    def __deepcopy__(self, memo) -> "W8A8Linear":
+        return self  # the packed weight is read-only and torch cannot copy it: copies share the layer
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, w8a8"
+
+
+def _int8_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``w`` ``[out, in]`` float as int8 with one scale per output row: the row's largest magnitude
+    maps to 127 (-128 stays unused, so the range is symmetric)."""
+    scales = w.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127.0
+    return torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8).contiguous(), scales
+
+
+@functools.cache
+def activation_range() -> tuple[int, int]:
+    """(largest activation level, zero point) for :class:`W8A8Linear`: ±127 around 128 where oneDNN's
+    int8 product sums exactly; ±63 around 64 where full-range activations overflowed its 16-bit
+    intermediate sums (CPUs without VNNI pair products in 16 bits), so that a sum is always exact."""
+    if not w8a8_available():
+        raise ValueError("w8a8 needs oneDNN's int8 product (torch.ops.onednn.qlinear_pointwise on an x86 CPU)")
+    k = 64
+    weight = torch.full((4, k), 127, dtype=torch.int8)
+    x = torch.full((2, k), 255, dtype=torch.uint8)  # +127 around 128 times +127: the largest pair sums
+    packed = torch.ops.onednn.qlinear_prepack(weight, None)
+    out = torch.ops.onednn.qlinear_pointwise(x, 1.0, 128, packed, torch.ones(4), torch.zeros(4, dtype=torch.long),
+                                             None, 1.0, 0, torch.float32, "none", [], "")
+    return (127, 128) if torch.equal(out, torch.full((2, 4), 127.0 * 127 * k)) else (63, 64)
+
+
+def w8a8_available() -> bool:
+    """Whether this torch has oneDNN's int8 linear product (x86 CPUs)."""
+    try:
+        return torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_pointwise")
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def quantize_model(model: nn.Module, mode: str) -> nn.Module:
     """Replace ``model``'s linear layers and output head in place by ``mode`` (``QUANTIZE_MODES``);
-    returns the model. ``"none"`` leaves it as it is; ``"auto"`` is int8 on a CPU."""
+    returns the model. ``"none"`` leaves it as it is; ``"auto"`` is int8 on a CPU. Raises ValueError
+    for a mode this device has no kernel for."""
     if mode not in QUANTIZE_MODES:
         raise ValueError(f"quantize must be one of {QUANTIZE_MODES}, got {mode!r}")
     if mode == "auto":
@@ -81,7 +177,12 @@ def quantize_model(model: nn.Module, mode: str) -> nn.Module:
     linears = [(name, module) for name, module in model.named_modules() if type(module) is nn.Linear]
     if any(hasattr(module, "_specdec_kernel") for _, module in linears):
         raise ValueError("quantize the model before its linear layers are packed (specdec.kernels)")
+    if mode == "w8a8" and next(model.parameters()).device.type != "cpu":
+        raise ValueError("w8a8 runs on a CPU only (oneDNN's int8 product); use none or int8 on this device")
+    head = model.get_output_embeddings()
     for name, module in linears:
         parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, Int8Linear.from_linear(module))
+        quantized = (Int8Linear.from_linear(module) if mode == "int8"
+                     else W8A8Linear.from_linear(module, keep_weight=module is head))
+        setattr(model.get_submodule(parent_name), child, quantized)
     return model

@@ -73,7 +73,9 @@ class Sweep:
         self.limit = limit
         self.new_runs = 0
         self.mismatches: list[str] = []
-        self.reference: dict[tuple[str, int], list[int]] = {}  # (prompt id, max_new_tokens) -> target-only tokens
+        # (prompt id, max_new_tokens, the target's quantization) -> the reference run's tokens
+        self.reference: dict[tuple[str, int, str], list[int]] = {}
+        self.numerics = {m.name: m.target_quantize for m in cfg.model_sets}
         # target-only's tokens/s by (prompt, max_new_tokens), then dtype
         self.target_tps: dict[tuple[str, int], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
         self.speedups: dict[tuple[str, str], list[float]] = defaultdict(list)  # (model set, label) -> per-run speedups
@@ -98,8 +100,9 @@ class Sweep:
         """What a finished run's log says that later runs need: the reference tokens and speeds, mismatches."""
         b = log.bench
         key = (b["prompt_id"], b["max_new_tokens"])
+        numerics = self.numerics.get(b.get("model_set", ""), "")
         if b["mode"] == self.cfg.reference_mode and "dtype" not in b["settings"]:
-            self.reference.setdefault(key, log.result.token_ids)
+            self.reference.setdefault((*key, numerics), log.result.token_ids)
         if b["mode"] == TARGET_ONLY:
             self.target_tps[key][b["settings"].get("dtype", "")].append(b["tokens_per_s"])
         elif b.get("speedup") is not None:
@@ -123,14 +126,16 @@ class Sweep:
         """Complete a run's log (the prompt, the lossless check, speedup, metrics) and write it into place."""
         tokens = log.result.token_ids
         key = (spec.prompt.id, spec.max_new_tokens)
+        # A quantized target's runs are held to that target's own one-token decoding.
+        reference_key = (*key, spec.model_set.target_quantize if spec.model_set else "")
         # The reference (SweepConfig.reference_mode): target-only in the sweep's dtype, or with dtype
         # auto the services' own one-token decoding. Another dtype's runs and llama.cpp's (its own
         # quantized weights) are speed figures only.
         baseline_dtype = spec.method.settings.get("dtype")
         if spec.method.mode == self.cfg.reference_mode and baseline_dtype is None:
-            reference = self.reference.setdefault(key, tokens)
+            reference = self.reference.setdefault(reference_key, tokens)
         else:
-            reference = None if baseline_dtype or spec.method.mode == LLAMA_CPP else self.reference.get(key)
+            reference = None if baseline_dtype or spec.method.mode == LLAMA_CPP else self.reference.get(reference_key)
         tokens_per_s = len(tokens) / seconds if seconds > 0 else 0.0
         if spec.method.mode == TARGET_ONLY:
             self.target_tps[key][baseline_dtype or ""].append(tokens_per_s)
@@ -447,6 +452,8 @@ def sweep_cluster(sweep: Sweep, model_set: ModelSet, pending: list[RunSpec], tok
         verify_device=cfg.verify_device, draft_devices=cfg.draft_devices, dtype=cfg.dtype, port=0,
         log_dir=str(orchestrator_logs), log_text=True, startup_timeout_s=cfg.startup_timeout_s, trace_file="", metrics_port=0,
         adaptive=cfg.adaptive,
+        **{key: value for key, value in (("target_quantize", model_set.target_quantize),
+                                         ("draft_quantize", model_set.draft_quantize)) if value},
     )
     sweep.bar.set_description(f"starting the cluster for {model_set.name}")
     try:

@@ -54,6 +54,10 @@ STOCK_DTYPES = ("float32", "bfloat16")
 class ModelSet:
     name: str
     models: tuple[str, ...]  # draft models; ``prompt-lookup`` among them turns the orchestrator's lookup on
+    # The services' quantization (``--target-quantize``, ``--draft-quantize``); "" = their defaults. A
+    # quantized target is another model: its runs are held to its own one-token decoding.
+    target_quantize: str = ""
+    draft_quantize: str = ""
 
     @property
     def drafts(self) -> list[str]:
@@ -230,17 +234,22 @@ def _read_settings(path: Path) -> dict:
 
 
 def _model_sets(items: list, path: Path) -> list[ModelSet]:
-    """``draft_model_sets``: each a list of models (or a comma-separated string), or ``{name, models}``."""
+    """``draft_model_sets``: each a list of models (or a comma-separated string), or ``{name, models}``
+    with optional ``target_quantize`` and ``draft_quantize`` (the services' settings of that name)."""
     model_sets = []
     for i, item in enumerate(items):
-        if isinstance(item, dict):
-            models, set_name = item.get("models"), item.get("name")
-        else:
-            models, set_name = item, None
+        item = item if isinstance(item, dict) else {"models": item}
+        models, set_name = item.get("models"), item.get("name")
         models = [m.strip() for m in (models.split(",") if isinstance(models, str) else models or []) if str(m).strip()]
         if not models:
             raise BenchError(f"{path}: draft_model_sets[{i}] names no draft model")
-        model_sets.append(ModelSet(str(set_name or "+".join(slug(m) for m in models)), tuple(models)))
+        quantize = {}
+        for key, modes in (("target_quantize", config.TARGET_QUANTIZE_MODES), ("draft_quantize", config.QUANTIZE_MODES)):
+            value = str(item.get(key, ""))
+            if value and value not in modes:
+                raise BenchError(f"{path}: draft_model_sets[{i}].{key}: {value!r} is not one of {', '.join(modes)}")
+            quantize[key] = value
+        model_sets.append(ModelSet(str(set_name or "+".join(slug(m) for m in models)), tuple(models), **quantize))
     if len({m.name for m in model_sets}) != len(model_sets):
         raise BenchError(f"{path}: draft_model_sets need distinct names")
     return model_sets

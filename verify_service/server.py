@@ -7,7 +7,7 @@ import argparse
 from specdec import config, precision
 from specdec.errors import InvalidRequest, check_range, check_token_ids
 from specdec.rpc.convert import processing_of, sampling_params
-from specdec.quantize import quantize_model
+from specdec.quantize import MODEL_DTYPES, quantize_model
 from specdec.sampling import MAX_TOP_LOGPROBS
 from specdec.rpc.server import ModelServicer, load_for_service, observe_batches, run_model_service
 from specdec.rpc.status import rpc_method
@@ -90,8 +90,8 @@ def load_target(service: str, name: str, settings):
         loaded.append((tokenizer, info))
         return quantize_model(model, settings.target_quantize)
 
-    # An int8 target multiplies in bfloat16: its kernel wants bfloat16 activations.
-    dtypes = ("bfloat16",) if settings.target_quantize == "int8" else precision.CANDIDATES
+    # A quantized target runs the rest of the model in the dtype its kernel takes.
+    dtypes = MODEL_DTYPES.get(settings.target_quantize, precision.CANDIDATES)
     model, choice = precision.choose_precision(load, dtypes, reps=3 if settings.calibrate else 1)
     tokenizer, info = loaded[0]
     info.dtype, info.precision = choice.dtype, choice.summary()

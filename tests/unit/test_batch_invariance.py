@@ -159,3 +159,25 @@ def test_a_product_whose_one_row_path_differs_is_padded_to_two_rows():
     assert invariant_min_rows(rowwise, 96, torch.float32, counts) == 1
     assert invariant_min_rows(gemv_differs, 96, torch.float32, counts) == 2
     assert invariant_min_rows(batch_dependent, 96, torch.float32, counts) is None
+
+
+@pytest.fixture(scope="module")
+def w8a8_target():
+    from specdec.quantize import quantize_model
+
+    model = quantize_model(tiny_model(seed=0, layers=3, sharpness=1.5, hidden=128, dtype="float32"), "w8a8")
+    make_batch_invariant(model)
+    return model
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8, 16, 33])
+def test_a_w8a8_target_is_batch_invariant(w8a8_target, rows):
+    """int8 weights and per-row int8 activations (--target-quantize w8a8): integer products, so
+    every tree pass gives each node the bits of its own one-token steps, and speculation returns the
+    quantized model's own one-token greedy output."""
+    assert w8a8_target._specdec_kernel == "w8a8"
+    rng = random.Random(rows)
+    assert mismatched_nodes(w8a8_target, random_tree(rng, rows), PROMPT, cached=4) == []
+    c = local_controller(LocalVerify(w8a8_target), [LocalDraft("self", w8a8_target)], eos_token_ids={EOS})
+    result = c.generate(params(PROMPT, 16, "tree", 3, 2, min(rows, 16), 64))
+    assert result.token_ids == stepped_greedy(w8a8_target, PROMPT, 16)

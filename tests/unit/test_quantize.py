@@ -1,13 +1,14 @@
-"""Weight-only int8 drafts (specdec/quantize.py): the layers stay close to the float ones, every
-linear layer and the output head are converted, and speculation with an int8 draft gives exactly
-the target's greedy output."""
+"""Quantized layers (specdec/quantize.py): int8 weight-only and w8a8 (int8 weights and per-row int8
+activations) stay close to the float layers, w8a8 sums exactly in integers and gives every row the
+same bits at any row count, every linear layer and the output head are converted, and speculation
+with a quantized draft gives exactly the target's greedy output."""
 
 import pytest
 import torch
 from torch import nn
 
 from local_clients import LocalDraft, LocalVerify, local_controller, params
-from specdec.quantize import Int8Linear, quantize_model
+from specdec.quantize import Int8Linear, W8A8Linear, activation_range, quantize_model
 from tiny_models import EOS, reference_greedy, tiny_qwen2, truncated_copy
 
 PROMPTS = [[11, 40, 3, 77, 25, 60, 8], [5], list(range(20, 50))]
@@ -65,8 +66,59 @@ def test_quantize_none_leaves_the_model_and_unknown_modes_are_refused(target):
         quantize_model(model, "int4")
 
 
+def w8a8_reference(layer: W8A8Linear, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """What a w8a8 layer must give, computed apart: each row quantized by its own largest magnitude,
+    the products summed exactly in int64, then scaled."""
+    levels, _ = activation_range()
+    step = x.abs().amax(1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny) / levels
+    q = torch.round(x / step)
+    return (q.long() @ weight.long().T).float() * layer.scales * step
+
+
+@pytest.mark.parametrize("shape", [(40, 96), (7, 13), (300, 64)])
+def test_w8a8_linear_sums_exactly_and_every_row_alone(shape):
+    torch.manual_seed(0)
+    linear = nn.Linear(shape[1], shape[0], bias=False)
+    layer = W8A8Linear.from_linear(linear, keep_weight=True)
+    x = torch.randn(70, shape[1]) * torch.logspace(-3, 3, 70)[:, None]  # rows of very different sizes
+    out = layer(x)
+    assert torch.equal(out, w8a8_reference(layer, layer.weight, x))
+    # Batch-invariant by construction: a row's bits never depend on the other rows of the pass.
+    for m in (1, 2, 5, 16, 33, 70):
+        assert torch.equal(layer(x[:m]), out[:m])
+    assert torch.equal(layer(x[3:4]), out[3:4])
+    err = (out - linear(x)).abs().amax(1) / linear(x).abs().amax(1)
+    assert err.max() < 0.05, err.max()
+
+
+def test_w8a8_linear_keeps_bias_shape_dtype_and_zero_rows():
+    torch.manual_seed(0)
+    linear = nn.Linear(32, 6)
+    layer = W8A8Linear.from_linear(linear)
+    x = torch.randn(2, 3, 32)
+    x[0, 1] = 0.0  # an all-zero row quantizes to zeros, not NaN
+    out = layer(x)
+    assert out.shape == (2, 3, 6) and out.dtype == torch.float32 and torch.isfinite(out).all()
+    assert torch.allclose(out[0, 1], linear.bias)
+    assert layer(x.to(torch.bfloat16)).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="packed"):
+        layer.dequantized_rows(2)  # only a head keeps its int8 matrix
+
+
+def test_w8a8_model_keeps_its_head_rows_and_agrees_with_the_float_model(target):
+    model = quantize_model(truncated_copy(target, [0, 1, 2]), "w8a8")
+    head = model.get_output_embeddings()
+    assert isinstance(head, W8A8Linear) and not [m for m in model.modules() if type(m) is nn.Linear]
+    assert head.dequantized_rows(5).shape == (5, head.in_features)
+    ids = torch.tensor([PROMPTS[0]])
+    with torch.no_grad():
+        agree = (target(ids).logits[0].argmax(-1) == model(ids).logits[0].argmax(-1)).float().mean()
+    assert agree >= 0.8
+
+
 @pytest.mark.parametrize("prompt", PROMPTS)
 @pytest.mark.parametrize("vocab_limit", [0, 40])
+@pytest.mark.parametrize("quantize", ["int8", "w8a8"])
 @pytest.mark.parametrize(
     "mode, settings",
     [
@@ -75,10 +127,10 @@ def test_quantize_none_leaves_the_model_and_unknown_modes_are_refused(target):
         ("tree", {"beam_width": 1, "beam_depth": 3}),
     ],
 )
-def test_int8_draft_is_lossless(target, prompt, vocab_limit, mode, settings):
+def test_quantized_draft_is_lossless(target, prompt, vocab_limit, quantize, mode, settings):
     drafts = [
-        LocalDraft("self-int8", quantize_model(truncated_copy(target, [0, 1, 2]), "int8"), vocab_limit=vocab_limit),
-        LocalDraft("truncated-int8", quantize_model(truncated_copy(target, 1), "int8"), vocab_limit=vocab_limit),
+        LocalDraft("self-q", quantize_model(truncated_copy(target, [0, 1, 2]), quantize), vocab_limit=vocab_limit),
+        LocalDraft("truncated-q", quantize_model(truncated_copy(target, 1), quantize), vocab_limit=vocab_limit),
     ]
     c = local_controller(LocalVerify(target), drafts, eos_token_ids={EOS})
     request = params(prompt, 24, mode, settings.get("draft_length", 2), settings.get("beam_width", 2),
