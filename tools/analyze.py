@@ -60,6 +60,8 @@ def configuration_label(mode: str, settings: dict) -> str:
         return f"specdec-sequential k={settings['draft_length']}{fixed}"
     if mode == "tree":
         return f"specdec-tree w={settings['beam_width']} d={settings['beam_depth']} nodes<={settings['max_tree_nodes']}{fixed}"
+    if mode == LLAMA_CPP and settings.get("draft_length"):  # llama.cpp's own draft-model speculation
+        return f"{mode} speculative k={settings['draft_length']}"
     if mode in BASELINES:
         return " ".join([mode, *([settings["dtype"]] if settings.get("dtype") else [])])
     return f"specdec-{mode}"

@@ -209,39 +209,128 @@ def sweep_baselines(sweep: Sweep, pending: list[RunSpec], tokenizer, encoded: di
 
 def llama_baseline(sweep: Sweep, pending: list[RunSpec], tokenizer, encoded: dict) -> None:
     """llama.cpp (llama-cpp-python) greedy decoding of the target's own GGUF file, with as many threads
-    as torch uses here: what users run on a CPU instead. A speed figure only: its Q4_K_M arithmetic
-    is not the converted model's, so its tokens are not held to target-only's. Skipped, with a
-    message, where llama-cpp-python is not installed (``make llama-cpp``) or no GGUF file was kept."""
+    as torch uses here: what users run on a CPU instead; and, for runs that name a draft, llama.cpp's
+    own draft-model speculation (the draft's GGUF proposing ``draft_length`` tokens a step through the
+    binding's draft-model hook, the target checking them in one batch). A speed figure only: its
+    Q4_K_M arithmetic is not the converted model's, so its tokens are not held to target-only's.
+    Skipped, with a message, where llama-cpp-python is not installed (``make llama-cpp``) or no GGUF
+    file was kept."""
     import torch
 
-    from specdec.detokenize import token_texts
-    from specdec.model_store import EMBEDDED_MODELS, gguf_path
-
-    cfg = sweep.cfg
     try:
         import llama_cpp
     except ImportError:
         sweep.bar.write("llama-cpp baseline skipped: llama-cpp-python is not installed (make llama-cpp)")
         return
-    target = cfg.target_model
-    gguf = gguf_path(target) if target in EMBEDDED_MODELS else (Path(target) if target.endswith(".gguf") else None)
-    if gguf is None:
-        sweep.bar.write(f"llama-cpp baseline skipped: no GGUF file for {target} (an embedded model fetched before GGUF "
-                        f"files were kept: delete its directory and run `specdec models fetch` again)")
+    target = _gguf_of(sweep, sweep.cfg.target_model)
+    if target is None:
         return
     threads = torch.get_num_threads()
-    sweep.bar.set_description(f"loading {gguf.name} into llama.cpp ({threads} threads)")
+    groups: dict[tuple, list[RunSpec]] = {}
+    for spec in pending:
+        settings = spec.method.settings
+        groups.setdefault((settings.get("draft_model"), settings.get("draft_length")), []).append(spec)
+    for (draft_model, draft_length), specs in groups.items():
+        draft = None
+        if draft_model is not None:
+            draft_gguf = _gguf_of(sweep, draft_model)
+            if draft_gguf is None:
+                continue
+            draft = GgufDraft(llama_cpp, draft_gguf, draft_length, threads)
+        if sweep.stopped():
+            return
+        sweep.bar.set_description(f"loading {target.name} into llama.cpp ({threads} threads)")
+        llm = llama_cpp.Llama(model_path=str(target), n_threads=threads, n_threads_batch=threads, n_ctx=4096,
+                              draft_model=draft, verbose=False)
+        _llama_runs(sweep, specs, tokenizer, encoded, llm, {"gguf": target.name, "threads": threads,
+                    "llama_cpp_python": llama_cpp.__version__,
+                    **({"draft_gguf": draft.path.name, "draft_length": draft_length} if draft else {})})
+        del llm, draft
+        gc.collect()
+
+
+def _gguf_of(sweep: Sweep, model: str) -> Path | None:
+    """The GGUF file llama.cpp runs for ``model`` (an embedded model's kept file, or a path to one);
+    None, said on the progress bar, where there is none."""
+    from specdec.model_store import EMBEDDED_MODELS, gguf_path
+
+    gguf = gguf_path(model) if model in EMBEDDED_MODELS else (Path(model) if model.endswith(".gguf") else None)
+    if gguf is None:
+        sweep.bar.write(f"llama-cpp baseline skipped: no GGUF file for {model} (an embedded model fetched before GGUF "
+                        f"files were kept: delete its directory and run `specdec models fetch` again)")
+    return gguf
+
+
+class GgufDraft:
+    """A draft model for llama-cpp-python's speculation hook (its ``LlamaDraftModel`` interface: called
+    with every token so far, returns the tokens to propose): another llama.cpp model decoding
+    ``length`` tokens greedily, its cache reused across calls up to the longest common prefix."""
+
+    def __init__(self, llama_cpp, path: Path, length: int, threads: int) -> None:
+        self.path, self.length = path, length
+        self.llm = llama_cpp.Llama(model_path=str(path), n_threads=threads, n_threads_batch=threads, n_ctx=4096,
+                                   verbose=False)
+
+    def __call__(self, input_ids, /, **kwargs):
+        import numpy as np
+
+        out = []
+        for token in self.llm.generate([int(t) for t in input_ids], temp=0.0, top_k=1, top_p=1.0, min_p=0.0,
+                                       repeat_penalty=1.0, reset=True):
+            out.append(token)
+            if len(out) >= self.length:
+                break
+        return np.array(out, dtype=np.intc)
+
+
+def llama_greedy(llm, ids: list[int], max_new_tokens: int, eos: set[int]) -> tuple[list[int], float | None]:
+    """llama.cpp's greedy decoding of ``ids``: the new tokens, and seconds to the first (None: none)."""
+    out, start, first = [], time.perf_counter(), None
+    for token in llm.generate(ids, temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0, reset=True):
+        first = first if first is not None else time.perf_counter() - start
+        out.append(token)
+        if token in eos or len(out) >= max_new_tokens:
+            break
+    return out, first
+
+
+def llama_stock_run(model: str, prompt_ids: list[int], max_new_tokens: int, progress=lambda text: None,
+                    warmup_tokens: int = 8):
+    """llama.cpp decoding ``model``'s own GGUF alone, greedy, with torch's thread count, timed after a
+    warm-up (the demo's other comparison); None where llama-cpp-python is not installed or the
+    model kept no GGUF file."""
+    import torch
+
+    from specdec.model_store import EMBEDDED_MODELS, gguf_path
+
+    try:
+        import llama_cpp
+    except ImportError:
+        return None
+    gguf = gguf_path(model) if model in EMBEDDED_MODELS else (Path(model) if model.endswith(".gguf") else None)
+    if gguf is None:
+        return None
+    threads = torch.get_num_threads()
+    progress(f"llama.cpp on {gguf.name} ({threads} threads): loading")
     llm = llama_cpp.Llama(model_path=str(gguf), n_threads=threads, n_threads_batch=threads, n_ctx=4096, verbose=False)
+    llama_greedy(llm, prompt_ids, min(warmup_tokens, max_new_tokens), {llm.token_eos()})
+    progress(f"llama.cpp on {gguf.name}: {max_new_tokens} tokens")
+    start = time.perf_counter()
+    tokens, _ = llama_greedy(llm, prompt_ids, max_new_tokens, {llm.token_eos()})
+    run = StockRun(f"llama.cpp {gguf.name.split('.')[-2]} ({threads} threads)", tokens, time.perf_counter() - start)
+    del llm
+    gc.collect()
+    return run
+
+
+def _llama_runs(sweep: Sweep, pending: list[RunSpec], tokenizer, encoded: dict, llm, about: dict) -> None:
+    """Time each of ``pending`` on the loaded llama.cpp model ``llm``; ``about`` goes into each log's request."""
+    from specdec.detokenize import token_texts
+
     eos = {llm.token_eos(), *(tokenizer.eos_token_id if isinstance(tokenizer.eos_token_id, list) else [tokenizer.eos_token_id])}
 
     def call(ids: list[int], max_new_tokens: int) -> tuple[list[int], float | None]:
-        out, start, first = [], time.perf_counter(), None
-        for token in llm.generate(ids, temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0, reset=True):
-            first = first if first is not None else time.perf_counter() - start
-            out.append(token)
-            if token in eos or len(out) >= max_new_tokens:
-                break
-        return out, first
+        return llama_greedy(llm, ids, max_new_tokens, eos)
 
     def log_of(spec: RunSpec, ids: list[int], tokens: list[int], first: float | None, seconds: float):
         stats = GenerationStats(
@@ -251,15 +340,13 @@ def llama_baseline(sweep: Sweep, pending: list[RunSpec], tokenizer, encoded: dic
         )
         result = GenerationResult(token_ids=tokens, text=tokenizer.decode(tokens, skip_special_tokens=True),
                                   finish_reason="length" if len(tokens) >= spec.max_new_tokens else "eos", stats=stats)
-        request = {"mode": LLAMA_CPP, "max_new_tokens": spec.max_new_tokens, "prompt_tokens": len(ids),
-                   "gguf": gguf.name, "threads": threads, "llama_cpp_python": llama_cpp.__version__}
-        log = GenerationLog(result, target_model=target, request=request, token_texts=token_texts(tokenizer, tokens))
+        request = {"mode": LLAMA_CPP, "max_new_tokens": spec.max_new_tokens, "prompt_tokens": len(ids), **about}
+        log = GenerationLog(result, target_model=sweep.cfg.target_model, request=request,
+                            token_texts=token_texts(tokenizer, tokens))
         return log, first * 1e3 if first is not None else None
 
-    sweep.bar.set_description("llama-cpp")
+    sweep.bar.set_description("llama-cpp" + (f" speculative k={about['draft_length']}" if "draft_length" in about else ""))
     _time_each(sweep, pending, encoded, call, log_of)
-    del llm
-    gc.collect()
 
 
 def _time_each(sweep: Sweep, specs: list[RunSpec], encoded: dict, call, log_of) -> None:

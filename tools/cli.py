@@ -62,7 +62,8 @@ def add_own_commands(commands) -> None:
     gen.add_argument("--json", action="store_true", help="print one JSON object: text, token_ids, stats (with --compare also target_alone and speedup)")
     gen.add_argument("--compare", action="store_true",
                      help="with --local, first time stock transformers generate on the target alone in float32 and bfloat16 "
-                          "(the decoding a user already has); then, after one short warm-up request, run the same prompt with "
+                          "(the decoding a user already has), and llama.cpp on the target's GGUF where llama-cpp-python is "
+                          "installed (make llama-cpp); then, after one short warm-up request, run the same prompt with "
                           "the target alone through the services (mode autoregressive) and then as asked; print every speed and "
                           "the ratio to the faster stock generate (without --local: to the services' target alone)")
     where = gen.add_mutually_exclusive_group()
@@ -291,7 +292,9 @@ def cmd_generate(args) -> int:
                     "verify_dtype": info.dtype, "precision": info.precision}
         if stock:
             out |= {"stock_generate": {run.dtype: {"tokens_per_second": run.tokens_per_second, "token_ids": run.tokens}
-                                       for run in stock},
+                                       for run in transformers_runs(stock)},
+                    **{"llama_cpp": {"engine": run.dtype, "tokens_per_second": run.tokens_per_second, "token_ids": run.tokens}
+                       for run in stock if is_llama(run)},
                     "speedup_over": f"stock generate {fastest(stock).dtype}"}
         print(json.dumps(out))
         return 0
@@ -309,15 +312,26 @@ def stock_baseline(args) -> list:
     from transformers import AutoTokenizer
 
     from specdec.model_store import resolve_model
-    from specdec.tools.bench import stock_runs
+    from specdec.tools.bench import llama_stock_run, stock_runs
 
     prompt_ids = AutoTokenizer.from_pretrained(resolve_model(args.target_model))(args.prompt).input_ids
-    return stock_runs(args.target_model, prompt_ids, args.max_new_tokens,
-                      progress=lambda text: print(text + " ...", file=sys.stderr, flush=True))
+    progress = lambda text: print(text + " ...", file=sys.stderr, flush=True)  # noqa: E731
+    runs = stock_runs(args.target_model, prompt_ids, args.max_new_tokens, progress=progress)
+    llama = llama_stock_run(args.target_model, prompt_ids, args.max_new_tokens, progress=progress)
+    return runs + ([llama] if llama is not None else [])
 
 
 def fastest(stock):
-    return max(stock, key=lambda run: run.tokens_per_second)
+    """The faster stock ``generate`` (llama.cpp's run, when there is one, is shown apart)."""
+    return max(transformers_runs(stock), key=lambda run: run.tokens_per_second)
+
+
+def transformers_runs(stock) -> list:
+    return [run for run in stock if not is_llama(run)]
+
+
+def is_llama(run) -> bool:
+    return run.dtype.startswith("llama.cpp")
 
 
 def reply_dict(reply) -> dict:
@@ -347,7 +361,8 @@ def comparison(alone, reply, stock=(), info=None) -> str:
         lines.append(f"verify dtype: {info.precision}")
     if stock:
         best = fastest(stock)
-        lines.append("stock transformers generate: " + ", ".join(f"{run.dtype} {run.tokens_per_second:.2f}" for run in stock)
+        lines.append("stock transformers generate: " + ", ".join(f"{run.dtype} {run.tokens_per_second:.2f}"
+                                                                for run in transformers_runs(stock))
                      + f" tokens/s (the faster: {best.dtype})")
     dtype = f", {info.dtype} exact" if info is not None and info.dtype else ""
     lines.append(f"target alone through the services (one token per verify pass{dtype}): {alone.stats.tokens_per_second:.2f} tokens/s")
@@ -357,6 +372,9 @@ def comparison(alone, reply, stock=(), info=None) -> str:
     at = first_difference(list(alone.token_ids), list(reply.token_ids))
     line += f" (same {len(reply.token_ids)} tokens as the target alone)" if at is None else f" (differs from the target alone from token {at} on)"
     lines.append(line)
+    for run in (r for r in stock if is_llama(r)):
+        lines.append(f"{run.dtype} on the same GGUF: {run.tokens_per_second:.2f} tokens/s; speculative "
+                     f"{reply.stats.tokens_per_second / run.tokens_per_second:.2f}x it")
     return "\n".join(lines)
 
 

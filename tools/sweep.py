@@ -43,7 +43,7 @@ class Method:
 SWEEP_KEYS = {
     "name", "target_model", "draft_model_sets", "max_new_tokens", "modes", "baselines", "sequential", "tree",
     "prompt_files", "prompts", "classes", "prompts_per_class", "repetitions", "dtype", "devices", "output_dir",
-    "warmup_tokens", "startup_timeout_s", "adaptive", "baseline_dtypes", "default",
+    "warmup_tokens", "startup_timeout_s", "adaptive", "baseline_dtypes", "default", "llama_cpp_draft_lengths",
 }
 #: The dtypes stock decoding is timed in (target-only and assisted with ``dtype: auto``; the demo's
 #: comparison): whichever is faster on the machine is what a user already has.
@@ -97,6 +97,9 @@ class SweepConfig:
     # target-only runs once in each; the first is ``dtype``, the reference every run must equal.
     # Speedups are over the fastest of them. With ``dtype: auto`` every one carries its dtype.
     baseline_dtypes: list[str] = field(default_factory=list)
+    # llama.cpp's own draft-model speculation (each set's first draft, its GGUF) at these draft lengths,
+    # beside llama.cpp target-only, when ``llama-cpp`` is among the baselines.
+    llama_cpp_draft_lengths: list[int] = field(default_factory=list)
     # Also run tree mode with the orchestrator's own defaults and the cost model on (``default``),
     # beside the grid of shapes (which run as ``adaptive`` says: false makes them fixed shapes).
     default: bool = False
@@ -119,15 +122,15 @@ class RunSpec:
 
     @property
     def set_name(self) -> str:
-        if self.method.mode in (TARGET_ONLY, LLAMA_CPP):
+        if self.method.mode in (TARGET_ONLY, LLAMA_CPP) and "draft_model" not in self.method.settings:
             return "-"
-        if self.method.mode == ASSISTED:
+        if self.method.mode in (ASSISTED, LLAMA_CPP):
             return self.method.settings["draft_model"]
         return self.model_set.name
 
     @property
     def draft_models(self) -> list[str]:
-        if self.method.mode == ASSISTED:
+        if self.method.mode in (ASSISTED, LLAMA_CPP) and "draft_model" in self.method.settings:
             return [self.method.settings["draft_model"]]
         return list(self.model_set.models) if self.model_set and self.method.mode != "autoregressive" else []
 
@@ -136,7 +139,7 @@ class RunSpec:
         s = self.method.settings
         what = {
             TARGET_ONLY: "-".join(["target-only", *([s["dtype"]] if "dtype" in s else [])]),
-            LLAMA_CPP: "llama-cpp",
+            LLAMA_CPP: "-".join(["llama-cpp", *([f"k{s['draft_length']}", slug(s["draft_model"])] if {"draft_model", "draft_length"} <= s.keys() else [])]),
             ASSISTED: "-".join(["assisted", slug(s.get("draft_model", "")), *([s["dtype"]] if "dtype" in s else [])]),
             "autoregressive": "autoregressive",
             "sequential": f"sequential-k{s.get('draft_length')}",
@@ -171,7 +174,8 @@ def load_sweep_config(path: Path) -> SweepConfig:
     draft_lengths = _list(sequential.get("draft_lengths", defaults.draft_length), int, "sequential.draft_lengths", path)
     shapes = _tree_shapes(tree, defaults, path)
     max_new_tokens = _list(raw.get("max_new_tokens", 64), int, "max_new_tokens", path)
-    numbers = [*draft_lengths, *(v for shape in shapes for v in shape), *max_new_tokens]
+    llama_cpp_draft_lengths = _list(raw.get("llama_cpp_draft_lengths", []), int, "llama_cpp_draft_lengths", path)
+    numbers = [*draft_lengths, *(v for shape in shapes for v in shape), *max_new_tokens, *llama_cpp_draft_lengths]
     if any(n < 1 for n in numbers):
         raise BenchError(f"{path}: draft lengths, beam widths and depths and max_new_tokens must be at least 1")
     prompts = _prompts(raw, path)
@@ -183,6 +187,7 @@ def load_sweep_config(path: Path) -> SweepConfig:
     return SweepConfig(
         path=path, name=name, target_model=str(raw.get("target_model") or config.EMBEDDED_TARGET), model_sets=model_sets,
         max_new_tokens=max_new_tokens, modes=modes, baselines=baselines, draft_lengths=draft_lengths,
+        llama_cpp_draft_lengths=llama_cpp_draft_lengths,
         tree_shapes=shapes, max_tree_nodes=int(tree.get("max_tree_nodes", defaults.max_tree_nodes)), prompts=prompts,
         repetitions=repetitions, dtype=str(raw.get("dtype", "float32")), verify_device=verify_device,
         draft_devices=_list(devices.get("drafts", verify_device), str, "devices.drafts", path),
@@ -321,6 +326,9 @@ def sweep_plan(cfg: SweepConfig) -> list[RunSpec]:
                 plan += each(Method(ASSISTED, {"draft_model": draft, **({"dtype": dtype} if i >= first_named else {})}), None)
     if LLAMA_CPP in cfg.baselines:
         plan += each(Method(LLAMA_CPP), None)
+        for draft in dict.fromkeys(s.drafts[0] for s in cfg.model_sets if s.drafts):  # its own speculation: each set's first draft
+            for k in cfg.llama_cpp_draft_lengths:
+                plan += each(Method(LLAMA_CPP, {"draft_model": draft, "draft_length": k}), None)
     modes = list(cfg.modes)
     if cfg.reference_mode not in (TARGET_ONLY, *modes):
         modes.insert(0, cfg.reference_mode)  # it runs first on each cluster: the reference of the runs after it

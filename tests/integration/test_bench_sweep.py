@@ -235,12 +235,17 @@ def test_expected_speedup_formula():
     assert tree["expected_tokens_per_round"] == 3.0  # trees: the measured tokens per round
 
 
-@pytest.mark.parametrize("name", ["bench.yaml", "bench-gpu.yaml", "speed.yaml"])
+@pytest.mark.parametrize("name", ["bench.yaml", "bench-gpu.yaml", "speed.yaml", "quantized.yaml"])
 def test_shipped_sweep_files_are_valid(name):
     cfg = sweep.load_sweep_config(ROOT / "benchmarks" / name)
     plan = sweep.sweep_plan(cfg)
     assert {p.cls for p in cfg.prompts} >= {"code", "prose", "chat"}
-    assert cfg.baselines == ["target-only", "assisted"] and cfg.modes
+    assert cfg.modes
+    if name == "quantized.yaml":
+        assert cfg.baselines == ["target-only", "llama-cpp"] and cfg.llama_cpp_draft_lengths
+        assert [(s.target_quantize, s.draft_quantize) for s in cfg.model_sets] == [("", ""), ("w8a8", "w8a8")]
+        return
+    assert cfg.baselines == ["target-only", "assisted"]
     assert len({s.run_id for s in plan}) == len(plan)
     if name == "bench.yaml":
         assert cfg.target_model == "qwen2.5-coder-1.5b-instruct" and cfg.dtype == "float32"
@@ -265,19 +270,37 @@ def test_sweep_file_errors_are_named(tmp_path):
         sweep.load_sweep_config(config)
 
 
+def test_model_sets_name_their_quantization(tmp_path):
+    config = tmp_path / "q.yaml"
+    prompts = "prompts: [{id: a, class: code, prompt: hi}]\n"
+    config.write_text("draft_model_sets: [{name: q, models: [d], target_quantize: w8a8, draft_quantize: int8}, [d]]\n" + prompts)
+    cfg = sweep.load_sweep_config(config)
+    assert [(s.name, s.target_quantize, s.draft_quantize) for s in cfg.model_sets] == [("q", "w8a8", "int8"), ("d", "", "")]
+    config.write_text("draft_model_sets: [{models: [d], target_quantize: int4}]\n" + prompts)
+    with pytest.raises(sweep.BenchError, match="target_quantize.*int4.*none, int8, w8a8"):
+        sweep.load_sweep_config(config)
+
+
 def test_baselines_in_more_dtypes_and_llama_cpp(tiny_dirs, tmp_path, monkeypatch):
     """target-only and assisted run once per baseline dtype; llama.cpp's baseline is planned, and
     skipped with a message where llama-cpp-python is not installed."""
     import types
 
     path = write_config(tmp_path, tiny_dirs, tmp_path / "out")
-    path.write_text(path.read_text() + "baseline_dtypes: [bfloat16]\nbaselines: [target-only, assisted, llama-cpp]\n")
+    path.write_text(path.read_text() + "baseline_dtypes: [bfloat16]\nbaselines: [target-only, assisted, llama-cpp]\n"
+                    "llama_cpp_draft_lengths: [3, 5]\n")
     cfg = sweep.load_sweep_config(path)
     plan = sweep.sweep_plan(cfg)
     ids = {s.run_id for s in plan}
     assert cfg.baseline_dtypes == ["float32", "bfloat16"] and cfg.baselines == ["target-only", "assisted", "llama-cpp"]
     assert {f"baseline--{m}--n{MAX_NEW_TOKENS}--code-add--r0" for m in
-            ("target-only", "target-only-bfloat16", "assisted-draft", "assisted-draft-bfloat16", "llama-cpp")} <= ids
+            ("target-only", "target-only-bfloat16", "assisted-draft", "assisted-draft-bfloat16", "llama-cpp",
+             "llama-cpp-k3-draft", "llama-cpp-k5-draft")} <= ids
+    # llama.cpp's own speculation: each set's first draft, at each draft length, named as such.
+    speculative = [s for s in plan if s.method.mode == "llama-cpp" and s.method.settings]
+    assert {s.method.label for s in speculative} == {"llama-cpp speculative k=3", "llama-cpp speculative k=5"}
+    draft = cfg.model_sets[0].drafts[0]
+    assert {s.set_name for s in speculative} == {draft} and all(s.draft_models == [draft] for s in speculative)
     assert len(ids) == len(plan)
     monkeypatch.setitem(sys.modules, "llama_cpp", None)  # as if not installed
     written = []

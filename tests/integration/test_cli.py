@@ -308,3 +308,11 @@ def test_stock_generate_is_timed_in_each_dtype_and_the_comparison_names_the_fast
         "target alone through the services (one token per verify pass, bfloat16 exact): 3.50 tokens/s",
         "speculative (tree) 8.00 tokens/s: 2.00x the faster stock generate (bfloat16) (same 2 tokens as the target alone)",
     ]
+    # llama.cpp on the same GGUF, where installed: shown apart, never the "stock generate" baseline.
+    from specdec.tools.bench import StockRun
+
+    llama = StockRun("llama.cpp Q4_K_M (2 threads)", [1] * 10, 10 / 16.0)
+    text = comparison(reply("autoregressive", 3.5, [1, 2]), reply("tree", 8.0, [1, 2]), [*runs, llama], info).splitlines()
+    assert text[1] == "stock transformers generate: float32 2.00, bfloat16 4.00 tokens/s (the faster: bfloat16)"
+    assert text[3].startswith("speculative (tree) 8.00 tokens/s: 2.00x the faster stock generate (bfloat16)")
+    assert text[4] == "llama.cpp Q4_K_M (2 threads) on the same GGUF: 16.00 tokens/s; speculative 0.50x it"
