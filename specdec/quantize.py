@@ -129,6 +129,75 @@ class W8A8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, w8a8"
 
 
+#: Sibling projections that read the same input in the model families this runs (Llama, Qwen, Mistral,
+#: Gemma...): as w8a8 they are one product over their weights stacked, so the input is quantized
+#: once and the weights read in one call.
+SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+class _SharedProduct:
+    """One w8a8 product for several sibling layers (:data:`SHARED_INPUTS`): the first sibling called
+    with an input runs it, and each sibling takes its own columns. A sibling called with another
+    input runs it again (still right, only slower). Integer sums make each column's bits the ones
+    its own product would give."""
+
+    def __init__(self, layer: W8A8Linear, sizes: list[int]) -> None:
+        self.layer, self.sizes = layer, sizes
+        self.input, self.outputs = None, None
+
+    def __call__(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        if x is not self.input or self.outputs[index] is None:
+            self.input, self.outputs = x, list(self.layer(x).split(self.sizes, dim=-1))
+        out, self.outputs[index] = self.outputs[index], None
+        if all(o is None for o in self.outputs):
+            self.input = self.outputs = None  # all taken: hold no activations between passes
+        return out
+
+
+class SharedInputLinear(nn.Module):
+    """One sibling of a :class:`_SharedProduct`: its columns of the stacked product."""
+
+    def __init__(self, shared: _SharedProduct, index: int) -> None:
+        super().__init__()
+        self.shared, self.index = shared, index
+        self.in_features, self.out_features = shared.layer.in_features, shared.sizes[index]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.shared(x, self.index)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, w8a8 shared input ({self.index})"
+
+
+def _share_inputs(model: nn.Module, linears: list[tuple[str, nn.Linear]]) -> list[tuple[str, nn.Linear]]:
+    """Replace each complete group of :data:`SHARED_INPUTS` siblings under one parent by one stacked
+    w8a8 product (registered on the parent, so that kernel checks see it); returns the linears left."""
+    by_name = dict(linears)
+    done = set()
+    for name, _ in linears:
+        parent_name, _, child = name.rpartition(".")
+        for group in SHARED_INPUTS:
+            names = [f"{parent_name}.{g}" if parent_name else g for g in group]
+            if child != group[0] or not all(n in by_name for n in names):
+                continue
+            layers = [by_name[n] for n in names]
+            if len({m.in_features for m in layers}) != 1 or len({m.bias is None for m in layers}) != 1:
+                continue
+            stacked = nn.Linear(layers[0].in_features, sum(m.out_features for m in layers), bias=layers[0].bias is not None)
+            with torch.no_grad():
+                stacked.weight.copy_(torch.cat([m.weight.detach().float() for m in layers]))
+                if stacked.bias is not None:
+                    stacked.bias.copy_(torch.cat([m.bias.detach().float() for m in layers]))
+            parent = model.get_submodule(parent_name) if parent_name else model
+            product = W8A8Linear.from_linear(stacked)
+            parent.add_module(f"specdec_{'_'.join(group)}", product)
+            shared = _SharedProduct(product, [m.out_features for m in layers])
+            for i, g in enumerate(group):
+                setattr(parent, g, SharedInputLinear(shared, i))
+            done.update(names)
+    return [(n, m) for n, m in linears if n not in done]
+
+
 def _int8_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``w`` ``[out, in]`` float as int8 with one scale per output row: the row's largest magnitude
     maps to 127 (-128 stays unused, so the range is symmetric)."""
@@ -180,6 +249,8 @@ def quantize_model(model: nn.Module, mode: str) -> nn.Module:
     if mode == "w8a8" and next(model.parameters()).device.type != "cpu":
         raise ValueError("w8a8 runs on a CPU only (oneDNN's int8 product); use none or int8 on this device")
     head = model.get_output_embeddings()
+    if mode == "w8a8":
+        linears = _share_inputs(model, linears)
     for name, module in linears:
         parent_name, _, child = name.rpartition(".")
         quantized = (Int8Linear.from_linear(module) if mode == "int8"

@@ -151,3 +151,22 @@ def test_cluster_setting_reaches_the_draft_services():
     argv = config.to_argv(draft)
     assert argv[argv.index("--draft-quantize") + 1] == "int8"
     assert config.from_env(config.DraftSettings, environ={"SPECDEC_DRAFT_QUANTIZE": "int8"}).draft_quantize == "int8"
+
+
+def test_w8a8_siblings_reading_one_input_share_one_product(target, monkeypatch):
+    """q/k/v and gate/up become one stacked product each (the input quantized once, the weights read in
+    one call), with the very bits of separate products: integer sums, per-row scales."""
+    import specdec.quantize as quantize
+
+    ids = torch.tensor([PROMPTS[2]])
+    shared = quantize_model(truncated_copy(target, [0, 1, 2]), "w8a8")
+    attention = shared.model.layers[0].self_attn
+    assert isinstance(attention.q_proj, quantize.SharedInputLinear) and attention.v_proj.index == 2
+    assert isinstance(shared.model.layers[0].mlp.up_proj, quantize.SharedInputLinear)
+    assert isinstance(shared.model.layers[0].mlp.down_proj, W8A8Linear)
+    monkeypatch.setattr(quantize, "SHARED_INPUTS", ())
+    separate = quantize_model(truncated_copy(target, [0, 1, 2]), "w8a8")
+    assert isinstance(separate.model.layers[0].self_attn.q_proj, W8A8Linear)
+    with torch.no_grad():
+        assert torch.equal(shared(ids).logits, separate(ids).logits)
+        assert torch.equal(shared(ids[:, :1]).logits, separate(ids[:, :1]).logits)
