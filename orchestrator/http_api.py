@@ -275,7 +275,7 @@ class HttpApi:
                 self.check_prompt_size(data)
             body = parse_body(ChatBody if chat else CompletionBody, data)
             self.check_model(body.model)
-            refuse_unsupported(body)
+            refuse_unsupported(body, self.generations.settings.http_ignore_unknown_fields)
             if chat:
                 logprobs, top, max_tokens = bool(body.logprobs), body.top_logprobs or 0, body.max_completion_tokens or body.max_tokens
             else:

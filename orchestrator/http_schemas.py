@@ -64,7 +64,9 @@ Count = Annotated[int, Field(ge=0, le=INT32_MAX)]
 TokenCount = Annotated[int, Field(ge=1, le=INT32_MAX)]
 TopLogprobs = Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)]
 Number = Annotated[float, Field(allow_inf_nan=False)]
-STRICT = ConfigDict(strict=True, extra="ignore")
+# Unknown fields are kept (``model_extra``) so that :func:`unknown_fields` can name them: a 400 unless
+# the operator lets them through (--http-ignore-unknown-fields), as OpenAI's API answers.
+STRICT = ConfigDict(strict=True, extra="allow")
 
 
 class StreamOptions(BaseModel):
@@ -127,6 +129,10 @@ class _Body(BaseModel):
     # OpenAI's Predicted Outputs: text the answer is expected to repeat, a source of draft tokens
     # (specdec.lookup); the usage then counts its accepted and rejected tokens.
     prediction: Optional[Prediction] = None
+    # OpenAI's bookkeeping fields: accepted, with nothing to do here (no stored completions, no tiers).
+    store: Optional[bool] = None
+    metadata: Optional[dict[str, str]] = None
+    service_tier: Optional[str] = None
 
 
 class CompletionBody(_Body):
@@ -154,6 +160,7 @@ class ChatBody(_Body):
     functions: Optional[list[Any]] = None
     tool_choice: Any = None
     function_call: Any = None
+    parallel_tool_calls: Optional[bool] = None
 
 
 def parse_body(kind: type[BaseModel], data: Any) -> BaseModel:
@@ -169,8 +176,25 @@ def parse_body(kind: type[BaseModel], data: Any) -> BaseModel:
         raise ApiError(400, f"{path or 'body'}: {first['msg']}", param=loc[0] if loc else None) from None
 
 
-def refuse_unsupported(body: _Body) -> None:
-    """A 400 for every setting this server cannot honour, rather than silently ignoring it."""
+def unknown_fields(model: BaseModel, prefix: str = "") -> list[str]:
+    """Fields of a body (and of the objects in it) that no schema here names, dotted, in order.
+    Messages are left out: their extra fields (tool calls and the like) reach the chat template."""
+    names = [prefix + name for name in (model.model_extra or {})]
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        if isinstance(value, BaseModel) and not isinstance(value, Message):
+            names += unknown_fields(value, f"{prefix}{name}.")
+    return names
+
+
+def refuse_unsupported(body: _Body, ignore_unknown: bool = False) -> None:
+    """A 400 for every setting this server cannot honour, rather than silently ignoring it; and for
+    every field it does not know, unless ``ignore_unknown``."""
+    unknown = [] if ignore_unknown else unknown_fields(body)
+    if unknown:
+        raise ApiError(400, f"unrecognized request argument{'s' if len(unknown) > 1 else ''}: {', '.join(unknown)} "
+                            "(the server can be told to ignore unknown fields: --http-ignore-unknown-fields)",
+                       param=unknown[0])
     if body.n not in (None, 1):
         raise ApiError(400, f"n = {body.n} is not supported: one choice per request (n = 1); send the request n times "
                             "(with different seeds when sampling)", param="n")

@@ -21,7 +21,7 @@ from specdec.records import MODE_NAMES
 
 EMBEDDED_TARGET = "qwen2.5-coder-1.5b-instruct"
 EMBEDDED_DRAFT = "qwen2.5-coder-0.5b-instruct"
-QUANTIZE_MODES = ("auto", "none", "int8", "w8a8")  # --draft-quantize (specdec/quantize.py); auto: int8 on a CPU
+QUANTIZE_MODES = ("auto", "none", "int8", "w8a8")  # --draft-quantize (specdec/quantize.py); auto: w8a8 on an x86 CPU
 TARGET_QUANTIZE_MODES = ("none", "int8", "w8a8")  # --target-quantize
 
 
@@ -117,7 +117,7 @@ class VerifySettings(ModelServiceSettings, SpeculationLimits):
 class DraftSettings(ModelServiceSettings, SpeculationLimits):
     draft_model: str = _setting(EMBEDDED_DRAFT, "draft model: embedded alias, local path or hub id", model=True)
     draft_vocab: int = _setting(0, "greedy drafting scores only token ids below this (0 = the whole vocabulary): a cheaper output layer; the first ids of byte-level BPE vocabularies are the most frequent", min=0)
-    draft_quantize: str = _setting("auto", "store the draft model's linear layers and output head as int8 weights (one scale per output channel, multiplied in bfloat16): a faster draft on CPU, never a different output (the target decides); auto: int8 on a CPU, none elsewhere", choices=QUANTIZE_MODES)
+    draft_quantize: str = _setting("auto", "quantize the draft model's linear layers and output head: w8a8 (int8 weights and per-token int8 activations, oneDNN's integer product) or int8 (int8 weights, multiplied in bfloat16): a faster draft on a CPU, never a different output (the target decides); auto: w8a8 on an x86 CPU, int8 on other CPUs, none elsewhere", choices=QUANTIZE_MODES)
 
 
 @dataclass
@@ -149,6 +149,7 @@ class DoorLimits:
     max_connections: int = _setting(256, "HTTP connections, and gRPC calls in progress, at once (each door); beyond, 503 / RESOURCE_EXHAUSTED at once", min=1)
     http_read_timeout_s: float = _setting(10.0, "an HTTP request's head must arrive within this many seconds of the connection (or of the last response), and its body within as many again; else the connection is closed, or 408", min=0.1)
     max_chat_messages: int = _setting(1024, "most messages one chat request may hold", min=1)
+    http_ignore_unknown_fields: bool = _setting(False, "the HTTP door's answer to a request field it does not know: false = a 400 naming it (as OpenAI's API answers, so that a misspelt or unsupported parameter never passes unnoticed); true = ignore it (for clients that send vendor extras)")
     http_allowed_hosts: list[str] = _setting(lambda: ["localhost", "127.0.0.1", "::1"], "with no bearer token: the HTTP door answers only requests whose Host (and Origin, when a browser sends one) names one of these, comma-separated, so a web page cannot reach it through DNS rebinding or a cross-site form")
     allow_open: bool = _setting(False, "serve on an address beyond loopback with neither a bearer token nor TLS (behind a proxy that checks callers, or with the port published on loopback only); refused at start-up otherwise")
     log_max_mb: int = _setting(256, "the run log (--log-dir) is kept under this many MiB: the oldest files go first", min=1)
@@ -177,7 +178,7 @@ class ClusterSettings(SpeculationDefaults, SpeculationLimits, DoorLimits, TlsSer
     draft_devices: list[str] = _setting(lambda: ["cpu"], "devices of the draft services, comma-separated (one, or one each)")
     dtype: str = _setting("auto", "model dtype for every service (auto: the verify service measures and keeps the fastest exact one; see specdec serve verify -- --help)", choices=DTYPES)
     draft_vocab: int = _setting(0, "draft services score only token ids below this (0 = all); see specdec serve draft -- --help", min=0)
-    draft_quantize: str = _setting("auto", "draft models' weights: auto (int8 on a CPU), none, int8 or w8a8 (see specdec serve draft -- --help)", choices=QUANTIZE_MODES)
+    draft_quantize: str = _setting("auto", "draft models' weights: auto (w8a8 on an x86 CPU), none, int8 or w8a8 (see specdec serve draft -- --help)", choices=QUANTIZE_MODES)
     target_quantize: str = _setting("none", "the target's weights: none, int8 or w8a8 (see specdec serve verify -- --help)", choices=TARGET_QUANTIZE_MODES)
     log_dir: str = _setting("logs", "orchestrator statistics directory")
     log_text: bool = _setting(False, "the orchestrator also logs prompt and output text and token ids (see specdec serve orchestrator -- --help)")

@@ -49,7 +49,7 @@ def test_shipped_sweeps_by_name_and_by_path(monkeypatch):
         assert sweep_file(name).parent == bundled_dir()
     monkeypatch.chdir(ROOT)
     assert sweep_file("benchmarks/bench.yaml") == Path("benchmarks/bench.yaml")  # as the README and Makefile write it
-    with pytest.raises(PromptFileError, match="bench, bench-gpu, quick"):
+    with pytest.raises(PromptFileError, match="bench, bench-gpu, quantized, quick, speed"):
         sweep_file("nope")
     with pytest.raises(PromptFileError, match="no sweep file"):
         sweep_file("benchmarks/nope.yaml")
@@ -62,7 +62,7 @@ def test_bench_is_a_subcommand(monkeypatch, capsys):
     (cfg, limit, dry_run), = seen
     assert cfg.name == "embedded-cpu" and limit == 3 and not dry_run
     assert cli.main(["bench", "--config", "nope"]) == 1
-    assert "shipped sweeps: bench, bench-gpu, quick" in capsys.readouterr().err
+    assert "shipped sweeps: bench, bench-gpu, quantized, quick, speed" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["bench", "--draft-length", "2"])  # the flags of the old quick pipeline are gone
 

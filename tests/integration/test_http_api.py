@@ -329,6 +329,8 @@ def test_malformed_json_is_400(base_url, path, body, words):
     ({"prompt": "a", "min_p": 1.5}, "min_p", ["[0, 1]"]),
     ({"prompt": "a", "echo": True}, "echo", ["not supported"]),
     ({"prompt": "a", "top_p": 2}, "top_p", ["top_p"]),
+    ({"prompt": "a", "max_token": 5}, "max_token", ["unrecognized request argument", "max_token"]),
+    ({"prompt": "a", "speculation": {"width": 2}}, "speculation.width", ["speculation.width"]),
     ({}, "prompt", ["prompt", "required"]),
 ], ids=lambda v: json.dumps(v)[:40] if isinstance(v, dict) else None)
 def test_invalid_completion_is_400(base_url, body, param, words):
@@ -343,6 +345,7 @@ def test_invalid_completion_is_400(base_url, body, param, words):
     ({"messages": MESSAGES, "top_logprobs": 2}, "top_logprobs", ["logprobs"]),
     ({"messages": MESSAGES, "tools": [{"type": "function"}]}, "tools", ["not supported"]),
     ({"messages": MESSAGES, "max_completion_tokens": 0}, "max_completion_tokens", ["greater than"]),
+    ({"messages": MESSAGES, "reasoning_effort": "high"}, "reasoning_effort", ["unrecognized", "reasoning_effort"]),
 ], ids=lambda v: json.dumps(v)[:40] if isinstance(v, dict) else None)
 def test_invalid_chat_is_400(base_url, body, param, words):
     assert_error(raw(base_url, http_api.CHAT, body), 400, *words, param=param)

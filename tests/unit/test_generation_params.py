@@ -122,3 +122,23 @@ def test_fill_in_the_middle_frames_the_prompt_with_the_models_tokens(generations
     with pytest.raises(InvalidRequest, match="no fill-in-the-middle tokens"):
         generations.fill_in_the_middle("a", "b")
 
+
+
+def test_unknown_http_fields_are_named_unless_the_operator_lets_them_through():
+    """OpenAI answers an unrecognized argument with a 400; so does the HTTP door, naming every one
+    (nested ones dotted), unless --http-ignore-unknown-fields. A message's extra fields are the chat
+    template's, never refused."""
+    from specdec.orchestrator.http_responses import ApiError
+    from specdec.orchestrator.http_schemas import ChatBody, refuse_unsupported, unknown_fields
+
+    body = parse_body(CompletionBody, {"prompt": "a", "temprature": 0.5, "speculation": {"beams": 2}, "store": True})
+    assert unknown_fields(body) == ["temprature", "speculation.beams"]
+    with pytest.raises(ApiError) as error:
+        refuse_unsupported(body)
+    assert error.value.status == 400 and error.value.param == "temprature"
+    assert "temprature, speculation.beams" in str(error.value) and "--http-ignore-unknown-fields" in str(error.value)
+    refuse_unsupported(body, ignore_unknown=True)  # let through: nothing refused
+    chat = parse_body(ChatBody, {"messages": [{"role": "assistant", "content": "x", "tool_calls": []}],
+                                 "metadata": {"a": "b"}, "service_tier": "auto", "parallel_tool_calls": False})
+    assert unknown_fields(chat) == []
+    refuse_unsupported(chat)

@@ -170,3 +170,13 @@ def test_w8a8_siblings_reading_one_input_share_one_product(target, monkeypatch):
     with torch.no_grad():
         assert torch.equal(shared(ids).logits, separate(ids).logits)
         assert torch.equal(shared(ids[:, :1]).logits, separate(ids[:, :1]).logits)
+
+
+def test_auto_is_w8a8_where_the_cpu_has_the_integer_product(target, monkeypatch):
+    import specdec.quantize as quantize
+
+    assert quantize.w8a8_available()  # every x86 torch build this project installs
+    model = quantize_model(truncated_copy(target, 1), "auto")
+    assert isinstance(model.get_output_embeddings(), W8A8Linear)
+    monkeypatch.setattr(quantize, "w8a8_available", lambda: False)  # a CPU without it: int8 weight-only
+    assert isinstance(quantize_model(truncated_copy(target, 1), "auto").get_output_embeddings(), Int8Linear)
