@@ -240,8 +240,7 @@ def llama_baseline(sweep: Sweep, pending: list[RunSpec], tokenizer, encoded: dic
         if sweep.stopped():
             return
         sweep.bar.set_description(f"loading {target.name} into llama.cpp ({threads} threads)")
-        llm = llama_cpp.Llama(model_path=str(target), n_threads=threads, n_threads_batch=threads, n_ctx=4096,
-                              draft_model=draft, verbose=False)
+        llm = load_llama(llama_cpp, target, threads, draft_model=draft)
         _llama_runs(sweep, specs, tokenizer, encoded, llm, {"gguf": target.name, "threads": threads,
                     "llama_cpp_python": llama_cpp.__version__,
                     **({"draft_gguf": draft.path.name, "draft_length": draft_length} if draft else {})})
@@ -249,16 +248,26 @@ def llama_baseline(sweep: Sweep, pending: list[RunSpec], tokenizer, encoded: dic
         gc.collect()
 
 
-def _gguf_of(sweep: Sweep, model: str) -> Path | None:
-    """The GGUF file llama.cpp runs for ``model`` (an embedded model's kept file, or a path to one);
-    None, said on the progress bar, where there is none."""
+def gguf_for(model: str) -> Path | None:
+    """The GGUF file llama.cpp runs for ``model``: an embedded model's kept file, or a path to one."""
     from specdec.model_store import EMBEDDED_MODELS, gguf_path
 
-    gguf = gguf_path(model) if model in EMBEDDED_MODELS else (Path(model) if model.endswith(".gguf") else None)
+    return gguf_path(model) if model in EMBEDDED_MODELS else (Path(model) if model.endswith(".gguf") else None)
+
+
+def _gguf_of(sweep: Sweep, model: str) -> Path | None:
+    """:func:`gguf_for`, said on the progress bar where there is none."""
+    gguf = gguf_for(model)
     if gguf is None:
         sweep.bar.write(f"llama-cpp baseline skipped: no GGUF file for {model} (an embedded model fetched before GGUF "
                         f"files were kept: delete its directory and run `specdec models fetch` again)")
     return gguf
+
+
+def load_llama(llama_cpp, path: Path, threads: int, **kwargs):
+    """A llama.cpp model on ``threads`` threads for one-token steps and batches alike."""
+    return llama_cpp.Llama(model_path=str(path), n_threads=threads, n_threads_batch=threads, n_ctx=4096, verbose=False,
+                           **kwargs)
 
 
 class GgufDraft:
@@ -268,19 +277,12 @@ class GgufDraft:
 
     def __init__(self, llama_cpp, path: Path, length: int, threads: int) -> None:
         self.path, self.length = path, length
-        self.llm = llama_cpp.Llama(model_path=str(path), n_threads=threads, n_threads_batch=threads, n_ctx=4096,
-                                   verbose=False)
+        self.llm = load_llama(llama_cpp, path, threads)
 
     def __call__(self, input_ids, /, **kwargs):
         import numpy as np
 
-        out = []
-        for token in self.llm.generate([int(t) for t in input_ids], temp=0.0, top_k=1, top_p=1.0, min_p=0.0,
-                                       repeat_penalty=1.0, reset=True):
-            out.append(token)
-            if len(out) >= self.length:
-                break
-        return np.array(out, dtype=np.intc)
+        return np.array(llama_greedy(self.llm, [int(t) for t in input_ids], self.length, set())[0], dtype=np.intc)
 
 
 def llama_greedy(llm, ids: list[int], max_new_tokens: int, eos: set[int]) -> tuple[list[int], float | None]:
@@ -301,18 +303,16 @@ def llama_stock_run(model: str, prompt_ids: list[int], max_new_tokens: int, prog
     model kept no GGUF file."""
     import torch
 
-    from specdec.model_store import EMBEDDED_MODELS, gguf_path
-
     try:
         import llama_cpp
     except ImportError:
         return None
-    gguf = gguf_path(model) if model in EMBEDDED_MODELS else (Path(model) if model.endswith(".gguf") else None)
+    gguf = gguf_for(model)
     if gguf is None:
         return None
     threads = torch.get_num_threads()
     progress(f"llama.cpp on {gguf.name} ({threads} threads): loading")
-    llm = llama_cpp.Llama(model_path=str(gguf), n_threads=threads, n_threads_batch=threads, n_ctx=4096, verbose=False)
+    llm = load_llama(llama_cpp, gguf, threads)
     llama_greedy(llm, prompt_ids, min(warmup_tokens, max_new_tokens), {llm.token_eos()})
     progress(f"llama.cpp on {gguf.name}: {max_new_tokens} tokens")
     start = time.perf_counter()
