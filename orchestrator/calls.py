@@ -26,6 +26,7 @@ class Call:
     trace_id: str = ""  # the generation's trace, once it has one (the doors return it to the caller)
     request_id: str = ""  # the client's id for the request ("": a new one); checked as it is used
     on_trace_id: Callable[[str], None] | None = None  # how the door hands the trace id over before the output (gRPC: metadata)
+    messages: list[tuple[str, str]] | None = None  # a chat's (role, text) pairs, for spans that record text (--trace-text)
 
     @classmethod
     def of_grpc(cls, method: str, context) -> Call:

@@ -24,9 +24,9 @@ RELEASE_TIMEOUT_S = 2.0
 class _Client:
     stub_class: type
 
-    def __init__(self, address: str, max_message_mb: int = 64) -> None:
+    def __init__(self, address: str, max_message_mb: int = 64, span_attributes: dict | None = None) -> None:
         self.address = address
-        self.channel = internal_channel(address, max_message_mb)
+        self.channel = internal_channel(address, max_message_mb, span_attributes)
         self.stub = self.stub_class(self.channel)
         self.contexts = SentContexts()
 
@@ -45,8 +45,8 @@ class GrpcDraftClient(_Client):
     stub_class = draft_pb2_grpc.DraftServiceStub
 
     def __init__(self, address: str, name: str | None = None, max_message_mb: int = 64, model: str = "") -> None:
-        super().__init__(address, max_message_mb)
-        self.name = name or address  # draft-0, draft-1, ...: how records and metrics name it
+        self.name = name or address  # draft-0, draft-1, ...: how records, metrics and spans name it
+        super().__init__(address, max_message_mb, {"specdec.draft": self.name})
         self.model = model  # the model the service serves (its GetInfo), recorded beside the name
 
     def draft(self, session_id: str, context: list[int], paths: int, depth: int, timeout_s: float,

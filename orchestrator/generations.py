@@ -61,7 +61,7 @@ class Generations:
             speculation=settings,
         )
         # The generation's trace and the metrics (specdec.rpc.metrics.OrchestratorMetrics, or None when off).
-        self.instrumentation = GenerationInstrumentation(target_info.model, metrics)
+        self.instrumentation = GenerationInstrumentation(target_info.model, metrics, settings.trace_text)
         self._tokenizing = threading.BoundedSemaphore(TOKENIZERS_AT_ONCE)
         self.queue = GenerationQueue(settings.max_active_generations, settings.max_queued_generations,
                                      max_wait_s=settings.max_queue_wait_s)
@@ -115,7 +115,7 @@ class Generations:
             self._announce(call, observed)
             with self.admitted(params, observed, call) as (resolved, context):
                 result = self.controller.generate(resolved, context)
-            observed.finish(result)
+            self.finish(observed, params, result, call)
         texts = token_texts(self.tokenizer, result.token_ids)
         self.write_log(resolved, result, texts, call.trace_id)
         return resolved, result, texts
@@ -146,7 +146,7 @@ class Generations:
                     # Also when the client goes away (GeneratorExit here): the controller's own
                     # clean-up releases the sessions in every service.
                     rounds.close()
-            observed.finish(result)
+            self.finish(observed, params, result, call)
         self.write_log(resolved, result, trace_id=call.trace_id)
         # Any text held back (it might have begun a stop string), and the totals.
         yield StreamPiece([], result.text[sent:], [], result=result)
@@ -212,6 +212,14 @@ class Generations:
         """The server default, shortened to fit the model's context (an explicit value is never cut)."""
         room = self.target_info.max_context - prompt_len if self.target_info.max_context else self.settings.max_new_tokens
         return max(1, min(self.settings.max_new_tokens, room))
+
+    def finish(self, observed, params: GenerationParams, result: GenerationResult, call: Call) -> None:
+        """The generation's totals on its span, and its text where the operator asked for it (the
+        prompt as the caller sent it: ``params`` before they were resolved)."""
+        observed.finish(result)
+        if observed.with_text:
+            prompt = params.prompt or self.tokenizer.decode(params.prompt_ids, skip_special_tokens=True)
+            observed.record_text(call.messages or [("user", prompt)], result.text, result.finish_reason)
 
     @staticmethod
     def _announce(call: Call, observed) -> None:

@@ -54,7 +54,7 @@ from starlette.routing import Route
 from specdec.errors import InvalidRequest
 from specdec.generation import GenerationParams
 from specdec.orchestrator.calls import Call
-from specdec.orchestrator.http_chat import ChatTemplate
+from specdec.orchestrator.http_chat import ChatTemplate, message_text
 from specdec.orchestrator.http_responses import ApiError, Formatter
 from specdec.orchestrator.http_schemas import (
     ChatBody, CompletionBody, _parse_json, completion_prompt, generation_params, parse_body, refuse_unsupported,
@@ -290,7 +290,9 @@ class HttpApi:
             # A plain function, as gRPC's is: the run log copies the request (dataclasses.asdict), and a
             # bound method of the Event would take its lock along.
             call = Call(request.url.path, deadline, lambda: cancel.is_set(), http_headers=trace_headers(request),
-                        operation="chat" if chat else "text_completion", request_id=rid)
+                        operation="chat" if chat else "text_completion", request_id=rid,
+                        messages=[(m.role, message_text(m, i)) for i, m in enumerate(body.messages)]
+                        if chat and self.generations.settings.trace_text else None)
 
             def params() -> GenerationParams:
                 given = {"prompt_ids": self.template.prompt_ids(body.messages)} if chat else prompt

@@ -35,16 +35,8 @@ class ChatTemplate:
         if len(messages) > limit:
             raise ApiError(400, f"messages has {len(messages)} entries; at most {limit} are accepted (--max-chat-messages)",
                            param="messages")
-        conversation = []
-        for i, m in enumerate(messages):
-            if isinstance(m.content, list):
-                if any(part.type != "text" or part.text is None for part in m.content):
-                    raise ApiError(400, f"messages[{i}].content: only text parts are supported", param="messages")
-                content = "".join(part.text for part in m.content)
-            else:
-                content = m.content or ""
-            conversation.append({**(m.model_extra or {}), "role": m.role, "content": content}
-                                | ({"name": m.name} if m.name is not None else {}))
+        conversation = [{**(m.model_extra or {}), "role": m.role, "content": message_text(m, i)}
+                        | ({"name": m.name} if m.name is not None else {}) for i, m in enumerate(messages)]
         # Sized before the template renders them (it only adds), and again after.
         context, longest = self.generations.target_info.max_context, self.generations.longest_token_chars
         chars = sum(len(c["content"]) for c in conversation)
@@ -63,3 +55,11 @@ class ChatTemplate:
         # The template writes any special tokens it wants (a BOS, the role markers): none added here.
         return self.generations.tokenize(text, "messages", add_special_tokens=False)
 
+
+def message_text(message: Message, index: int) -> str:
+    """A chat message's text: its content, or its text parts joined (a 400 for any other part)."""
+    if not isinstance(message.content, list):
+        return message.content or ""
+    if any(part.type != "text" or part.text is None for part in message.content):
+        raise ApiError(400, f"messages[{index}].content: only text parts are supported", param="messages")
+    return "".join(part.text for part in message.content)

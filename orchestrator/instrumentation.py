@@ -17,12 +17,13 @@ The trace of one generation (see the README, "Read its traces")::
 The generation span is started here and never made current across a ``yield`` (the streaming
 servicer and the controller are generators): each round span is made current only while the round
 runs, which is when the draft and verify clients inject it into their calls. Prompt and output
-text are never recorded, only token counts.
+text are recorded only when the operator asks (``--trace-text``), otherwise only token counts.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -52,8 +53,9 @@ _NULL_ROUND = contextlib.nullcontext(ObservedRound())  # shared: tracing and met
 class ObservedGeneration:
     """Handed to the servicer for one generation: the root span and what the metrics need."""
 
-    def __init__(self, span: trace.Span, start: float | None = None) -> None:
+    def __init__(self, span: trace.Span, start: float | None = None, with_text: bool = False) -> None:
         self.span = span
+        self.with_text = with_text and span.is_recording()  # the operator asked for text on spans (--trace-text)
         # Even an unsampled root is the rounds' parent: they inherit its sampling decision.
         self.trace_parent = trace.set_span_in_context(span) if span is not trace.INVALID_SPAN else None
         self.mode = ""
@@ -98,6 +100,18 @@ class ObservedGeneration:
                                                          "specdec.new_tokens": len(record.new_tokens),
                                                          "specdec.client_wait_ms": waited_s * 1e3})
 
+    def record_text(self, messages: list[tuple[str, str]], output: str, finish_reason: str) -> None:
+        """The conversation as the GenAI conventions write it (``gen_ai.input.messages``,
+        ``gen_ai.output.messages``, JSON): only called when :attr:`with_text`."""
+        def message(role: str, text: str, **more) -> dict:
+            return {"role": role, "parts": [{"type": "text", "content": text}], **more}
+
+        self.span.set_attributes({
+            "gen_ai.input.messages": json.dumps([message(role, text) for role, text in messages]),
+            "gen_ai.output.messages": json.dumps([message("assistant", output,
+                                                          finish_reason=FINISH_REASONS.get(finish_reason, finish_reason))]),
+        })
+
     def finish(self, result) -> None:
         """From the generation's specdec.records.GenerationResult."""
         self.output_tokens = len(result.token_ids)
@@ -126,9 +140,10 @@ class ObservedGeneration:
 
 
 class GenerationInstrumentation:
-    def __init__(self, model: str = "", metrics: OrchestratorMetrics | None = None) -> None:
+    def __init__(self, model: str = "", metrics: OrchestratorMetrics | None = None, with_text: bool = False) -> None:
         self.model = model
         self.metrics = metrics
+        self.with_text = with_text  # prompt and output text on generation spans (--trace-text; off: counts only)
 
     @contextlib.contextmanager
     def generation(self, method: str, grpc_context=None, http_headers=None,
@@ -158,7 +173,7 @@ class GenerationInstrumentation:
                     **protocol,
                 },
             )
-        observed = ObservedGeneration(span, start)
+        observed = ObservedGeneration(span, start, self.with_text)
         if self.metrics is not None:
             self.metrics.in_flight.labels(method).inc()
         try:

@@ -164,6 +164,7 @@ class OrchestratorSettings(ServerSettings, SpeculationDefaults, SpeculationLimit
     verify_timeout_ms: int = _setting(60000, "deadline for one round's VerifyTree, retries on UNAVAILABLE included", min=1)
     log_dir: str = _setting("logs", "one JSON statistics file per generation goes here ('' = off)")
     log_text: bool = _setting(False, "also write the prompt's and the output's text and token ids into those files (per round too); off: statistics and token counts only")
+    trace_text: bool = _setting(False, "also put the prompt's and the output's text on each generation's span (gen_ai.input.messages, gen_ai.output.messages); off: spans carry token counts only")
     http_port: int = _setting(0, "also serve the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /v1/models, /health, /metrics) on this port, with the same TLS and bearer token as the gRPC port (0 = off)", **PORT)
     chat_template: str = _setting("", "Jinja file that renders /v1/chat/completions messages into the prompt ('' = the target tokenizer's own chat template)")
 
@@ -182,6 +183,7 @@ class ClusterSettings(SpeculationDefaults, SpeculationLimits, DoorLimits, TlsSer
     target_quantize: str = _setting("none", "the target's weights: none, int8 or w8a8 (see specdec serve verify -- --help)", choices=TARGET_QUANTIZE_MODES)
     log_dir: str = _setting("logs", "orchestrator statistics directory")
     log_text: bool = _setting(False, "the orchestrator also logs prompt and output text and token ids (see specdec serve orchestrator -- --help)")
+    trace_text: bool = _setting(False, "the orchestrator also puts prompt and output text on its generation spans (see specdec serve orchestrator -- --help)")
     startup_timeout_s: int = _setting(600, "how long to wait for every service to report SERVING", min=1)
     trace_file: str = _setting("", "every service appends its spans to this JSON-lines file ('' = off)")
     metrics_port: int = _setting(0, "first Prometheus metrics port: orchestrator, then verify, then each draft on the next ports (0 = off)", **PORT)

@@ -170,17 +170,19 @@ class LocalCluster:
     def _spawn(self, name: str, module: str, settings) -> Process:
         log_path = self._logs / f"{name}.log" if self.quiet else None
         command = [sys.executable, "-c", _CHILD_BOOT, str(os.getpid()), module, *config.to_argv(settings)]
-        popen = self._popen(command, log_path, "w")
+        popen = self._popen(name, command, log_path, "w")
         metrics_address = f"{HOST}:{settings.metrics_port}" if settings.metrics_port else ""
         process = Process(name, f"{HOST}:{settings.port}", popen, log_path, metrics_address, command)
         self.processes.append(process)
         return process
 
-    def _popen(self, command: list[str], log_path: Path | None, mode: str) -> subprocess.Popen:
+    def _popen(self, name: str, command: list[str], log_path: Path | None, mode: str) -> subprocess.Popen:
         out = open(log_path, mode) if log_path else None
         try:
+            # Each child's spans under its own name (specdec-draft-0, specdec-verify-1, ...), the
+            # name the orchestrator's records give it, as in the compose file.
             return subprocess.Popen(command, stdout=out or sys.stderr, stderr=subprocess.STDOUT,
-                                    env={**CHILD_ENV, **os.environ, **self.env})
+                                    env={**CHILD_ENV, **os.environ, **self.env, "OTEL_SERVICE_NAME": f"specdec-{name}"})
         finally:
             if out:
                 out.close()
@@ -199,7 +201,7 @@ class LocalCluster:
         thread that started it ends (PR_SET_PDEATHSIG), so a short-lived thread would stop it."""
         process = self.process(name)
         self.kill(name)
-        process.popen = self._popen(process.command, process.log_path, "a")
+        process.popen = self._popen(process.name, process.command, process.log_path, "a")
         if wait:
             self._wait(process)
         return process
@@ -263,7 +265,7 @@ class LocalCluster:
             if due is None:
                 continue
             if now >= due:
-                process.popen = self._popen(process.command, process.log_path, "a")
+                process.popen = self._popen(process.name, process.command, process.log_path, "a")
                 supervisor.restarted(process.name, now)
                 events.append(f"{process.name} exited with status {code}; restarted "
                               f"(restart {supervisor.restarts[process.name]})")

@@ -97,15 +97,22 @@ def add_parser(commands) -> None:
     cmd.add_argument("--host", default="127.0.0.1", help="address to listen on [default: %(default)s]")
     cmd.add_argument("--refresh-s", type=float, default=5.0, help="how often to look for new logs, seconds (0 = only on reload) [default: %(default)s]")
     cmd.add_argument("--no-browser", action="store_true", help="do not open a browser window")
+    cmd.add_argument("--traces", type=Path, help="a trace file (the services' --trace-file, or with --otlp-json the collector's "
+                     "export): a Traces tab with each request's timeline, and each generation's own beside its log")
+    cmd.add_argument("--otlp-json", action="store_true", help="--traces is OTLP/JSON (compose/traces/traces.jsonl)")
+    cmd.add_argument("--jaeger-url", default="", help="link each generation's trace id to this Jaeger UI (http://127.0.0.1:16686)")
     cmd.set_defaults(func=cmd_dashboard)
 
 
-def streamlit_command(log_dir: Path, port: int, host: str = "127.0.0.1", refresh_s: float = 5.0, headless: bool = True) -> list[str]:
+def streamlit_command(log_dir: Path, port: int, host: str = "127.0.0.1", refresh_s: float = 5.0, headless: bool = True,
+                      traces: Path | None = None, otlp_json: bool = False, jaeger_url: str = "") -> list[str]:
     return [
         sys.executable, "-m", "streamlit", "run", str(APP),
         "--server.port", str(port), "--server.address", host, "--server.headless", str(headless).lower(),
         "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none",
         "--", "--log-dir", str(Path(log_dir).resolve()), "--refresh-s", str(refresh_s),
+        *(["--traces", str(Path(traces).resolve())] if traces else []), *(["--otlp-json"] if otlp_json else []),
+        *(["--jaeger-url", jaeger_url] if jaeger_url else []),
     ]
 
 
@@ -113,7 +120,11 @@ def cmd_dashboard(args) -> int:
     if not args.log_dir.is_dir():
         print(f"specdec dashboard: {args.log_dir} is not a directory", file=sys.stderr)
         return 2
-    command = streamlit_command(args.log_dir, args.port, args.host, args.refresh_s, headless=args.no_browser)
+    if args.traces and not args.traces.is_file():
+        print(f"specdec dashboard: --traces {args.traces} is not a file", file=sys.stderr)
+        return 2
+    command = streamlit_command(args.log_dir, args.port, args.host, args.refresh_s, headless=args.no_browser,
+                                traces=args.traces, otlp_json=args.otlp_json, jaeger_url=args.jaeger_url)
     print(f"specdec dashboard: http://{args.host}:{args.port}/ (Ctrl-C stops it)", file=sys.stderr)
     try:
         return subprocess.call(command, env={**os.environ, "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false"})

@@ -5,7 +5,9 @@ sweeps and the orchestrator's own ``--log-dir`` alike, each run's
 :class:`~specdec.records.GenerationLog`), lists the directory again every ``--refresh-s`` seconds
 and reruns when a log was added or changed, and shows: the generation view (see
 :func:`specdec.tools.dashboard.generation_html`), plots, statistics per strategy, the best
-configurations and the model sets side by side, all under the sidebar's filters.
+configurations and the model sets side by side, all under the sidebar's filters; with ``--traces``
+each generation's timeline of rounds from its trace, and a Traces tab (``specdec traces analyze``'s
+picture and summary).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import altair as alt
@@ -20,13 +23,16 @@ import pandas as pd
 import streamlit as st
 
 from specdec.records import GenerationLog
-from specdec.tools import analyze, dashboard
+from specdec.tools import analyze, dashboard, traces
 
 
 def options() -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="specdec dashboard app")
     parser.add_argument("--log-dir", type=Path, default=Path("logs"))
     parser.add_argument("--refresh-s", type=float, default=5.0)
+    parser.add_argument("--traces", type=Path)
+    parser.add_argument("--otlp-json", action="store_true")
+    parser.add_argument("--jaeger-url", default="")
     return parser.parse_known_args(sys.argv[1:])[0]
 
 
@@ -45,6 +51,59 @@ def listing(log_dir: Path) -> tuple:
 @st.cache_data(show_spinner="reading logs ...", max_entries=4)
 def load(log_dir: str, signature: tuple) -> list[dict]:
     return analyze.load_runs(Path(log_dir))
+
+
+@st.cache_data(show_spinner="reading traces ...", max_entries=2)
+def load_traces(path: str, otlp_json: bool, signature: tuple) -> list:
+    """Every generation the trace file holds (``signature``: its size and time, so a grown file is read again)."""
+    return traces.analyze(traces.load_spans(path, otlp_json=otlp_json))
+
+
+def trace_analyses(opts) -> dict:
+    """trace id -> the analysis of that generation, from --traces ({} without it, or unreadable)."""
+    if opts.traces is None:
+        return {}
+    try:
+        stat = opts.traces.stat()
+        return {r.trace_id: r for r in load_traces(str(opts.traces), opts.otlp_json, (stat.st_mtime_ns, stat.st_size))}
+    except (OSError, ValueError) as exc:
+        st.sidebar.warning(f"cannot read the traces in {opts.traces}: {exc}")
+        return {}
+
+
+def timeline_png(requests: list) -> bytes:
+    """The trace analysis's picture (:func:`specdec.tools.traces.plot`) as PNG bytes."""
+    with tempfile.TemporaryDirectory() as tmp:
+        return traces.plot(requests, Path(tmp) / "timeline.png").read_bytes()
+
+
+def trace_line(record: dict, analyses: dict, jaeger_url: str) -> None:
+    """The generation's trace id (a link into Jaeger with --jaeger-url), and its timeline when --traces holds it."""
+    trace_id = record["log"].request.get("trace_id", "")
+    if not trace_id:
+        return
+    link = f"[{trace_id}]({jaeger_url.rstrip('/')}/trace/{trace_id})" if jaeger_url else f"`{trace_id}`"
+    st.markdown(f"trace {link}")
+    found = analyses.get(trace_id)
+    if found is not None and found.rounds:
+        st.image(timeline_png([found]), caption="this generation's rounds, from its trace")
+
+
+def traces_tab(opts, analyses: dict) -> None:
+    if opts.traces is None:
+        st.info("Start the dashboard with --traces FILE (the services' --trace-file, or with --otlp-json the collector's "
+                "compose/traces/traces.jsonl) to see each request's timeline of rounds and the acceptance by position.")
+        return
+    requests = sorted(analyses.values(), key=lambda r: r.trace_id)
+    if not requests:
+        st.info(f"No generations in {opts.traces} yet.")
+        return
+    st.caption(f"{len(requests)} generations in {opts.traces}; the picture shows the {min(len(requests), traces.PLOT_REQUESTS)} "
+               "slowest, each round split by where its time went")
+    slowest = sorted(requests, key=lambda r: r.duration_ms, reverse=True)
+    if any(r.rounds for r in slowest):
+        st.image(timeline_png(slowest))
+    st.code(traces.format_report(slowest, rounds_table=False), language=None)
 
 
 @st.cache_resource(show_spinner=False)
@@ -120,7 +179,7 @@ SUMMARY_COLUMNS = {
 }
 
 
-def generation_tab(records: list[dict]) -> None:
+def generation_tab(records: list[dict], analyses: dict, jaeger_url: str = "") -> None:
     if not records:
         st.info("No generation matches the filters.")
         return
@@ -136,6 +195,7 @@ def generation_tab(records: list[dict]) -> None:
     cols[3].metric("TTFT ms", "-" if record["ttft_ms"] is None else f"{record['ttft_ms']:.0f}")
     cols[4].metric("accepted/round", f"{m['accepted_per_round']:.2f}" if m["rounds"] else "-")
     cols[5].metric("acceptance", f"{m['acceptance_rate']:.2f}" if m["drafted_positions"] else "-")
+    trace_line(record, analyses, jaeger_url)
     texts = token_texts(record)
     log: GenerationLog = record["log"]
     if log.with_text:
@@ -296,9 +356,10 @@ def main() -> None:
     st.html(f'<div class="sd-count" data-count="{len(records)}" style="color:#666;font-size:0.85rem">'
             f'{len(records)} generations in {log_dir}; {len(chosen)} match the filters</div>')
     rows = analyze.summarise(chosen) if chosen else []
-    tabs = st.tabs(["Generation", "Plots", "Strategies", "Best configurations", "Model sets"])
+    analyses = trace_analyses(opts)
+    tabs = st.tabs(["Generation", "Plots", "Strategies", "Best configurations", "Model sets", "Traces"])
     with tabs[0]:
-        generation_tab(chosen)
+        generation_tab(chosen, analyses, opts.jaeger_url)
     with tabs[1]:
         plots_tab(runs_frame(chosen), rows)
     with tabs[2]:
@@ -312,6 +373,8 @@ def main() -> None:
         best_tab(rows)
     with tabs[4]:
         model_sets_tab(rows)
+    with tabs[5]:
+        traces_tab(opts, analyses)
 
 
 main()

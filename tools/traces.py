@@ -40,6 +40,7 @@ LABELS = {"draft_ms": "draft compute", "verify_ms": "verify compute", "queue_ms"
           "transport_ms": "transport", "overhead_ms": "orchestrator"}
 COLOURS = {"draft_ms": "#4c9be8", "verify_ms": "#e8804c", "queue_ms": "#c04cc0", "transport_ms": "#9b9b9b",
            "overhead_ms": "#6cc06c"}
+SLOT_LABEL, SLOT_COLOUR = "waiting for a generation slot", "#e8d44c"
 DRAFT_METHOD, VERIFY_METHOD = "DraftBeams", "VerifyTree"
 PLOT_REQUESTS = 8  # panels in one image
 OTLP_KINDS = {0: "UNSPECIFIED", 1: "INTERNAL", 2: "SERVER", 3: "CLIENT", 4: "PRODUCER", 5: "CONSUMER"}
@@ -178,6 +179,7 @@ class RoundSplit:
     fallback: bool
     slowest_draft: str = ""  # the draft service on the critical path
     notes: list[str] = field(default_factory=list)
+    start_ms: float = 0.0  # when the round began, from the generation's start (one process's clock)
 
     @property
     def dominant(self) -> str:
@@ -219,7 +221,7 @@ def analyze(spans: list[Span]) -> list[RequestAnalysis]:
         a = root.attributes
         round_spans = sorted((s for s in children[root.span_id] if s.name == "specdec.round"),
                              key=lambda s: (s.attributes.get("specdec.round.index", 0), s.start_ns))
-        rounds = [split_round(r, children) for r in round_spans]
+        rounds = [split_round(r, children, root.start_ns) for r in round_spans]
         finish = [a["specdec.finish_reason"]] if "specdec.finish_reason" in a else a.get("gen_ai.response.finish_reasons") or [""]
         queue_ms = float(a.get("gen_ai.latency.time_in_queue", 0.0)) * 1e3
         requests.append(RequestAnalysis(
@@ -237,7 +239,7 @@ def analyze(spans: list[Span]) -> list[RequestAnalysis]:
     return requests
 
 
-def split_round(round_span: Span, children: dict[str, list[Span]]) -> RoundSplit:
+def split_round(round_span: Span, children: dict[str, list[Span]], generation_start_ns: int | None = None) -> RoundSplit:
     a = round_span.attributes
     calls = [s for s in children[round_span.span_id] if s.kind == "CLIENT"]
     drafts = [s for s in calls if s.rpc_method == DRAFT_METHOD]
@@ -261,7 +263,7 @@ def split_round(round_span: Span, children: dict[str, list[Span]]) -> RoundSplit
         compute = max(0.0, min(server.duration_ms, on_path - request_transport)) if server else 0.0
         if server is None:
             notes.append("no server span for the slowest draft call")
-        slowest_name = _draft_name(server) if server else str(slowest.attributes.get("server.address", ""))
+        slowest_name = _draft_name(slowest, server)
         draft_compute, draft_transport = compute, max(0.0, on_path - compute)
         waited = min(_queue_ms(server), draft_compute) if server else 0.0
         draft_compute, queue = draft_compute - waited, waited
@@ -296,6 +298,7 @@ def split_round(round_span: Span, children: dict[str, list[Span]]) -> RoundSplit
         fallback=bool(a.get("specdec.fallback", False)),
         slowest_draft=slowest_name,
         notes=notes,
+        start_ms=(round_span.start_ns - generation_start_ns) / 1e6 if generation_start_ns is not None else 0.0,
     )
 
 
@@ -308,10 +311,14 @@ def _server_span(client: Span, children: dict[str, list[Span]]) -> Span | None:
     return next((s for s in children[client.span_id] if s.kind == "SERVER"), None)
 
 
-def _draft_name(server: Span) -> str:
-    """The draft's model (a directory's last part) or else its service instance."""
-    model = str(server.resource.get("specdec.model", ""))
-    return model.rstrip("/").rpartition("/")[2] or str(server.resource.get("service.instance.id", server.service))
+def _draft_name(client: Span, server: Span | None) -> str:
+    """The draft as the round's records name it (``draft-0``: ``specdec.winning_draft`` too) and its
+    model (a directory's last part); from older traces, the model or else the service's address."""
+    model = str(server.resource.get("specdec.model", "")).rstrip("/").rpartition("/")[2] if server else ""
+    name = str(client.attributes.get("specdec.draft", ""))
+    if name:
+        return f"{name} ({model})" if model else name
+    return model or str(client.attributes.get("server.address", ""))
 
 
 def acceptance_by_position(rounds: list[RoundSplit]) -> dict[int, tuple[int, int]]:
@@ -400,38 +407,73 @@ def format_report(requests: list[RequestAnalysis], rounds_table: bool = True, to
 
 
 def plot(requests: list[RequestAnalysis], path: str | Path, max_requests: int = PLOT_REQUESTS) -> Path:
-    """Stacked bars per round (draft, verify, transport, orchestrator), one panel per request."""
+    """Two panels: each request's timeline (its wait for a generation slot, then every round at the
+    time it began, split into draft, verify, queue, transport and orchestrator), and the acceptance
+    at each draft position, for every request together and for each one shown."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
 
     shown = [req for req in requests if req.rounds][:max_requests]
     if not shown:
         raise ValueError("no rounds to plot")
-    fig, axes = plt.subplots(len(shown), 1, figsize=(max(6.0, 0.25 * max(len(r.rounds) for r in shown) + 3), 2.6 * len(shown)),
-                             squeeze=False)
-    for ax, req in zip(axes[:, 0], shown):
-        x = [r.index for r in req.rounds]
-        bottom = [0.0] * len(x)
-        for c in COMPONENTS:
-            values = [max(0.0, getattr(r, c)) for r in req.rounds]
-            ax.bar(x, values, bottom=bottom, color=COLOURS[c], label=LABELS[c], width=0.8)
-            bottom = [b + v for b, v in zip(bottom, values)]
-        ax.set_title(f"{req.trace_id[:12]}  {req.mode}: {req.output_tokens} tokens, {len(req.rounds)} rounds, "
-                     f"{req.tokens_per_round:.2f} tokens/round", fontsize=9)
-        ax.set_xlabel("round")
-        ax.set_ylabel("ms")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    handles, labels = axes[0, 0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="upper center", fontsize=8, ncol=len(COMPONENTS), frameon=False)
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / (2.6 * len(shown))))
+    fig, (timeline, acceptance) = plt.subplots(2, 1, figsize=(11, 2.2 + 0.45 * len(shown) + 3.2),
+                                               gridspec_kw={"height_ratios": [0.6 + 0.45 * len(shown), 3.0]})
+    _draw_timelines(timeline, shown)
+    _draw_acceptance(acceptance, requests, shown)
+    fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _draw_timelines(ax, shown: list[RequestAnalysis]) -> None:
+    """One row per request, ms from its arrival: the slot wait, then each round's components laid
+    end to end from the round's start (durations, so clocks of other hosts never enter)."""
+    for row, req in enumerate(shown):
+        y = len(shown) - 1 - row
+        if req.queue_ms > 0:
+            ax.broken_barh([(0.0, req.queue_ms)], (y - 0.35, 0.7), color=SLOT_COLOUR, label=SLOT_LABEL if row == 0 else None)
+        for r in req.rounds:
+            x = r.start_ms  # the slot wait is before it: the generation's span starts when the call arrives
+            for c in COMPONENTS:
+                width = max(0.0, getattr(r, c))
+                ax.broken_barh([(x, width)], (y - 0.35, 0.7), color=COLOURS[c], label=LABELS[c] if row == 0 and r is req.rounds[0] else None)
+                x += width
+            ax.plot([x, x], [y - 0.35, y + 0.35], color="white", linewidth=0.6)  # where a round ends
+    ax.set_yticks(range(len(shown)))
+    ax.set_yticklabels([f"{req.trace_id[:8]} {req.mode or '?'}\n{req.output_tokens} tok, {req.tokens_per_round:.2f}/round"
+                        for req in reversed(shown)], fontsize=7)
+    ax.set_xlabel("ms since the request arrived")
+    ax.set_title("each request's rounds, and where their time went", fontsize=9)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.25 if len(shown) < 3 else -0.12), fontsize=7,
+              ncol=len(COMPONENTS) + 1, frameon=False)
+
+
+def _draw_acceptance(ax, requests: list[RequestAnalysis], shown: list[RequestAnalysis]) -> None:
+    """Acceptance rate by draft position: bars for every request together, a line for each one shown."""
+    table = acceptance_by_position([r for req in requests for r in req.rounds])
+    if not table:
+        ax.text(0.5, 0.5, "no draft tokens", ha="center", va="center", transform=ax.transAxes)
+        ax.set_axis_off()
+        return
+    positions = list(table)
+    ax.bar(positions, [a / d if d else 0.0 for d, a in table.values()], color="#bbbbbb", label=f"all {len(requests)} requests")
+    for req in shown:
+        own = acceptance_by_position(req.rounds)
+        ax.plot(list(own), [a / d if d else 0.0 for d, a in own.values()], marker="o", markersize=3, linewidth=1,
+                label=req.trace_id[:8])
+    for p, (d, _) in table.items():
+        ax.annotate(f"{d}", (p, 0.0), xytext=(0, 2), textcoords="offset points", ha="center", fontsize=6, color="#555555")
+    ax.set_xticks(positions)
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel("draft position (1 = the first drafted token; the number: rounds that drafted that far)")
+    ax.set_ylabel("accepted")
+    ax.set_title("acceptance by draft position", fontsize=9)
+    ax.legend(fontsize=7, ncol=3, frameon=False)
 
 
 def to_json(requests: list[RequestAnalysis]) -> dict:
@@ -448,7 +490,8 @@ def add_parser(commands) -> None:
     analyze_cmd = traces.add_parser("analyze", help="rounds, acceptance and where each round's time went, from a trace file")
     analyze_cmd.add_argument("file", help="a --trace-file (JSON lines), or with --otlp-json an OTLP/JSON export")
     analyze_cmd.add_argument("--otlp-json", action="store_true", help="FILE is OTLP/JSON (collector or Jaeger v2 file exporter)")
-    analyze_cmd.add_argument("--plot", metavar="PNG", help="also draw each round's split as stacked bars into this image")
+    analyze_cmd.add_argument("--plot", metavar="PNG", help="also draw each request's timeline of rounds (draft, verify, queue, "
+                             "transport, orchestrator) and the acceptance by draft position into this image")
     analyze_cmd.add_argument("--json", action="store_true", help="print the analysis as one JSON object")
     analyze_cmd.add_argument("--summary", action="store_true", help="no per-round tables, only each request's summary")
     analyze_cmd.add_argument("--top", type=int, default=5, help="how many of the slowest rounds to list [default: 5]")

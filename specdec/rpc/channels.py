@@ -42,8 +42,9 @@ def client_options(max_message_mb: int) -> list[tuple[str, int]]:
     ]
 
 
-def internal_channel(address: str, max_message_mb: int = 64) -> grpc.Channel:
+def internal_channel(address: str, max_message_mb: int = 64, span_attributes: dict | None = None) -> grpc.Channel:
     """A channel to a draft or verify service: the process's client TLS (see
     :func:`~specdec.rpc.security.use_client_tls`), :func:`client_options`, and trace context on
-    every call when tracing is on (so open it after tracing is set up)."""
-    return traced_channel(client_channel(address, options=client_options(max_message_mb)), address)
+    every call when tracing is on (so open it after tracing is set up), its CLIENT spans carrying
+    ``span_attributes``."""
+    return traced_channel(client_channel(address, options=client_options(max_message_mb)), address, span_attributes)

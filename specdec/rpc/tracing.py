@@ -14,8 +14,9 @@ Kept by hand, because the library does not do it:
 
 - which calls are traced (:func:`traced`): a trace is one generation, so health checks,
   reflection and the housekeeping calls (``GetInfo``, ``ReleaseSession``) are left out;
-- the peer on client spans (``server.address``, ``server.port``): the interceptor never learns the
-  channel's target, and trace analysis names a draft that never answered by it;
+- the peer on client spans (``server.address``, ``server.port``, and a draft's name,
+  ``specdec.draft``): the interceptor never learns the channel's target, and trace analysis names
+  the draft on a round's critical path by them, even one that never answered;
 - span names: the library names a span after the method's path (``/package.Service/Method``);
   OpenTelemetry's RPC conventions, and every trace query here, use ``package.Service/Method``.
 """
@@ -49,12 +50,13 @@ def _peer(address: str) -> dict:
     return {"server.address": host or address, **({"server.port": int(port)} if port.isdigit() else {})}
 
 
-def traced_channel(channel: grpc.Channel, address: str) -> grpc.Channel:
+def traced_channel(channel: grpc.Channel, address: str, attributes: dict | None = None) -> grpc.Channel:
     """``channel`` with a CLIENT span per traced call and trace context in its metadata when
-    tracing is on; unchanged otherwise. ``address`` is the channel's target, for the spans."""
+    tracing is on; unchanged otherwise. ``address`` is the channel's target, for the spans, and
+    ``attributes`` more of them (a draft's name, as the round records give it)."""
     if not telemetry.enabled():
         return channel
-    peer = _peer(address)
+    peer = _peer(address) | (attributes or {})
     interceptor = client_interceptor(telemetry.provider(), filter_=_traced_call,
                                      request_hook=lambda span, request: span.set_attributes(peer))
     return intercept_channel(channel, interceptor)

@@ -372,6 +372,22 @@ def test_every_service_sends_traces_through_the_collector(services):
     assert pipelines["traces/in"]["exporters"] == ["spanmetrics"] and "tail_sampling" not in pipelines["traces/in"].get("processors", [])
     assert set(pipelines["traces/kept"]["exporters"]) == {"otlp/jaeger", "file"}
     assert collector_config["exporters"]["otlp/jaeger"]["endpoint"] == "jaeger:4317"
+    # Jaeger keeps what it is sent on a volume (Badger), and its Monitor tab reads the collector's
+    # span metrics from Prometheus, under the names it expects.
+    assert ("./jaeger.yaml" in {s for s, _ in mounts(jaeger)} or any(
+        t == "/etc/jaeger/config.yaml" and s.endswith("compose/jaeger.yaml") for s, t in mounts(jaeger)))
+    assert "--config=/etc/jaeger/config.yaml" in jaeger["command"]
+    jaeger_config = yaml.safe_load((COMPOSE_DIR / "jaeger.yaml").read_text())
+    storage = jaeger_config["extensions"]["jaeger_storage"]
+    query = jaeger_config["extensions"]["jaeger_query"]["storage"]
+    badger = storage["backends"][query["traces"]]["badger"]
+    assert badger["ephemeral"] is False
+    (volume,) = [t for s, t in mounts(jaeger) if s == "jaeger-data"]
+    assert all(Path(d).is_relative_to(volume) for d in badger["directories"].values())
+    prometheus = urlparse(storage["metric_backends"][query["metrics"]]["prometheus"]["endpoint"])
+    assert prometheus.hostname in services and (9090, prometheus.port) in published_ports(services[prometheus.hostname])
+    assert collector_config["connectors"]["spanmetrics"]["namespace"] == "traces.span.metrics"
+    assert jaeger_config["exporters"]["jaeger_storage_exporter"]["trace_storage"] == query["traces"]
     for profile in ("gpu", "cpu"):
         names = []
         for name, service in in_profile(services, profile).items():

@@ -122,6 +122,72 @@ def test_the_app_renders_the_logs_without_a_browser(cluster_logs, monkeypatch):
     assert view.count(f'sd-tok {dashboard.ACCEPTED}"') == sum(len(r.accepted) for r in newest.result.rounds)
 
 
+def trace_lines(trace_id: str, rounds: int = 3) -> str:
+    """A trace file (the services' JSON lines) holding one generation of ``rounds`` rounds, each with
+    a draft and a verify call, the way the services write them."""
+    def line(name, span_id, parent, start_ms, end_ms, kind, service="specdec-orchestrator", **attributes):
+        return json.dumps({"trace_id": trace_id, "span_id": span_id, "parent_span_id": parent, "name": name, "kind": kind,
+                           "service": service, "start_time_unix_nano": int(start_ms * 1e6), "end_time_unix_nano": int(end_ms * 1e6),
+                           "attributes": attributes, "resource": {}})
+
+    lines = [line("text_completion tiny", "root", None, 0, 10 + 100 * rounds, "SERVER", **{
+        "gen_ai.operation.name": "text_completion", "specdec.mode": "tree", "gen_ai.latency.time_in_queue": 0.005})]
+    for i in range(rounds):
+        t = 10 + 100 * i
+        lines += [
+            line("specdec.round", f"r{i}", "root", t, t + 95, "INTERNAL", **{"specdec.round.index": i, "specdec.accepted": i,
+                                                                           "specdec.draft.depth": 3, "specdec.new_tokens": i + 1}),
+            line("specdec.v1.DraftService/DraftBeams", f"d{i}", f"r{i}", t + 1, t + 30, "CLIENT", **{"rpc.method": "DraftBeams",
+                                                                                                    "specdec.draft": "draft-0"}),
+            line("specdec.v1.DraftService/DraftBeams", f"ds{i}", f"d{i}", t + 2, t + 29, "SERVER", "specdec-draft-0",
+                 **{"rpc.method": "DraftBeams"}),
+            line("specdec.v1.VerifyService/VerifyTree", f"v{i}", f"r{i}", t + 31, t + 90, "CLIENT", **{"rpc.method": "VerifyTree"}),
+            line("specdec.v1.VerifyService/VerifyTree", f"vs{i}", f"v{i}", t + 32, t + 89, "SERVER", "specdec-verify",
+                 **{"rpc.method": "VerifyTree", "specdec.queue_ms": 4.0}),
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def test_the_app_links_each_generation_to_its_trace(cluster_logs, tmp_path, monkeypatch):
+    """With --traces and --jaeger-url: the generation shows its trace id as a link into Jaeger and its
+    own timeline; the Traces tab draws every generation and prints the analysis."""
+    from streamlit.testing.v1 import AppTest
+
+    logs = tmp_path / "logs"
+    shutil.copytree(cluster_logs, logs)
+    newest = max(logs.glob("*.json"), key=lambda p: p.stat().st_mtime)
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    entry = json.loads(newest.read_text())
+    entry["request"]["trace_id"] = trace_id
+    stamp = newest.stat().st_mtime
+    newest.write_text(json.dumps(entry))
+    os.utime(newest, (stamp, stamp))
+    spans = tmp_path / "spans.jsonl"
+    spans.write_text(trace_lines(trace_id))
+    monkeypatch.setattr("sys.argv", ["dashboard_app.py", "--log-dir", str(logs), "--refresh-s", "0", "--traces", str(spans),
+                                     "--jaeger-url", "http://jaeger.example:16686/"])
+    app = AppTest.from_file(str(dashboard.APP), default_timeout=120)
+    app.run()
+    assert not app.exception
+    assert f"trace [{trace_id}](http://jaeger.example:16686/trace/{trace_id})" in [m.value for m in app.markdown]
+    assert len(app.get("image")) == 2  # the generation's timeline, and the Traces tab's
+    (report,) = [c.value for c in app.code]
+    assert report.startswith(f"trace {trace_id}") and "all: 1 generation, 3 rounds" in report
+
+
+def test_a_missing_trace_file_is_one_line():
+    assert dashboard.cmd_dashboard(dashboard_args(traces=Path("/nonexistent/spans.jsonl"))) == 2
+
+
+def dashboard_args(**values):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    dashboard.add_parser(parser.add_subparsers())
+    args = parser.parse_args(["dashboard", "."])
+    return argparse.Namespace(**{**vars(args), **values})
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -203,9 +203,10 @@ def test_one_connected_trace_per_generation(traced_cluster, receiver):
     assert during and {s["trace_id"] for s in during} == {root["trace_id"]}
     assert all(s["parent_id"] is None or s["parent_id"] in by_id for s in trace if s is not root)
 
-    # Three services, told apart by service.name.
-    assert {s["service"] for s in trace} == {"specdec-orchestrator", "specdec-draft", "specdec-verify"}
-    assert {s["resource"].get("specdec.model") for s in trace if s["service"] == "specdec-draft"} == set(
+    # The services, told apart by service.name; each draft's name is the one its records give it.
+    drafts = [f"draft-{i}" for i in range(len(traced_cluster.settings.draft_models))]
+    assert {s["service"] for s in trace} == {"specdec-orchestrator", "specdec-verify", *(f"specdec-{d}" for d in drafts)}
+    assert {s["resource"].get("specdec.model") for s in trace if s["service"].startswith("specdec-draft")} == set(
         traced_cluster.settings.draft_models)
 
     # The root: GenAI semantic conventions, and the counts the response reports.
@@ -238,7 +239,7 @@ def test_one_connected_trace_per_generation(traced_cluster, receiver):
         assert ra["specdec.accepted"] == len(r.accepted_token_ids)
         assert ra["specdec.bonus"] == int(r.bonus_token_id >= 0)
         assert ra["specdec.tree.nodes"] == r.tree_nodes
-        assert ra["specdec.winning_draft"] == r.winning_draft
+        assert ra["specdec.winning_draft"] == r.winning_draft and r.winning_draft in ("", *drafts)
         assert ra["specdec.fallback"] == r.fallback
         assert "specdec.tree.branching_factor" in ra
 
@@ -253,7 +254,7 @@ def test_one_connected_trace_per_generation(traced_cluster, receiver):
             assert server["kind"] == KIND_SERVER
             assert server["name"] == call["name"]
             assert server["attributes"]["rpc.method"] == call["attributes"]["rpc.method"]
-            assert server["service"] == ("specdec-draft" if call in draft_calls else "specdec-verify")
+            assert server["service"] == (f"specdec-{call['attributes']['specdec.draft']}" if call in draft_calls else "specdec-verify")
             assert server["start"] >= call["start"] and server["end"] <= call["end"]
             assert call["attributes"]["rpc.grpc.status_code"] == server["attributes"]["rpc.grpc.status_code"] == 0
 

@@ -185,6 +185,45 @@ def test_rounds_and_draft_threads_in_one_trace(controller, traced):
     assert root.attributes["gen_ai.usage.output_tokens"] == len(result.token_ids)
 
 
+@pytest.mark.parametrize("trace_text", [False, True])
+def test_text_is_on_spans_only_when_the_operator_asks(trace_text, traced):
+    """--trace-text puts the conversation on the generation span, as the GenAI conventions write it
+    (a chat's messages, or a completion's prompt as one user message; the output with its finish
+    reason); without it no span holds any text."""
+    from specdec import config
+    from specdec.orchestrator.calls import Call
+    from specdec.orchestrator.generations import Generations
+    from specdec.v1 import common_pb2
+    from tiny_models import VOCAB, tiny_tokenizer
+
+    path = traced()
+    target = tiny_qwen2(seed=0, layers=2, eos_token_id=EOS)
+    settings = config.from_env(config.OrchestratorSettings, environ={}, log_dir="", target_model="tiny", trace_text=trace_text,
+                               prompt_lookup=False)
+    info = common_pb2.ModelInfo(model="tiny", vocab_size=VOCAB, max_context=512, eos_token_ids=[EOS])
+    generations = Generations(settings, tiny_tokenizer(), LocalVerify(target), [LocalDraft("near", truncated_copy(target, 1))], info)
+    prompt = "the river ran past the mill"
+    _, completion, _ = generations.run(GenerationParams(prompt=prompt, max_new_tokens=6), Call("Generate"))
+    _, chat, _ = generations.run(GenerationParams(prompt="<chat>hi</chat>", max_new_tokens=6),
+                                 Call("/v1/chat/completions", operation="chat", messages=[("system", "be brief"), ("user", "hi")]))
+    telemetry.shutdown()
+    spans = traces.parse_jsonl(path.read_text())
+    roots = {s.attributes["gen_ai.operation.name"]: s.attributes for s in spans if s.kind == "SERVER"}
+    if not trace_text:
+        assert not any(prompt in json.dumps(s.attributes) or "be brief" in json.dumps(s.attributes) for s in spans)
+        assert all("gen_ai.input.messages" not in a for a in roots.values())
+        return
+
+    def text(role, content):
+        return {"role": role, "parts": [{"type": "text", "content": content}]}
+
+    assert json.loads(roots["text_completion"]["gen_ai.input.messages"]) == [text("user", prompt)]
+    assert json.loads(roots["chat"]["gen_ai.input.messages"]) == [text("system", "be brief"), text("user", "hi")]
+    for root, result in ((roots["text_completion"], completion), (roots["chat"], chat)):
+        (output,) = json.loads(root["gen_ai.output.messages"])
+        assert output == text("assistant", result.text) | {"finish_reason": root["gen_ai.response.finish_reasons"][0]}
+
+
 def test_sampled_out_generations_leave_no_spans(controller, traced):
     path = traced(OTEL_TRACES_SAMPLER="always_off")
     with controller.instrumentation.generation("Generate") as observed:
@@ -225,7 +264,8 @@ def round_spans(draft_ends=(30, 40), verify=(42, 92), deadline_ms=None, operatio
                                                          "specdec.drafted": 12, "specdec.new_tokens": 3}),
     ]
     for i, end in enumerate(draft_ends):
-        spans.append(span("specdec.v1.DraftService/DraftBeams", f"d{i}", "r0", 1, end, "CLIENT", **{"rpc.method": "DraftBeams"}))
+        spans.append(span("specdec.v1.DraftService/DraftBeams", f"d{i}", "r0", 1, end, "CLIENT",
+                          **{"rpc.method": "DraftBeams", "specdec.draft": f"draft-{i}"}))
         spans.append(span("specdec.v1.DraftService/DraftBeams", f"ds{i}", f"d{i}", 3, end - 2, "SERVER", f"draft{i}",
                           **{"rpc.method": "DraftBeams", "specdec.queue_ms": draft_queue_ms}))
     spans.append(span("specdec.v1.VerifyService/VerifyTree", "v", "r0", *verify, "CLIENT", **{"rpc.method": "VerifyTree"}))
@@ -243,7 +283,8 @@ def test_split_follows_the_slowest_draft():
     assert r.transport_ms == pytest.approx(4 + 2)
     assert r.overhead_ms == pytest.approx(100 - 39 - 50)
     assert r.draft_ms + r.verify_ms + r.queue_ms + r.transport_ms + r.overhead_ms == pytest.approx(r.duration_ms)
-    assert r.slowest_draft == "draft1" and r.dominant == "verify_ms" and not r.notes
+    # Named as the round's records name it (specdec.winning_draft), with its model.
+    assert r.slowest_draft == "draft-1 (draft1)" and r.dominant == "verify_ms" and not r.notes
     assert req.outside_rounds_ms == pytest.approx(1)
     assert traces.acceptance_by_position(req.rounds) == {1: (1, 1), 2: (1, 1), 3: (1, 0)}
 
