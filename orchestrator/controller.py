@@ -212,7 +212,8 @@ class SpeculativeController:
                     if rounds and warming:  # the drafts have read the prompt before the session's next call
                         wait(warming, timeout=draft_timeout_s)
                         warming = []
-                    proposals, fallback_reason = self._propose(params, session_id, context, choice, policy, calls, draft_timeout_s)
+                    proposals, fallback_reason, failures = self._propose(params, session_id, context, choice, policy, calls,
+                                                                         draft_timeout_s)
                     if match and (taken := match.tokens[:choice.taken(match.stats_key)]):
                         proposals.append(Proposal(match.source, [taken], stats_key=match.stats_key))
                         fallback_reason = ""
@@ -230,6 +231,7 @@ class SpeculativeController:
                     observed.record = record = _round_record(
                         len(rounds), params.mode, proposals, fallback_reason, verdict, new_tokens, new_text, t1 - t0, t2 - t1, choice
                     )
+                    record.draft_failures = failures
                     record.logprobs = new_logprobs
                     state.add(record, new_tokens, new_logprobs)
                 yield record
@@ -287,21 +289,23 @@ class SpeculativeController:
                 for d in self.drafts if self.draft_health.usable(d.name)]
 
     def _propose(self, req: GenerationParams, session_id: str, context: list[int], choice: Choice, policy: SpeculationPolicy,
-                 calls: _Calls, timeout_s: float) -> tuple[list[Proposal], str]:
-        """Ask every usable model draft at once; returns the proposals (in draft order) and, when
-        there are none, why ("" in autoregressive mode)."""
+                 calls: _Calls, timeout_s: float) -> tuple[list[Proposal], str, list[str]]:
+        """Ask every usable model draft at once; returns the proposals (in draft order), when there
+        are none why ("" in autoregressive mode), and the drafts that failed the round (missed its
+        deadline, answered an error, or are backing off after failures), with what happened."""
         if req.mode == DecodingMode.AUTOREGRESSIVE:
-            return [], ""
+            return [], "", []
         if not self.drafts and not choice.known:
-            return [], "no draft services configured"
+            return [], "no draft services configured", []
         if choice.depth <= 0:
             if self._room(req, context, len(context) - len(req.prompt_ids)) <= 0:
-                return [], "token budget leaves no room to draft"
-            return [], "speculation does not pay at the measured costs and acceptance"
+                return [], "token budget leaves no room to draft", []
+            return [], "speculation does not pay at the measured costs and acceptance", []
         depth = choice.depth
         usable = [d for d in self.drafts if self.draft_health.usable(d.name)]
+        backing_off = [f"{name}: backing off after failures" for name in self.draft_health.down()]
         if not usable:
-            return [], "every draft is backing off after failures: " + ", ".join(self.draft_health.down())
+            return [], "every draft is backing off after failures: " + ", ".join(self.draft_health.down()), backing_off
         # Each call runs in a copy of this thread's context, so its trace span is the round's child.
         futures = {
             self._pool.submit(
@@ -311,7 +315,7 @@ class SpeculativeController:
             for d in usable
         }
         _, late = wait(futures, timeout=timeout_s)
-        proposals, failures = [], []
+        proposals, failures = [], list(backing_off)
         for future, draft in futures.items():
             if future in late:
                 failures.append(f"{draft.name}: missed the {timeout_s * 1e3:.0f} ms deadline")
@@ -326,7 +330,7 @@ class SpeculativeController:
             self.draft_health.succeeded(draft.name)
             if (proposal := proposal.cut(depth)) is not None:
                 proposals.append(proposal)
-        return proposals, "; ".join(failures) if not proposals else ""
+        return proposals, "; ".join(failures) if not proposals else "", failures
 
     def _verify(self, session_id: str, context: list[int], merged: DraftTree, req: GenerationParams,
                 calls: _Calls, timeout_s: float):

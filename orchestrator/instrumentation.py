@@ -306,6 +306,11 @@ def round_attributes(record, mode: str) -> dict:
     }
     if record.fallback_reason:
         attributes["specdec.fallback_reason"] = record.fallback_reason
+    # A draft that failed the round (the collector keeps such traces): apart from the rounds the
+    # cost model chose not to draft, which are fallbacks too but no fault.
+    attributes["specdec.draft_failed"] = bool(record.draft_failures)
+    if record.draft_failures:
+        attributes["specdec.draft_failures"] = list(record.draft_failures)
     return attributes
 
 

@@ -155,6 +155,7 @@ class RoundRecord:
     fallback: bool  # no draft proposals this round
     fallback_reason: str = ""
     branching_factor: float = 0.0
+    draft_failures: list[str] = field(default_factory=list)  # drafts that failed the round (deadline, error, backing off) and how
     new_tokens: list[int] = field(default_factory=list)  # what this round added (after stop/length cuts)
     accepted_by_draft: dict[str, int] = field(default_factory=dict)
     # The text this round released: complete characters only, and a tail that may begin a stop

@@ -448,9 +448,8 @@ def _draw_timelines(ax, shown: list[RequestAnalysis]) -> None:
     ax.set_yticklabels([f"{req.trace_id[:8]} {req.mode or '?'}\n{req.output_tokens} tok, {req.tokens_per_round:.2f}/round"
                         for req in reversed(shown)], fontsize=7)
     ax.set_xlabel("ms since the request arrived")
-    ax.set_title("each request's rounds, and where their time went", fontsize=9)
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.25 if len(shown) < 3 else -0.12), fontsize=7,
-              ncol=len(COMPONENTS) + 1, frameon=False)
+    ax.set_title("each request's rounds, and where their time went", fontsize=9, pad=18)
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), fontsize=7, ncol=len(COMPONENTS) + 1, frameon=False)
 
 
 def _draw_acceptance(ax, requests: list[RequestAnalysis], shown: list[RequestAnalysis]) -> None:

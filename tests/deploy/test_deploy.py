@@ -364,10 +364,13 @@ def test_every_service_sends_traces_through_the_collector(services):
     assert (16686, 16686) in published_ports(jaeger) and (4317, 4317) in published_ports(collector)
     config_file = COMPOSE_DIR / "otel-collector.yaml"
     collector_config = yaml.safe_load(config_file.read_text())
-    # Tail sampling keeps every error, fallback and slow trace; span metrics see every span; kept
+    # Tail sampling keeps every error, failed-draft and slow trace; span metrics see every span; kept
     # traces go to Jaeger and to a file `specdec traces analyze --otlp-json` reads.
     policies = {p["type"] for p in collector_config["processors"]["tail_sampling"]["policies"]}
     assert {"status_code", "boolean_attribute", "latency", "probabilistic"} <= policies
+    # A round a draft failed, not every round without drafts (the cost model's choice is no fault).
+    assert {p["boolean_attribute"]["key"] for p in collector_config["processors"]["tail_sampling"]["policies"]
+            if p["type"] == "boolean_attribute"} == {"specdec.draft_failed"}
     pipelines = collector_config["service"]["pipelines"]
     assert pipelines["traces/in"]["exporters"] == ["spanmetrics"] and "tail_sampling" not in pipelines["traces/in"].get("processors", [])
     assert set(pipelines["traces/kept"]["exporters"]) == {"otlp/jaeger", "file"}

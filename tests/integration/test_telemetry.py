@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -241,6 +242,7 @@ def test_one_connected_trace_per_generation(traced_cluster, receiver):
         assert ra["specdec.tree.nodes"] == r.tree_nodes
         assert ra["specdec.winning_draft"] == r.winning_draft and r.winning_draft in ("", *drafts)
         assert ra["specdec.fallback"] == r.fallback
+        assert ra["specdec.draft_failed"] is False and "specdec.draft_failures" not in ra  # every draft answered in time
         assert "specdec.tree.branching_factor" in ra
 
         calls = by_parent[span["span_id"]]
@@ -552,12 +554,15 @@ def test_under_load_every_generation_is_found_and_the_queue_grows(traced_cluster
             return dict(stub.Generate.with_call(request, timeout=60)[1].initial_metadata())["x-trace-id"]
 
     def http_generation(chat: bool) -> str:
+        """Under the caller's own trace (a traceparent of its own), which the answer names."""
         body = {"messages": [{"role": "user", "content": "hi"}]} if chat else {"prompt": PROMPT}
+        caller = os.urandom(16).hex()
         request = urllib.request.Request(traced_cluster.http_url + ("/v1/chat/completions" if chat else "/v1/completions"),
                                          data=json.dumps({**body, "max_tokens": 12}).encode(), method="POST",
-                                         headers={"Content-Type": "application/json"})
+                                         headers={"Content-Type": "application/json", "traceparent": f"00-{caller}-00f067aa0ba902b7-01"})
         with urllib.request.urlopen(request, timeout=60) as reply:
-            return reply.headers["X-Trace-Id"]
+            assert reply.headers["X-Trace-Id"] == caller
+            return caller
 
     kinds = [lambda: grpc_generation(False), lambda: grpc_generation(True), lambda: http_generation(False),
              lambda: http_generation(True)]

@@ -123,6 +123,9 @@ def test_failing_and_late_drafts_fall_back_with_identical_output(target, drafts)
     assert result.token_ids == reference_greedy(target, PROMPTS[0], 6)
     assert all(r.fallback for r in result.rounds)
     assert "went away" in result.rounds[0].fallback_reason and "deadline" in result.rounds[0].fallback_reason
+    # Named per draft (what the traces' specdec.draft_failed keys on), unlike a round not drafted by choice.
+    for r in result.rounds:
+        assert len(r.draft_failures) == (0 if "no room to draft" in r.fallback_reason else 2), r
 
 
 def test_one_failing_draft_does_not_stop_the_others(target, drafts):
@@ -131,6 +134,8 @@ def test_one_failing_draft_does_not_stop_the_others(target, drafts):
     assert result.token_ids == reference_greedy(target, PROMPTS[0], 12)
     assert not any(r.fallback for r in result.rounds)
     assert {r.winning_draft for r in result.rounds} == {"self"}
+    # Not a fallback, but a failure the round records all the same.
+    assert all(r.draft_failures and r.draft_failures[0].startswith("broken:") for r in result.rounds if r.proposals)
 
 
 def test_stop_string_cuts_output(target, drafts):
@@ -187,7 +192,7 @@ def test_a_failed_draft_is_left_out_then_brought_back(target, drafts):
     # Left out between failures (fewer calls than rounds), and back: later rounds use its drafts.
     assert flaky.calls < len(result.rounds)
     backed_off = [i for i, r in enumerate(result.rounds) if "backing off" in r.fallback_reason]
-    assert backed_off
+    assert backed_off and all(any("backing off" in f for f in result.rounds[i].draft_failures) for i in backed_off)
     assert any(r.proposals and not r.fallback for r in result.rounds[backed_off[-1] + 1 :])
 
 
