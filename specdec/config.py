@@ -21,7 +21,7 @@ from specdec.records import MODE_NAMES
 
 EMBEDDED_TARGET = "qwen2.5-coder-1.5b-instruct"
 EMBEDDED_DRAFT = "qwen2.5-coder-0.5b-instruct"
-QUANTIZE_MODES = ("auto", "none", "int8", "w8a8")  # --draft-quantize (specdec/quantize.py); auto: w8a8 on an x86 CPU
+QUANTIZE_MODES = ("auto", "none", "int8", "w8a8")  # --draft-quantize (specdec/quantize.py); auto: the fastest measured at start-up
 TARGET_QUANTIZE_MODES = ("none", "int8", "w8a8")  # --target-quantize
 
 
@@ -117,7 +117,7 @@ class VerifySettings(ModelServiceSettings, SpeculationLimits):
 class DraftSettings(ModelServiceSettings, SpeculationLimits):
     draft_model: str = _setting(EMBEDDED_DRAFT, "draft model: embedded alias, local path or hub id", model=True)
     draft_vocab: int = _setting(0, "greedy drafting scores only token ids below this (0 = the whole vocabulary): a cheaper output layer; the first ids of byte-level BPE vocabularies are the most frequent", min=0)
-    draft_quantize: str = _setting("auto", "quantize the draft model's linear layers and output head: w8a8 (int8 weights and per-token int8 activations, oneDNN's integer product) or int8 (int8 weights, multiplied in bfloat16): a faster draft on a CPU, never a different output (the target decides); auto: w8a8 on an x86 CPU, int8 on other CPUs, none elsewhere", choices=QUANTIZE_MODES)
+    draft_quantize: str = _setting("auto", "quantize the draft model's linear layers and output head: w8a8 (int8 weights and per-token int8 activations, oneDNN's integer product) or int8 (int8 weights, multiplied in bfloat16): a faster draft on a CPU, never a different output (the target decides); auto: on a CPU whichever of none, int8 and w8a8 is measured fastest at start-up, none elsewhere", choices=QUANTIZE_MODES)
 
 
 @dataclass
@@ -179,7 +179,7 @@ class ClusterSettings(SpeculationDefaults, SpeculationLimits, DoorLimits, TlsSer
     draft_devices: list[str] = _setting(lambda: ["cpu"], "devices of the draft services, comma-separated (one, or one each)")
     dtype: str = _setting("auto", "model dtype for every service (auto: the verify service measures and keeps the fastest exact one; see specdec serve verify -- --help)", choices=DTYPES)
     draft_vocab: int = _setting(0, "draft services score only token ids below this (0 = all); see specdec serve draft -- --help", min=0)
-    draft_quantize: str = _setting("auto", "draft models' weights: auto (w8a8 on an x86 CPU), none, int8 or w8a8 (see specdec serve draft -- --help)", choices=QUANTIZE_MODES)
+    draft_quantize: str = _setting("auto", "draft models' weights: auto (the fastest measured on a CPU), none, int8 or w8a8 (see specdec serve draft -- --help)", choices=QUANTIZE_MODES)
     target_quantize: str = _setting("none", "the target's weights: none, int8 or w8a8 (see specdec serve verify -- --help)", choices=TARGET_QUANTIZE_MODES)
     log_dir: str = _setting("logs", "orchestrator statistics directory")
     log_text: bool = _setting(False, "the orchestrator also logs prompt and output text and token ids (see specdec serve orchestrator -- --help)")

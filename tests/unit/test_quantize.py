@@ -172,11 +172,21 @@ def test_w8a8_siblings_reading_one_input_share_one_product(target, monkeypatch):
         assert torch.equal(shared(ids[:, :1]).logits, separate(ids[:, :1]).logits)
 
 
-def test_auto_is_w8a8_where_the_cpu_has_the_integer_product(target, monkeypatch):
+def test_auto_keeps_the_format_measured_fastest_here(target, monkeypatch):
+    """auto times each format's linear layers on this machine and applies the fastest; the choice
+    is the measurement's (AVX2 and VNNI CPUs order them differently), a near tie the more faithful."""
     import specdec.quantize as quantize
 
     assert quantize.w8a8_available()  # every x86 torch build this project installs
-    model = quantize_model(truncated_copy(target, 1), "auto")
-    assert isinstance(model.get_output_embeddings(), W8A8Linear)
-    monkeypatch.setattr(quantize, "w8a8_available", lambda: False)  # a CPU without it: int8 weight-only
-    assert isinstance(quantize_model(truncated_copy(target, 1), "auto").get_output_embeddings(), Int8Linear)
+    mode, costs = quantize.fastest_quantization(truncated_copy(target, 1), repeats=3)
+    assert list(costs) == ["none", "int8", "w8a8"] and all(ms > 0 for ms in costs.values())
+    assert mode == quantize.fastest_of(costs)
+    heads = {"none": nn.Linear, "int8": Int8Linear, "w8a8": W8A8Linear}
+    for chosen in heads:
+        monkeypatch.setattr(quantize, "fastest_quantization", lambda model, chosen=chosen: (chosen, {chosen: 1.0}))
+        assert type(quantize_model(truncated_copy(target, 1), "auto").get_output_embeddings()) is heads[chosen]
+    assert quantize.fastest_of({"none": 100.0, "int8": 49.0, "w8a8": 47.0}) == "w8a8"
+    assert quantize.fastest_of({"none": 100.0, "int8": 48.0, "w8a8": 47.0}) == "int8"  # within 3%: the more faithful
+    monkeypatch.undo()
+    monkeypatch.setattr(quantize, "w8a8_available", lambda: False)  # a CPU without the integer product
+    assert list(quantize.fastest_quantization(truncated_copy(target, 1), repeats=1)[1]) == ["none", "int8"]
