@@ -21,6 +21,7 @@ from specdec.cost import CALIBRATION_CONTEXT, CALIBRATION_ROWS, CostCurve, Early
 from specdec.engine import Part, calibrate_forward, forward_batch
 from specdec.kernels import pack_linears
 from specdec.kv_cache import SessionStore
+from specdec.grammar import Grammars, GrammarState, GrammarStates, mask_scores
 from specdec.processors import Processing
 from specdec.quantize import Int8Linear, W8A8Linear
 from specdec.sampling import SamplingParams, noised, warp_logits
@@ -71,13 +72,15 @@ class BeamDrafter:
     sampled chain step) shares one forward pass, up to ``max_batch_rows`` rows."""
 
     def __init__(self, model, store: SessionStore | None = None, vocab_limit: int = 0, max_batch_rows: int = 256,
-                 gather_s: float = 0.002, observe=None) -> None:
+                 gather_s: float = 0.002, observe=None, grammars: Grammars | None = None) -> None:
         self.model = model
         self.store = store if store is not None else SessionStore()
         self.kernel = pack_linears(model)  # speed only: a draft need not be batch-invariant
         self.head = output_rows(model, vocab_limit)  # after packing: a view of the weight it keeps
         self.max_batch_rows = max_batch_rows
         self.worker = BatchWorker(functools.partial(forward_batch, model), self.store, max_batch_rows, gather_s, observe)
+        # Structured output: each session's place in its grammar, to propose only what it allows.
+        self.grammar_states = GrammarStates(grammars) if grammars is not None else None
 
     def _run(self, steps, session_id: str, context: list[int], caller: Caller | None) -> DraftOutcome:
         if not context:
@@ -87,6 +90,8 @@ class BeamDrafter:
         return outcome
 
     def release(self, session_id: str) -> bool:
+        if self.grammar_states is not None:
+            self.grammar_states.forget(session_id)
         return self.worker.release(session_id)
 
     def propose(self, session_id: str, context: list[int], beam_width: int, depth: int, caller: Caller | None = None,
@@ -100,9 +105,12 @@ class BeamDrafter:
         plus the noise the target samples with at each position (:mod:`specdec.sampling`), so the
         best beam is the draft's own sample under the target's noise and the runner-ups its next
         guesses at the target's. With ``processing``, each row's logits are processed first with its
-        own history (the context and the beam so far), as the target's will be."""
-        level = functools.partial(_level, sampling=sampling, processing=processing if processing is not None and processing.active else None,
-                                  context=context, prompt_len=prompt_len)
+        own history (the context and the beam so far), as the target's will be, and a grammar masks
+        what it does not allow (where this service has the tokenizer for it)."""
+        processing = processing if processing is not None and processing.active else None
+        grammar = processing.grammar if processing is not None and self.grammar_states is not None else None
+        level = functools.partial(_level, sampling=sampling, processing=processing, context=context, prompt_len=prompt_len,
+                                  grammar=self.grammar_states.of(session_id, grammar) if grammar is not None else None)
         return self._run(lambda: self._beams(session_id, context, beam_width, depth, stop, level), session_id, context, caller)
 
     def _beams(self, session_id: str, context: list[int], beam_width: int, depth: int, stop: EarlyStop, level):
@@ -121,6 +129,8 @@ class BeamDrafter:
             chosen = [(int(i) // vocab, int(i) % vocab, float(s)) for s, i in zip(top.values, top.indices)]
             next_frontier = [(frontier[b][0], s, frontier[b][2] + [t], frontier[b][3] + [math.exp(float(logprobs[b, t]))])
                              for b, t, s in chosen if s > float("-inf")]
+            if not next_frontier:  # nothing the draft may propose here (a grammar allows none of its tokens)
+                break
             best = next_frontier[0][3]
             if depth_now == depth - 1 or math.prod(calibrated(p, stop.calibration) for p in best) < stop.min_path_probability:
                 frontier = next_frontier
@@ -142,12 +152,14 @@ class BeamDrafter:
 
 
 def _level(logits: torch.Tensor, paths: list[list[int]], sampling: SamplingParams, processing: Processing | None,
-           context: list[int], prompt_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+           context: list[int], prompt_len: int, grammar: GrammarState | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One beam-search level's rows (row i after ``context + paths[i]``; all rows of a level at one
     position): the draft's log-probabilities (processed and warped as the request says) and what
     the beams rank by (greedy: the same; sampled: plus the position's noise)."""
     if processing is not None:
         logits = torch.stack([processing.apply(row, context + path, prompt_len) for row, path in zip(logits, paths)])
+    if grammar is not None:
+        logits = torch.stack([mask_scores(row, grammar.allowed(context[prompt_len:] + path)) for row, path in zip(logits, paths)])
     if sampling.greedy:
         logprobs = torch.log_softmax(logits, -1)
         return logprobs, logprobs

@@ -9,6 +9,7 @@ from specdec.cost import EarlyStop
 from specdec.draft_service.drafter import BeamDrafter
 from specdec.errors import InvalidRequest, check_range
 from specdec.rpc.convert import processing_of, sampling_params
+from specdec.grammar import Grammars
 from specdec.quantize import quantize_model
 from specdec.rpc.server import ModelServicer, load_for_service, observe_batches, run_model_service
 from specdec.rpc.status import rpc_method
@@ -67,9 +68,9 @@ def main(argv: list[str] | None = None) -> None:
         "draft",
         settings,
         settings.draft_model,
-        lambda model, store, info, metrics: DraftServicer(
+        lambda model, store, info, metrics, tokenizer: DraftServicer(
             BeamDrafter(model, store, settings.draft_vocab, settings.max_batch_rows, settings.batch_wait_ms / 1e3,
-                        observe_batches(metrics)),
+                        observe_batches(metrics), grammars=Grammars(tokenizer, info.vocab_size, info.eos_token_ids)),
             info, settings, metrics),
         draft_pb2_grpc.add_DraftServiceServicer_to_server,
         SERVICE_NAME,

@@ -47,8 +47,9 @@ from specdec.cost import AcceptanceStats, Choice, EarlyStop, RoundCosts, Traffic
 from specdec.detokenize import TextStream
 from specdec.errors import InvalidRequest, Unavailable, check_range, check_token_ids
 from specdec.generation import CallContext, GenerationParams, GenerationState
+from specdec.grammar import Grammars, GrammarState
 from specdec.lookup import NAME as LOOKUP
-from specdec.lookup import PREDICTION, Match, PromptLookup
+from specdec.lookup import GRAMMAR, PREDICTION, Match, PromptLookup
 from specdec.orchestrator.instrumentation import GenerationInstrumentation
 from specdec.orchestrator.resilience import DraftHealth
 from specdec.records import DecodingMode, DraftStats, GenerationResult, GenerationStats, RoundRecord, TokenLogprob
@@ -119,6 +120,7 @@ class SpeculativeController:
         costs: RoundCosts | None = None,
         lookup: PromptLookup | None = None,
         lookup_depth: int = 16,
+        grammars: Grammars | None = None,
     ) -> None:
         self.verifier = verifier
         self.drafts = drafts
@@ -133,6 +135,9 @@ class SpeculativeController:
         # The model-free draft, run here before each round (microseconds: no service, no call), its
         # chain at most ``lookup_depth`` tokens when the shape is adaptive.
         self.lookup, self.lookup_depth = lookup, lookup_depth
+        # Structured output: what a request's grammar forces after the output so far, proposed as a
+        # free draft chain (None: no tokenizer here, so no such chain; the services still mask).
+        self.grammars = grammars
         # Acceptance per draft and depth, shared by every generation: a new one starts from what
         # the last ones saw, and old rounds fade as new ones come.
         self.acceptance = AcceptanceStats()
@@ -188,6 +193,8 @@ class SpeculativeController:
                                    params.paths, params.max_depth, spec.max_tree_nodes, spec.adaptive, self.costs,
                                    self.acceptance.seeded(GENERATION_PRIOR_ROUNDS), shared=self.acceptance)
         calls = self._calls(params)
+        grammar = (self.grammars.state(params.processing.grammar)
+                   if self.grammars is not None and params.processing.grammar is not None else None)
         warming: list = []  # the drafts' calls reading the prompt during the first round, if any
         session_id = state.session_id
         self.traffic.join(session_id)
@@ -200,7 +207,7 @@ class SpeculativeController:
                 with self.instrumentation.round(call.trace_parent, len(rounds), params.mode) as observed:
                     t0 = time.perf_counter()
                     room = self._room(params, context, len(state.output))
-                    match = self._look_up(params, context, room)
+                    match = self._forced(params, grammar, state.output, room) or self._look_up(params, context, room)
                     known = ((match.stats_key, len(match.tokens)),) if match else ()
                     reading = False
                     if rounds or params.mode == DecodingMode.AUTOREGRESSIVE:
@@ -270,6 +277,16 @@ class SpeculativeController:
         if self.limits.max_context:
             room = min(room, self.limits.max_context - len(context))
         return room - 1
+
+    def _forced(self, req: GenerationParams, grammar: GrammarState | None, output: list[int], room: int) -> Match | None:
+        """The tokens the request's grammar forces after ``output`` (JSON keys and punctuation a
+        schema fixes), as a chain for the target to check like any draft's: forced bytes can be cut
+        into tokens more than one way, and the target's own choice among them is the output, so they
+        are verified, not taken (they are accepted as often as the target spells them that way)."""
+        if grammar is None or req.mode == DecodingMode.AUTOREGRESSIVE or room <= 0:
+            return None
+        forced = grammar.forced(output)[: min(room, self.lookup_depth if req.speculation.adaptive else req.max_depth)]
+        return Match(forced, agreed=len(forced), source=GRAMMAR) if forced else None
 
     def _look_up(self, req: GenerationParams, context: list[int], room: int) -> Match | None:
         """The prompt lookup's chain after ``context``, found there or in the request's prediction
@@ -364,7 +381,8 @@ class SpeculativeController:
 
     def _result(self, params: GenerationParams, call: CallContext, state: GenerationState, text: str) -> GenerationResult:
         names = [(d.name, d.model) for d in self.drafts] + ([(LOOKUP, LOOKUP)] if self.lookup is not None else []) \
-            + ([(PREDICTION, PREDICTION)] if params.prediction_ids else [])
+            + ([(PREDICTION, PREDICTION)] if params.prediction_ids else []) \
+            + ([(GRAMMAR, GRAMMAR)] if self.grammars is not None and params.processing.grammar is not None else [])
         rounds = state.rounds
         drafts = [DraftStats.of(name, model, rounds) for name, model in names] if params.mode != DecodingMode.AUTOREGRESSIVE else []
         stats = GenerationStats.of(str(params.mode), len(params.prompt_ids), len(state.output), rounds, drafts,

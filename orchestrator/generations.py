@@ -27,6 +27,7 @@ from specdec import config
 from specdec.cost import RoundCosts
 from specdec.detokenize import TextStream, token_texts
 from specdec.errors import InvalidRequest
+from specdec.grammar import Grammars
 from specdec.generation import CallContext, GenerationParams, request_id
 from specdec.lookup import PromptLookup
 from specdec.orchestrator.calls import Call, StreamPiece
@@ -76,6 +77,7 @@ class Generations:
             costs=costs,
             lookup=PromptLookup(settings.lookup_max_ngram, settings.lookup_min_ngram) if settings.prompt_lookup else None,
             lookup_depth=settings.lookup_depth,
+            grammars=Grammars(tokenizer, target_info.vocab_size, target_info.eos_token_ids),
         )
 
     # ------------------------------------------------------------------ what the doors call
@@ -104,6 +106,8 @@ class Generations:
         # usually carries its space).
         bad_words_ids = [ids for word in params.bad_words for text in dict.fromkeys((word, " " + word.lstrip()))
                          if (ids := self.tokenize(text, "bad_words", add_special_tokens=False))]
+        if params.processing.grammar is not None:
+            params.processing.grammar.llguidance()  # a grammar that does not compile: refused here, in one line
         resolved = params.resolved(prompt_ids, self.settings, params.max_new_tokens or self.default_max_new_tokens(len(prompt_ids)),
                                    prediction_ids, bad_words_ids)
         self.controller.check(resolved)

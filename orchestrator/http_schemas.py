@@ -10,6 +10,8 @@ from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from specdec.errors import InvalidRequest
+from specdec.grammar import Grammar
 from specdec.orchestrator.http_responses import ApiError
 from specdec.sampling import MAX_TOP_LOGPROBS
 from specdec.generation import GenerationParams
@@ -129,6 +131,12 @@ class _Body(BaseModel):
     # OpenAI's Predicted Outputs: text the answer is expected to repeat, a source of draft tokens
     # (specdec.lookup); the usage then counts its accepted and rejected tokens.
     prediction: Optional[Prediction] = None
+    # Structured output (specdec.grammar): OpenAI's response_format, or one of vLLM's guided_* fields.
+    response_format: Optional[dict[str, Any]] = None
+    guided_json: Union[dict[str, Any], str, None] = None
+    guided_regex: Optional[str] = None
+    guided_grammar: Optional[str] = None  # a Lark grammar (llguidance's dialect)
+    guided_choice: Optional[list[str]] = None
     # OpenAI's bookkeeping fields: accepted, with nothing to do here (no stored completions, no tiers).
     store: Optional[bool] = None
     metadata: Optional[dict[str, str]] = None
@@ -155,7 +163,6 @@ class ChatBody(_Body):
     max_completion_tokens: Optional[TokenCount] = None
     logprobs: Optional[bool] = None
     top_logprobs: Optional[TopLogprobs] = None
-    response_format: Optional[dict[str, Any]] = None
     tools: Optional[list[Any]] = None
     functions: Optional[list[Any]] = None
     tool_choice: Any = None
@@ -206,8 +213,6 @@ def refuse_unsupported(body: _Body, ignore_unknown: bool = False) -> None:
     if isinstance(body, ChatBody):
         if body.tools or body.functions:
             raise ApiError(400, "tools and functions are not supported", param="tools" if body.tools else "functions")
-        if body.response_format and body.response_format.get("type", "text") != "text":
-            raise ApiError(400, "response_format: only {\"type\": \"text\"} is supported", param="response_format")
 
 
 # --------------------------------------------------------------------------- JSON -> GenerationParams
@@ -240,10 +245,52 @@ def generation_params(body: _Body, prompt: dict[str, Any], logprobs: bool, top_l
             "presence_penalty": body.presence_penalty or 0.0, "frequency_penalty": body.frequency_penalty or 0.0,
             "repetition_penalty": 1.0 if body.repetition_penalty is None else body.repetition_penalty,
             "logit_bias": logit_bias(body.logit_bias), "min_p": body.min_p or 0.0, "min_tokens": body.min_tokens or 0,
+            "grammar": grammar_of(body),
         },
         bad_words=body.bad_words or (),
         suffix=(body.suffix or "") if isinstance(body, CompletionBody) else "",
     )
+
+
+def grammar_of(body: _Body) -> Grammar | None:
+    """The grammar the output must follow: ``response_format`` (``text``, ``json_object``,
+    ``json_schema``) or one of vLLM's ``guided_json``, ``guided_regex``, ``guided_grammar``,
+    ``guided_choice``; at most one of them."""
+    given = [name for name in ("response_format", "guided_json", "guided_regex", "guided_grammar", "guided_choice")
+             if getattr(body, name) is not None and not (name == "response_format" and body.response_format.get("type") == "text")]
+    if len(given) > 1:
+        raise ApiError(400, f"{' and '.join(given)}: at most one way to constrain the output", param=given[1])
+    if not given:
+        return None
+    name = given[0]
+    try:
+        if name == "response_format":
+            return _response_format(body.response_format)
+        if name == "guided_json":
+            return Grammar("json_schema", body.guided_json if isinstance(body.guided_json, str) else json.dumps(body.guided_json))
+        if name == "guided_regex":
+            return Grammar("regex", body.guided_regex)
+        if name == "guided_grammar":
+            return Grammar("lark", body.guided_grammar)
+        if not body.guided_choice:
+            raise InvalidRequest("guided_choice is empty")
+        # One of the strings, as a Lark rule of string literals (JSON's escapes are Lark's).
+        return Grammar("lark", "start: " + " | ".join(json.dumps(choice) for choice in body.guided_choice))
+    except InvalidRequest as exc:
+        raise ApiError(400, f"{name}: {exc}", param=name) from None
+
+
+def _response_format(given: dict[str, Any]) -> Grammar:
+    kind = given.get("type")
+    if kind == "json_object":
+        return Grammar("json_object")
+    if kind == "json_schema":
+        spec = given.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise InvalidRequest("type json_schema needs json_schema.schema, a JSON schema object")
+        return Grammar("json_schema", json.dumps(schema))
+    raise InvalidRequest(f"type {kind!r} is not one of text, json_object, json_schema")
 
 
 def logit_bias(given: dict[str, float] | None) -> dict[int, float]:

@@ -163,7 +163,10 @@ class GenerationParams:
                      mode=str(self.mode) if self.mode else None, sampling=dataclasses.asdict(self.sampling),
                      stop=list(self.stop), stop_token_ids=list(self.stop_token_ids), prediction_tokens=len(self.prediction_ids),
                      processing={**dataclasses.asdict(self.processing), "logit_bias": len(self.processing.logit_bias),
-                                 "bad_words_ids": len(self.processing.bad_words_ids)})
+                                 "bad_words_ids": len(self.processing.bad_words_ids),
+                                 # the kind and size only: a schema may carry the caller's text
+                                 "grammar": (f"{self.processing.grammar.kind} ({len(self.processing.grammar.spec)} characters)"
+                                             if self.processing.grammar else "")})
         return entry
 
 

@@ -32,6 +32,7 @@ import numpy as np
 
 NAME = "prompt-lookup"  # the draft's name in proposals, statistics and traces
 PREDICTION = "prediction"  # its name when the chain comes from the request's prediction (Predicted Outputs)
+GRAMMAR = "grammar"  # a chain of what the request's grammar forces (specdec.grammar), proposed by the orchestrator
 SEPARATOR = -1  # between a reference text and the context: matches nothing, and a chain ends at it
 MATCH_HORIZON = 64  # how far back a match's length is measured, to rank matches
 

@@ -14,7 +14,9 @@ the output only, as OpenAI defines them), ``logit_bias``, ``min_tokens`` (end-of
 barred until that many tokens are generated), ``bad_words`` (a word's last token barred where the
 history ends with the rest of it, as vLLM does); then the sampling warpers (temperature, top-k,
 top-p: :func:`specdec.sampling.warp_logits`), then ``min_p`` (tokens below ``min_p`` times the most
-likely one's probability dropped).
+likely one's probability dropped). A grammar (structured output, :mod:`specdec.grammar`) masks
+what it does not allow after the processors, before the warpers; it needs the service's tokenizer,
+so the services apply it (:class:`specdec.grammar.GrammarState`), not :meth:`Processing.apply`.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import Mapping, Sequence
 import torch
 
 from specdec.errors import InvalidRequest
+from specdec.grammar import Grammar
 
 MAX_LOGIT_BIAS = 300  # entries: OpenAI allows 300
 MAX_BAD_WORDS = 64  # token sequences
@@ -45,6 +48,7 @@ class Processing:
     # vLLM's bad_words, tokenised: a sequence's last token is barred where the history ends with the rest of it
     bad_words_ids: tuple[tuple[int, ...], ...] = ()
     eos_token_ids: tuple[int, ...] = field(default=(), compare=False)  # the model's, for min_tokens (the server fills them in)
+    grammar: Grammar | None = None  # structured output: the output must match it (specdec.grammar), masked last
 
     def __post_init__(self) -> None:
         for name in ("presence_penalty", "frequency_penalty"):
@@ -80,7 +84,7 @@ class Processing:
     def active(self) -> bool:
         """Whether anything changes the logits (else every row is left as it is)."""
         return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0 or self.logit_bias
-                    or self.min_p or self.min_tokens or self.bad_words_ids)
+                    or self.min_p or self.min_tokens or self.bad_words_ids or self.grammar)
 
     def check_vocabulary(self, vocab_size: int) -> None:
         for token, _ in self.logit_bias:

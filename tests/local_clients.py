@@ -17,9 +17,9 @@ from tiny_models import VOCAB, tiny_tokenizer
 
 
 class LocalDraft:
-    def __init__(self, name: str, model, vocab_limit: int = 0) -> None:
+    def __init__(self, name: str, model, vocab_limit: int = 0, **engine) -> None:
         self.name, self.model = name, type(model).__name__
-        self.drafter = BeamDrafter(model, vocab_limit=vocab_limit)
+        self.drafter = BeamDrafter(model, vocab_limit=vocab_limit, **engine)
 
     def draft(self, session_id, context, paths, depth, timeout_s, sampling=SamplingParams(), stop=EarlyStop(),
               processing=None, prompt_len=0) -> Proposal:

@@ -7,6 +7,7 @@ import argparse
 from specdec import config, precision
 from specdec.errors import InvalidRequest, check_range, check_token_ids
 from specdec.rpc.convert import processing_of, sampling_params
+from specdec.grammar import Grammars
 from specdec.quantize import MODEL_DTYPES, quantize_model
 from specdec.sampling import MAX_TOP_LOGPROBS
 from specdec.rpc.server import ModelServicer, load_for_service, observe_batches, run_model_service
@@ -67,8 +68,9 @@ def main(argv: list[str] | None = None) -> None:
         "verify",
         settings,
         settings.target_model,
-        lambda model, store, info, metrics: VerifyServicer(
-            TreeVerifier(model, store, settings.max_batch_rows, settings.batch_wait_ms / 1e3, observe_batches(metrics)),
+        lambda model, store, info, metrics, tokenizer: VerifyServicer(
+            TreeVerifier(model, store, settings.max_batch_rows, settings.batch_wait_ms / 1e3, observe_batches(metrics),
+                         grammars=Grammars(tokenizer, info.vocab_size, info.eos_token_ids)),
             info, settings, metrics),
         verify_pb2_grpc.add_VerifyServiceServicer_to_server,
         SERVICE_NAME,

@@ -20,6 +20,8 @@ from specdec.cost import CALIBRATION_CONTEXT, CALIBRATION_ROWS, CostCurve
 from specdec.engine import calibrate_forward, forward_batch
 from specdec.kernels import make_batch_invariant
 from specdec.kv_cache import SessionStore
+from specdec.errors import InvalidRequest
+from specdec.grammar import Grammars, GrammarState, GrammarStates, mask_scores
 from specdec.processors import Processing
 from specdec.sampling import SamplingParams, pick, warp_logits
 from specdec.tree import TokenTree, validate_parents
@@ -45,7 +47,7 @@ class TreeVerifier:
     up to ``max_batch_rows`` rows, and a long context is fed in passes of at most that many."""
 
     def __init__(self, model, store: SessionStore | None = None, max_batch_rows: int = 256, gather_s: float = 0.002,
-                 observe=None) -> None:
+                 observe=None, grammars: Grammars | None = None) -> None:
         # Every row's logits are made independent of the rows around it, so speculative output is
         # the model's own one-token greedy output bit for bit, in every dtype, alone or batched with
         # other sessions (README, "Exactness").
@@ -54,6 +56,8 @@ class TreeVerifier:
         self.store = store if store is not None else SessionStore()
         self.max_batch_rows = max_batch_rows
         self.worker = BatchWorker(functools.partial(forward_batch, model), self.store, max_batch_rows, gather_s, observe)
+        # Structured output: each session's place in its grammar (None: no tokenizer, no grammars).
+        self.grammar_states = GrammarStates(grammars) if grammars is not None else None
 
     def verify(self, session_id: str, context: list[int], tree: TokenTree, sampling: SamplingParams | None = None,
                caller: Caller | None = None, top_logprobs: int = 0, processing: Processing | None = None,
@@ -68,6 +72,10 @@ class TreeVerifier:
             raise ValueError("context must hold at least one token")
         validate_parents(tree.parents)
         processing = processing if processing is not None and processing.active else None
+        if processing is not None and processing.grammar is not None:
+            if self.grammar_states is None:
+                raise InvalidRequest("this verify service has no tokenizer to apply a grammar with")
+            processing.grammar.llguidance()  # compiled (or refused) here, not on the model thread
         outcome, stats = self.worker.submit(lambda: self._verify(session_id, context, tree, sampling, top_logprobs, processing,
                                                                  prompt_len), session_id, caller)
         outcome.queue_s, outcome.batch = stats.queue_s, stats.batch
@@ -83,7 +91,10 @@ class TreeVerifier:
         scored = yield from feed(session, pending, tree.tokens, tree.parents, keep=len(tree) + 1,
                                  reduce=reduce, chunk=self.max_batch_rows)
         if row_by_row:
-            tokens, tops = _decide(scored, context, tree, sampling or SamplingParams(), processing or Processing(), prompt_len, top)
+            grammar = processing.grammar if processing is not None else None
+            state = self.grammar_states.of(session_id, grammar) if grammar is not None else None
+            tokens, tops = _decide(scored, context, tree, sampling or SamplingParams(), processing or Processing(), prompt_len, top,
+                                   state)
         elif top > 0:
             tops = [(row[1 : top + 1].long().tolist(), row[top + 1 :].tolist()) for row in scored]
             tokens = scored[:, 0].long().tolist()
@@ -99,6 +110,8 @@ class TreeVerifier:
         )
 
     def release(self, session_id: str) -> bool:
+        if self.grammar_states is not None:
+            self.grammar_states.forget(session_id)
         return self.worker.release(session_id)
 
     def calibrate(self, rows=CALIBRATION_ROWS, reps: int = 3, context_len: int = CALIBRATION_CONTEXT) -> CostCurve:
@@ -119,12 +132,13 @@ def _argmax_and_top(logits: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _decide(logits: torch.Tensor, context: list[int], tree: TokenTree, sampling: SamplingParams, processing: Processing,
-            prompt_len: int, k: int):
+            prompt_len: int, k: int, grammar: GrammarState | None = None):
     """Per place, the target's token: its logits processed with the place's own history, then the
     argmax (greedy) or the draw at the place's position (sampled: :func:`specdec.sampling.pick`);
     with ``k`` > 0 also the ``k`` most likely tokens of that distribution and their
-    log-probabilities, the chosen token's own appended when it is not among them. Row by row: each
-    place's answer comes from its row's logits and history alone, whatever else the pass held."""
+    log-probabilities, the chosen token's own appended when it is not among them. With ``grammar``,
+    what it does not allow after the place's output is masked after the processors. Row by row:
+    each place's answer comes from its row's logits and history alone, whatever else the pass held."""
     tokens, tops = [], []
     positions = tree.answer_positions(len(context))
     for place, (row, position) in enumerate(zip(logits.cpu(), positions)):
@@ -132,6 +146,8 @@ def _decide(logits: torch.Tensor, context: list[int], tree: TokenTree, sampling:
         if processing.active:  # the place's own history, built only when a processor reads it
             history = context if place == 0 else context + [tree.tokens[n] for n in tree.path_to(place - 1)]
             scores = processing.apply(row, history, prompt_len)
+            if grammar is not None:
+                scores = mask_scores(scores, grammar.allowed(history[prompt_len:]))
         if sampling.greedy:
             token = int(scores.argmax())
         else:

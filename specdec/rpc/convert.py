@@ -6,6 +6,7 @@ Requests' sampling fields become a checked :class:`~specdec.sampling.SamplingPar
 
 from __future__ import annotations
 
+from specdec.grammar import Grammar
 from specdec.processors import Processing
 from specdec.sampling import SamplingParams
 from specdec.service_info import ModelDescription
@@ -24,6 +25,7 @@ def processing_of(message: common_pb2.LogitsProcessing) -> tuple[Processing, int
         repetition_penalty=message.repetition_penalty or 1.0, logit_bias=dict(message.logit_bias), min_p=message.min_p,
         min_tokens=message.min_tokens, eos_token_ids=tuple(message.eos_token_ids),
         bad_words_ids=[list(words.token_ids) for words in message.bad_words_ids],
+        grammar=Grammar(message.grammar_kind, message.grammar) if message.grammar_kind else None,
     ), message.prompt_length
 
 
@@ -36,6 +38,8 @@ def processing_pb(processing: Processing | None, prompt_len: int = 0) -> common_
         repetition_penalty=processing.repetition_penalty, logit_bias=dict(processing.logit_bias), min_p=processing.min_p,
         min_tokens=processing.min_tokens, prompt_length=prompt_len, eos_token_ids=processing.eos_token_ids,
         bad_words_ids=[common_pb2.TokenIds(token_ids=words) for words in processing.bad_words_ids],
+        grammar_kind=processing.grammar.kind if processing.grammar else "",
+        grammar=processing.grammar.spec if processing.grammar else "",
     )
 
 

@@ -308,7 +308,7 @@ def run_model_service(service: str, settings, model_name: str, make_servicer, ad
     start telemetry, measure the forward's cost curve (``--calibrate``; this warms the model), start
     the server, announce the port, serve until signalled.
 
-    ``make_servicer(model, store, info, metrics)`` builds the servicer; ``add_servicer(servicer,
+    ``make_servicer(model, store, info, metrics, tokenizer)`` builds the servicer; ``add_servicer(servicer,
     server)`` is the generated ``add_*Servicer_to_server``. ``load(service, model_name, settings)``
     returns ``(model, tokenizer, description)``; a model-free service's gives ``None`` for the model.
     """
@@ -319,7 +319,7 @@ def run_model_service(service: str, settings, model_name: str, make_servicer, ad
     from specdec.model_store import ModelStoreError
 
     try:
-        model, _, info = load(service, model_name, settings)
+        model, tokenizer, info = load(service, model_name, settings)
     except ModelStoreError as exc:
         # A model that is not there (not fetched, no such path, unknown to the hub): one line, no traceback.
         print(f"specdec {service}: cannot start: {exc}", file=sys.stderr, flush=True)
@@ -327,7 +327,7 @@ def run_model_service(service: str, settings, model_name: str, make_servicer, ad
     store = SessionStore(settings.max_sessions, settings.kv_cache_mb << 20, ttl_s=settings.session_ttl_s)
     store.start_sweeper()
     interceptors, metrics = start_telemetry(service, settings, store, {"specdec.model": model_name})
-    servicer = make_servicer(model, store, info, metrics)
+    servicer = make_servicer(model, store, info, metrics, tokenizer)
     calibrate = getattr(servicer.engine, "calibrate", None)
     if info.forward_costs:
         pass  # measured while the precision was chosen (specdec.precision), on this very model
