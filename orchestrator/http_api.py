@@ -20,6 +20,8 @@ What is OpenAI's and what is this server's:
 - ``n`` must be 1; ``best_of``, ``echo`` and tools are refused with a 400 that says so. ``suffix``
   is fill-in-the-middle. Penalties, ``logit_bias``, ``min_p``, ``min_tokens`` and ``bad_words`` are logits processors applied at every
   tree node (``specdec.processors``): speculation stays exact against the distribution they make.
+  ``response_format`` and vLLM's ``guided_*`` fields are a grammar masked at every tree node the
+  same way (``specdec.grammar``).
 - ``temperature`` defaults to 1 as in OpenAI's API; 0 is greedy, the target's own greedy output.
 - Each response carries the speculation statistics in an extra top-level ``spec_decode`` object,
   named as vLLM names its spec-decode metrics; vLLM's extra request fields ``top_k``,

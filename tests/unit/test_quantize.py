@@ -179,7 +179,9 @@ def test_auto_keeps_the_format_measured_fastest_here(target, monkeypatch):
 
     assert quantize.w8a8_available()  # every x86 torch build this project installs
     mode, costs = quantize.fastest_quantization(truncated_copy(target, 1), repeats=3)
-    assert list(costs) == ["none", "int8", "w8a8"] and all(ms > 0 for ms in costs.values())
+    # w8a8 only where its activations keep 8 bits (VNNI): 7-bit ones cost the draft acceptance.
+    full = quantize.activation_range()[0] == 127
+    assert list(costs) == ["none", "int8", "w8a8"][: 3 if full else 2] and all(ms > 0 for ms in costs.values())
     assert mode == quantize.fastest_of(costs)
     heads = {"none": nn.Linear, "int8": Int8Linear, "w8a8": W8A8Linear}
     for chosen in heads:
