@@ -17,8 +17,9 @@ What is OpenAI's and what is this server's:
 - Errors have OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``; the HTTP status
   comes from the one table :data:`HTTP_STATUS_OF_CODE`, keyed by the gRPC status the same failure
   gets on the gRPC API (``specdec.rpc.status``).
-- ``n`` must be 1; ``best_of``, ``echo`` and tools are refused with a 400 that says so. ``suffix``
-  is fill-in-the-middle. Penalties, ``logit_bias``, ``min_p``, ``min_tokens`` and ``bad_words`` are logits processors applied at every
+- ``n`` and completions' ``best_of`` run a generation per choice, at once (:func:`run_all`;
+  streamed choices merged into one event stream); ``echo`` puts the prompt before the text; tools
+  are refused with a 400 that says so. ``suffix`` is fill-in-the-middle. Penalties, ``logit_bias``, ``min_p``, ``min_tokens`` and ``bad_words`` are logits processors applied at every
   tree node (``specdec.processors``): speculation stays exact against the distribution they make.
   ``response_format`` and vLLM's ``guided_*`` fields are a grammar masked at every tree node the
   same way (``specdec.grammar``).
@@ -38,11 +39,13 @@ their checks, the generation parameters they make), ``http_chat`` (the chat temp
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import math
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
@@ -59,7 +62,7 @@ from specdec.orchestrator.calls import Call
 from specdec.orchestrator.http_chat import ChatTemplate, message_text
 from specdec.orchestrator.http_responses import ApiError, Formatter
 from specdec.orchestrator.http_schemas import (
-    ChatBody, CompletionBody, _parse_json, completion_prompt, generation_params, parse_body, refuse_unsupported,
+    ChatBody, CompletionBody, _parse_json, choice_counts, completion_prompt, generation_params, parse_body, refuse_unsupported,
 )
 from specdec.orchestrator.http_streaming import EventStream, _capture, _watch_disconnect, sse
 
@@ -278,6 +281,7 @@ class HttpApi:
             body = parse_body(ChatBody if chat else CompletionBody, data)
             self.check_model(body.model)
             refuse_unsupported(body, self.generations.settings.http_ignore_unknown_fields)
+            n, best_of = choice_counts(body, self.generations.settings.max_choices)
             if chat:
                 logprobs, top, max_tokens = bool(body.logprobs), body.top_logprobs or 0, body.max_completion_tokens or body.max_tokens
             else:
@@ -296,27 +300,45 @@ class HttpApi:
                         messages=[(m.role, message_text(m, i)) for i, m in enumerate(body.messages)]
                         if chat and self.generations.settings.trace_text else None)
 
-            def params() -> GenerationParams:
+            def params() -> list[GenerationParams]:
+                """One per generation: best_of ranks by log-probability, so it asks for them."""
                 given = {"prompt_ids": self.template.prompt_ids(body.messages)} if chat else prompt
-                return generation_params(body, given, logprobs, top, max_tokens)
+                one = generation_params(body, given, logprobs or best_of > n, top, max_tokens)
+                return [one] + [one.with_seed_offset(i) for i in range(1, best_of)]
 
             formatter = Formatter(chat, rid, self.model, self.generations.tokenizer, logprobs, bool(body.return_token_ids),
-                                  include_usage=bool(body.stream_options and body.stream_options.include_usage))
+                                  include_usage=bool(body.stream_options and body.stream_options.include_usage),
+                                  echo=echo_text(body, self.generations.tokenizer) if not chat else "")
+            calls = [call] + [dataclasses.replace(call) for _ in range(1, best_of)]
             if body.stream:
                 def start():
-                    pieces = self.generations.stream(params(), call)
-                    return pieces, next(pieces)[0]  # once admitted: a refusal is still an HTTP status
+                    started = []
+                    try:
+                        for p, c in zip(params(), calls):
+                            pieces = self.generations.stream(p, c)
+                            started.append((pieces, next(pieces)[0]))  # once admitted: a refusal is still an HTTP status
+                    except BaseException:
+                        for pieces, _ in started:
+                            pieces.close()
+                        raise
+                    return started
 
-                pieces, req = await self.in_thread(request, cancel, start)
+                started = await self.in_thread(request, cancel, start)
                 if call.trace_id:
                     headers["X-Trace-Id"] = call.trace_id
                 streaming = True
-                return EventStream(self.events(pieces, req.prompt_ids, formatter), headers, cancel, self.admission.leave,
-                                   self.generations.settings.stall_timeout_s)
-            req, result, _ = await self.in_thread(request, cancel, lambda: self.generations.run(params(), call))
+                events = (self.events(started[0][0], started[0][1].prompt_ids, formatter) if n == 1
+                          else self.merged_events(started, formatter))
+                return EventStream(events, headers, cancel, self.admission.leave, self.generations.settings.stall_timeout_s)
+            outcomes = await self.in_thread(request, cancel, lambda: run_all(self.generations, params(), calls))
             if call.trace_id:
                 headers["X-Trace-Id"] = call.trace_id
-            return JSONResponse(formatter.whole(req.prompt_ids, result), headers=headers)
+            req = outcomes[0][0]
+            results = [result for _, result, _ in outcomes]
+            chosen = results if best_of == n else sorted(results, key=cumulative_logprob, reverse=True)[:n]
+            if best_of > n and not logprobs:
+                chosen = [dataclasses.replace(r, logprobs=[]) for r in chosen]  # asked for the ranking only
+            return JSONResponse(formatter.whole(req.prompt_ids, *chosen, usage_of=tuple(results)), headers=headers)
         except Exception as exc:  # noqa: BLE001 - every failure is answered in OpenAI's shape
             error = ApiError.of(exc).in_openai_terms(chat)
             trace_id = call.trace_id if call is not None else self.generations.instrumentation.refused(
@@ -358,8 +380,35 @@ class HttpApi:
             raise ApiError(400, f"X-Request-Timeout = {raw!r}: seconds, a number > 0", param="X-Request-Timeout")
         return time.monotonic() + seconds
 
-    async def events(self, pieces, prompt_ids: list[int], formatter: Formatter) -> AsyncIterator[bytes]:
-        """The stream's events: each piece's chunks, an error event if the generation fails, [DONE]."""
+    async def merged_events(self, started: list, formatter: Formatter) -> AsyncIterator[bytes]:
+        """Several choices' streams as one: each choice's chunks in its own order, the choices'
+        interleaved as their rounds complete; one usage chunk for all at the end, when asked for."""
+        send, receive = anyio.create_memory_object_stream(max_buffer_size=len(started) * 4)
+        results: list = [None] * len(started)
+
+        async def pump(out, index: int, pieces, prompt_ids: list[int]) -> None:
+            own = dataclasses.replace(formatter.for_choice(index), include_usage=False)
+            async with out:
+                async for event in self.events(pieces, prompt_ids, own, done=False,
+                                               on_result=lambda r: results.__setitem__(index, r)):
+                    await out.send(event)
+
+        async with anyio.create_task_group() as tasks:
+            async with send:
+                for index, (pieces, req) in enumerate(started):
+                    tasks.start_soon(pump, send.clone(), index, pieces, req.prompt_ids)
+            async with receive:
+                async for event in receive:
+                    yield event
+        if formatter.include_usage and all(results):
+            yield sse(formatter.head() | {"object": "chat.completion.chunk" if formatter.chat else "text_completion",
+                                          "choices": [], "usage": formatter.usage(*results)})
+        yield sse("[DONE]")
+
+    async def events(self, pieces, prompt_ids: list[int], formatter: Formatter, done: bool = True,
+                     on_result: Callable | None = None) -> AsyncIterator[bytes]:
+        """The stream's events: each piece's chunks, an error event if the generation fails, [DONE]
+        (unless ``done`` is false: one choice of several); ``on_result`` is handed the result."""
         try:
             for chunk in formatter.chunks(prompt_ids, None):
                 yield sse(chunk)
@@ -370,10 +419,37 @@ class HttpApi:
                     break
                 if outcome.value is None:
                     break
+                if outcome.value.result is not None and on_result is not None:
+                    on_result(outcome.value.result)
                 for chunk in formatter.chunks(prompt_ids, outcome.value):
                     yield sse(chunk)
-            yield sse("[DONE]")
+            if done:
+                yield sse("[DONE]")
         finally:
             with anyio.CancelScope(shield=True):
                 # Stops the generation if it is still going (the client left): its sessions are released.
                 await anyio.to_thread.run_sync(pieces.close, limiter=self.limiter)
+
+
+def run_all(generations, params: list[GenerationParams], calls: list[Call]) -> list:
+    """Every choice's generation at once (each its own session: the services share the prompt's
+    cache between them and batch their passes); their outcomes in order, or the first failure."""
+    if len(params) == 1:
+        return [generations.run(params[0], calls[0])]
+    with ThreadPoolExecutor(len(params), thread_name_prefix="choice") as pool:
+        futures = [pool.submit(generations.run, p, c) for p, c in zip(params, calls)]
+        return [f.result() for f in futures]
+
+
+def cumulative_logprob(result) -> float:
+    """best_of's ranking: the sum of the chosen tokens' log-probabilities."""
+    return sum(entry.logprob for entry in result.logprobs or ())
+
+
+def echo_text(body, tokenizer) -> str:
+    """Completions' ``echo``: the prompt's text (decoded where it came as token ids)."""
+    if not getattr(body, "echo", None):
+        return ""
+    prompt = body.prompt[0] if isinstance(body.prompt, list) and len(body.prompt) == 1 and isinstance(body.prompt[0], (str, list)) \
+        else body.prompt
+    return prompt if isinstance(prompt, str) else tokenizer.decode(prompt)

@@ -145,6 +145,12 @@ class Formatter:
     include_usage: bool = False
     created: int = dataclasses.field(default_factory=lambda: int(time.time()))
     offset: int = 0  # completions' text_offset: characters of completion text before the next token
+    index: int = 0  # the choice's
+    echo: str = ""  # completions' echo: the prompt's text, before each choice's text
+
+    def for_choice(self, index: int) -> Formatter:
+        """The formatter of choice ``index`` of the same response (its own text offsets)."""
+        return dataclasses.replace(self, index=index, offset=0)
 
     def token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])
@@ -176,32 +182,46 @@ class Formatter:
         return {"id": self.rid, "object": ("chat.completion" if self.chat else "text_completion"), "created": self.created,
                 "model": self.model}
 
-    def usage(self, result: GenerationResult) -> dict:
-        prompt, completion = result.stats.prompt_tokens, len(result.token_ids)
+    @staticmethod
+    def usage(*results: GenerationResult) -> dict:
+        """The usage of one or several choices of one prompt (counted once, as OpenAI counts it)."""
+        prompt, completion = results[0].stats.prompt_tokens, sum(len(r.token_ids) for r in results)
         usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-        predicted = next((d for d in result.stats.drafts if d.draft == PREDICTION), None)
-        if predicted is not None:
+        predicted = [d for r in results for d in r.stats.drafts if d.draft == PREDICTION]
+        if predicted:
             # Predicted Outputs: the prediction's tokens the target accepted, and those it proposed
             # that were not accepted (OpenAI counts the prediction's tokens absent from the answer).
+            accepted = sum(d.accepted_tokens for d in predicted)
             usage["completion_tokens_details"] = {
-                "accepted_prediction_tokens": predicted.accepted_tokens,
-                "rejected_prediction_tokens": predicted.proposed_tokens - predicted.accepted_tokens,
+                "accepted_prediction_tokens": accepted,
+                "rejected_prediction_tokens": sum(d.proposed_tokens for d in predicted) - accepted,
             }
         return usage
 
-    def whole(self, prompt_ids: list[int], result: GenerationResult) -> dict:
-        choice: dict[str, Any] = {"index": 0}
+    def whole(self, prompt_ids: list[int], *results: GenerationResult, usage_of: tuple = ()) -> dict:
+        """The response with a choice per result (``usage_of``: the results the usage counts, when
+        more were generated than are returned: best_of)."""
+        choices = [self.for_choice(i).choice(prompt_ids, result) for i, result in enumerate(results)]
+        body = self.head() | {"choices": choices, "usage": self.usage(*(usage_of or results)),
+                              "spec_decode": spec_decode_stats(results[0]) if len(results) == 1
+                              else [spec_decode_stats(r) for r in results]}
+        if self.return_token_ids and self.chat:
+            body["prompt_token_ids"] = list(prompt_ids)
+        return body
+
+    def choice(self, prompt_ids: list[int], result: GenerationResult) -> dict:
+        choice: dict[str, Any] = {"index": self.index}
         if self.chat:
             choice["message"] = {"role": "assistant", "content": result.text}
         else:
-            choice["text"] = result.text
+            choice["text"] = self.echo + result.text
         choice["logprobs"] = self.logprobs_json(result.logprobs or [])
         choice |= self.finish(result)
-        body = self.head() | {"choices": [choice], "usage": self.usage(result), "spec_decode": spec_decode_stats(result)}
         if self.return_token_ids:
             choice["token_ids"] = list(result.token_ids)
-            (body if self.chat else choice)["prompt_token_ids"] = list(prompt_ids)
-        return body
+            if not self.chat:
+                choice["prompt_token_ids"] = list(prompt_ids)
+        return choice
 
     @staticmethod
     def finish(result: GenerationResult) -> dict:
@@ -210,7 +230,7 @@ class Formatter:
 
     def chunk(self, text: str | None, token_ids: list[int], entries: list[TokenLogprob], finish: dict | None = None,
               role: bool = False) -> dict:
-        choice: dict[str, Any] = {"index": 0}
+        choice: dict[str, Any] = {"index": self.index}
         if self.chat:
             delta = {"role": "assistant"} if role else {}
             if text is not None:
@@ -231,7 +251,7 @@ class Formatter:
         """The chunks of one streamed piece (``None``: the stream's opening, the chat's role)."""
         if piece is None:
             if not self.chat:
-                return []
+                return [self.chunk(self.echo, [], [])] if self.echo else []
             first = self.chunk("", [], [], role=True)
             if self.return_token_ids:
                 first["prompt_token_ids"] = list(prompt_ids)

@@ -202,20 +202,30 @@ def refuse_unsupported(body: _Body, ignore_unknown: bool = False) -> None:
         raise ApiError(400, f"unrecognized request argument{'s' if len(unknown) > 1 else ''}: {', '.join(unknown)} "
                             "(the server can be told to ignore unknown fields: --http-ignore-unknown-fields)",
                        param=unknown[0])
-    if body.n not in (None, 1):
-        raise ApiError(400, f"n = {body.n} is not supported: one choice per request (n = 1); send the request n times "
-                            "(with different seeds when sampling)", param="n")
-    if isinstance(body, CompletionBody):
-        if body.best_of not in (None, 1):
-            raise ApiError(400, f"best_of = {body.best_of} is not supported: one sequence per request", param="best_of")
-        if body.echo:
-            raise ApiError(400, "echo is not supported", param="echo")
+    if isinstance(body, CompletionBody) and body.echo and body.logprobs is not None:
+        raise ApiError(400, "echo with logprobs is not supported: the prompt's tokens get no log-probabilities here",
+                       param="echo")
     if isinstance(body, ChatBody):
         if body.tools or body.functions:
             raise ApiError(400, "tools and functions are not supported", param="tools" if body.tools else "functions")
 
 
 # --------------------------------------------------------------------------- JSON -> GenerationParams
+
+def choice_counts(body: _Body, limit: int) -> tuple[int, int]:
+    """(n, best_of): the choices returned, and the generations run to pick them from (completions'
+    ``best_of``: the n with the highest log-probability). Each is at most ``limit``."""
+    n = 1 if body.n is None else body.n
+    best_of = getattr(body, "best_of", None)
+    best_of = n if best_of is None else best_of
+    if not 1 <= n <= limit:
+        raise ApiError(400, f"n = {n} must be in [1, {limit}] (--max-choices)", param="n")
+    if not n <= best_of <= limit:
+        raise ApiError(400, f"best_of = {best_of} must be in [n = {n}, {limit}] (--max-choices)", param="best_of")
+    if best_of > n and body.stream:
+        raise ApiError(400, "best_of > n cannot be streamed: the best are known only at the end", param="best_of")
+    return n, best_of
+
 
 def generation_params(body: _Body, prompt: dict[str, Any], logprobs: bool, top_logprobs: int,
                       max_tokens: int | None) -> GenerationParams:

@@ -149,6 +149,7 @@ class DoorLimits:
     max_connections: int = _setting(256, "HTTP connections, and gRPC calls in progress, at once (each door); beyond, 503 / RESOURCE_EXHAUSTED at once", min=1)
     http_read_timeout_s: float = _setting(10.0, "an HTTP request's head must arrive within this many seconds of the connection (or of the last response), and its body within as many again; else the connection is closed, or 408", min=0.1)
     max_chat_messages: int = _setting(1024, "most messages one chat request may hold", min=1)
+    max_choices: int = _setting(16, "most choices one HTTP request may ask for (n, and best_of on completions): each is a generation of its own, sharing the prompt's cache and batched with the others", min=1)
     http_ignore_unknown_fields: bool = _setting(False, "the HTTP door's answer to a request field it does not know: false = a 400 naming it (as OpenAI's API answers, so that a misspelt or unsupported parameter never passes unnoticed); true = ignore it (for clients that send vendor extras)")
     http_allowed_hosts: list[str] = _setting(lambda: ["localhost", "127.0.0.1", "::1"], "with no bearer token: the HTTP door answers only requests whose Host (and Origin, when a browser sends one) names one of these, comma-separated, so a web page cannot reach it through DNS rebinding or a cross-site form")
     allow_open: bool = _setting(False, "serve on an address beyond loopback with neither a bearer token nor TLS (behind a proxy that checks callers, or with the port published on loopback only); refused at start-up otherwise")

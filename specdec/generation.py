@@ -154,6 +154,13 @@ class GenerationParams:
             return spec.draft_length
         return max(spec.beam_depth, spec.draft_length) if spec.adaptive and self.mode == DecodingMode.TREE else spec.beam_depth
 
+    def with_seed_offset(self, offset: int) -> GenerationParams:
+        """The same request as another choice of it (``n``, ``best_of``): with a seed, ``seed +
+        offset``, so every choice replays; without one each draws its own; greedy, the same."""
+        if self.sampling.greedy or not self.sampling.seed:
+            return self
+        return dataclasses.replace(self, sampling=dataclasses.replace(self.sampling, seed=(self.sampling.seed + offset) % (1 << 64) or 1))
+
     def summary(self) -> dict[str, Any]:
         """Every field but the prompt, as plain JSON values (the run log's ``request``; the
         speculation's fields at the top, as the logs have always had them)."""

@@ -312,7 +312,9 @@ def test_malformed_json_is_400(base_url, path, body, words):
     ({"prompt": "a", "max_tokens": True}, "max_tokens", ["integer"]),
     ({"prompt": "a", "max_tokens": 100_000}, "max_tokens", ["max_tokens", "4096"]),
     ({"prompt": "a" * 500, "max_tokens": 20}, "max_tokens", ["exceeds the model's context"]),
-    ({"prompt": "a", "n": 2}, "n", ["n = 2", "one choice"]),
+    ({"prompt": "a", "n": 99}, "n", ["n = 99", "[1, 16]"]),
+    ({"prompt": "a", "n": 3, "best_of": 2}, "best_of", ["best_of = 2", "n = 3"]),
+    ({"prompt": "a", "best_of": 3, "stream": True}, "best_of", ["cannot be streamed"]),
     ({"prompt": "a", "stop": ["a", 1]}, "stop", ["stop"]),
     ({"prompt": "a", "stop": [""]}, "stop", ["empty"]),
     ({"prompt": [1, 2, 99_999]}, "prompt", ["99999", "vocabulary"]),
@@ -327,7 +329,7 @@ def test_malformed_json_is_400(base_url, path, body, words):
     ({"prompt": "a", "logit_bias": {"5": 101}}, "logit_bias", ["[-100, 100]"]),
     ({"prompt": "a", "repetition_penalty": 0}, "repetition_penalty", ["(0, 100]"]),
     ({"prompt": "a", "min_p": 1.5}, "min_p", ["[0, 1]"]),
-    ({"prompt": "a", "echo": True}, "echo", ["not supported"]),
+    ({"prompt": "a", "echo": True, "logprobs": 1}, "echo", ["not supported"]),
     ({"prompt": "a", "top_p": 2}, "top_p", ["top_p"]),
     ({"prompt": "a", "max_token": 5}, "max_token", ["unrecognized request argument", "max_token"]),
     ({"prompt": "a", "speculation": {"width": 2}}, "speculation.width", ["speculation.width"]),
@@ -356,7 +358,7 @@ def test_errors_through_the_sdk(client, model):
         client.completions.create(model=model, prompt=PROMPT, max_tokens=100_000)
     assert "max_tokens" in error.value.message
     with pytest.raises(openai.BadRequestError) as error:
-        client.chat.completions.create(model=model, messages=MESSAGES, n=3)
+        client.chat.completions.create(model=model, messages=MESSAGES, n=99)
     assert error.value.body["param"] == "n"
 
 
