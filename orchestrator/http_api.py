@@ -62,8 +62,10 @@ from specdec.orchestrator.calls import Call
 from specdec.orchestrator.http_chat import ChatTemplate, message_text
 from specdec.orchestrator.http_responses import ApiError, Formatter
 from specdec.orchestrator.http_schemas import (
-    ChatBody, CompletionBody, _parse_json, choice_counts, completion_prompt, generation_params, parse_body, refuse_unsupported,
+    ChatBody, CompletionBody, _parse_json, choice_counts, completion_prompt, generation_params, grammar_of, parse_body,
+    refuse_unsupported,
 )
+from specdec.orchestrator.http_tools import Tools, tools_of
 from specdec.orchestrator.http_streaming import EventStream, _capture, _watch_disconnect, sse
 
 COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
@@ -300,15 +302,20 @@ class HttpApi:
                         messages=[(m.role, message_text(m, i)) for i, m in enumerate(body.messages)]
                         if chat and self.generations.settings.trace_text else None)
 
+            tools = tools_of(body.tools, body.tool_choice, body.parallel_tool_calls) if chat else Tools([], None, False)
+            if tools.grammar is not None and grammar_of(body) is not None:
+                raise ApiError(400, "a required or named tool_choice constrains the output already: no response_format "
+                                    "or guided_* beside it", param="tool_choice")
+
             def params() -> list[GenerationParams]:
                 """One per generation: best_of ranks by log-probability, so it asks for them."""
-                given = {"prompt_ids": self.template.prompt_ids(body.messages)} if chat else prompt
-                one = generation_params(body, given, logprobs or best_of > n, top, max_tokens)
+                given = {"prompt_ids": self.template.prompt_ids(body.messages, tools.offered)} if chat else prompt
+                one = generation_params(body, given, logprobs or best_of > n, top, max_tokens, tools.grammar)
                 return [one] + [one.with_seed_offset(i) for i in range(1, best_of)]
 
             formatter = Formatter(chat, rid, self.model, self.generations.tokenizer, logprobs, bool(body.return_token_ids),
                                   include_usage=bool(body.stream_options and body.stream_options.include_usage),
-                                  echo=echo_text(body, self.generations.tokenizer) if not chat else "")
+                                  echo=echo_text(body, self.generations.tokenizer) if not chat else "", tools=tools.parse)
             calls = [call] + [dataclasses.replace(call) for _ in range(1, best_of)]
             if body.stream:
                 def start():

@@ -12,6 +12,7 @@ from typing import Any
 from starlette.responses import JSONResponse
 
 from specdec.orchestrator.calls import StreamPiece
+from specdec.orchestrator.http_tools import held_back, parse_calls
 from specdec.lookup import PREDICTION
 from specdec.records import GenerationResult, TokenLogprob
 from specdec.rpc.status import HTTP_STATUS_OF_CODE, status_of
@@ -57,7 +58,8 @@ class ApiError(Exception):
             return exc
         code, message = status_of(exc)  # logs an unexpected failure with its traceback
         status, kind = HTTP_STATUS_OF_CODE.get(code, (500, "server_error"))
-        error = cls(status, message, kind, code=code.name.lower() if status != 500 else "internal_error")
+        error = cls(status, message, kind, code=code.name.lower() if status != 500 else "internal_error",
+                    param=getattr(exc, "param", None))
         retry_after_s = getattr(exc, "retry_after_s", None)
         if retry_after_s:
             error.headers["Retry-After"] = str(math.ceil(retry_after_s))
@@ -147,10 +149,13 @@ class Formatter:
     offset: int = 0  # completions' text_offset: characters of completion text before the next token
     index: int = 0  # the choice's
     echo: str = ""  # completions' echo: the prompt's text, before each choice's text
+    tools: bool = False  # chat: tool calls are parsed out of the output (specdec.orchestrator.http_tools)
+    streamed: str = ""  # with tools: the text streamed so far, and how much of it went out as content
+    sent: int = 0
 
     def for_choice(self, index: int) -> Formatter:
         """The formatter of choice ``index`` of the same response (its own text offsets)."""
-        return dataclasses.replace(self, index=index, offset=0)
+        return dataclasses.replace(self, index=index, offset=0, streamed="", sent=0)
 
     def token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])
@@ -211,12 +216,14 @@ class Formatter:
 
     def choice(self, prompt_ids: list[int], result: GenerationResult) -> dict:
         choice: dict[str, Any] = {"index": self.index}
+        calls = []
         if self.chat:
-            choice["message"] = {"role": "assistant", "content": result.text}
+            content, calls = parse_calls(result.text) if self.tools else (result.text, [])
+            choice["message"] = {"role": "assistant", "content": content} | ({"tool_calls": calls} if calls else {})
         else:
             choice["text"] = self.echo + result.text
         choice["logprobs"] = self.logprobs_json(result.logprobs or [])
-        choice |= self.finish(result)
+        choice |= self.finish(result, bool(calls))
         if self.return_token_ids:
             choice["token_ids"] = list(result.token_ids)
             if not self.chat:
@@ -224,8 +231,9 @@ class Formatter:
         return choice
 
     @staticmethod
-    def finish(result: GenerationResult) -> dict:
-        return {"finish_reason": FINISH_REASON.get(result.finish_reason, result.finish_reason),
+    def finish(result: GenerationResult, called: bool = False) -> dict:
+        """finish_reason (``tool_calls`` when the output called tools) and vLLM's stop_reason."""
+        return {"finish_reason": "tool_calls" if called else FINISH_REASON.get(result.finish_reason, result.finish_reason),
                 "stop_reason": result.stop_reason}
 
     def chunk(self, text: str | None, token_ids: list[int], entries: list[TokenLogprob], finish: dict | None = None,
@@ -256,6 +264,8 @@ class Formatter:
             if self.return_token_ids:
                 first["prompt_token_ids"] = list(prompt_ids)
             return [first]
+        if self.tools:
+            return self._tool_chunks(piece)
         if piece.result is None:
             if not piece.text and not piece.token_ids:
                 return []
@@ -268,3 +278,25 @@ class Formatter:
             out.append(self.head() | {"object": last["object"], "choices": [], "usage": self.usage(result)})
         return out
 
+    def _tool_chunks(self, piece: StreamPiece) -> list[dict]:
+        """A chat stream that may call tools: text goes out as content until a tool call may be
+        beginning; the calls, parsed from the whole output, in one delta at the end."""
+        self.streamed += piece.text
+        if piece.result is None:
+            upto = held_back(self.streamed)
+            text, self.sent = self.streamed[self.sent:upto], max(self.sent, upto)
+            return [self.chunk(text, piece.token_ids, piece.logprobs if self.logprobs else [])] if text or piece.token_ids else []
+        result = piece.result
+        content, calls = parse_calls(result.text)
+        out = []
+        if calls:
+            rest = self.streamed[self.sent:held_back(self.streamed)]
+            last = self.chunk(rest or None, [], [], finish=self.finish(result, True))
+            last["choices"][0]["delta"]["tool_calls"] = [call | {"index": i} for i, call in enumerate(calls)]
+        else:
+            last = self.chunk(self.streamed[self.sent:] or None, [], [], finish=self.finish(result))
+        last["spec_decode"] = spec_decode_stats(result)
+        out.append(last)
+        if self.include_usage:
+            out.append(self.head() | {"object": last["object"], "choices": [], "usage": self.usage(result)})
+        return out

@@ -206,8 +206,9 @@ def refuse_unsupported(body: _Body, ignore_unknown: bool = False) -> None:
         raise ApiError(400, "echo with logprobs is not supported: the prompt's tokens get no log-probabilities here",
                        param="echo")
     if isinstance(body, ChatBody):
-        if body.tools or body.functions:
-            raise ApiError(400, "tools and functions are not supported", param="tools" if body.tools else "functions")
+        if body.functions or body.function_call is not None:
+            raise ApiError(400, "functions and function_call are OpenAI's deprecated form: send tools and tool_choice",
+                           param="functions" if body.functions else "function_call")
 
 
 # --------------------------------------------------------------------------- JSON -> GenerationParams
@@ -228,9 +229,10 @@ def choice_counts(body: _Body, limit: int) -> tuple[int, int]:
 
 
 def generation_params(body: _Body, prompt: dict[str, Any], logprobs: bool, top_logprobs: int,
-                      max_tokens: int | None) -> GenerationParams:
+                      max_tokens: int | None, grammar: Grammar | None = None) -> GenerationParams:
     """The generation's parameters (``prompt``: ``prompt=`` or ``prompt_ids=``), by the one
-    constructor every door uses: a bad value gets the gRPC door's words."""
+    constructor every door uses: a bad value gets the gRPC door's words. ``grammar``: the output's
+    constraint when it is not the body's own (a required or named tool call)."""
     stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     spec = body.speculation or Speculation()
     return GenerationParams.of(
@@ -255,7 +257,7 @@ def generation_params(body: _Body, prompt: dict[str, Any], logprobs: bool, top_l
             "presence_penalty": body.presence_penalty or 0.0, "frequency_penalty": body.frequency_penalty or 0.0,
             "repetition_penalty": 1.0 if body.repetition_penalty is None else body.repetition_penalty,
             "logit_bias": logit_bias(body.logit_bias), "min_p": body.min_p or 0.0, "min_tokens": body.min_tokens or 0,
-            "grammar": grammar_of(body),
+            "grammar": grammar or grammar_of(body),  # a tool choice's, or the request's own
         },
         bad_words=body.bad_words or (),
         suffix=(body.suffix or "") if isinstance(body, CompletionBody) else "",

@@ -36,6 +36,7 @@ def tiny_dirs(tmp_path_factory, tiny_target):
 
 # Printable ASCII only: every other character is the tiny tokenizer's unknown token.
 TINY_CHAT_TEMPLATE = (
+    "{% if tools %}<tools>{% for t in tools %}{{ t['function']['name'] }};{% endfor %}</tools>{% endif %}"
     "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</{{ m['role'] }}>{% endfor %}"
     "{% if add_generation_prompt %}<assistant>{% endif %}"
 )

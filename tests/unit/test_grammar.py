@@ -126,3 +126,15 @@ def test_speculation_is_exact_under_a_grammar(target, grammars, tokenizer, name,
         assert accepted > 0, "no draft token was accepted: the test would not exercise the tree"
     if name == "json_schema":
         assert forced > 0, "the schema's keys and punctuation should have been proposed as forced tokens"
+
+
+def test_tool_calls_are_parsed_out_of_the_text_and_held_back_while_streaming():
+    from specdec.orchestrator.http_tools import held_back, parse_calls
+
+    text = 'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
+    content, calls = parse_calls(text)
+    assert content == "Let me check." and [c["function"] for c in calls] == [{"name": "get_weather", "arguments": '{"city": "Oslo"}'}]
+    assert parse_calls("no call") == ("no call", [])
+    assert parse_calls("<tool_call>not json</tool_call>") == ("<tool_call>not json</tool_call>", [])
+    assert held_back("Let me check.\n<tool_") == len("Let me check.\n")  # may be a call beginning
+    assert held_back(text) == text.index("<tool_call>") and held_back("plain <b>") == len("plain <b>")
