@@ -18,8 +18,9 @@ What is OpenAI's and what is this server's:
   comes from the one table :data:`HTTP_STATUS_OF_CODE`, keyed by the gRPC status the same failure
   gets on the gRPC API (``specdec.rpc.status``).
 - ``n`` and completions' ``best_of`` run a generation per choice, at once (:func:`run_all`;
-  streamed choices merged into one event stream); ``echo`` puts the prompt before the text; tools
-  are refused with a 400 that says so. ``suffix`` is fill-in-the-middle. Penalties, ``logit_bias``, ``min_p``, ``min_tokens`` and ``bad_words`` are logits processors applied at every
+  streamed choices merged into one event stream); ``echo`` puts the prompt before the text;
+  ``tools`` and ``tool_choice`` are the chat template's and ``specdec.orchestrator.http_tools``'.
+  ``suffix`` is fill-in-the-middle. Penalties, ``logit_bias``, ``min_p``, ``min_tokens`` and ``bad_words`` are logits processors applied at every
   tree node (``specdec.processors``): speculation stays exact against the distribution they make.
   ``response_format`` and vLLM's ``guided_*`` fields are a grammar masked at every tree node the
   same way (``specdec.grammar``).
