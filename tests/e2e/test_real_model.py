@@ -99,3 +99,34 @@ def test_chat_over_http_equals_grpc(cluster, target_dir):
     assert [t for c in streamed if c.choices for t in c.choices[0].token_ids or []] == list(reply.token_ids)
     assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == reply.text
     assert chat.usage.completion_tokens == len(reply.token_ids)
+
+
+SCHEMA = {"type": "object", "additionalProperties": False, "required": ["name", "year"],
+          "properties": {"name": {"type": "string", "maxLength": 24}, "year": {"type": "integer", "minimum": 1900, "maximum": 2100}}}
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Current weather in a city",
+                                             "parameters": {"type": "object", "required": ["city"],
+                                                            "properties": {"city": {"type": "string", "maxLength": 24}}}}}
+
+
+def test_structured_output_and_a_named_tool_on_real_weights(cluster):
+    """A JSON schema and a forced tool call with the model's own chat template: the same in every
+    mode, the JSON parses to the schema, the call's arguments to the function's."""
+    import json
+
+    def ask(mode, **fields):
+        with openai.OpenAI(base_url=cluster.http_url + "/v1", api_key="unused", max_retries=0, timeout=600) as client:
+            return client.chat.completions.create(model=client.models.list().data[0].id, max_tokens=48, temperature=0,
+                                                  extra_body={"mode": mode}, **fields)
+
+    schema = {"response_format": {"type": "json_schema", "json_schema": {"name": "language", "schema": SCHEMA}},
+              "messages": [{"role": "user", "content": "Name a programming language and the year it appeared, as JSON."}]}
+    answers = {mode: ask(mode, **schema).choices[0].message.content for mode in ("autoregressive", "tree")}
+    assert answers["tree"] == answers["autoregressive"]
+    assert set(json.loads(answers["tree"])) == {"name", "year"}
+    tool = {"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+            "messages": [{"role": "user", "content": "Is it raining in Paris?"}]}
+    calls = {mode: ask(mode, **tool).choices[0] for mode in ("autoregressive", "tree")}
+    assert calls["tree"].finish_reason == "tool_calls"
+    (call,) = calls["tree"].message.tool_calls
+    assert call.function.name == "get_weather" and "city" in json.loads(call.function.arguments)
+    assert [c.function.arguments for c in calls["autoregressive"].message.tool_calls] == [call.function.arguments]
