@@ -66,7 +66,7 @@ from specdec.orchestrator.http_schemas import (
     ChatBody, CompletionBody, _parse_json, choice_counts, completion_prompt, generation_params, grammar_of, parse_body,
     refuse_unsupported,
 )
-from specdec.orchestrator.http_tools import Tools, tools_of
+from specdec.orchestrator.http_tools import Tools, tag_terms, tools_of
 from specdec.orchestrator.http_streaming import EventStream, _capture, _watch_disconnect, sse
 
 COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
@@ -99,6 +99,7 @@ class HttpApi:
         self._token = token.encode()
         self.registry = registry
         self.template = ChatTemplate(generations, chat_template)
+        self.tool_tags = tag_terms(generations.tokenizer)  # how a tool call grammar names its tags
         self.max_body_bytes = max_body_bytes
         self.allowed_hosts = {_host_name(h) for h in generations.settings.http_allowed_hosts} | {_host_name(generations.settings.host)}
         self.threads = threads
@@ -303,7 +304,8 @@ class HttpApi:
                         messages=[(m.role, message_text(m, i)) for i, m in enumerate(body.messages)]
                         if chat and self.generations.settings.trace_text else None)
 
-            tools = tools_of(body.tools, body.tool_choice, body.parallel_tool_calls) if chat else Tools([], None, False)
+            tools = (tools_of(body.tools, body.tool_choice, body.parallel_tool_calls, self.tool_tags) if chat
+                     else Tools([], None, False))
             if tools.grammar is not None and grammar_of(body) is not None:
                 raise ApiError(400, "a required or named tool_choice constrains the output already: no response_format "
                                     "or guided_* beside it", param="tool_choice")

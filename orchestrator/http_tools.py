@@ -46,8 +46,26 @@ class Tools:
     parse: bool  # whether tool calls are parsed out of the output
 
 
-def tools_of(tools: list[Any] | None, tool_choice: Any, parallel: bool | None) -> Tools:
-    """Check ``tools`` and ``tool_choice`` (400s naming the field) and resolve them."""
+LINE_BREAK = json.dumps("\n")
+ANY_BREAK = "/[ \\n]{0,2}/"  # a tokenizer that cannot write a line break: up to two spaces or breaks
+TEXT_TAGS = (json.dumps(OPEN), json.dumps(CLOSE), LINE_BREAK)
+
+
+def tag_terms(tokenizer) -> tuple[str, str, str]:
+    """The opening and closing tags and the break around a call as the grammar must name them: a
+    tag is a token of its own where the tokenizer has one (Qwen2.5's ``<tool_call>`` is; the grammar
+    sees such a token as a token, not as its text), else its text; the break is the format's line
+    break (exactly: then the whole frame of a call is forced, free drafts), where the tokenizer can
+    write one."""
+    vocab = tokenizer.get_vocab()
+    tags = [f"<[{vocab[tag]}]>" if tag in vocab else json.dumps(tag) for tag in (OPEN, CLOSE)]
+    writes_breaks = tokenizer.decode(tokenizer("\n", add_special_tokens=False).input_ids) == "\n"
+    return tags[0], tags[1], LINE_BREAK if writes_breaks else ANY_BREAK
+
+
+def tools_of(tools: list[Any] | None, tool_choice: Any, parallel: bool | None, tags: tuple[str, str, str] = TEXT_TAGS) -> Tools:
+    """Check ``tools`` and ``tool_choice`` (400s naming the field) and resolve them; ``tags``: the
+    grammar's names of the call's tags (:func:`tag_terms`)."""
     if not tools:
         if tool_choice not in (None, "none", "auto"):
             raise refused("tool_choice names a tool but no tools are given", param="tool_choice")
@@ -82,18 +100,17 @@ def tools_of(tools: list[Any] | None, tool_choice: Any, parallel: bool | None) -
     else:
         raise refused("tool_choice must be none, auto, required or {\"type\": \"function\", \"function\": "
                             "{\"name\": ...}}", param="tool_choice")
-    return Tools(list(tools), call_grammar({name: functions[name] for name in chosen}, parallel is not False), True)
+    return Tools(list(tools), call_grammar({name: functions[name] for name in chosen}, parallel is not False, tags), True)
 
 
-def call_grammar(functions: dict[str, dict], parallel: bool) -> Grammar:
+def call_grammar(functions: dict[str, dict], parallel: bool, tags: tuple[str, str, str] = TEXT_TAGS) -> Grammar:
     """Tool calls only: one (or with ``parallel``, one or more) ``<tool_call>`` blocks, each naming
     one of ``functions`` with arguments its schema allows."""
     calls = [{"type": "object", "additionalProperties": False, "required": ["name", "arguments"],
               "properties": {"name": {"const": name}, "arguments": parameters}} for name, parameters in functions.items()]
     schema = calls[0] if len(calls) == 1 else {"anyOf": calls}
-    # The format's line breaks, or up to two spaces or breaks (tokenizers differ in how they cut them).
     more = " (GAP block)*" if parallel else ""  # further calls, a line apart
-    lark = "\n".join([f"start: block{more}", f'block: "{OPEN}" GAP call GAP "{CLOSE}"', "GAP: /[ \\n]{0,2}/",
+    lark = "\n".join([f"start: block{more}", f"block: {tags[0]} GAP call GAP {tags[1]}", f"GAP: {tags[2]}",
                       f"call: %json {json.dumps(schema | {'x-guidance': JSON_OPTIONS})}", ""])
     try:
         grammar = Grammar("lark", lark)
