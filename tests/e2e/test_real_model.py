@@ -123,7 +123,7 @@ def test_structured_output_and_a_named_tool_on_real_weights(cluster):
     answers = {mode: ask(mode, **schema).choices[0].message.content for mode in ("autoregressive", "tree")}
     assert answers["tree"] == answers["autoregressive"]
     assert set(json.loads(answers["tree"])) == {"name", "year"}
-    tool = {"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+    tool = {"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "get_weather"}}, "parallel_tool_calls": False,
             "messages": [{"role": "user", "content": "Is it raining in Paris?"}]}
     calls = {mode: ask(mode, **tool).choices[0] for mode in ("autoregressive", "tree")}
     assert calls["tree"].finish_reason == "tool_calls"
