@@ -277,20 +277,8 @@ class HttpApi:
             rid = request.headers.get("x-request-id") or f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
             headers["X-Request-Id"] = rid
             deadline = self.deadline(request)
-            data = await self.read_json(request)
-            if chat:
-                self.check_message_count(data)
-            else:
-                self.check_prompt_size(data)
-            body = parse_body(ChatBody if chat else CompletionBody, data)
-            self.check_model(body.model)
-            refuse_unsupported(body, self.generations.settings.http_ignore_unknown_fields)
-            n, best_of = choice_counts(body, self.generations.settings.max_choices)
-            if chat:
-                logprobs, top, max_tokens = bool(body.logprobs), body.top_logprobs or 0, body.max_completion_tokens or body.max_tokens
-            else:
-                logprobs, top, max_tokens = body.logprobs is not None, body.logprobs or 0, body.max_tokens
-            prompt = None if chat else completion_prompt(body)
+            asked = await self.read_request(request, chat)
+            body = asked.body
             if not self.serving():
                 raise ApiError(503, "the server is not serving (starting or shutting down); retry later", "service_unavailable")
             if not self.admission.enter():
@@ -303,52 +291,23 @@ class HttpApi:
                         operation="chat" if chat else "text_completion", request_id=rid,
                         messages=[(m.role, message_text(m, i)) for i, m in enumerate(body.messages)]
                         if chat and self.generations.settings.trace_text else None)
-
-            tools = (tools_of(body.tools, body.tool_choice, body.parallel_tool_calls, self.tool_tags) if chat
-                     else Tools([], None, False))
-            if tools.grammar is not None and grammar_of(body) is not None:
-                raise ApiError(400, "a required or named tool_choice constrains the output already: no response_format "
-                                    "or guided_* beside it", param="tool_choice")
-
-            def params() -> list[GenerationParams]:
-                """One per generation: best_of ranks by log-probability, so it asks for them."""
-                given = {"prompt_ids": self.template.prompt_ids(body.messages, tools.offered)} if chat else prompt
-                one = generation_params(body, given, logprobs or best_of > n, top, max_tokens, tools.grammar)
-                return [one] + [one.with_seed_offset(i) for i in range(1, best_of)]
-
-            formatter = Formatter(chat, rid, self.model, self.generations.tokenizer, logprobs, bool(body.return_token_ids),
-                                  include_usage=bool(body.stream_options and body.stream_options.include_usage),
-                                  echo=echo_text(body, self.generations.tokenizer) if not chat else "", tools=tools.parse)
-            calls = [call] + [dataclasses.replace(call) for _ in range(1, best_of)]
+            formatter = self.formatter(asked, chat, rid)
+            calls = [call] + [dataclasses.replace(call) for _ in range(1, asked.best_of)]
             if body.stream:
-                def start():
-                    started = []
-                    try:
-                        for p, c in zip(params(), calls):
-                            pieces = self.generations.stream(p, c)
-                            started.append((pieces, next(pieces)[0]))  # once admitted: a refusal is still an HTTP status
-                    except BaseException:
-                        for pieces, _ in started:
-                            pieces.close()
-                        raise
-                    return started
-
-                started = await self.in_thread(request, cancel, start)
+                started = await self.in_thread(request, cancel,
+                                               lambda: start_streams(self.generations, self.params(asked, chat), calls))
                 if call.trace_id:
                     headers["X-Trace-Id"] = call.trace_id
                 streaming = True
-                events = (self.events(started[0][0], started[0][1].prompt_ids, formatter) if n == 1
+                events = (self.events(started[0][0], started[0][1].prompt_ids, formatter) if asked.n == 1
                           else self.merged_events(started, formatter))
                 return EventStream(events, headers, cancel, self.admission.leave, self.generations.settings.stall_timeout_s)
-            outcomes = await self.in_thread(request, cancel, lambda: run_all(self.generations, params(), calls))
+            outcomes = await self.in_thread(request, cancel, lambda: run_all(self.generations, self.params(asked, chat), calls))
             if call.trace_id:
                 headers["X-Trace-Id"] = call.trace_id
-            req = outcomes[0][0]
             results = [result for _, result, _ in outcomes]
-            chosen = results if best_of == n else sorted(results, key=cumulative_logprob, reverse=True)[:n]
-            if best_of > n and not logprobs:
-                chosen = [dataclasses.replace(r, logprobs=[]) for r in chosen]  # asked for the ranking only
-            return JSONResponse(formatter.whole(req.prompt_ids, *chosen, usage_of=tuple(results)), headers=headers)
+            chosen = best(results, asked.n, asked.logprobs)
+            return JSONResponse(formatter.whole(outcomes[0][0].prompt_ids, *chosen, usage_of=tuple(results)), headers=headers)
         except Exception as exc:  # noqa: BLE001 - every failure is answered in OpenAI's shape
             error = ApiError.of(exc).in_openai_terms(chat)
             trace_id = call.trace_id if call is not None else self.generations.instrumentation.refused(
@@ -359,6 +318,42 @@ class HttpApi:
         finally:
             if entered and not streaming:
                 self.admission.leave()
+
+    def params(self, asked: Asked, chat: bool) -> list[GenerationParams]:
+        """One per generation (a worker thread's work: a chat's template and tokenizing); best_of
+        ranks by log-probability, so it asks for them."""
+        body, tools = asked.body, asked.tools
+        given = {"prompt_ids": self.template.prompt_ids(body.messages, tools.offered)} if chat else asked.prompt
+        one = generation_params(body, given, asked.logprobs or asked.best_of > asked.n, asked.top, asked.max_tokens,
+                                tools.grammar)
+        return [one] + [one.with_seed_offset(i) for i in range(1, asked.best_of)]
+
+    def formatter(self, asked: Asked, chat: bool, rid: str) -> Formatter:
+        body = asked.body
+        return Formatter(chat, rid, self.model, self.generations.tokenizer, asked.logprobs, bool(body.return_token_ids),
+                         include_usage=bool(body.stream_options and body.stream_options.include_usage),
+                         echo=echo_text(body, self.generations.tokenizer) if not chat else "", tools=asked.tools.parse)
+
+    async def read_request(self, request: Request, chat: bool) -> Asked:
+        """The body, checked and read into what the generation needs (400s name the field)."""
+        data = await self.read_json(request)
+        if chat:
+            self.check_message_count(data)
+        else:
+            self.check_prompt_size(data)
+        body = parse_body(ChatBody if chat else CompletionBody, data)
+        self.check_model(body.model)
+        refuse_unsupported(body, self.generations.settings.http_ignore_unknown_fields)
+        n, best_of = choice_counts(body, self.generations.settings.max_choices)
+        if not chat:
+            return Asked(body, n, best_of, body.logprobs is not None, body.logprobs or 0, body.max_tokens,
+                         completion_prompt(body), Tools([], None, False))
+        tools = tools_of(body.tools, body.tool_choice, body.parallel_tool_calls, self.tool_tags)
+        if tools.grammar is not None and grammar_of(body) is not None:
+            raise ApiError(400, "a required or named tool_choice constrains the output already: no response_format "
+                                "or guided_* beside it", param="tool_choice")
+        return Asked(body, n, best_of, bool(body.logprobs), body.top_logprobs or 0,
+                     body.max_completion_tokens or body.max_tokens, None, tools)
 
     def check_message_count(self, data: Any) -> None:
         """A chat request's messages counted before each is validated."""
@@ -439,6 +434,44 @@ class HttpApi:
             with anyio.CancelScope(shield=True):
                 # Stops the generation if it is still going (the client left): its sessions are released.
                 await anyio.to_thread.run_sync(pieces.close, limiter=self.limiter)
+
+
+@dataclasses.dataclass
+class Asked:
+    """A generation request as the HTTP door read it."""
+
+    body: Any  # ChatBody or CompletionBody
+    n: int  # choices returned
+    best_of: int  # generations run to pick them from
+    logprobs: bool
+    top: int  # alternatives per token
+    max_tokens: int | None
+    prompt: dict | None  # completions' prompt= or prompt_ids=; chat: from the messages, later
+    tools: Tools
+
+
+def start_streams(generations, params: list[GenerationParams], calls: list[Call]) -> list:
+    """Each choice's stream, once admitted (a refusal is still an HTTP status), as (pieces, resolved
+    parameters); all closed again if one is refused."""
+    started = []
+    try:
+        for p, c in zip(params, calls):
+            pieces = generations.stream(p, c)
+            started.append((pieces, next(pieces)[0]))
+    except BaseException:
+        for pieces, _ in started:
+            pieces.close()
+        raise
+    return started
+
+
+def best(results: list, n: int, logprobs: bool) -> list:
+    """The n to return: all of them, or best_of's n most likely (log-probabilities kept only where
+    asked for: the ranking needed them)."""
+    if len(results) == n:
+        return results
+    chosen = sorted(results, key=cumulative_logprob, reverse=True)[:n]
+    return chosen if logprobs else [dataclasses.replace(r, logprobs=[]) for r in chosen]
 
 
 def run_all(generations, params: list[GenerationParams], calls: list[Call]) -> list:
