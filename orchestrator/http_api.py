@@ -332,7 +332,7 @@ class HttpApi:
         body = asked.body
         return Formatter(chat, rid, self.model, self.generations.tokenizer, asked.logprobs, bool(body.return_token_ids),
                          include_usage=bool(body.stream_options and body.stream_options.include_usage),
-                         echo=echo_text(body, self.generations.tokenizer) if not chat else "", tools=asked.tools.parse)
+                         echo=echo_text(asked, self.generations.tokenizer) if not chat else "", tools=asked.tools.parse)
 
     async def read_request(self, request: Request, chat: bool) -> Asked:
         """The body, checked and read into what the generation needs (400s name the field)."""
@@ -489,10 +489,9 @@ def cumulative_logprob(result) -> float:
     return sum(entry.logprob for entry in result.logprobs or ())
 
 
-def echo_text(body, tokenizer) -> str:
+def echo_text(asked: Asked, tokenizer) -> str:
     """Completions' ``echo``: the prompt's text (decoded where it came as token ids)."""
-    if not getattr(body, "echo", None):
+    if not getattr(asked.body, "echo", None):
         return ""
-    prompt = body.prompt[0] if isinstance(body.prompt, list) and len(body.prompt) == 1 and isinstance(body.prompt[0], (str, list)) \
-        else body.prompt
-    return prompt if isinstance(prompt, str) else tokenizer.decode(prompt)
+    prompt = asked.prompt  # completion_prompt's reading: prompt= or prompt_ids=
+    return prompt["prompt"] if "prompt" in prompt else tokenizer.decode(prompt["prompt_ids"])

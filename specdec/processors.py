@@ -83,8 +83,13 @@ class Processing:
     @property
     def active(self) -> bool:
         """Whether anything changes the logits (else every row is left as it is)."""
+        return self.transforms or bool(self.min_p or self.grammar)
+
+    @property
+    def transforms(self) -> bool:
+        """Whether :meth:`apply` changes anything (``min_p`` and a grammar act elsewhere)."""
         return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0 or self.logit_bias
-                    or self.min_p or self.min_tokens or self.bad_words_ids or self.grammar)
+                    or self.min_tokens or self.bad_words_ids)
 
     def check_vocabulary(self, vocab_size: int) -> None:
         for token, _ in self.logit_bias:
@@ -98,7 +103,7 @@ class Processing:
         """One row of logits (``[width]``, float32) processed for the token after ``history`` (the
         prompt's ``prompt_len`` tokens, then the output so far). Everything but ``min_p``, which
         acts on probabilities: :meth:`after_warping`."""
-        if not self.active:
+        if not self.transforms:  # a row copied only where a processor changes it
             return logits
         scores = logits.float().clone()
         width = scores.shape[-1]
