@@ -4,11 +4,13 @@ Between rounds only the context tokens a session lacks travel (:class:`SentConte
 
 from __future__ import annotations
 
+import time
 from typing import Any, Callable
 
 import grpc
 
-from specdec.cost import CostCurve, EarlyStop
+from specdec.contexts import context_digest, shared_prefix
+from specdec.cost import CostCurve, EarlyStop, Link
 from specdec.errors import NotReady
 from specdec.processors import Processing
 from specdec.rpc.channels import internal_channel
@@ -54,10 +56,10 @@ class GrpcDraftClient(_Client):
               processing: Processing | None = None, prompt_len: int = 0) -> Proposal:
         """Beams, best first (sampled: ranked under the target's noise), each token with the draft's
         probability of it where the draft has one, grown less deep where ``stop`` says."""
-        def call(start: int, tail: list[int]):
+        def call(start: int, tail: list[int], digest: int):
             return self.stub.DraftBeams(
                 draft_pb2.DraftBeamsRequest(
-                    session_id=session_id, context_token_ids=tail, context_start=start, beam_width=paths, beam_depth=depth,
+                    session_id=session_id, context_token_ids=tail, context_start=start, context_digest=digest, beam_width=paths, beam_depth=depth,
                     temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k, seed=sampling.seed,
                     min_path_probability=stop.min_path_probability, confidence_calibration=stop.calibration,
                     processing=processing_pb(processing, prompt_len),
@@ -74,16 +76,20 @@ class GrpcDraftClient(_Client):
 class GrpcVerifyClient(_Client):
     stub_class = verify_pb2_grpc.VerifyServiceStub
 
+    def __init__(self, address: str, max_message_mb: int = 64, span_attributes: dict | None = None) -> None:
+        super().__init__(address, max_message_mb, span_attributes)
+        self.link = Link()  # each call's time outside the service's queue and passes (the round's cost model reads it)
+
     def verify(self, session_id: str, context: list[int], tree: TokenTree, timeout_s: float,
                sampling: SamplingParams = SamplingParams(), top: int = 0, processing: Processing | None = None,
                prompt_len: int = 0) -> tuple[list[int], list | None]:
         """The target's token at the context end and after each node (greedy, or sampled with
         ``sampling``'s seed) and, with ``top`` > 0, at each of the same places its ``top`` most
         likely tokens and their log-probabilities (else None)."""
-        def call(start: int, tail: list[int]):
+        def call(start: int, tail: list[int], digest: int):
             return self.stub.VerifyTree(
                 verify_pb2.VerifyTreeRequest(
-                    session_id=session_id, context_token_ids=tail, context_start=start,
+                    session_id=session_id, context_token_ids=tail, context_start=start, context_digest=digest,
                     tree_token_ids=tree.tokens, tree_parents=tree.parents, top_logprobs=top,
                     temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k, seed=sampling.seed,
                     processing=processing_pb(processing, prompt_len),
@@ -91,34 +97,39 @@ class GrpcVerifyClient(_Client):
                 timeout=timeout_s,
             )
 
+        start = time.perf_counter()
         reply = self.contexts.call(session_id, context, call)
+        self.link.observe((time.perf_counter() - start) * 1e3, reply.compute_ms + reply.queue_ms)
         tops = [(list(t.token_ids), list(t.logprobs)) for t in reply.target_logprobs] if top > 0 else None
         return list(reply.target_token_ids), tops
 
 
 class SentContexts:
     """The lean wire's one rule, for every client: a session's call sends only the context tokens
-    after the context its last call sent (``context_start``), and the whole context when the service
-    answers that it lacks them (NOT_FOUND: restarted, evicted, another replica) or the last call
-    failed. A generation's contexts only grow, each a prefix of the next, so what the service holds
-    is always a prefix of what is sent."""
+    after the part it shares with the context the session's last call sent (``context_start``),
+    with a digest of that part (:mod:`specdec.contexts`), and the whole context when the service
+    answers that it holds another (NOT_FOUND: restarted, evicted, another replica, or a call of the
+    same session sent ahead of this one that reached it first) or the last call failed."""
 
     def __init__(self) -> None:
         self._last: dict[str, list[int]] = {}
 
-    def call(self, session_id: str, context: list[int], send: Callable[[int, list[int]], Any]):
-        """``send(context_start, tokens)``'s reply, the context sent as short as the session allows."""
-        last = self._last.pop(session_id, None) if session_id else None
-        start = len(last) if last is not None and len(last) <= len(context) and context[: len(last)] == last else 0
-        try:
-            reply = send(start, context[start:] if start else context)
-        except grpc.RpcError as exc:
-            if start == 0 or exc.code() != grpc.StatusCode.NOT_FOUND:
-                raise
-            reply = send(0, context)
+    def call(self, session_id: str, context: list[int], send: Callable[[int, list[int], int], Any]):
+        """``send(context_start, tokens, digest)``'s reply, the context sent as short as the session allows."""
+        last = self._last.get(session_id) if session_id else None
+        start = shared_prefix(last, context) if last else 0
         if session_id:
-            self._last[session_id] = context
-        return reply
+            self._last[session_id] = context  # the service records a context as its call arrives
+        try:
+            try:
+                return send(start, context[start:], context_digest(context[:start])) if start else send(0, context, 0)
+            except grpc.RpcError as exc:
+                if start == 0 or exc.code() != grpc.StatusCode.NOT_FOUND:
+                    raise
+                return send(0, context, 0)
+        except BaseException:
+            self.forget(session_id)
+            raise
 
     def forget(self, session_id: str) -> None:
         self._last.pop(session_id, None)

@@ -38,12 +38,13 @@ import dataclasses
 import logging
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Protocol
 
 from specdec.config import SpeculationLimits
-from specdec.cost import AcceptanceStats, Choice, EarlyStop, RoundCosts, Traffic
+from specdec import telemetry
+from specdec.cost import AcceptanceStats, Choice, EarlyStop, RoundCosts, Traffic, ahead_pays
 from specdec.detokenize import TextStream
 from specdec.errors import InvalidRequest, Unavailable, check_range, check_token_ids
 from specdec.generation import CallContext, GenerationParams, GenerationState
@@ -121,6 +122,7 @@ class SpeculativeController:
         lookup: PromptLookup | None = None,
         lookup_depth: int = 16,
         grammars: Grammars | None = None,
+        send_ahead: str = "auto",
     ) -> None:
         self.verifier = verifier
         self.drafts = drafts
@@ -138,6 +140,11 @@ class SpeculativeController:
         # Structured output: what a request's grammar forces after the output so far, proposed as a
         # free draft chain (None: no tokenizer here, so no such chain; the services still mask).
         self.grammars = grammars
+        # Rounds sent ahead of the verdict on the round before (config: send_ahead): auto, on, off.
+        self.send_ahead = send_ahead
+        # The verify client's measured link (GrpcVerifyClient.link) prices every round (RoundCosts.link).
+        if getattr(verifier, "link", None) is not None:
+            self.costs.link = verifier.link
         # Acceptance per draft and depth, shared by every generation: a new one starts from what
         # the last ones saw, and old rounds fade as new ones come.
         self.acceptance = AcceptanceStats()
@@ -192,12 +199,12 @@ class SpeculativeController:
         policy = SpeculationPolicy([d.name for d in self.drafts] if params.mode != DecodingMode.AUTOREGRESSIVE else [],
                                    params.paths, params.max_depth, spec.max_tree_nodes, spec.adaptive, self.costs,
                                    self.acceptance.seeded(GENERATION_PRIOR_ROUNDS), shared=self.acceptance)
-        calls = self._calls(params)
         grammar = (self.grammars.state(params.processing.grammar)
                    if self.grammars is not None and params.processing.grammar is not None else None)
-        warming: list = []  # the drafts' calls reading the prompt during the first round, if any
-        session_id = state.session_id
-        self.traffic.join(session_id)
+        g = _Generation(params, policy, self._calls(params), grammar, state.session_id)
+        ahead: _Flight | None = None  # the next round, sent before the verdict on the one before it
+        discarded = 0  # rounds sent ahead on a path the verdict before them rejected, since the last round
+        self.traffic.join(g.session_id)
         try:
             while len(state.output) < params.max_new_tokens and state.stop is None:
                 context = prompt + state.output
@@ -205,50 +212,104 @@ class SpeculativeController:
                 draft_timeout_s, verify_timeout_s = self._budget(call, len(rounds))
                 # The round's trace span (current while it runs) and metrics; nothing when both are off.
                 with self.instrumentation.round(call.trace_parent, len(rounds), params.mode) as observed:
-                    t0 = time.perf_counter()
-                    room = self._room(params, context, len(state.output))
-                    match = self._forced(params, grammar, state.output, room) or self._look_up(params, context, room)
-                    known = ((match.stats_key, len(match.tokens)),) if match else ()
-                    reading = False
-                    if rounds or params.mode == DecodingMode.AUTOREGRESSIVE:
-                        choice = policy.next(room, self.traffic.company(session_id), known)
-                    else:
-                        choice, reading = policy.first(room, len(context), self.traffic.company(session_id), known)
-                        if reading:  # the drafts read the prompt while the target does
-                            warming = self._read_prompt(session_id, context, draft_timeout_s)
-                    if rounds and warming:  # the drafts have read the prompt before the session's next call
-                        wait(warming, timeout=draft_timeout_s)
-                        warming = []
-                    proposals, fallback_reason, failures = self._propose(params, session_id, context, choice, policy, calls,
-                                                                         draft_timeout_s)
-                    if match and (taken := match.tokens[:choice.taken(match.stats_key)]):
-                        proposals.append(Proposal(match.source, [taken], stats_key=match.stats_key))
-                        fallback_reason = ""
-                    elif reading:
-                        fallback_reason = "first round: the drafts read the prompt while the target does"
-                    t1 = time.perf_counter()
-                    merged = merge(proposals, choice.nodes or spec.max_tree_nodes, self.limits.vocab_size)
-                    target, tops = self._verify(session_id, context, merged, params, calls, verify_timeout_s)
-                    t2 = time.perf_counter()
-                    verdict = accept(merged, target)
-                    new_tokens, new_text, state.stop = self._truncate(params, verdict.tokens, params.max_new_tokens - len(state.output), text)
-                    verdict = verdict.cut(len(new_tokens))
-                    new_logprobs = _logprobs(verdict, tops, params.top_logprobs) if params.logprobs else []
-                    policy.update(choice, proposals, verdict, (t1 - t0) * 1e3, (t2 - t1) * 1e3, first=not rounds)
-                    observed.record = record = _round_record(
-                        len(rounds), params.mode, proposals, fallback_reason, verdict, new_tokens, new_text, t1 - t0, t2 - t1, choice
-                    )
-                    record.draft_failures = failures
-                    record.logprobs = new_logprobs
-                    state.add(record, new_tokens, new_logprobs)
+                    if ahead is not None and context[: len(ahead.context)] != ahead.context:
+                        ahead, discarded = None, discarded + 1  # built on a path the target did not take
+                    flight, ahead = ahead or self._send(g, context, not rounds, draft_timeout_s, verify_timeout_s), None
+                    if rounds and self._ahead_pays(g, flight):
+                        with telemetry.span("specdec.round.ahead") as span:
+                            span.set_attribute("specdec.ahead.assumed_tokens", len(flight.assumed))
+                            ahead = self._send(g, flight.context + flight.assumed, False, draft_timeout_s, verify_timeout_s,
+                                               sent_ahead=True)
+                    observed.record = record = self._settle(g, flight, context, state, text, overlapped=ahead is not None)
+                    record.discarded_ahead, discarded = discarded, 0
                 yield record
         finally:
-            self.traffic.leave(session_id)
-            self._release(session_id, after=warming)
+            self.traffic.leave(g.session_id)
+            self._release(g.session_id, after=g.warming, verifying=[ahead.verdict] if ahead is not None else [])
         text.finish()
         result = self._result(params, call, state, text.text)
         result.logprobs = state.logprobs if params.logprobs else None
         return result
+
+    def _send(self, g: _Generation, context: list[int], first: bool, draft_timeout_s: float, verify_timeout_s: float,
+              sent_ahead: bool = False) -> _Flight:
+        """Plan a round after ``context`` (its shape, the drafts' and the lookup's proposals, merged)
+        and send its tree to the verify service; the verdict is the flight's future."""
+        params, policy = g.params, g.policy
+        t0 = time.perf_counter()
+        output = context[len(params.prompt_ids):]
+        room = self._room(params, context, len(output))
+        match = self._forced(params, g.grammar, output, room) or self._look_up(params, context, room)
+        known = ((match.stats_key, len(match.tokens)),) if match else ()
+        company = self.traffic.company(g.session_id)
+        reading = False
+        if not first or params.mode == DecodingMode.AUTOREGRESSIVE:
+            choice = policy.next(room, company, known)
+        else:
+            choice, reading = policy.first(room, len(context), company, known)
+            if reading:  # the drafts read the prompt while the target does
+                g.warming = self._read_prompt(g.session_id, context, draft_timeout_s)
+        if not first and g.warming:  # the drafts have read the prompt before the session's next call
+            wait(g.warming, timeout=draft_timeout_s)
+            g.warming = []
+        proposals, fallback_reason, failures = self._propose(params, g.session_id, context, choice, policy, g.calls,
+                                                             draft_timeout_s)
+        if match and (taken := match.tokens[:choice.taken(match.stats_key)]):
+            proposals.append(Proposal(match.source, [taken], stats_key=match.stats_key))
+            fallback_reason = ""
+        elif reading:
+            fallback_reason = "first round: the drafts read the prompt while the target does"
+        t1 = time.perf_counter()
+        merged = merge(proposals, choice.nodes or params.speculation.max_tree_nodes, self.limits.vocab_size)
+        # Each call runs in a copy of this thread's context, so its trace span is the round's child.
+        verdict = self._pool.submit(contextvars.copy_context().run, self._verify, g.session_id, context, merged, params,
+                                    g.calls, verify_timeout_s)
+        assumed, hit = policy.assumed(proposals) if params.mode != DecodingMode.AUTOREGRESSIVE else ([], 0.0)
+        return _Flight(context, choice, proposals, fallback_reason, failures, merged, verdict, t0, t1, sent_ahead, assumed, hit)
+
+    def _ahead_pays(self, g: _Generation, flight: _Flight) -> bool:
+        """Whether to send the next round now, on the path ``flight`` most likely accepts whole
+        (``send_ahead``; auto: :func:`specdec.cost.ahead_pays` at the verify link's measured delay)."""
+        if self.send_ahead == "off" or not flight.assumed:
+            return False
+        if len(flight.context) + len(flight.assumed) + 1 - len(g.params.prompt_ids) >= g.params.max_new_tokens:
+            return False  # the round sent ahead would begin past the token budget
+        if self.send_ahead == "on":
+            return True
+        if not self.costs.verify:
+            return False  # no measured curve: nothing to weigh the link against
+        return ahead_pays(flight.hit, self.costs.link.ms, self.costs.verify_ms(1 + len(flight.merged.tree)))
+
+    def _settle(self, g: _Generation, flight: _Flight, context: list[int], state: GenerationState, text: TextStream,
+                overlapped: bool) -> RoundRecord:
+        """Wait for the flight's verdict and take what it adds after ``context`` (a round sent ahead
+        was verified after a prefix of it: the tokens the round before already gave are skipped,
+        and must agree); returns the round's record, added to ``state``."""
+        params = g.params
+        target, tops = flight.verdict.result()
+        t2 = time.perf_counter()
+        verdict = accept(flight.merged, target)
+        skip = len(context) - len(flight.context)
+        known = context[len(flight.context):]
+        if verdict.tokens[:skip] != known[: len(verdict.tokens)]:
+            # Cannot happen while the verify pass is exact (the same row gives the same bits):
+            # the earlier verdict stands, this one is dropped as if built on a rejected path.
+            log.error("a round sent ahead disagrees with the verdict before it at the same places; dropped")
+            verdict, tops = Verdict(flight.merged, [], None), None
+        tokens = verdict.tokens[skip:]
+        new_tokens, new_text, state.stop = self._truncate(params, tokens, params.max_new_tokens - len(state.output), text)
+        verdict = verdict.cut(skip + len(new_tokens))
+        new_logprobs = _logprobs(verdict, tops, params.top_logprobs)[skip:] if params.logprobs and tops is not None else []
+        # A round's times price the cost curves only when nothing of this generation overlapped it.
+        g.policy.update(flight.choice, flight.proposals, verdict, (flight.t1 - flight.t0) * 1e3,
+                        0.0 if overlapped or flight.sent_ahead else (t2 - flight.t1) * 1e3, first=not state.rounds)
+        record = _round_record(len(state.rounds), params.mode, flight.proposals, flight.fallback_reason, verdict.after(skip),
+                               new_tokens, new_text, flight.t1 - flight.t0, t2 - flight.t1, flight.choice)
+        record.draft_failures = flight.failures
+        record.logprobs = new_logprobs
+        record.sent_ahead = flight.sent_ahead
+        state.add(record, new_tokens, new_logprobs)
+        return record
 
     def _calls(self, params: GenerationParams) -> _Calls:
         """What the generation's calls to the services carry beside the context."""
@@ -392,12 +453,43 @@ class SpeculativeController:
         result.stop_reason = state.stop[1] if state.stop else None
         return result
 
-    def _release(self, session_id: str, after: list | None = None) -> None:
+    def _release(self, session_id: str, after: list | None = None, verifying: list | None = None) -> None:
         """Free the session's caches everywhere now, without holding up the reply; the drafts' once
-        the calls ``after`` are done (a draft still reading the prompt would make its session again)."""
-        self._pool.submit(_quietly, self.verifier.release, session_id)
+        the calls ``after`` are done (a draft still reading the prompt would make its session again),
+        the verify service's once the calls ``verifying`` are (a round sent ahead and not needed)."""
+        self._pool.submit(_after, verifying or [], self.verify_timeout_s, self.verifier.release, session_id)
         for client in self.drafts:
             self._pool.submit(_after, after or [], self.draft_timeout_s, client.release, session_id)
+
+
+@dataclass
+class _Generation:
+    """What every round of one generation plans with."""
+
+    params: GenerationParams
+    policy: SpeculationPolicy
+    calls: _Calls
+    grammar: GrammarState | None
+    session_id: str
+    warming: list = field(default_factory=list)  # the drafts' calls reading the prompt during the first round, if any
+
+
+@dataclass
+class _Flight:
+    """A round whose tree is with the verify service: what was planned, and the verdict to come."""
+
+    context: list[int]  # what the tree was drafted after (a round sent ahead: the round before's context and assumed path)
+    choice: Choice
+    proposals: list[Proposal]
+    fallback_reason: str
+    failures: list[str]
+    merged: DraftTree
+    verdict: Future  # the verify call's (target tokens, top log-probabilities)
+    t0: float  # planning began
+    t1: float  # the drafts had answered
+    sent_ahead: bool = False  # sent before the verdict on the round before it
+    assumed: list[int] = field(default_factory=list)  # the path it most likely accepts whole (SpeculationPolicy.assumed)
+    hit: float = 0.0  # the chance it does
 
 
 @dataclass(frozen=True)

@@ -77,6 +77,7 @@ class Generations:
             costs=costs,
             lookup=PromptLookup(settings.lookup_max_ngram, settings.lookup_min_ngram) if settings.prompt_lookup else None,
             lookup_depth=settings.lookup_depth,
+            send_ahead=settings.send_ahead,
             grammars=Grammars(tokenizer, target_info.vocab_size, target_info.eos_token_ids),
         )
 

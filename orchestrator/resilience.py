@@ -18,6 +18,7 @@ from typing import Callable
 
 import grpc
 
+from specdec.cost import Link
 from specdec.errors import Cancelled, DeadlineExceeded, Overloaded, Unavailable
 
 log = logging.getLogger("specdec.orchestrator")
@@ -101,6 +102,10 @@ class ReplicatedVerifier:
         self._used: dict[str, set[int]] = {}  # every replica a session touched, to release them all
         self._lock = threading.Lock()
         self.retries = 0  # calls retried, over the client's lifetime (for tests and metrics)
+        self.link = Link()  # the replicas' calls' time outside the service, one estimate for all
+        for replica in replicas:
+            if hasattr(replica, "link"):
+                replica.link = self.link
 
     @property
     def address(self) -> str:

@@ -119,6 +119,24 @@ class Corrections:
             return ratios[min(ratios, key=lambda r: (abs(r - rows), r))]
 
 
+class Link:
+    """What a service's calls cost outside its model: the network both ways and the RPC's own work,
+    measured per call as the caller's time less what the service reports it spent queued and in
+    its passes; a running mean, old calls fading. A far verify service shows here, and a round
+    pays it once whatever its shape, so it earns deeper rounds (and rounds sent ahead:
+    :func:`ahead_pays`). Safe to share between threads (one float, replaced whole)."""
+
+    def __init__(self, weight: float = 0.2) -> None:
+        self.weight = weight
+        self.ms = 0.0
+        self.calls = 0
+
+    def observe(self, call_ms: float, service_ms: float) -> None:
+        sample = max(0.0, call_ms - service_ms)
+        self.ms = sample if not self.calls else self.ms + self.weight * (sample - self.ms)
+        self.calls += 1
+
+
 @dataclass
 class RoundCosts:
     """The curves a round is priced with: the verify service's, and each draft's by name, each times
@@ -128,8 +146,14 @@ class RoundCosts:
 
     verify: CostCurve = field(default_factory=lambda: CostCurve(()))
     drafts: dict[str, CostCurve] = field(default_factory=dict)
-    overhead_ms: float = 0.0  # per round: calls, merging, accepting
+    overhead_ms: float = 0.0  # per round: merging, accepting
     corrections: Corrections = field(default_factory=Corrections)
+    link: Link = field(default_factory=Link)  # the verify calls' time outside the service (the verify client's)
+
+    def round_ms(self, rows: int) -> float:
+        """A round's fixed and verify costs: its verify pass over ``rows`` rows, the link (milliseconds:
+        only beside a measured curve), the overhead."""
+        return self.verify_ms(rows) + (self.link.ms if self.verify else 0.0) + self.overhead_ms
 
     def verify_ms(self, rows: int, corrected: bool = True) -> float:
         if self.verify:
@@ -151,7 +175,9 @@ class RoundCosts:
         (``drafts``: each draft's (width, depth); they run side by side, so the slowest is charged)."""
         if not self.verify:
             return
-        self.corrections.observe("verify", verify_rows, self.verify_ms(verify_rows, corrected=False), verify_ms)
+        # The link is priced apart (:class:`Link`): the curve's correction is for the pass alone.
+        self.corrections.observe("verify", verify_rows, self.verify_ms(verify_rows, corrected=False),
+                                 verify_ms - self.link.ms)
         if drafts:
             name, (width, depth) = max(drafts.items(), key=lambda kv: self.draft_ms(kv[0], *kv[1]))
             if self.drafts.get(name):
@@ -417,13 +443,13 @@ def _price(costs: RoundCosts, model: list[tuple[str, list[float]]], width: int, 
     batch = company.batch
     known = [(d, rates) for d, rates in known if rates]
     if not model and not known:
-        return Choice(0, 0, 0, 1.0, costs.verify_ms(batch) + costs.overhead_ms, company)
+        return Choice(0, 0, 0, 1.0, costs.round_ms(batch), company)
     nodes = min(width * depth * len(model) + sum(len(rates) for _, rates in known), max_nodes)
     tokens = expected_tokens([rates for _, rates in model + known])
     # Drafts run side by side: the slowest model draft is charged; a proposal in hand costs nothing more.
     draft_ms = max((costs.draft_ms(d, width, depth, batch=batch) for d, _ in model), default=0.0)
     return Choice(width if model else 0, depth if model else 0, nodes, tokens,
-                  draft_ms + costs.verify_ms(batch * (1 + nodes)) + costs.overhead_ms, company,
+                  draft_ms + costs.round_ms(batch * (1 + nodes)), company,
                   tuple((d, len(rates)) for d, rates in known))
 
 
@@ -457,6 +483,21 @@ def choose(costs: RoundCosts, stats: AcceptanceStats, drafts: list[str], max_wid
                 break  # the node cap would cut its paths: priced as whole, it would look better than it is
             best = best_with([(d, full[d][:depth]) for d in drafts], width, depth, best)
     return best
+
+
+def ahead_pays(hit: float, link_ms: float, verify_ms: float) -> bool:
+    """Whether to send a generation's next round before the verdict on the one in flight, built on
+    the path that one accepts whole with probability ``hit`` (:meth:`SpeculationPolicy.assumed`):
+    the verify service then finds it waiting as it finishes the round before, instead of a link's
+    ``link_ms`` later. Two rounds in flight save, per round whose path held, the link up to half the
+    round's time; a round sent ahead on a rejected path takes the verify service's next ``verify_ms``
+    for nothing, of which the link hides ``link_ms``. Drafting ahead is counted as no saving: on a
+    device shared with the verify service (two CPU cores) it runs against the pass, not beside it."""
+    if link_ms <= 0:
+        return False
+    saved = min(link_ms, (link_ms + verify_ms) / 2)
+    lost = max(0.0, verify_ms - link_ms)
+    return hit * saved > (1 - hit) * lost
 
 
 def prompt_first(costs: RoundCosts, drafts: list[str], prompt_rows: int, speculate: Choice, alone: Choice) -> bool:

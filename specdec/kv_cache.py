@@ -24,15 +24,8 @@ import torch
 from transformers import DynamicCache
 
 from specdec import telemetry
+from specdec.contexts import context_digest, shared_prefix
 from specdec.errors import SessionLost
-
-
-def common_prefix_len(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
 
 
 def _layers(cache: DynamicCache):
@@ -93,7 +86,7 @@ class SessionKV:
 
     def _sync(self, context: list[int]) -> int:
         prefix_len = len(self.prefix_tokens)
-        reused = common_prefix_len(self.prefix_tokens, context)
+        reused = shared_prefix(self.prefix_tokens, context)
         if reused == prefix_len and self.tail_tokens:
             accepted = self._tail_path(context[prefix_len:])
             if accepted:
@@ -203,22 +196,35 @@ class SessionStore:
         context tokens it holds."""
         session = self.get(session_id)
         self.share_prefix(session, context)
-        session.context = context
+        if not session.context:  # else the call's arrival recorded it (:meth:`context`)
+            session.context = context
         return session, session.sync(context)
 
-    def context(self, session_id: str, start: int, tail: list[int]) -> list[int]:
+    def context(self, session_id: str, start: int, tail: list[int], digest: int = 0) -> list[int]:
         """The whole context of a call that sent only ``tail``, the tokens after the first ``start``
         of its session's last context; raises :class:`~specdec.errors.SessionLost` when the session
-        is gone or holds fewer. (Read off the model's thread: a session's calls come one at a time,
-        so its last one has finished with it.)"""
-        if start <= 0:
-            return tail
+        is gone, holds fewer, or (``digest``, :func:`specdec.contexts.context_digest`) holds other
+        ones than the caller meant. (Read off the model's thread: the session's last context is
+        replaced whole, never changed in place.)"""
         session = self.peek(session_id)
-        held = len(session.context) if session is not None else 0
-        if held < start:
-            raise SessionLost(f"session {session_id} holds {held} context tokens, the call builds on {start}: "
+        if start <= 0:
+            return self._arrived(session, tail)
+        held = session.context if session is not None else []
+        if len(held) < start:
+            raise SessionLost(f"session {session_id} holds {len(held)} context tokens, the call builds on {start}: "
                               f"send the whole context (context_start 0)")
-        return session.context[:start] + tail
+        if digest and context_digest(held[:start]) != digest:
+            raise SessionLost(f"session {session_id} holds other first {start} context tokens than the call builds on: "
+                              f"send the whole context (context_start 0)")
+        return self._arrived(session, held[:start] + tail)
+
+    @staticmethod
+    def _arrived(session: SessionKV | None, context: list[int]) -> list[int]:
+        """The session's last context is the last call's to arrive, as its caller sent them (calls of
+        a session in flight together run in turn, later; the cache follows each as it runs)."""
+        if session is not None:
+            session.context = context
+        return context
 
     def share_prefix(self, session: SessionKV, context: list[int], min_tokens: int = 8) -> int:
         """Start an empty ``session`` from the cache of the session sharing the longest prefix with
@@ -235,7 +241,7 @@ class SessionStore:
             donors = [s for s in self._sessions.values() if s is not session and s.prefix_tokens]
         best, shared = None, 0
         for donor in donors:
-            n = common_prefix_len(donor.prefix_tokens, context)
+            n = shared_prefix(donor.prefix_tokens, context)
             if n > shared:
                 best, shared = donor, n
         shared = min(shared, len(context) - 1)

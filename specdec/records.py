@@ -169,6 +169,11 @@ class RoundRecord:
     expected_tokens: float = 0.0
     predicted_ms: float = 0.0
     company_sessions: int = 0  # other generations in flight when the round chose its shape (batched with it)
+    # Rounds sent ahead (send_ahead): this round was drafted and sent before the verdict on the one
+    # before it, on the path that one was expected to accept; and how many rounds sent ahead were
+    # dropped just before this one, the verdict before them having rejected their path.
+    sent_ahead: bool = False
+    discarded_ahead: int = 0
     logprobs: list[TokenLogprob] = field(default_factory=list)  # one per new_tokens entry, when asked for
     # Only in a round read from a log written without text (GenerationLog.with_text false): the sizes
     # of the token lists above, which such a log leaves out (see counts_json).

@@ -129,6 +129,14 @@ class Verdict:
             for index, name in enumerate(self.merged.drafts)
         }
 
+    def after(self, n_tokens: int) -> Verdict:
+        """The verdict less its first ``n_tokens`` output tokens: what a round sent ahead adds when
+        the round before already gave those (its tree was drafted after a prefix of them)."""
+        if n_tokens <= 0:
+            return self
+        return Verdict(self.merged, self.accepted_nodes[n_tokens:],
+                       self.bonus_token if n_tokens <= len(self.accepted_nodes) else None)
+
     def cut(self, n_tokens: int) -> Verdict:
         """The verdict on the first ``n_tokens`` output tokens only: a stop inside the accepted path
         cuts it, and the round accepted only what reached the output."""
@@ -199,6 +207,21 @@ class SpeculationPolicy:
         if prompt_first(self.costs, self.drafts, prompt_rows, choice, alone):
             return alone, True
         return choice, False
+
+    def assumed(self, proposals: list[Proposal]) -> tuple[list[int], float]:
+        """The path a round most likely accepts whole, for a round sent ahead of its verdict to
+        build on, and the chance it is accepted whole: of every proposal's best path, the prefix
+        with the most tokens expected to hold (its length times that chance, from each draft's
+        acceptance by position as a chain). ``([], 0.0)`` when there is no proposal."""
+        best: tuple[float, list[int], float] = (0.0, [], 0.0)
+        for proposal in proposals:
+            path = proposal.paths[0] if proposal.paths else []
+            hit = 1.0
+            for k, rate in enumerate(self.stats.rates(proposal.stats_key or proposal.draft, 1, len(path)), 1):
+                hit *= rate
+                if hit * k > best[0]:
+                    best = (hit * k, path[:k], hit)
+        return best[1], best[2]
 
     def early_stop(self, draft: str, choice: Choice) -> EarlyStop:
         """When ``draft`` stops growing this round's beams (:func:`specdec.cost.stop_below`); never

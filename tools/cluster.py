@@ -84,6 +84,7 @@ class LocalCluster:
     verify_address: str = ""  # the first verify replica
     verify_addresses: list[str] = field(default_factory=list)
     http_url: str = ""  # the orchestrator's OpenAI-compatible HTTP API (http://host:port), when http_port is set
+    proxies: list = field(default_factory=list)  # the delaying proxies in front of the verify services (verify_link_rtt_ms)
 
     def __enter__(self) -> "LocalCluster":
         self.start()
@@ -122,7 +123,7 @@ class LocalCluster:
             # for a client certificate.
             orchestrator = self._spawn("orchestrator", "specdec.orchestrator", self._settings(
                 config.OrchestratorSettings, metrics_offset=0, port=s.port or free_port(), tls_client_ca="",
-                verify_address=",".join(self.verify_addresses), draft_addresses=self.draft_addresses,
+                verify_address=",".join(self._far(self.verify_addresses)), draft_addresses=self.draft_addresses,
             ))
             self._wait(orchestrator)
         except BaseException:
@@ -132,6 +133,18 @@ class LocalCluster:
         if s.http_port:
             self.http_url = f"{'https' if s.tls_cert else 'http'}://{HOST}:{s.http_port}"
         return self.orchestrator_address
+
+    def _far(self, addresses: list[str]) -> list[str]:
+        """The verify services as the orchestrator reaches them: through a delaying proxy each when
+        ``verify_link_rtt_ms`` is set (:mod:`specdec.tools.delay_proxy`), else directly."""
+        if not self.settings.verify_link_rtt_ms:
+            return addresses
+        from specdec.tools.delay_proxy import DelayProxy
+
+        for address in addresses:
+            self.proxies.append(proxy := DelayProxy(address, self.settings.verify_link_rtt_ms))
+            proxy.start()
+        return [proxy.address for proxy in self.proxies]
 
     def check_settings(self) -> None:
         """Raise :class:`~specdec.config.SettingError` when a child would refuse its settings (the
@@ -246,6 +259,9 @@ class LocalCluster:
                     process.popen.kill()
                     process.popen.wait()
         self.processes.clear()
+        for proxy in self.proxies:
+            proxy.stop()
+        self.proxies.clear()
 
     def process(self, name: str) -> Process:
         return next(p for p in self.processes if p.name == name)

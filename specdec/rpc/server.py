@@ -234,7 +234,7 @@ class ModelServicer:
         start = check_range("context_start", request.context_start, 0, max_context - 1)
         tail = check_token_ids("context_token_ids", request.context_token_ids, self.info.vocab_size,
                                allow_empty=start > 0, max_len=max_context - start)
-        return self.engine.store.context(request.session_id, start, tail)
+        return self.engine.store.context(request.session_id, start, tail, request.context_digest)
 
     def in_session(self, method: str, request, context, run):
         """``run(session_id, caller)`` in the request's session (``caller``: a
