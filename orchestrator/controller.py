@@ -44,7 +44,7 @@ from typing import Callable, Iterator, Protocol
 
 from specdec.config import SpeculationLimits
 from specdec import telemetry
-from specdec.cost import AcceptanceStats, Choice, EarlyStop, RoundCosts, Traffic, ahead_pays
+from specdec.cost import AcceptanceStats, Choice, Contention, EarlyStop, RoundCosts, Traffic, ahead_pays
 from specdec.detokenize import TextStream
 from specdec.errors import InvalidRequest, Unavailable, check_range, check_token_ids
 from specdec.generation import CallContext, GenerationParams, GenerationState
@@ -140,8 +140,9 @@ class SpeculativeController:
         # Structured output: what a request's grammar forces after the output so far, proposed as a
         # free draft chain (None: no tokenizer here, so no such chain; the services still mask).
         self.grammars = grammars
-        # Rounds sent ahead of the verdict on the round before (config: send_ahead): auto, on, off.
-        self.send_ahead = send_ahead
+        # Rounds sent ahead of the verdict on the round before (config: send_ahead): auto, on, off;
+        # and whether drafting then contends with the verify pass for one device (measured).
+        self.send_ahead, self.contention = send_ahead, Contention()
         # The verify client's measured link (GrpcVerifyClient.link) prices every round (RoundCosts.link).
         if getattr(verifier, "link", None) is not None:
             self.costs.link = verifier.link
@@ -212,7 +213,7 @@ class SpeculativeController:
                 draft_timeout_s, verify_timeout_s = self._budget(call, len(rounds))
                 # The round's trace span (current while it runs) and metrics; nothing when both are off.
                 with self.instrumentation.round(call.trace_parent, len(rounds), params.mode) as observed:
-                    if ahead is not None and context[: len(ahead.context)] != ahead.context:
+                    if ahead is not None and not ahead.adds_to(context):
                         ahead, discarded = None, discarded + 1  # built on a path the target did not take
                     flight, ahead = ahead or self._send(g, context, not rounds, draft_timeout_s, verify_timeout_s), None
                     if rounds and self._ahead_pays(g, flight):
@@ -260,6 +261,10 @@ class SpeculativeController:
         elif reading:
             fallback_reason = "first round: the drafts read the prompt while the target does"
         t1 = time.perf_counter()
+        if sent_ahead and choice.width and self.costs.verify:  # drafted while the round before is verified
+            alone = max((self.costs.draft_ms(p.draft, choice.width, max(1, p.depth)) for p in proposals
+                         if not choice.taken(p.stats_key or p.draft) and p.draft in self.costs.drafts), default=0.0)
+            self.contention.observe((t1 - t0) * 1e3, alone)
         merged = merge(proposals, choice.nodes or params.speculation.max_tree_nodes, self.limits.vocab_size)
         # Each call runs in a copy of this thread's context, so its trace span is the round's child.
         verdict = self._pool.submit(contextvars.copy_context().run, self._verify, g.session_id, context, merged, params,
@@ -278,7 +283,8 @@ class SpeculativeController:
             return True
         if not self.costs.verify:
             return False  # no measured curve: nothing to weigh the link against
-        return ahead_pays(flight.hit, self.costs.link.ms, self.costs.verify_ms(1 + len(flight.merged.tree)))
+        return ahead_pays(flight.hit, self.costs.link.ms, self.costs.verify_ms(1 + len(flight.merged.tree)),
+                          shared=self.contention.shared)
 
     def _settle(self, g: _Generation, flight: _Flight, context: list[int], state: GenerationState, text: TextStream,
                 overlapped: bool) -> RoundRecord:
@@ -490,6 +496,13 @@ class _Flight:
     sent_ahead: bool = False  # sent before the verdict on the round before it
     assumed: list[int] = field(default_factory=list)  # the path it most likely accepts whole (SpeculationPolicy.assumed)
     hit: float = 0.0  # the chance it does
+
+    def adds_to(self, context: list[int]) -> bool:
+        """Whether its verdict can add a token after ``context``, the output so far: its own context
+        begins ``context`` (the verdicts before it took its assumed path), and what ``context`` holds
+        past its own is a path of its tree (else its verdict ends within what is known already)."""
+        n = len(self.context)
+        return context[:n] == self.context and self.merged.tree.holds(context[n:])
 
 
 @dataclass(frozen=True)

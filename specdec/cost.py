@@ -485,19 +485,43 @@ def choose(costs: RoundCosts, stats: AcceptanceStats, drafts: list[str], max_wid
     return best
 
 
-def ahead_pays(hit: float, link_ms: float, verify_ms: float) -> bool:
+def ahead_pays(hit: float, link_ms: float, verify_ms: float, shared: bool = False) -> bool:
     """Whether to send a generation's next round before the verdict on the one in flight, built on
     the path that one accepts whole with probability ``hit`` (:meth:`SpeculationPolicy.assumed`):
     the verify service then finds it waiting as it finishes the round before, instead of a link's
     ``link_ms`` later. Two rounds in flight save, per round whose path held, the link up to half the
     round's time; a round sent ahead on a rejected path takes the verify service's next ``verify_ms``
-    for nothing, of which the link hides ``link_ms``. Drafting ahead is counted as no saving: on a
-    device shared with the verify service (two CPU cores) it runs against the pass, not beside it."""
+    for nothing, of which the link hides ``link_ms``, or none when the drafts and the verify service
+    share a device (``shared``: :class:`Contention`), where the wasted pass takes the cores the next
+    round drafts on. Drafting ahead is counted as no saving: on a shared device it runs against the
+    pass, not beside it."""
     if link_ms <= 0:
         return False
     saved = min(link_ms, (link_ms + verify_ms) / 2)
-    lost = max(0.0, verify_ms - link_ms)
+    lost = verify_ms if shared else max(0.0, verify_ms - link_ms)
     return hit * saved > (1 - hit) * lost
+
+
+class Contention:
+    """Whether the drafts share a device with the verify service, measured: how much slower drafting
+    is while a verify pass of the same generation runs (a round sent ahead is drafted then) than the
+    draft's curve says it is alone; a running mean of the ratio. Safe to share between threads."""
+
+    SHARED = 1.25  # a ratio above this: they contend
+
+    def __init__(self, weight: float = 0.3) -> None:
+        self.weight, self.ratio, self.seen = weight, 1.0, 0
+
+    def observe(self, overlapped_ms: float, alone_ms: float) -> None:
+        if alone_ms <= 0 or overlapped_ms <= 0:
+            return
+        ratio = overlapped_ms / alone_ms
+        self.ratio = ratio if not self.seen else self.ratio + self.weight * (ratio - self.ratio)
+        self.seen += 1
+
+    @property
+    def shared(self) -> bool:
+        return self.ratio > self.SHARED
 
 
 def prompt_first(costs: RoundCosts, drafts: list[str], prompt_rows: int, speculate: Choice, alone: Choice) -> bool:

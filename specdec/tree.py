@@ -95,6 +95,14 @@ class TokenTree:
         """Map token -> child index for the children of ``node`` (-1 for the root)."""
         return {t: i for i, (t, p) in enumerate(zip(self.tokens, self.parents)) if p == node}
 
+    def holds(self, tokens: list[int]) -> bool:
+        """Whether ``tokens`` are a path from the root (the first a child of the root, and so on)."""
+        children, node = _children_index(self), -1
+        for token in tokens:
+            if (node := children.get((node, token))) is None:
+                return False
+        return True
+
     def path_to(self, node: int) -> list[int]:
         """Node indices from the root down to ``node``."""
         path = []

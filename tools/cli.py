@@ -138,12 +138,13 @@ def add_tool_commands(commands, chosen: str | None) -> dict:
 SERVER, TOOLS = "server", "tools"
 NEEDS = {
     "serve": (SERVER,), "cluster": (SERVER,), "models": (SERVER,), "certs": (SERVER,), "loadtest": (SERVER,),
+    "linkbench": (SERVER, TOOLS),  # its plot
     "bench": (SERVER, TOOLS),  # a sweep ends with its plot
     "dashboard": (TOOLS,),
     "analyze": (), "traces": (),
 }
 # The subcommands the tools register themselves, each in the module of its name.
-TOOL_COMMANDS = ("bench", "analyze", "traces", "dashboard", "loadtest")
+TOOL_COMMANDS = ("bench", "analyze", "traces", "dashboard", "loadtest", "linkbench")
 
 
 def import_tool(name: str):
@@ -155,6 +156,8 @@ def import_tool(name: str):
         from specdec.tools import traces as tool
     elif name == "dashboard":
         from specdec.tools import dashboard as tool
+    elif name == "linkbench":
+        from specdec.tools import linkbench as tool
     else:
         from specdec.tools import loadtest as tool
     return tool

@@ -119,32 +119,41 @@ class LocalCluster:
                 self._one_at_a_time()
             for process in self.processes:
                 self._wait(process)
-            # It calls the others as a TLS client and asks its own callers for the bearer token, not
-            # for a client certificate.
-            orchestrator = self._spawn("orchestrator", "specdec.orchestrator", self._settings(
-                config.OrchestratorSettings, metrics_offset=0, port=s.port or free_port(), tls_client_ca="",
-                verify_address=",".join(self._far(self.verify_addresses)), draft_addresses=self.draft_addresses,
-            ))
-            self._wait(orchestrator)
+            self.orchestrator_address = self.add_orchestrator(port=s.port or free_port())
         except BaseException:
             self.stop()
             raise
-        self.orchestrator_address = orchestrator.address
         if s.http_port:
             self.http_url = f"{'https' if s.tls_cert else 'http'}://{HOST}:{s.http_port}"
         return self.orchestrator_address
 
-    def _far(self, addresses: list[str]) -> list[str]:
-        """The verify services as the orchestrator reaches them: through a delaying proxy each when
-        ``verify_link_rtt_ms`` is set (:mod:`specdec.tools.delay_proxy`), else directly."""
-        if not self.settings.verify_link_rtt_ms:
+    def add_orchestrator(self, name: str = "orchestrator", rtt_ms: float | None = None, **values) -> str:
+        """Start an orchestrator over the cluster's services and wait until it serves; its address.
+        The cluster's own, or another beside it with other settings (``values``: ``send_ahead``,
+        ...; ``rtt_ms``: its link to the verify services, else the cluster's ``verify_link_rtt_ms``).
+        It calls the others as a TLS client and asks its own callers for the bearer token, not for
+        a client certificate."""
+        rtt_ms = self.settings.verify_link_rtt_ms if rtt_ms is None else rtt_ms
+        orchestrator = self._spawn(name, "specdec.orchestrator", self._settings(
+            config.OrchestratorSettings, metrics_offset=0, tls_client_ca="", draft_addresses=self.draft_addresses,
+            verify_address=",".join(self._far(self.verify_addresses, rtt_ms)),
+            **({"metrics_port": 0, "http_port": 0} if name != "orchestrator" else {}), **values,
+        ))
+        self._wait(orchestrator)
+        return orchestrator.address
+
+    def _far(self, addresses: list[str], rtt_ms: float) -> list[str]:
+        """The verify services as an orchestrator reaches them: through a delaying proxy each
+        (:mod:`specdec.tools.delay_proxy`) when ``rtt_ms`` is set, else directly."""
+        if not rtt_ms:
             return addresses
         from specdec.tools.delay_proxy import DelayProxy
 
-        for address in addresses:
-            self.proxies.append(proxy := DelayProxy(address, self.settings.verify_link_rtt_ms))
+        proxies = [DelayProxy(address, rtt_ms) for address in addresses]
+        for proxy in proxies:
+            self.proxies.append(proxy)
             proxy.start()
-        return [proxy.address for proxy in self.proxies]
+        return [proxy.address for proxy in proxies]
 
     def check_settings(self) -> None:
         """Raise :class:`~specdec.config.SettingError` when a child would refuse its settings (the
@@ -247,7 +256,7 @@ class LocalCluster:
         """SIGTERM the orchestrator first, so that it finishes its generations while the drafts and
         the verifier still answer, then the others; whatever outlives ``grace_s`` is killed."""
         deadline = time.monotonic() + grace_s
-        front = [p for p in self.processes if p.name == "orchestrator"]
+        front = [p for p in self.processes if p.name.startswith("orchestrator")]
         for group in (front, [p for p in self.processes if p not in front]):
             for process in group:
                 if process.popen.poll() is None:

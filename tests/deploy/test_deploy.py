@@ -103,14 +103,15 @@ def compose_env() -> dict[str, str]:
             if k not in documented and not k.startswith(("SPECDEC_", "OTEL_", "COMPOSE_"))}
 
 
-def render_compose(env_file: Path, *overlays: Path) -> dict:
+def render_compose(env_file: Path, *overlays: Path, base: Path = COMPOSE_FILE, profiles=("gpu", "cpu"),
+                   env: dict[str, str] | None = None) -> dict:
     cli = compose_cli()
     if cli is None:
         pytest.skip("no compose implementation found (neither `docker compose` nor `docker-compose`); "
                     "`make test` installs Debian's docker-compose when run as root")
-    files = [arg for f in (COMPOSE_FILE, *overlays) for arg in ("-f", str(f))]
-    cmd = [*cli, *files, "--env-file", str(env_file), "--profile", "gpu", "--profile", "cpu", "config"]
-    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=compose_env(), timeout=120)
+    files = [arg for f in (base, *overlays) for arg in ("-f", str(f))]
+    cmd = [*cli, *files, "--env-file", str(env_file), *(a for p in profiles for a in ("--profile", p)), "config"]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**compose_env(), **(env or {})}, timeout=120)
     assert res.returncode == 0, f"{' '.join(cmd)} failed:\n{res.stderr}"
     return yaml.safe_load(res.stdout)
 
@@ -324,6 +325,38 @@ def test_tls_overlay_secures_every_hop(tmp_path):
         else:
             assert "SPECDEC_TLS_CLIENT_CA" in files and "SPECDEC_AUTH_TOKEN_FILE" not in files, name
         assert "SPECDEC_PORT" in env and env.get("SPECDEC_DEVICE", "x"), name  # the base settings survive the merge
+
+
+def test_edge_topology_keeps_the_target_far_and_every_hop_secured(tmp_path):
+    """compose/edge.yml: the datacenter profile runs the verify service alone, published and open
+    only to callers with a client certificate; the edge profile runs the drafts and the
+    orchestrator, which reaches the far verify service named by SPECDEC_FAR_VERIFY over mutual TLS
+    and sends rounds ahead when the link makes it pay."""
+    edge_file, empty = COMPOSE_DIR / "edge.yml", tmp_path / "empty.env"
+    empty.write_text("")
+    far = {"SPECDEC_FAR_VERIFY": "verify.example.com:50052"}
+    datacenter = render_compose(empty, base=edge_file, profiles=("datacenter",), env=far)["services"]
+    edge = render_compose(empty, base=edge_file, profiles=("edge",), env=far)["services"]
+    assert set(datacenter) == {"verify"} and {role(s) for s in edge.values()} == {"draft", "orchestrator"}
+    verify = datacenter["verify"]
+    assert (50052, 50052) in published_ports(verify) and gpu_devices(verify)
+    for name, service in {**datacenter, **edge}.items():
+        env = environment(service)
+        allowed = settings_names(SETTINGS_OF_ROLE[role(service)]) | EXTRA_SETTINGS
+        assert not {k for k in env if k.startswith("SPECDEC_")} - allowed, name
+        assert {"SPECDEC_TLS_CERT", "SPECDEC_TLS_CA", "SPECDEC_TLS_CLIENT_CERT", "SPECDEC_TLS_CLIENT_KEY"} <= set(env), name
+        if role(service) == "orchestrator":
+            assert env["SPECDEC_AUTH_TOKEN_FILE"] == "/certs/token" and "SPECDEC_TLS_CLIENT_CA" not in env
+            assert env["SPECDEC_VERIFY_ADDRESS"] == far["SPECDEC_FAR_VERIFY"]
+            assert env["SPECDEC_SEND_AHEAD"] == "auto"
+            assert addressed_service(env["SPECDEC_DRAFT_ADDRESSES"], edge)[0] == "draft-0"
+            assert all(host == "127.0.0.1" for host in (p.get("host_ip") for p in service["ports"])), "the edge's doors stay local"
+        else:  # a model service answers only callers with a certificate from the CA
+            assert env["SPECDEC_TLS_CLIENT_CA"] == "/certs/ca.pem", name
+    cli = compose_cli()
+    res = subprocess.run([*cli, "-f", str(edge_file), "--env-file", str(empty), "--profile", "edge", "config"],
+                         capture_output=True, text=True, cwd=ROOT, env=compose_env(), timeout=120)
+    assert res.returncode != 0 and "SPECDEC_FAR_VERIFY" in res.stderr, "the edge refuses to start without its far verify service"
 
 
 def addressed_service(address: str, candidates: dict[str, dict]) -> tuple[str, dict]:

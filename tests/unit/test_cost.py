@@ -388,3 +388,18 @@ def test_a_long_prompt_is_read_by_draft_and_target_side_by_side():
     assert prompt_first(costs, ["draft-0"], 300, speculate, alone)
     assert not prompt_first(costs, ["draft-0"], 4, speculate, alone)  # a short prompt: draft as usual
     assert not prompt_first(costs, ["draft-0"], 300, alone, alone)  # nothing to draft anyway
+
+
+def test_a_far_verify_service_earns_deeper_rounds_and_its_link_is_priced_apart():
+    """The link is paid once a round whatever its size: a far verify service makes deeper rounds pay,
+    and the verify curve's correction learns the pass alone, not the link."""
+    stats = stats_with(0.8)
+    near = RoundCosts(STEEP, {"draft-0": CostCurve.of([(1, 40), (16, 60)])})
+    far = RoundCosts(STEEP, {"draft-0": CostCurve.of([(1, 40), (16, 60)])})
+    far.link.observe(310.0, 10.0)  # a 300 ms round trip
+    assert far.round_ms(1) == pytest.approx(near.round_ms(1) + 300)
+    assert choose(far, stats, ["draft-0"], 1, 16, 64).depth > choose(near, stats, ["draft-0"], 1, 16, 64).depth
+    for _ in range(10):  # rounds that took the curve's time plus the link
+        far.observe(3, far.verify_ms(3, corrected=False) + 300)
+    assert far.verify_ms(3) == pytest.approx(far.verify_ms(3, corrected=False))
+    assert RoundCosts().round_ms(1) == RoundCosts().verify_ms(1), "unmeasured costs are in passes, not milliseconds: no link"

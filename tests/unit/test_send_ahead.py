@@ -9,7 +9,7 @@ import time
 import pytest
 
 from local_clients import LocalDraft, LocalVerify, local_controller, params
-from specdec.cost import CostCurve, Link, RoundCosts, ahead_pays
+from specdec.cost import Contention, CostCurve, Link, RoundCosts, ahead_pays
 from specdec.processors import Processing
 from specdec.sampling import SamplingParams
 from specdec.speculation import Proposal, SpeculationPolicy
@@ -85,11 +85,12 @@ def test_stops_and_processors_hold_with_rounds_sent_ahead(target, drafts):
     result = c.generate(params(PROMPTS[0], 30, "sequential", draft_length=4))
     assert result.token_ids == reference[:10] and result.finish_reason == "eos"
     processing = Processing(repetition_penalty=1.3, presence_penalty=0.5)
-    off = controller(target, drafts, ["truncated"], send_ahead="off").generate(
+    off = controller(target, drafts, ["self"], send_ahead="off").generate(
         params(PROMPTS[0], 30, "tree", beam_width=2, beam_depth=3, processing=processing))
-    on = controller(target, drafts, ["truncated"]).generate(params(PROMPTS[0], 30, "tree", beam_width=2, beam_depth=3,
+    on = controller(target, drafts, ["self"]).generate(params(PROMPTS[0], 30, "tree", beam_width=2, beam_depth=3,
                                                                      processing=processing))
-    assert on.token_ids == off.token_ids and any(r.sent_ahead for r in on.rounds)
+    assert on.token_ids == off.token_ids
+    assert any(r.sent_ahead for r in on.rounds), "the draft applies the processors too: rounds sent ahead hold"
 
 
 def test_seeded_sampling_replays_with_rounds_sent_ahead(target, drafts):
@@ -132,6 +133,14 @@ def test_the_cost_model_sends_ahead_where_the_link_pays_for_the_misses():
     assert not ahead_pays(0.5, 20.0, 250.0)  # a 20 ms one does not, at even odds
     assert ahead_pays(0.95, 20.0, 250.0)  # unless the path nearly always holds
     assert ahead_pays(0.2, 400.0, 250.0)  # a link longer than the pass: a miss costs nothing more
+    # Drafts that share the verify service's cores: a wasted pass takes them from the next round too.
+    assert ahead_pays(0.3, 200.0, 220.0) and not ahead_pays(0.3, 200.0, 220.0, shared=True)
+    assert ahead_pays(0.85, 200.0, 220.0, shared=True)
+    contention = Contention()
+    assert not contention.shared
+    for _ in range(5):
+        contention.observe(120.0, 66.0)  # drafting ahead took 1.8x its time alone: one device for both
+    assert contention.shared
     link = Link()
     link.observe(250.0, 40.0)
     link.observe(250.0, 60.0)
