@@ -130,7 +130,8 @@ class SpeculativeController:
         self.detokenizer = detokenizer
         self.draft_timeout_s = draft_timeout_s
         self.verify_timeout_s = verify_timeout_s
-        self._pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="draft-call")
+        # Draft calls, verify calls (up to two a generation: rounds sent ahead), releases; threads start as needed.
+        self._pool = ThreadPoolExecutor(max_workers=128, thread_name_prefix="model-call")
         self.draft_health = DraftHealth()
         self.instrumentation = instrumentation or GenerationInstrumentation()  # round spans and metrics
         self.costs = costs or RoundCosts()  # the services' measured forward costs (GetInfo)
@@ -213,9 +214,11 @@ class SpeculativeController:
                 draft_timeout_s, verify_timeout_s = self._budget(call, len(rounds))
                 # The round's trace span (current while it runs) and metrics; nothing when both are off.
                 with self.instrumentation.round(call.trace_parent, len(rounds), params.mode) as observed:
-                    if ahead is not None and not ahead.adds_to(context):
-                        ahead, discarded = None, discarded + 1  # built on a path the target did not take
-                    flight, ahead = ahead or self._send(g, context, not rounds, draft_timeout_s, verify_timeout_s), None
+                    dropped = None
+                    if ahead is not None and not ahead.adds_to(context):  # built on a path the target did not take
+                        dropped, ahead, discarded = ahead.verdict, None, discarded + 1
+                    flight, ahead = ahead or self._send(g, context, not rounds, draft_timeout_s, verify_timeout_s,
+                                                        beside=dropped), None
                     if rounds and self._ahead_pays(g, flight):
                         with telemetry.span("specdec.round.ahead") as span:
                             span.set_attribute("specdec.ahead.assumed_tokens", len(flight.assumed))
@@ -233,9 +236,10 @@ class SpeculativeController:
         return result
 
     def _send(self, g: _Generation, context: list[int], first: bool, draft_timeout_s: float, verify_timeout_s: float,
-              sent_ahead: bool = False) -> _Flight:
+              sent_ahead: bool = False, beside: Future | None = None) -> _Flight:
         """Plan a round after ``context`` (its shape, the drafts' and the lookup's proposals, merged)
-        and send its tree to the verify service; the verdict is the flight's future."""
+        and send its tree to the verify service; the verdict is the flight's future. ``beside``: the
+        verify call of a round sent ahead and just dropped, which may still be running."""
         params, policy = g.params, g.policy
         t0 = time.perf_counter()
         output = context[len(params.prompt_ids):]
@@ -261,10 +265,9 @@ class SpeculativeController:
         elif reading:
             fallback_reason = "first round: the drafts read the prompt while the target does"
         t1 = time.perf_counter()
-        if sent_ahead and choice.width and self.costs.verify:  # drafted while the round before is verified
-            alone = max((self.costs.draft_ms(p.draft, choice.width, max(1, p.depth)) for p in proposals
-                         if not choice.taken(p.stats_key or p.draft) and p.draft in self.costs.drafts), default=0.0)
-            self.contention.observe((t1 - t0) * 1e3, alone)
+        if beside is not None and not beside.done() and choice.width and self.costs.verify:
+            # Drafted while a dropped round's pass may still run: how much slower than alone.
+            self.contention.observe((t1 - t0) * 1e3, self._draft_ms(choice, proposals))
         merged = merge(proposals, choice.nodes or params.speculation.max_tree_nodes, self.limits.vocab_size)
         # Each call runs in a copy of this thread's context, so its trace span is the round's child.
         verdict = self._pool.submit(contextvars.copy_context().run, self._verify, g.session_id, context, merged, params,
@@ -283,8 +286,13 @@ class SpeculativeController:
             return True
         if not self.costs.verify:
             return False  # no measured curve: nothing to weigh the link against
-        return ahead_pays(flight.hit, self.costs.link.ms, self.costs.verify_ms(1 + len(flight.merged.tree)),
-                          shared=self.contention.shared)
+        return ahead_pays(flight.hit, flight.choice.expected_tokens, self._draft_ms(flight.choice, flight.proposals),
+                          self.costs.link.ms, self.costs.verify_ms(1 + len(flight.merged.tree)), self.contention.ratio)
+
+    def _draft_ms(self, choice: Choice, proposals: list[Proposal]) -> float:
+        """What the round's model drafts cost alone, as priced (the slowest; 0 with none)."""
+        return max((self.costs.draft_ms(p.draft, choice.width, max(1, p.depth)) for p in proposals
+                    if not choice.taken(p.stats_key or p.draft) and p.draft in self.costs.drafts), default=0.0)
 
     def _settle(self, g: _Generation, flight: _Flight, context: list[int], state: GenerationState, text: TextStream,
                 overlapped: bool) -> RoundRecord:

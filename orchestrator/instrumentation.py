@@ -303,6 +303,9 @@ def round_attributes(record, mode: str) -> dict:
         "specdec.predicted.tokens": float(record.expected_tokens),
         "specdec.predicted.ms": float(record.predicted_ms),
         "specdec.batch.company_sessions": record.company_sessions,
+        # Rounds sent ahead (docs/scaling.md): this round's verdict came from one; ones dropped before it.
+        "specdec.round.sent_ahead": record.sent_ahead,
+        "specdec.round.discarded_ahead": record.discarded_ahead,
     }
     if record.fallback_reason:
         attributes["specdec.fallback_reason"] = record.fallback_reason

@@ -485,29 +485,33 @@ def choose(costs: RoundCosts, stats: AcceptanceStats, drafts: list[str], max_wid
     return best
 
 
-def ahead_pays(hit: float, link_ms: float, verify_ms: float, shared: bool = False) -> bool:
+def ahead_pays(hit: float, tokens: float, draft_ms: float, link_ms: float, verify_ms: float,
+               contention: float = 1.0) -> bool:
     """Whether to send a generation's next round before the verdict on the one in flight, built on
     the path that one accepts whole with probability ``hit`` (:meth:`SpeculationPolicy.assumed`):
-    the verify service then finds it waiting as it finishes the round before, instead of a link's
-    ``link_ms`` later. Two rounds in flight save, per round whose path held, the link up to half the
-    round's time; a round sent ahead on a rejected path takes the verify service's next ``verify_ms``
-    for nothing, of which the link hides ``link_ms``, or none when the drafts and the verify service
-    share a device (``shared``: :class:`Contention`), where the wasted pass takes the cores the next
-    round drafts on. Drafting ahead is counted as no saving: on a shared device it runs against the
-    pass, not beside it."""
-    if link_ms <= 0:
+    whether the expected tokens per second beat those of rounds one after the other, each
+    ``draft_ms + link_ms + verify_ms`` for ``tokens`` tokens.
+
+    - A round sent ahead on a path that held finds the verify service as it finishes the round
+      before: two rounds in flight, each takes the larger of the pass and half a round. Its first
+      position re-checks the token the round before ended on, so it adds one token fewer.
+    - One on a rejected path is dropped; the next round starts over, later by what the wasted pass
+      still holds the verify service for, and by how much slower drafting is while that pass runs
+      (``contention``: :class:`Contention`; 1 where the drafts have a device of their own)."""
+    if link_ms <= 0 or tokens <= hit:
         return False
-    saved = min(link_ms, (link_ms + verify_ms) / 2)
-    lost = verify_ms if shared else max(0.0, verify_ms - link_ms)
-    return hit * saved > (1 - hit) * lost
+    alone = draft_ms + link_ms + verify_ms
+    held = max(verify_ms, alone / 2)
+    late = max(0.0, verify_ms - link_ms - draft_ms) + draft_ms * max(0.0, contention - 1.0)
+    return (tokens - hit) / (hit * held + (1 - hit) * (alone + late)) > tokens / alone
 
 
 class Contention:
-    """Whether the drafts share a device with the verify service, measured: how much slower drafting
-    is while a verify pass of the same generation runs (a round sent ahead is drafted then) than the
-    draft's curve says it is alone; a running mean of the ratio. Safe to share between threads."""
-
-    SHARED = 1.25  # a ratio above this: they contend
+    """How much slower the drafts run while the verify service works on a pass of the same
+    generation than their curves say they do alone: a round drafted right after a round sent ahead
+    was dropped runs beside that round's wasted pass. About 1 where drafts and verify service have
+    devices of their own; up to 2 where they share two CPU cores. A running mean of the ratio;
+    safe to share between threads."""
 
     def __init__(self, weight: float = 0.3) -> None:
         self.weight, self.ratio, self.seen = weight, 1.0, 0
@@ -515,13 +519,9 @@ class Contention:
     def observe(self, overlapped_ms: float, alone_ms: float) -> None:
         if alone_ms <= 0 or overlapped_ms <= 0:
             return
-        ratio = overlapped_ms / alone_ms
+        ratio = max(1.0, overlapped_ms / alone_ms)
         self.ratio = ratio if not self.seen else self.ratio + self.weight * (ratio - self.ratio)
         self.seen += 1
-
-    @property
-    def shared(self) -> bool:
-        return self.ratio > self.SHARED
 
 
 def prompt_first(costs: RoundCosts, drafts: list[str], prompt_rows: int, speculate: Choice, alone: Choice) -> bool:

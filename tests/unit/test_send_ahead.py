@@ -128,19 +128,21 @@ def test_auto_sends_ahead_behind_a_slow_link_only(target, drafts):
 
 
 def test_the_cost_model_sends_ahead_where_the_link_pays_for_the_misses():
-    assert not ahead_pays(0.9, 0.0, 250.0)  # no link: a round in flight only takes the pass from the next
-    assert ahead_pays(0.5, 200.0, 250.0)  # a 200 ms link hides most of a rejected round's pass
-    assert not ahead_pays(0.5, 20.0, 250.0)  # a 20 ms one does not, at even odds
-    assert ahead_pays(0.95, 20.0, 250.0)  # unless the path nearly always holds
-    assert ahead_pays(0.2, 400.0, 250.0)  # a link longer than the pass: a miss costs nothing more
-    # Drafts that share the verify service's cores: a wasted pass takes them from the next round too.
-    assert ahead_pays(0.3, 200.0, 220.0) and not ahead_pays(0.3, 200.0, 220.0, shared=True)
-    assert ahead_pays(0.85, 200.0, 220.0, shared=True)
+    # (hit, tokens a round, draft, link, verify): the embedded pair on two CPU cores behind 200 ms.
+    assert not ahead_pays(0.9, 4.0, 66.0, 0.0, 220.0)  # no link: a round in flight only takes the pass from the next
+    assert ahead_pays(0.9, 4.0, 66.0, 200.0, 220.0)  # code: paths that nearly always hold
+    assert not ahead_pays(0.35, 2.5, 66.0, 200.0, 220.0, contention=2.0)  # prose on shared cores: the misses cost more
+    assert ahead_pays(0.5, 2.5, 66.0, 200.0, 220.0)  # the same with a device for the drafts
+    assert not ahead_pays(0.5, 3.0, 66.0, 20.0, 220.0)  # 20 ms: little to hide, one token less a round held
+    assert ahead_pays(0.3, 3.0, 66.0, 600.0, 220.0)  # a link far longer than the pass: almost any hit pays
+    assert not ahead_pays(1.0, 1.0, 66.0, 200.0, 220.0)  # a round of one token has none to spare
     contention = Contention()
-    assert not contention.shared
+    assert contention.ratio == 1.0
     for _ in range(5):
-        contention.observe(120.0, 66.0)  # drafting ahead took 1.8x its time alone: one device for both
-    assert contention.shared
+        contention.observe(120.0, 66.0)  # drafting beside a wasted pass took 1.8x its time alone
+    assert 1.7 < contention.ratio < 1.85
+    contention.observe(30.0, 66.0)  # faster than alone counts as alone
+    assert contention.ratio > 1.4
     link = Link()
     link.observe(250.0, 40.0)
     link.observe(250.0, 60.0)
