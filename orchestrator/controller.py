@@ -142,8 +142,9 @@ class SpeculativeController:
         # free draft chain (None: no tokenizer here, so no such chain; the services still mask).
         self.grammars = grammars
         # Rounds sent ahead of the verdict on the round before (config: send_ahead): auto, on, off;
-        # and whether drafting then contends with the verify pass for one device (measured).
-        self.send_ahead, self.contention = send_ahead, Contention()
+        # and how much slower drafting runs beside a pass than alone, measured on the rounds drafted
+        # ahead and on those drafted right after a round sent ahead was dropped.
+        self.send_ahead, self.drafting_ahead, self.contention = send_ahead, Contention(), Contention()
         # The verify client's measured link (GrpcVerifyClient.link) prices every round (RoundCosts.link).
         if getattr(verifier, "link", None) is not None:
             self.costs.link = verifier.link
@@ -265,9 +266,11 @@ class SpeculativeController:
         elif reading:
             fallback_reason = "first round: the drafts read the prompt while the target does"
         t1 = time.perf_counter()
-        if beside is not None and not beside.done() and choice.width and self.costs.verify:
-            # Drafted while a dropped round's pass may still run: how much slower than alone.
-            self.contention.observe((t1 - t0) * 1e3, self._draft_ms(choice, proposals))
+        if choice.width and self.costs.verify:  # drafted beside a pass of this generation: how much slower than alone
+            if sent_ahead:
+                self.drafting_ahead.observe((t1 - t0) * 1e3, self._draft_ms(choice, proposals))
+            elif beside is not None and not beside.done():  # a dropped round's pass may still run
+                self.contention.observe((t1 - t0) * 1e3, self._draft_ms(choice, proposals))
         merged = merge(proposals, choice.nodes or params.speculation.max_tree_nodes, self.limits.vocab_size)
         # Each call runs in a copy of this thread's context, so its trace span is the round's child.
         verdict = self._pool.submit(contextvars.copy_context().run, self._verify, g.session_id, context, merged, params,
@@ -287,7 +290,8 @@ class SpeculativeController:
         if not self.costs.verify:
             return False  # no measured curve: nothing to weigh the link against
         return ahead_pays(flight.hit, flight.choice.expected_tokens, self._draft_ms(flight.choice, flight.proposals),
-                          self.costs.link.ms, self.costs.verify_ms(1 + len(flight.merged.tree)), self.contention.ratio)
+                          self.costs.link.ms, self.costs.verify_ms(1 + len(flight.merged.tree)), self.contention.ratio,
+                          self.drafting_ahead.ratio)
 
     def _draft_ms(self, choice: Choice, proposals: list[Proposal]) -> float:
         """What the round's model drafts cost alone, as priced (the slowest; 0 with none)."""

@@ -486,32 +486,35 @@ def choose(costs: RoundCosts, stats: AcceptanceStats, drafts: list[str], max_wid
 
 
 def ahead_pays(hit: float, tokens: float, draft_ms: float, link_ms: float, verify_ms: float,
-               contention: float = 1.0) -> bool:
+               contention: float = 1.0, beside: float = 1.0) -> bool:
     """Whether to send a generation's next round before the verdict on the one in flight, built on
     the path that one accepts whole with probability ``hit`` (:meth:`SpeculationPolicy.assumed`):
     whether the expected tokens per second beat those of rounds one after the other, each
     ``draft_ms + link_ms + verify_ms`` for ``tokens`` tokens.
 
     - A round sent ahead on a path that held finds the verify service as it finishes the round
-      before: two rounds in flight, each takes the larger of the pass and half a round. Its first
-      position re-checks the token the round before ended on, so it adds one token fewer.
+      before: two rounds in flight, each takes the larger of the pass and half a round, plus what
+      drafting it beside the round before costs more than alone (``beside``: the measured ratio of
+      drafting ahead, 1 where the drafts have a device of their own or the link hides the drafting).
+      Its first position re-checks the token the round before ended on, so it adds one token fewer.
     - One on a rejected path is dropped; the next round starts over, later by what the wasted pass
       still holds the verify service for, and by how much slower drafting is while that pass runs
       (``contention``: :class:`Contention`; 1 where the drafts have a device of their own)."""
     if link_ms <= 0 or tokens <= hit:
         return False
     alone = draft_ms + link_ms + verify_ms
-    held = max(verify_ms, alone / 2)
+    held = max(verify_ms, alone / 2) + draft_ms * max(0.0, beside - 1.0)
     late = max(0.0, verify_ms - link_ms - draft_ms) + draft_ms * max(0.0, contention - 1.0)
     return (tokens - hit) / (hit * held + (1 - hit) * (alone + late)) > tokens / alone
 
 
 class Contention:
     """How much slower the drafts run while the verify service works on a pass of the same
-    generation than their curves say they do alone: a round drafted right after a round sent ahead
-    was dropped runs beside that round's wasted pass. About 1 where drafts and verify service have
-    devices of their own; up to 2 where they share two CPU cores. A running mean of the ratio;
-    safe to share between threads."""
+    generation than their curves say they do alone (a round drafted ahead, beside the pass of the
+    round before; a round drafted right after a round sent ahead was dropped, beside its wasted
+    pass). About 1 where drafts and verify service have devices of their own, or where the link's
+    delay comes before the pass; up to 2 where they share two CPU cores. A running mean of the
+    ratio; safe to share between threads."""
 
     def __init__(self, weight: float = 0.3) -> None:
         self.weight, self.ratio, self.seen = weight, 1.0, 0

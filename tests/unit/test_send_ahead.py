@@ -136,6 +136,8 @@ def test_the_cost_model_sends_ahead_where_the_link_pays_for_the_misses():
     assert not ahead_pays(0.5, 3.0, 66.0, 20.0, 220.0)  # 20 ms: little to hide, one token less a round held
     assert ahead_pays(0.3, 3.0, 66.0, 600.0, 220.0)  # a link far longer than the pass: almost any hit pays
     assert not ahead_pays(1.0, 1.0, 66.0, 200.0, 220.0)  # a round of one token has none to spare
+    # Two CPU cores, no link to speak of: drafting ahead runs against the pass (measured 1.8x alone).
+    assert ahead_pays(0.95, 6.0, 66.0, 2.0, 220.0) and not ahead_pays(0.95, 6.0, 66.0, 2.0, 220.0, beside=1.8)
     contention = Contention()
     assert contention.ratio == 1.0
     for _ in range(5):
