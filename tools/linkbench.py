@@ -147,26 +147,31 @@ def report(runs: list[Run]) -> str:
 
 
 def plot(runs: list[Run], path: str) -> None:
+    """Tokens/s against the round trip, a panel per prompt class, a line per mode and send-ahead."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    series = defaultdict(dict)
-    for r in runs:
-        series[(r.mode, r.setup.send_ahead)].setdefault(r.setup.rtt_ms, []).append(r.tokens_per_s)
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    for (mode, ahead), points in sorted(series.items()):
-        rtts = sorted(points)
-        ax.plot(rtts, [statistics.median(points[x]) for x in rtts], marker="o",
-                label=mode if mode == "autoregressive" else f"{mode}, send-ahead {ahead}")
-    ax.set_xlabel("round trip to the verify service (ms)")
-    ax.set_ylabel("tokens/s (median over prompts)")
-    ax.set_ylim(bottom=0)
-    ax.grid(alpha=0.3)
-    ax.legend()
+    classes = list(dict.fromkeys(r.prompt.cls for r in runs))
+    fig, axes = plt.subplots(1, len(classes), figsize=(4.2 * len(classes), 3.6), sharey=True, squeeze=False)
+    for ax, cls in zip(axes[0], classes):
+        series = defaultdict(lambda: defaultdict(list))
+        for r in runs:
+            if r.prompt.cls == cls:
+                series[(r.mode, r.setup.send_ahead)][r.setup.rtt_ms].append(r.tokens_per_s)
+        for (mode, ahead), points in sorted(series.items()):
+            rtts = sorted(points)
+            ax.plot(rtts, [statistics.median(points[x]) for x in rtts], marker="o",
+                    label=mode if mode == "autoregressive" else f"{mode}, send-ahead {ahead}")
+        ax.set_title(cls)
+        ax.set_xlabel("round trip to the verify service (ms)")
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("tokens/s (median over prompts)")
+    axes[0][-1].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
 
 
 def _floats(text: str) -> list[float]:

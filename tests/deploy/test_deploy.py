@@ -164,6 +164,18 @@ def published_ports(service: dict) -> set[tuple[int, int]]:
     return found
 
 
+def port_bindings(service: dict) -> set[tuple[str, int, int]]:
+    """(host address, published port, container port) of each port, whichever form compose renders."""
+    found = set()
+    for port in service.get("ports") or []:
+        if isinstance(port, dict):
+            found.add((port.get("host_ip", "0.0.0.0"), int(port["published"]), int(port["target"])))
+        else:
+            host, published, target = ("0.0.0.0:" + str(port) if str(port).count(":") == 1 else str(port)).rsplit(":", 2)
+            found.add((host, int(published), int(target.split("/")[0])))
+    return found
+
+
 def depends_on(service: dict) -> dict[str, str]:
     deps = service.get("depends_on") or {}
     if isinstance(deps, list):
@@ -339,7 +351,7 @@ def test_edge_topology_keeps_the_target_far_and_every_hop_secured(tmp_path):
     edge = render_compose(empty, base=edge_file, profiles=("edge",), env=far)["services"]
     assert set(datacenter) == {"verify"} and {role(s) for s in edge.values()} == {"draft", "orchestrator"}
     verify = datacenter["verify"]
-    assert (50052, 50052) in published_ports(verify) and gpu_devices(verify)
+    assert ("0.0.0.0", 50052, 50052) in port_bindings(verify) and gpu_devices(verify)
     for name, service in {**datacenter, **edge}.items():
         env = environment(service)
         allowed = settings_names(SETTINGS_OF_ROLE[role(service)]) | EXTRA_SETTINGS
@@ -350,7 +362,7 @@ def test_edge_topology_keeps_the_target_far_and_every_hop_secured(tmp_path):
             assert env["SPECDEC_VERIFY_ADDRESS"] == far["SPECDEC_FAR_VERIFY"]
             assert env["SPECDEC_SEND_AHEAD"] == "auto"
             assert addressed_service(env["SPECDEC_DRAFT_ADDRESSES"], edge)[0] == "draft-0"
-            assert all(host == "127.0.0.1" for host in (p.get("host_ip") for p in service["ports"])), "the edge's doors stay local"
+            assert {host for host, _, _ in port_bindings(service)} == {"127.0.0.1"}, "the edge's doors stay local"
         else:  # a model service answers only callers with a certificate from the CA
             assert env["SPECDEC_TLS_CLIENT_CA"] == "/certs/ca.pem", name
     cli = compose_cli()
