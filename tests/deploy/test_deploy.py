@@ -347,14 +347,15 @@ def test_edge_topology_keeps_the_target_far_and_every_hop_secured(tmp_path):
     edge_file, empty = COMPOSE_DIR / "edge.yml", tmp_path / "empty.env"
     empty.write_text("")
     far = {"SPECDEC_FAR_VERIFY": "verify.example.com:50052"}
-    datacenter = render_compose(empty, base=edge_file, profiles=("datacenter",), env=far)["services"]
-    edge = render_compose(empty, base=edge_file, profiles=("edge",), env=far)["services"]
+    datacenter = in_profile(render_compose(empty, base=edge_file, profiles=("datacenter",), env=far)["services"], "datacenter")
+    edge = in_profile(render_compose(empty, base=edge_file, profiles=("edge",), env=far)["services"], "edge")
     assert set(datacenter) == {"verify"} and {role(s) for s in edge.values()} == {"draft", "orchestrator"}
     verify = datacenter["verify"]
     assert ("0.0.0.0", 50052, 50052) in port_bindings(verify) and gpu_devices(verify)
     for name, service in {**datacenter, **edge}.items():
         env = environment(service)
-        allowed = settings_names(SETTINGS_OF_ROLE[role(service)]) | EXTRA_SETTINGS
+        # (the client certificate also serves each container's own health check, `specdec health`)
+        allowed = settings_names(SETTINGS_OF_ROLE[role(service)]) | settings_names(config.TlsClientSettings) | EXTRA_SETTINGS
         assert not {k for k in env if k.startswith("SPECDEC_")} - allowed, name
         assert {"SPECDEC_TLS_CERT", "SPECDEC_TLS_CA", "SPECDEC_TLS_CLIENT_CERT", "SPECDEC_TLS_CLIENT_KEY"} <= set(env), name
         if role(service) == "orchestrator":
