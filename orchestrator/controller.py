@@ -225,7 +225,8 @@ class SpeculativeController:
                             span.set_attribute("specdec.ahead.assumed_tokens", len(flight.assumed))
                             ahead = self._send(g, flight.context + flight.assumed, False, draft_timeout_s, verify_timeout_s,
                                                sent_ahead=True)
-                    observed.record = record = self._settle(g, flight, context, state, text, overlapped=ahead is not None)
+                    observed.record = record = self._settle(g, flight, context, state, text,
+                                                            overlapped=ahead is not None or dropped is not None)
                     record.discarded_ahead, discarded = discarded, 0
                 yield record
         finally:
