@@ -8,7 +8,9 @@ skip and say so.
 
 The Kubernetes manifests are rendered by `kubectl kustomize` and also by the small resolver in
 this file (resources, generated ConfigMaps, images, labels and the patches the gpu overlay uses),
-so the same checks run where kubectl is missing; where both exist they must agree.
+so the same checks run where kubectl is missing; where both exist they must agree. Every rendered
+object is also validated against the Kubernetes API's own schemas by a maintained validator
+(kubernetes-validate, strict: an unknown field is an error).
 
 The last test runs `make test-containers`' script (tests/containers/check.py) when a Docker engine
 answers: the image built, the cpu profile up and generating the target's own output, faults,
@@ -773,6 +775,30 @@ def check_manifests(docs: list[dict], gpu: bool, tls: bool = False) -> None:
 @pytest.mark.parametrize("overlay, gpu, tls", [("base", False, False), ("overlays/gpu", True, False), ("overlays/tls", False, True)])
 def test_kubernetes_manifests(renderer, overlay, gpu, tls):
     check_manifests(renderer(K8S / overlay), gpu, tls)
+
+
+KUBERNETES_VERSION = "1.30.0"  # the oldest Kubernetes the manifests promise to run on
+
+
+@pytest.mark.parametrize("overlay", ["base", "overlays/gpu", "overlays/tls"])
+def test_kubernetes_manifests_follow_the_api_schemas(overlay):
+    """Every rendered object against the Kubernetes API's own OpenAPI schemas, strictly (a field the
+    API does not know is an error), with a maintained validator (kubernetes-validate); a misspelt
+    field and a wrong type are caught, so the check can fail."""
+    import copy
+
+    import kubernetes_validate
+
+    docs = python_render(K8S / overlay)
+    for doc in docs:
+        kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    for spoil in (lambda d: d["spec"]["template"]["spec"]["containers"][0].update(imagePullPolicyy="Never"),
+                  lambda d: d["spec"].update(replicas="two")):
+        spoilt = copy.deepcopy(deployment)
+        spoil(spoilt)
+        with pytest.raises(kubernetes_validate.ValidationError):
+            kubernetes_validate.validate(spoilt, KUBERNETES_VERSION, strict=True)
 
 
 @pytest.mark.parametrize("overlay", ["base", "overlays/gpu", "overlays/tls"])
