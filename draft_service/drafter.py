@@ -23,7 +23,7 @@ from specdec.kernels import pack_linears
 from specdec.kv_cache import SessionStore
 from specdec.grammar import Grammars, GrammarState, GrammarStates, mask_scores
 from specdec.processors import Processing
-from specdec.quantize import Int8Linear, W8A8Linear
+from specdec.quantize import Int4Linear, Int8Linear, W8A8Linear
 from specdec.sampling import SamplingParams, noised, warp_logits
 
 
@@ -55,8 +55,8 @@ def output_rows(model, vocab_limit: int) -> torch.Tensor | None:
         return None
     if type(model).__name__.startswith(("Gemma", "Cohere")):  # heads with soft-capping or scaling
         return None
-    if isinstance(head, (Int8Linear, W8A8Linear)):
-        return head.dequantized_rows(vocab_limit)  # widened once; the rest of the model stays int8
+    if isinstance(head, (Int8Linear, Int4Linear, W8A8Linear)):
+        return head.dequantized_rows(vocab_limit)  # widened once; the rest of the model stays quantized
     return head.weight[:vocab_limit]
 
 

@@ -21,8 +21,8 @@ from specdec.records import MODE_NAMES
 
 EMBEDDED_TARGET = "qwen2.5-coder-1.5b-instruct"
 EMBEDDED_DRAFT = "qwen2.5-coder-0.5b-instruct"
-QUANTIZE_MODES = ("auto", "none", "int8", "w8a8")  # --draft-quantize (specdec/quantize.py); auto: the fastest measured at start-up
-TARGET_QUANTIZE_MODES = ("none", "int8", "w8a8")  # --target-quantize
+QUANTIZE_MODES = ("auto", "none", "int8", "int4", "w8a8")  # --draft-quantize (specdec/quantize.py); auto: the fastest measured at start-up
+TARGET_QUANTIZE_MODES = ("auto", "none", "int8", "int4", "w8a8")  # --target-quantize
 
 
 # Variables that are not settings of a dataclass here but that specdec reads (the CLI's orchestrator
@@ -110,14 +110,14 @@ class SpeculationLimits:
 @dataclass
 class VerifySettings(ModelServiceSettings, SpeculationLimits):
     target_model: str = _setting(EMBEDDED_TARGET, "target model: embedded alias, local path or hub id", model=True)
-    target_quantize: str = _setting("none", "quantize the target's linear layers and output head: int8 (int8 weights, one scale per output channel, multiplied in bfloat16) or w8a8 (int8 weights and int8 activations with one scale per token, integer products through oneDNN: batch-invariant by construction, the fastest exact path on an x86 CPU); either is another model than the float one, exact against its own one-token decoding", choices=TARGET_QUANTIZE_MODES)
+    target_quantize: str = _setting("auto", "the target's engine: int4 (4-bit weights in groups of 32, multiplied in bfloat16 by torch's packed int4 product; a target converted from a GGUF runs that file's own Q4_K levels, its other tensors int8), int8 (int8 weights, one scale per output channel, multiplied in bfloat16) or w8a8 (int8 weights and int8 activations with one scale per token, oneDNN's integer product); each exact against its own one-token decoding; auto: a target converted from a 4-bit GGUF (the embedded ones) also measures int4 beside the float dtypes at start-up and keeps the fastest round, any other target none", choices=TARGET_QUANTIZE_MODES)
 
 
 @dataclass
 class DraftSettings(ModelServiceSettings, SpeculationLimits):
     draft_model: str = _setting(EMBEDDED_DRAFT, "draft model: embedded alias, local path or hub id", model=True)
     draft_vocab: int = _setting(0, "greedy drafting scores only token ids below this (0 = the whole vocabulary): a cheaper output layer; the first ids of byte-level BPE vocabularies are the most frequent", min=0)
-    draft_quantize: str = _setting("auto", "quantize the draft model's linear layers and output head: w8a8 (int8 weights and per-token int8 activations, oneDNN's integer product) or int8 (int8 weights, multiplied in bfloat16): a faster draft on a CPU, never a different output (the target decides); auto: on a CPU whichever of none, int8 and w8a8 is measured fastest at start-up, none elsewhere", choices=QUANTIZE_MODES)
+    draft_quantize: str = _setting("auto", "quantize the draft model's linear layers and output head: int8 (int8 weights, multiplied in bfloat16), int4 (4-bit weights in groups of 32, its head int8) or w8a8 (int8 weights and per-token int8 activations, oneDNN's integer product): a faster draft on a CPU, never a different output (the target decides); auto: on a CPU whichever of none, int8, int4 and w8a8 is measured fastest at start-up, none elsewhere", choices=QUANTIZE_MODES)
 
 
 @dataclass
@@ -182,8 +182,8 @@ class ClusterSettings(SpeculationDefaults, SpeculationLimits, DoorLimits, TlsSer
     draft_devices: list[str] = _setting(lambda: ["cpu"], "devices of the draft services, comma-separated (one, or one each)")
     dtype: str = _setting("auto", "model dtype for every service (auto: the verify service measures and keeps the fastest exact one; see specdec serve verify -- --help)", choices=DTYPES)
     draft_vocab: int = _setting(0, "draft services score only token ids below this (0 = all); see specdec serve draft -- --help", min=0)
-    draft_quantize: str = _setting("auto", "draft models' weights: auto (the fastest measured on a CPU), none, int8 or w8a8 (see specdec serve draft -- --help)", choices=QUANTIZE_MODES)
-    target_quantize: str = _setting("none", "the target's weights: none, int8 or w8a8 (see specdec serve verify -- --help)", choices=TARGET_QUANTIZE_MODES)
+    draft_quantize: str = _setting("auto", "draft models' weights: auto (the fastest measured on a CPU), none, int8, int4 or w8a8 (see specdec serve draft -- --help)", choices=QUANTIZE_MODES)
+    target_quantize: str = _setting("auto", "the target's engine: auto (int4 measured beside the float dtypes for a target converted from a 4-bit GGUF), none, int8, int4 or w8a8 (see specdec serve verify -- --help)", choices=TARGET_QUANTIZE_MODES)
     log_dir: str = _setting("logs", "orchestrator statistics directory")
     log_text: bool = _setting(False, "the orchestrator also logs prompt and output text and token ids (see specdec serve orchestrator -- --help)")
     trace_text: bool = _setting(False, "the orchestrator also puts prompt and output text on its generation spans (see specdec serve orchestrator -- --help)")

@@ -165,8 +165,8 @@ def make_batch_invariant(model, rows: int = INVARIANT_ROWS, kernel: str = "auto"
     """Make every row of ``model``'s forward the same bits whatever else shares the pass; returns the
     linear kernel used: "onednn" (packed, checked row-invariant on every distinct weight shape of
     the model) or "fixed-rows" (blocks of exactly ``rows`` rows; ``kernel="fixed-rows"`` asks for
-    it); for quantized layers (``specdec.quantize``), "int8" or "w8a8" (their own kernel, checked the
-    same way) or "int8-fixed-rows" / "w8a8-fixed-rows". Changes the model in place."""
+    it); for quantized layers (``specdec.quantize``), "int8", "int4" or "w8a8" (their own kernel,
+    checked the same way) or "int8-fixed-rows" and so on. Changes the model in place."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
@@ -197,7 +197,7 @@ def make_batch_invariant(model, rows: int = INVARIANT_ROWS, kernel: str = "auto"
             module._specdec_kernel = "fixed-rows"
             product = functools.partial(torch.nn.functional.linear, weight=module.weight, bias=module.bias)
             module.forward = functools.partial(_blocked, product, rows, pad=True)
-    if _int8_rows_invariant(model, rows) is not None:
+    if _quantized_rows_invariant(model, rows) is not None:
         quantized = sorted({m._specdec_kernel for m in model.modules() if not isinstance(m, torch.nn.Linear)
                             and hasattr(m, "_specdec_kernel")})
         kernel = "+".join(([kernel] if linears else []) + quantized)
@@ -206,13 +206,14 @@ def make_batch_invariant(model, rows: int = INVARIANT_ROWS, kernel: str = "auto"
     return kernel
 
 
-def _int8_rows_invariant(model, rows: int) -> bool | None:
-    """Quantized layers (``specdec.quantize``: int8 weight-only, w8a8) keep their kernel where it is
+def _quantized_rows_invariant(model, rows: int) -> bool | None:
+    """Quantized layers (``specdec.quantize``: int8 and int4 weight-only, w8a8) keep their kernel where it is
     row-invariant (checked per weight shape, as the packed product is), else they run on ``rows``-row
     blocks too. None when the model has none."""
-    from specdec.quantize import Int8Linear, W8A8Linear
+    from specdec.quantize import Int4Linear, Int8Linear, W8A8Linear
 
-    layers = [m for m in model.modules() if isinstance(m, (Int8Linear, W8A8Linear)) and not hasattr(m, "_specdec_kernel")]
+    layers = [m for m in model.modules() if isinstance(m, (Int8Linear, Int4Linear, W8A8Linear))
+              and not hasattr(m, "_specdec_kernel")]
     if not layers:
         return None
     checked: dict[tuple, bool] = {}
@@ -220,11 +221,12 @@ def _int8_rows_invariant(model, rows: int) -> bool | None:
         shape = (type(module), module.out_features, module.in_features)
         if shape not in checked:
             counts = CHECKED_ROWS if shape[1] * shape[2] < 64 << 20 else CHECKED_ROWS[:32]
-            dtype = module.scales.dtype if isinstance(module, Int8Linear) else torch.float32
+            dtype = (module.scales.dtype if isinstance(module, Int8Linear) else torch.bfloat16 if isinstance(module, Int4Linear)
+                     else torch.float32)
             checked[shape] = rows_invariant(module.forward, module.in_features, dtype, counts)
     invariant = all(checked.values())
     for module in layers:
-        name = "int8" if isinstance(module, Int8Linear) else "w8a8"
+        name = "int8" if isinstance(module, Int8Linear) else "int4" if isinstance(module, Int4Linear) else "w8a8"
         module._specdec_kernel = name if invariant else f"{name}-fixed-rows"
         if not invariant:
             module.forward = functools.partial(_blocked, module.forward, rows, pad=True)

@@ -5,6 +5,11 @@ the table).
 - ``int8`` (:class:`Int8Linear`): int8 weights, one scale per output channel, multiplied in
   bfloat16 by torch's packed kernel (``torch.ops.aten._weight_int8pack_mm``), whose cost is mostly
   reading the weights. Any device; the embedded draft's default on a CPU.
+- ``int4`` (:class:`Int4Linear`): 4-bit weights in groups of 32 along the input, each group with its
+  own scale and offset (a model converted from a 4-bit GGUF keeps its own values, as near as
+  bfloat16 scales hold them), multiplied in bfloat16 by torch's packed kernel
+  (``torch.ops.aten._weight_int4pack_mm_for_cpu``), which reads half a byte a weight and gives every
+  row the bits it gets alone (checked per weight shape at start-up, :mod:`specdec.kernels`). CPUs.
 - ``w8a8`` (:class:`W8A8Linear`): int8 weights *and* int8 activations with one scale per row (per
   token), multiplied by oneDNN's int8 product (``torch.ops.onednn.qlinear_pointwise``, VNNI where
   the CPU has it), summed in int32. Integer sums are exact in any order or blocking, and a row's
@@ -21,17 +26,19 @@ from __future__ import annotations
 import functools
 import logging
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from specdec.config import QUANTIZE_MODES
+from specdec.gguf_weights import Q4KTensor, read_q4k
 
 log = logging.getLogger("specdec")
 
 #: The model dtype each quantized format runs the rest of the model in (norms, attention): the int8
 #: weight-only kernel wants bfloat16 activations; the w8a8 product takes float32 and returns it.
-MODEL_DTYPES = {"int8": ("bfloat16",), "w8a8": ("float32",)}
+MODEL_DTYPES = {"int8": ("bfloat16",), "int4": ("bfloat16",), "w8a8": ("float32",)}
 # Devices with a kernel for the packed product; elsewhere the int8 weights are widened per call
 # (the memory saving stays, the speed-up does not).
 _PACKED_DEVICES = ("cpu", "mps")
@@ -78,6 +85,100 @@ class Int8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8"
+
+
+#: Weights per group of :class:`Int4Linear` (each with its own scale and offset): the sub-block of
+#: llama.cpp's Q4_K, so a tensor read from such a GGUF keeps its own grid.
+INT4_GROUP = 32
+# What torch's packed int4 product takes: output features a multiple of 16, input features of the group.
+_INT4_OUT_MULTIPLE = 16
+
+
+class Int4Linear(nn.Module):
+    """A bias-optional linear layer with 4-bit weights, asymmetric per group of :data:`INT4_GROUP`
+    inputs: ``weight_float[n, k] = (q[n, k] - 8) * scale[g, n] + offset[g, n]`` for ``g = k // 32``,
+    ``q`` in 0..15 (torch's packed int4 layout). Activations and output in bfloat16.
+
+    Where torch's product takes the shape (CPUs; output features a multiple of 16), the weight is
+    packed once and read half a byte a weight; elsewhere (tiny test models, other devices) the 4-bit
+    values are widened once to a bfloat16 matrix (the same model, without the saving). A head also
+    keeps its 4-bit values, two to a byte, so a draft can widen a slice of its rows."""
+
+    def __init__(self, q: torch.Tensor, scales_and_offsets: torch.Tensor, bias: torch.Tensor | None,
+                 keep_values: bool = False) -> None:
+        super().__init__()
+        self.out_features, self.in_features = q.shape
+        self.register_buffer("nibbles", (q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8))  # [out, in / 2]
+        self.register_buffer("scales_and_offsets", scales_and_offsets)  # [in / 32, out, 2] bfloat16
+        self.register_buffer("bias", bias)
+        self.packed = None
+        if q.device.type == "cpu" and self.out_features % _INT4_OUT_MULTIPLE == 0:
+            self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
+        else:
+            self.register_buffer("widened", self.dequantized_rows(self.out_features))
+        if not keep_values:  # only a head keeps them (a draft scores a slice of its rows)
+            self.nibbles = None
+        # A shape-only stand-in (code reads the weight's shape and dtype).
+        self.register_buffer("weight", torch.empty(q.shape, dtype=torch.bfloat16, device="meta"))
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, keep_values: bool = False) -> "Int4Linear":
+        """The layer's float weight in 4 bits, each group of 32 spanning its own range in 15 steps."""
+        if linear.in_features % INT4_GROUP:
+            raise ValueError(f"int4 needs input features in multiples of {INT4_GROUP}, got {linear.in_features}")
+        q, scales_and_offsets = _int4_per_group(linear.weight.detach().float())
+        return cls(q, scales_and_offsets, _bf16_bias(linear), keep_values)
+
+    @classmethod
+    def from_q4k(cls, stored, linear: nn.Linear, keep_values: bool = False) -> "Int4Linear":
+        """The layer as a GGUF stores it in Q4_K (:class:`specdec.gguf_weights.Q4KTensor`: levels, and a
+        scale and minimum per group of 32): its own levels, the scale and the value at level 8 rounded
+        to bfloat16 (the only change from the file's values, under a thirtieth of a level)."""
+        offsets = 8 * stored.scales - stored.minimums
+        scales_and_offsets = torch.stack([stored.scales.T, offsets.T], dim=-1).to(torch.bfloat16).contiguous()
+        return cls(stored.levels, scales_and_offsets, _bf16_bias(linear), keep_values)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
+        if self.packed is not None:
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.packed, INT4_GROUP, self.scales_and_offsets)
+        else:
+            out = rows @ self.widened.T
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def dequantized_rows(self, limit: int) -> torch.Tensor:
+        """The first ``limit`` rows of the weight in bfloat16, ``[limit, in_features]`` (a head only)."""
+        if self.nibbles is None:
+            raise ValueError("this layer keeps only its packed weight")
+        nibbles = self.nibbles[:limit]
+        q = torch.stack([nibbles & 15, nibbles >> 4], dim=-1).reshape(nibbles.shape[0], -1).float()
+        scales, offsets = self.scales_and_offsets[:, :limit].float().repeat_interleave(INT4_GROUP, 0).unbind(-1)
+        return ((q - 8) * scales.T + offsets.T).to(torch.bfloat16)
+
+    def __deepcopy__(self, memo) -> "Int4Linear":
+        return self  # the packed weight is read-only: copies share the layer
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int4"
+
+
+def _bf16_bias(linear: nn.Linear) -> torch.Tensor | None:
+    return None if linear.bias is None else linear.bias.detach().to(torch.bfloat16).clone()
+
+
+def _int4_per_group(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``w`` ``[out, in]`` float as 4-bit levels (uint8, 0..15) and ``[in / 32, out, 2]`` bfloat16
+    scales and values at level 8: each group of 32 spans its own minimum to maximum in 15 steps."""
+    out_features, in_features = w.shape
+    groups = w.reshape(out_features, in_features // INT4_GROUP, INT4_GROUP)
+    low, high = groups.amin(dim=-1), groups.amax(dim=-1)
+    scales = ((high - low) / 15).clamp(min=torch.finfo(torch.bfloat16).tiny).to(torch.bfloat16)
+    offsets = (low + 8 * scales.float()).to(torch.bfloat16)  # the value at level 8
+    q = torch.round((groups - offsets.float()[..., None]) / scales.float()[..., None] + 8).clamp(0, 15)
+    return (q.to(torch.uint8).reshape(out_features, in_features),
+            torch.stack([scales.T, offsets.T], dim=-1).contiguous())
 
 
 class W8A8Linear(nn.Module):
@@ -134,18 +235,18 @@ class W8A8Linear(nn.Module):
 
 
 #: Sibling projections that read the same input in the model families this runs (Llama, Qwen, Mistral,
-#: Gemma...): as w8a8 they are one product over their weights stacked, so the input is quantized
-#: once and the weights read in one call.
+#: Gemma...): as w8a8 or int4 they are one product over their weights stacked, so the input is read
+#: (and for w8a8 quantized) once and the weights in one call.
 SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
 class _SharedProduct:
-    """One w8a8 product for several sibling layers (:data:`SHARED_INPUTS`): the first sibling called
+    """One product for several sibling layers (:data:`SHARED_INPUTS`): the first sibling called
     with an input runs it, and each sibling takes its own columns. A sibling called with another
-    input runs it again (still right, only slower). Integer sums make each column's bits the ones
-    its own product would give."""
+    input runs it again (still right, only slower). Each column is summed over the inputs alone, so
+    a row's bits never depend on the other rows (checked like every kernel, specdec.kernels)."""
 
-    def __init__(self, layer: W8A8Linear, sizes: list[int]) -> None:
+    def __init__(self, layer: nn.Module, sizes: list[int]) -> None:
         self.layer, self.sizes = layer, sizes
         self.input, self.outputs = None, None
 
@@ -173,9 +274,11 @@ class SharedInputLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, w8a8 shared input ({self.index})"
 
 
-def _share_inputs(model: nn.Module, linears: list[tuple[str, nn.Linear]]) -> list[tuple[str, nn.Linear]]:
+def _share_inputs(model: nn.Module, linears: list[tuple[str, nn.Linear]], build) -> list[tuple[str, nn.Linear]]:
     """Replace each complete group of :data:`SHARED_INPUTS` siblings under one parent by one stacked
-    w8a8 product (registered on the parent, so that kernel checks see it); returns the linears left."""
+    product, ``build(names, stacked)`` (``stacked``: an ``nn.Linear`` of the siblings' weights one
+    after the other; it may return None to leave the group as it is), registered on the parent so
+    that kernel checks see it; returns the linears left."""
     by_name = dict(linears)
     done = set()
     for name, _ in linears:
@@ -187,13 +290,16 @@ def _share_inputs(model: nn.Module, linears: list[tuple[str, nn.Linear]]) -> lis
             layers = [by_name[n] for n in names]
             if len({m.in_features for m in layers}) != 1 or len({m.bias is None for m in layers}) != 1:
                 continue
-            stacked = nn.Linear(layers[0].in_features, sum(m.out_features for m in layers), bias=layers[0].bias is not None)
+            stacked = nn.Linear(layers[0].in_features, sum(m.out_features for m in layers), bias=layers[0].bias is not None,
+                                dtype=layers[0].weight.dtype)
             with torch.no_grad():
-                stacked.weight.copy_(torch.cat([m.weight.detach().float() for m in layers]))
+                stacked.weight.copy_(torch.cat([m.weight.detach() for m in layers]))
                 if stacked.bias is not None:
-                    stacked.bias.copy_(torch.cat([m.bias.detach().float() for m in layers]))
+                    stacked.bias.copy_(torch.cat([m.bias.detach() for m in layers]))
+            product = build(names, stacked)
+            if product is None:
+                continue
             parent = model.get_submodule(parent_name) if parent_name else model
-            product = W8A8Linear.from_linear(stacked)
             parent.add_module(f"specdec_{'_'.join(group)}", product)
             shared = _SharedProduct(product, [m.out_features for m in layers])
             for i, g in enumerate(group):
@@ -234,7 +340,7 @@ def w8a8_available() -> bool:
 
 
 #: What ``auto`` may pick, most faithful first: a near tie (within ``_TIE``) goes to the earlier one.
-AUTO_CANDIDATES = ("none", "int8", "w8a8")
+AUTO_CANDIDATES = ("none", "int8", "int4", "w8a8")
 _TIE = 0.03
 _PROBE_ROWS = (1, 4)  # a chain's step feeds one row, a tree's a few
 
@@ -250,6 +356,7 @@ def fastest_quantization(model: nn.Module, candidates=AUTO_CANDIDATES, repeats: 
     shape) and counted as often as it occurs: the linear layers are what the formats change, and
     the model's own weights are left untouched."""
     linears = [m for m in model.modules() if type(m) is nn.Linear]
+    head = model.get_output_embeddings()
     shapes: dict[tuple, list] = {}
     for m in linears:
         shapes.setdefault((m.in_features, m.out_features, m.bias is not None), [m, 0])[1] += 1
@@ -262,6 +369,7 @@ def fastest_quantization(model: nn.Module, candidates=AUTO_CANDIDATES, repeats: 
             total = 0.0
             for linear, count in shapes.values():
                 layer = (linear if mode == "none" else Int8Linear.from_linear(linear) if mode == "int8"
+                         else _int4_layer(linear, None, linear is head, False) if mode == "int4"
                          else W8A8Linear.from_linear(linear))
                 for rows in _PROBE_ROWS:
                     x = torch.randn(rows, linear.in_features, dtype=linear.weight.dtype)
@@ -282,11 +390,16 @@ def fastest_of(costs: dict[str, float]) -> str:
     return next(mode for mode, cost in costs.items() if cost <= best * (1 + _TIE))
 
 
-def quantize_model(model: nn.Module, mode: str) -> nn.Module:
+def quantize_model(model: nn.Module, mode: str, gguf: Path | None = None) -> nn.Module:
     """Replace ``model``'s linear layers and output head in place by ``mode`` (``QUANTIZE_MODES``);
     returns the model. ``"none"`` leaves it as it is; ``"auto"`` is, on a CPU, the format measured
     fastest there (:func:`fastest_quantization`), and none elsewhere. Raises ValueError for a mode
-    this device has no kernel for."""
+    this device has no kernel for.
+
+    ``int4`` with ``gguf`` (the file the model was converted from): every layer the file stores in
+    Q4_K runs its own 4-bit levels (:mod:`specdec.gguf_weights`), every other one (stored at 5 to 8
+    bits) int8 weight-only. Without it: 4 bits from the floats, the output head in int8 (in 4 bits
+    it cost the most agreement with the float model)."""
     if mode not in QUANTIZE_MODES:
         raise ValueError(f"quantize must be one of {QUANTIZE_MODES}, got {mode!r}")
     if mode == "auto":
@@ -308,11 +421,45 @@ def quantize_model(model: nn.Module, mode: str) -> nn.Module:
     if mode == "w8a8" and next(model.parameters()).device.type != "cpu":
         raise ValueError("w8a8 runs on a CPU only (oneDNN's int8 product); use none or int8 on this device")
     head = model.get_output_embeddings()
+    stored = read_q4k(gguf, [f"{name}.weight" for name, _ in linears]) if mode == "int4" and gguf else {}
     if mode == "w8a8":
-        linears = _share_inputs(model, linears)
+        linears = _share_inputs(model, linears, lambda names, stacked: W8A8Linear.from_linear(stacked))
+    elif mode == "int4":
+        linears = _share_inputs(model, linears, functools.partial(_stacked_int4, stored, from_file=gguf is not None))
     for name, module in linears:
         parent_name, _, child = name.rpartition(".")
-        quantized = (Int8Linear.from_linear(module) if mode == "int8"
-                     else W8A8Linear.from_linear(module, keep_weight=module is head))
+        if mode == "int4":
+            quantized = _int4_layer(module, stored.get(f"{name}.weight"), module is head, from_file=gguf is not None)
+        else:
+            quantized = (Int8Linear.from_linear(module) if mode == "int8"
+                         else W8A8Linear.from_linear(module, keep_weight=module is head))
         setattr(model.get_submodule(parent_name), child, quantized)
+    if stored:
+        kept = sum(isinstance(m, Int4Linear) for m in model.modules())
+        log.info("int4: %d of %d linear layers run their 4-bit levels from %s; the rest int8", kept, len(linears), gguf.name)
     return model
+
+
+def _stacked_int4(stored: dict, names: list[str], stacked: nn.Linear, from_file: bool) -> nn.Module | None:
+    """One int4 product over sibling layers (:data:`SHARED_INPUTS`) where every one of them is int4:
+    all stored in Q4_K by the GGUF (their levels stacked), or all quantized from floats."""
+    parts = [stored.get(f"{name}.weight") for name in names]
+    if all(p is not None for p in parts):
+        layer = _int4_layer(stacked, Q4KTensor(*(torch.cat([getattr(p, f) for p in parts]) for f in ("levels", "scales", "minimums"))),
+                            head=False, from_file=True)
+    elif not from_file:
+        layer = _int4_layer(stacked, None, head=False, from_file=False)
+    else:
+        return None
+    return layer if isinstance(layer, Int4Linear) else None
+
+
+def _int4_layer(linear: nn.Linear, stored, head: bool, from_file: bool) -> nn.Module:
+    """One layer of an int4 model: its Q4_K levels where the GGUF has them (and they are the float
+    weight the model holds, as rounded to its dtype); int8 where the file keeps it at more bits, for
+    the head, and where the input width is no multiple of a group; else 4 bits from the floats."""
+    if stored is not None and torch.equal(stored.dequantized().to(linear.weight.dtype), linear.weight.detach()):
+        return Int4Linear.from_q4k(stored, linear, keep_values=head)
+    if from_file or head or linear.in_features % INT4_GROUP:
+        return Int8Linear.from_linear(linear)
+    return Int4Linear.from_linear(linear)

@@ -10,10 +10,12 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-# Every service the tests start runs in float32, the dtype the tiny reference models decode in:
-# with --dtype auto (the default) a verify service keeps whichever exact path is faster here, which
-# for a tiny model is a coin toss. The choice itself is tested in tests/unit/test_precision.py.
+# Every service the tests start runs in float32 as loaded, the numerics the reference models decode
+# in: with --dtype auto and --target-quantize auto (the defaults) a verify service keeps whichever
+# exact engine is faster here (int4 too, for a model converted from a GGUF), which for a tiny model
+# is a coin toss. The choice itself is tested in tests/unit/test_precision.py and test_int4.py.
 os.environ.setdefault("SPECDEC_DTYPE", "float32")
+os.environ.setdefault("SPECDEC_TARGET_QUANTIZE", "none")
 
 from tiny_models import EOS, save_tiny, tiny_qwen2, truncated_copy  # noqa: E402
 

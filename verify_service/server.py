@@ -8,6 +8,8 @@ from specdec import config, precision
 from specdec.errors import InvalidRequest, check_range, check_token_ids
 from specdec.rpc.convert import processing_of, sampling_params
 from specdec.grammar import Grammars
+from specdec.gguf_weights import model_gguf
+from specdec.model_store import resolve_model
 from specdec.quantize import MODEL_DTYPES, quantize_model
 from specdec.sampling import MAX_TOP_LOGPROBS
 from specdec.rpc.server import ModelServicer, load_for_service, observe_batches, run_model_service
@@ -80,26 +82,54 @@ def main(argv: list[str] | None = None) -> None:
 
 def load_target(service: str, name: str, settings):
     """The target as every model service loads it, then quantized as ``--target-quantize`` says
-    (before the kernels are chosen and the cost calibrated). ``--dtype auto``: every exact path is
-    measured and the fastest round's kept (:mod:`specdec.precision`)."""
-    if settings.dtype != "auto":
-        model, tokenizer, info = load_for_service(service, name, settings)
-        return quantize_model(model, settings.target_quantize), tokenizer, info
-    loaded = []
+    (before the kernels are chosen and the cost calibrated). Where anything is left to measure
+    (``--dtype auto``, ``--target-quantize auto``), every exact engine is loaded, checked and timed and
+    the fastest round's kept (:mod:`specdec.precision`); ``GetInfo`` says which and why."""
+    gguf = target_gguf(name, settings)
+    engines = target_engines(settings, gguf)
 
-    def load(dtype: str):
+    def load(engine: str):
+        dtype, quantize = engines[engine]
         model, tokenizer, info = load_for_service(service, name, settings, dtype)
         loaded.append((tokenizer, info))
-        return quantize_model(model, settings.target_quantize)
+        return quantize_model(model, quantize, gguf=gguf)
 
-    # A quantized target runs the rest of the model in the dtype its kernel takes.
-    dtypes = MODEL_DTYPES.get(settings.target_quantize, precision.CANDIDATES)
-    model, choice = precision.choose_precision(load, dtypes, reps=3 if settings.calibrate else 1)
+    loaded = []
+    if settings.dtype != "auto" and settings.target_quantize != "auto":
+        model = load(next(iter(engines)))
+        return (model, *loaded[0])
+    model, choice = precision.choose_precision(load, tuple(engines), reps=3 if settings.calibrate else 1)
     tokenizer, info = loaded[0]
     info.dtype, info.precision = choice.dtype, choice.summary()
     if settings.calibrate:
         info.forward_costs = list(choice.chosen.curve.points)
     return model, tokenizer, info
+
+
+def target_gguf(name: str, settings):
+    """The GGUF file the target was converted from, where the int4 engine may read it (``--target-quantize``
+    int4 or auto, on a CPU); None otherwise."""
+    if settings.target_quantize not in ("int4", "auto") or settings.device != "cpu":
+        return None
+    return model_gguf(resolve_model(name))
+
+
+def target_engines(settings, gguf) -> dict[str, tuple[str, str]]:
+    """Every engine the settings leave open, by name: (dtype the model loads in, quantize mode).
+
+    ``--target-quantize auto`` adds the int4 engine only for a target converted from a 4-bit GGUF (the
+    embedded models): those are its stored weights, so int4 changes nothing a user chose, while
+    quantizing a float checkpoint to 4 bits would be another, lossier model; that stays a choice
+    (``int4``). A quantized engine runs the rest of the model in the dtype its kernel takes."""
+    quantize = "none" if settings.target_quantize == "auto" else settings.target_quantize
+    if settings.dtype != "auto":
+        dtypes = (settings.dtype,)
+    else:
+        dtypes = precision.CANDIDATES if quantize == "none" else MODEL_DTYPES[quantize][:1]
+    engines = {dtype if quantize == "none" else quantize: (dtype, quantize) for dtype in dtypes}
+    if settings.target_quantize == "auto" and gguf is not None and "int4" not in engines:
+        engines["int4"] = (MODEL_DTYPES["int4"][0], "int4")
+    return engines
 
 
 if __name__ == "__main__":

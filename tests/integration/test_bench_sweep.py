@@ -243,7 +243,7 @@ def test_shipped_sweep_files_are_valid(name):
     assert cfg.modes
     if name == "quantized.yaml":
         assert cfg.baselines == ["target-only", "llama-cpp"] and cfg.llama_cpp_draft_lengths
-        assert [(s.target_quantize, s.draft_quantize) for s in cfg.model_sets] == [("", ""), ("w8a8", "w8a8")]
+        assert [(s.target_quantize, s.draft_quantize) for s in cfg.model_sets] == [("", ""), ("none", ""), ("w8a8", "w8a8")]
         return
     assert cfg.baselines == ["target-only", "assisted"]
     assert len({s.run_id for s in plan}) == len(plan)
@@ -276,8 +276,8 @@ def test_model_sets_name_their_quantization(tmp_path):
     config.write_text("draft_model_sets: [{name: q, models: [d], target_quantize: w8a8, draft_quantize: int8}, [d]]\n" + prompts)
     cfg = sweep.load_sweep_config(config)
     assert [(s.name, s.target_quantize, s.draft_quantize) for s in cfg.model_sets] == [("q", "w8a8", "int8"), ("d", "", "")]
-    config.write_text("draft_model_sets: [{models: [d], target_quantize: int4}]\n" + prompts)
-    with pytest.raises(sweep.BenchError, match="target_quantize.*int4.*none, int8, w8a8"):
+    config.write_text("draft_model_sets: [{models: [d], target_quantize: int2}]\n" + prompts)
+    with pytest.raises(sweep.BenchError, match="target_quantize.*int2.*none, int8, int4, w8a8"):
         sweep.load_sweep_config(config)
 
 

@@ -9,12 +9,9 @@ import random
 import pytest
 import torch
 
-from local_clients import LocalDraft, LocalVerify, local_controller, params
-from specdec.engine import tree_forward
+from local_clients import LocalDraft, LocalVerify, local_controller, mismatched_nodes, params, stepped_greedy
 from specdec.kernels import make_batch_invariant
-from specdec.kv_cache import SessionKV
 from specdec.tools.gpu_check import TREE_SHAPES, check_tree
-from specdec.tools.gpu_check import mismatched_nodes as check_mismatched_nodes
 from specdec.tree import TokenTree
 from tiny_models import EOS, tiny_qwen2, truncated_copy
 
@@ -44,14 +41,6 @@ def random_tree(rng: random.Random, n: int) -> TokenTree:
     return check_tree(n, rng, 90, shape=rng.choice(TREE_SHAPES))
 
 
-def mismatched_nodes(model, tree: TokenTree, context: list[int], cached: int) -> list[int]:
-    """Nodes (-1: the context end) whose tree-pass logits differ in any bit from stepping their
-    path one token per forward (``tools/gpu_check.py`` runs the same check on a GPU)."""
-    steps = SessionKV("steps")
-    last = [tree_forward(model, steps, [token])[-1] for token in context][-1]
-    return check_mismatched_nodes(model, tree, context, cached, (steps, last))
-
-
 @pytest.mark.parametrize("rows", range(1, 17))
 def test_each_node_matches_its_one_token_steps_bit_for_bit(model, rows):
     rng = random.Random(rows)
@@ -76,18 +65,6 @@ def test_the_check_catches_a_different_path(dtype):
     for rows in (4, 9, 16):
         bad += len(mismatched_nodes(stock, random_tree(rng, rows), PROMPT, cached=3))
     assert bad > 0
-
-
-def stepped_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
-    """The model alone, one token per forward, greedy, stopping at EOS."""
-    session, out = SessionKV("greedy"), []
-    logits = [tree_forward(model, session, [t])[-1] for t in prompt][-1]
-    while len(out) < max_new_tokens:
-        out.append(int(logits.argmax()))
-        if out[-1] == EOS:
-            break
-        logits = tree_forward(model, session, [out[-1]])[-1]
-    return out
 
 
 @pytest.fixture(scope="module", params=VARIANTS, ids="-".join)

@@ -11,7 +11,8 @@ import pytest
 from local_clients import LocalDraft, LocalVerify, local_controller, params
 from specdec.generation import GenerationParams
 from specdec.sampling import SamplingParams
-from test_batch_invariance import VARIANTS, invariant, stepped_greedy, tiny_model
+from local_clients import stepped_greedy
+from test_batch_invariance import VARIANTS, invariant, tiny_model
 from tiny_models import EOS, truncated_copy
 
 PROMPTS = [[11, 40, 3, 77, 25, 60, 8, 19, 33], [5, 6], [70, 71, 72, 73, 74, 75, 76, 77, 78, 79, 80, 81], [42] * 5,

@@ -59,8 +59,8 @@ def test_other_boolean_words_are_refused(word):
     (config.VerifySettings, "SPECDEC_PORT", "70000", "an integer from 0 to 65535"),
     (config.VerifySettings, "SPECDEC_DTYPE", "float8", "one of float32, bfloat16, float16, auto"),
     (config.OrchestratorSettings, "SPECDEC_MODE", "bogus", "one of autoregressive, sequential, tree"),
-    (config.ClusterSettings, "SPECDEC_DRAFT_QUANTIZE", "int4", "one of auto, none, int8, w8a8"),
-    (config.VerifySettings, "SPECDEC_TARGET_QUANTIZE", "int4", "one of none, int8, w8a8"),
+    (config.ClusterSettings, "SPECDEC_DRAFT_QUANTIZE", "int2", "one of auto, none, int8, int4, w8a8"),
+    (config.VerifySettings, "SPECDEC_TARGET_QUANTIZE", "int2", "one of auto, none, int8, int4, w8a8"),
 ])
 def test_out_of_range_values_are_refused(cls, variable, value, accepts):
     message = refused(cls, **{variable: value})
