@@ -70,7 +70,8 @@ class GrpcDraftClient(_Client):
         reply = self.contexts.call(session_id, context, call)
         beams = [list(beam.token_ids) for beam in reply.beams]
         confidences = [list(beam.token_probabilities) for beam in reply.beams]
-        return Proposal(self.name, beams, confidences=confidences if confidences and all(confidences) else None)
+        return Proposal(self.name, beams, confidences=confidences if confidences and all(confidences) else None,
+                        context_rows=max(1, len(context) - reply.reused_tokens))
 
 
 class GrpcVerifyClient(_Client):

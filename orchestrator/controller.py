@@ -145,6 +145,7 @@ class SpeculativeController:
         # and how much slower drafting runs beside a pass than alone, measured on the rounds drafted
         # ahead and on those drafted right after a round sent ahead was dropped.
         self.send_ahead, self.drafting_ahead, self.contention = send_ahead, Contention(), Contention()
+        self.verifying_beside = Contention()  # a verify pass while the next round is drafted beside it
         # The verify client's measured link (GrpcVerifyClient.link) prices every round (RoundCosts.link).
         if getattr(verifier, "link", None) is not None:
             self.costs.link = verifier.link
@@ -292,7 +293,7 @@ class SpeculativeController:
             return False  # no measured curve: nothing to weigh the link against
         return ahead_pays(flight.hit, flight.choice.expected_tokens, self._draft_ms(flight.choice, flight.proposals),
                           self.costs.link.ms, self.costs.verify_ms(1 + len(flight.merged.tree)), self.contention.ratio,
-                          self.drafting_ahead.ratio)
+                          self.drafting_ahead.ratio, self.verifying_beside.ratio)
 
     def _draft_ms(self, choice: Choice, proposals: list[Proposal]) -> float:
         """What the round's model drafts cost alone, as priced (the slowest; 0 with none)."""
@@ -307,6 +308,11 @@ class SpeculativeController:
         params = g.params
         target, tops = flight.verdict.result()
         t2 = time.perf_counter()
+        if overlapped and not flight.sent_ahead and self.costs.verify:
+            # Its pass ran while the next round was drafted (and waited on no pass before it):
+            # how much slower than its curve says a pass alone takes.
+            rows = 1 + len(flight.merged.tree)
+            self.verifying_beside.observe((t2 - flight.t1) * 1e3, self.costs.verify_ms(rows) + self.costs.link.ms)
         verdict = accept(flight.merged, target)
         skip = len(context) - len(flight.context)
         known = context[len(flight.context):]

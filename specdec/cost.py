@@ -160,28 +160,36 @@ class RoundCosts:
             return self.verify.ms(rows) * (self.corrections.factor("verify", rows) if corrected else 1.0)
         return 1.0 + ASSUMED_ROW_SLOPE * (rows - 1)
 
-    def draft_ms(self, draft: str, width: int, depth: int, corrected: bool = True, batch: int = 1) -> float:
-        """Beam search ``depth`` deep: a forward over the new context token, then ``depth - 1`` over
-        ``width`` rows, for each of ``batch`` generations drafting together."""
+    def draft_ms(self, draft: str, width: int, depth: int, corrected: bool = True, batch: int = 1,
+                 context_rows: int = 1) -> float:
+        """Beam search ``depth`` deep: a forward over the new context token (``context_rows``: the
+        context tokens it reads first, more than one where the draft catches up on a context it has
+        not seen), then ``depth - 1`` over ``width`` rows, for each of ``batch`` generations drafting
+        together."""
         curve = self.drafts.get(draft) if self.verify else None
         if not curve:
-            return depth * ASSUMED_DRAFT_SHARE * self.verify_ms(1)
+            return (depth + context_rows - 1) * ASSUMED_DRAFT_SHARE * self.verify_ms(1)
         factor = self.corrections.factor(draft, width * batch) if corrected else 1.0
-        return (curve.ms(batch) + (depth - 1) * curve.ms(width * batch)) * factor
+        return (curve.ms(batch + context_rows - 1) + (depth - 1) * curve.ms(width * batch)) * factor
 
-    def observe(self, verify_rows: int, verify_ms: float, drafts: dict[str, tuple[int, int]] | None = None,
+    def observe(self, verify_rows: int, verify_ms: float, drafts: dict[str, tuple[int, ...]] | None = None,
                 draft_ms: float = 0.0) -> None:
         """A round's measured times, alone: its verify call over ``verify_rows`` rows, and its drafting
-        (``drafts``: each draft's (width, depth); they run side by side, so the slowest is charged)."""
+        (``drafts``: each draft's (width, depth) or (width, depth, context rows it read first: a draft
+        that caught up on the context is priced with that, so the catch-up never reads as a slow
+        draft); they run side by side, so the slowest is charged)."""
         if not self.verify:
             return
         # The link is priced apart (:class:`Link`): the curve's correction is for the pass alone.
         self.corrections.observe("verify", verify_rows, self.verify_ms(verify_rows, corrected=False),
                                  verify_ms - self.link.ms)
         if drafts:
-            name, (width, depth) = max(drafts.items(), key=lambda kv: self.draft_ms(kv[0], *kv[1]))
+            shapes = {name: (shape + (1,))[:3] for name, shape in drafts.items()}
+            name, (width, depth, rows) = max(shapes.items(),
+                                             key=lambda kv: self.draft_ms(kv[0], kv[1][0], kv[1][1], context_rows=kv[1][2]))
             if self.drafts.get(name):
-                self.corrections.observe(name, width, self.draft_ms(name, width, depth, corrected=False), draft_ms)
+                self.corrections.observe(name, width, self.draft_ms(name, width, depth, corrected=False, context_rows=rows),
+                                         draft_ms)
 
 
 @dataclass(frozen=True)
@@ -486,7 +494,7 @@ def choose(costs: RoundCosts, stats: AcceptanceStats, drafts: list[str], max_wid
 
 
 def ahead_pays(hit: float, tokens: float, draft_ms: float, link_ms: float, verify_ms: float,
-               contention: float = 1.0, beside: float = 1.0) -> bool:
+               contention: float = 1.0, beside: float = 1.0, verifying_beside: float = 1.0) -> bool:
     """Whether to send a generation's next round before the verdict on the one in flight, built on
     the path that one accepts whole with probability ``hit`` (:meth:`SpeculationPolicy.assumed`):
     whether the expected tokens per second beat those of rounds one after the other, each
@@ -497,13 +505,15 @@ def ahead_pays(hit: float, tokens: float, draft_ms: float, link_ms: float, verif
       drafting it beside the round before costs more than alone (``beside``: the measured ratio of
       drafting ahead, 1 where the drafts have a device of their own or the link hides the drafting).
       Its first position re-checks the token the round before ended on, so it adds one token fewer.
+      The pass it waits for runs beside its drafting, that much slower (``verifying_beside``: the
+      measured ratio, 1 on devices of their own; on two shared CPU cores the two halve each other).
     - One on a rejected path is dropped; the next round starts over, later by what the wasted pass
       still holds the verify service for, and by how much slower drafting is while that pass runs
       (``contention``: :class:`Contention`; 1 where the drafts have a device of their own)."""
     if link_ms <= 0 or tokens <= hit:
         return False
     alone = draft_ms + link_ms + verify_ms
-    held = max(verify_ms, alone / 2) + draft_ms * max(0.0, beside - 1.0)
+    held = max(verify_ms * verifying_beside, alone / 2) + draft_ms * max(0.0, beside - 1.0)
     late = max(0.0, verify_ms - link_ms - draft_ms) + draft_ms * max(0.0, contention - 1.0)
     return (tokens - hit) / (hit * held + (1 - hit) * (alone + late)) > tokens / alone
 
@@ -512,9 +522,10 @@ class Contention:
     """How much slower the drafts run while the verify service works on a pass of the same
     generation than their curves say they do alone (a round drafted ahead, beside the pass of the
     round before; a round drafted right after a round sent ahead was dropped, beside its wasted
-    pass). About 1 where drafts and verify service have devices of their own, or where the link's
-    delay comes before the pass; up to 2 where they share two CPU cores. A running mean of the
-    ratio; safe to share between threads."""
+    pass), or a verify pass while the drafts work beside it. About 1 where drafts and verify
+    service have devices of their own, or where the link's delay comes before the pass; up to 2
+    and more where they share two CPU cores. A running mean of the ratio; safe to share between
+    threads."""
 
     def __init__(self, weight: float = 0.3) -> None:
         self.weight, self.ratio, self.seen = weight, 1.0, 0

@@ -36,6 +36,7 @@ class Proposal:
     paths: list[list[int]]  # [paths][<= depth] draft tokens, best first
     confidences: list[list[float]] | None = None  # model drafts: [paths][<= depth] the draft's probability of each token
     stats_key: str = ""  # what its acceptance is counted under, when not its draft's name (the lookup's, by match length)
+    context_rows: int = 1  # context tokens the draft read before drafting (more than one: it caught up)
 
     def cut(self, depth: int) -> Proposal | None:
         """The non-empty paths, each cut to ``depth`` tokens; None when none is left."""
@@ -47,6 +48,7 @@ class Proposal:
             [self.paths[i][:depth] for i in keep],
             [self.confidences[i][:depth] for i in keep] if self.confidences is not None else None,
             self.stats_key,
+            self.context_rows,
         )
 
     @property
@@ -254,5 +256,6 @@ class SpeculationPolicy:
         if not first and verify_ms > 0 and not choice.company.sessions:
             # Each draft priced at the levels it ran: one that stopped early (early_stop) ran fewer.
             self.costs.observe(1 + len(verdict.merged.tree), verify_ms,
-                               {p.draft: (choice.width, max(1, p.depth)) for p in proposals if not choice.taken(p.stats_key or p.draft)},
+                               {p.draft: (choice.width, max(1, p.depth), p.context_rows) for p in proposals
+                                if not choice.taken(p.stats_key or p.draft)},
                                draft_ms)

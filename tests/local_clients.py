@@ -27,8 +27,9 @@ class LocalDraft:
 
     def draft(self, session_id, context, paths, depth, timeout_s, sampling=SamplingParams(), stop=EarlyStop(),
               processing=None, prompt_len=0) -> Proposal:
-        beams = self.drafter.propose(session_id, context, paths, depth, None, stop, sampling, processing, prompt_len).beams
-        return Proposal(self.name, [b.tokens for b in beams], confidences=[b.probabilities for b in beams])
+        outcome = self.drafter.propose(session_id, context, paths, depth, None, stop, sampling, processing, prompt_len)
+        return Proposal(self.name, [b.tokens for b in outcome.beams], confidences=[b.probabilities for b in outcome.beams],
+                        context_rows=max(1, len(context) - outcome.reused_tokens))
 
     def release(self, session_id):
         self.drafter.release(session_id)

@@ -403,3 +403,18 @@ def test_a_far_verify_service_earns_deeper_rounds_and_its_link_is_priced_apart()
         far.observe(3, far.verify_ms(3, corrected=False) + 300)
     assert far.verify_ms(3) == pytest.approx(far.verify_ms(3, corrected=False))
     assert RoundCosts().round_ms(1) == RoundCosts().verify_ms(1), "unmeasured costs are in passes, not milliseconds: no link"
+
+
+def test_a_draft_catching_up_on_the_context_is_priced_with_it_not_as_a_slow_draft():
+    """A draft that has not seen the last tokens (it sat out rounds) first reads them: one forward
+    over those rows. Its round is priced with them, so its correction stays near 1; priced as a
+    one-token step, the catch-up would read as a draft four times slower than it is."""
+    draft = CostCurve.of([(1, 30), (4, 50), (16, 150), (64, 560)])  # a quantized 0.5B on 2 cores
+    costs = RoundCosts(verify=FLAT, drafts={"draft-0": draft})
+    caught_up = costs.draft_ms("draft-0", 1, 1, corrected=False, context_rows=40)
+    assert caught_up == pytest.approx(draft.ms(40))
+    costs.observe(2, FLAT.ms(2), {"draft-0": (1, 1, 40)}, draft_ms=caught_up)
+    assert costs.corrections.factor("draft-0", 1) == pytest.approx(1.0)
+    naive = RoundCosts(verify=FLAT, drafts={"draft-0": draft})
+    naive.observe(2, FLAT.ms(2), {"draft-0": (1, 1)}, draft_ms=caught_up)
+    assert naive.corrections.factor("draft-0", 1) > 3

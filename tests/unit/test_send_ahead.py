@@ -161,3 +161,11 @@ def test_the_assumed_path_is_the_prefix_most_likely_to_hold():
     path, hit = policy.assumed([Proposal("d", [[1, 2, 3, 4, 5, 6]])])
     assert path == [1, 2] and 0.5 < hit <= 1.0
     assert policy.assumed([]) == ([], 0.0)
+
+
+def test_a_pass_slowed_by_drafting_beside_it_is_priced():
+    """On two shared CPU cores the verify pass runs at about half speed while the next round is
+    drafted beside it: then holding a round in flight gains nothing, and sending ahead is refused;
+    with devices of their own (ratio 1) the same round is sent."""
+    assert ahead_pays(0.9, 4.0, 100.0, 5.0, 116.0)
+    assert not ahead_pays(0.9, 4.0, 100.0, 5.0, 116.0, verifying_beside=2.5)
