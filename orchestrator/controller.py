@@ -227,7 +227,8 @@ class SpeculativeController:
                             ahead = self._send(g, flight.context + flight.assumed, False, draft_timeout_s, verify_timeout_s,
                                                sent_ahead=True)
                     observed.record = record = self._settle(g, flight, context, state, text,
-                                                            overlapped=ahead is not None or dropped is not None)
+                                                            overlapped=ahead is not None or dropped is not None,
+                                                            drafted_beside=ahead is not None and dropped is None)
                     record.discarded_ahead, discarded = discarded, 0
                 yield record
         finally:
@@ -254,7 +255,8 @@ class SpeculativeController:
         if not first or params.mode == DecodingMode.AUTOREGRESSIVE:
             choice = policy.next(room, company, known)
         else:
-            choice, reading = policy.first(room, len(context), company, known)
+            choice, reading = policy.first(room, len(context), company, known,
+                                           beside=max(self.contention.ratio, self.verifying_beside.ratio))
             if reading:  # the drafts read the prompt while the target does
                 g.warming = self._read_prompt(g.session_id, context, draft_timeout_s)
         if not first and g.warming:  # the drafts have read the prompt before the session's next call
@@ -301,18 +303,20 @@ class SpeculativeController:
                     if not choice.taken(p.stats_key or p.draft) and p.draft in self.costs.drafts), default=0.0)
 
     def _settle(self, g: _Generation, flight: _Flight, context: list[int], state: GenerationState, text: TextStream,
-                overlapped: bool) -> RoundRecord:
+                overlapped: bool, drafted_beside: bool = False) -> RoundRecord:
         """Wait for the flight's verdict and take what it adds after ``context`` (a round sent ahead
         was verified after a prefix of it: the tokens the round before already gave are skipped,
-        and must agree); returns the round's record, added to ``state``."""
+        and must agree); returns the round's record, added to ``state``. ``overlapped``: other work
+        of this generation ran during the round; ``drafted_beside``: that work was the next round's
+        drafting alone."""
         params = g.params
         target, tops = flight.verdict.result()
         t2 = time.perf_counter()
-        if overlapped and not flight.sent_ahead and self.costs.verify:
-            # Its pass ran while the next round was drafted (and waited on no pass before it):
-            # how much slower than its curve says a pass alone takes.
+        if drafted_beside and not flight.sent_ahead and not flight.choice.company.sessions and self.costs.verify:
+            # Its pass ran while the next round was drafted (and waited on no pass before it, nor
+            # shared one with other generations): how much slower than its curve says a pass alone takes.
             rows = 1 + len(flight.merged.tree)
-            self.verifying_beside.observe((t2 - flight.t1) * 1e3, self.costs.verify_ms(rows) + self.costs.link.ms)
+            self.verifying_beside.observe((t2 - flight.t1) * 1e3 - self.costs.link.ms, self.costs.verify_ms(rows))
         verdict = accept(flight.merged, target)
         skip = len(context) - len(flight.context)
         known = context[len(flight.context):]

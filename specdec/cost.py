@@ -538,22 +538,26 @@ class Contention:
         self.seen += 1
 
 
-def prompt_first(costs: RoundCosts, drafts: list[str], prompt_rows: int, speculate: Choice, alone: Choice) -> bool:
+def prompt_first(costs: RoundCosts, drafts: list[str], prompt_rows: int, speculate: Choice, alone: Choice,
+                 beside: float = 1.0) -> bool:
     """Whether a generation's first round should leave the model drafts out (``alone``: the target
     reads the prompt and verifies only proposals in hand) while the drafts read the prompt at the
     same time, rather than draft then verify one after the other (``speculate``).
 
     In the first round each model reads the whole prompt: ``prompt_rows`` more rows through the
     draft (before its proposal) and then through the target. Side by side the round costs the
-    slower of the two; the tokens the drafts would have proposed come in the next rounds instead,
-    at ``speculate``'s rate."""
+    slower of the two, and while both run each is ``beside`` times slower (the measured
+    :class:`Contention`: 1 on devices of their own; on two shared CPU cores about 2, where side by
+    side is no faster than one after the other); the tokens the drafts would have proposed come in
+    the next rounds instead, at ``speculate``'s rate."""
     if not speculate.width or not drafts or not costs.verify:
         return False
     rows = prompt_rows - 1  # the context's last token is a row of every round anyway
     reading = max(costs.draft_ms(d, 1, 1, batch=rows) - costs.draft_ms(d, 1, 1) for d in drafts)
     verify_reading = costs.verify_ms(rows + speculate.verify_rows) - costs.verify_ms(speculate.verify_rows)
     serial_ms = speculate.cost_ms + reading + verify_reading
-    side_by_side_ms = max(reading, alone.cost_ms + costs.verify_ms(rows + alone.verify_rows) - costs.verify_ms(alone.verify_rows))
+    target_ms = alone.cost_ms + costs.verify_ms(rows + alone.verify_rows) - costs.verify_ms(alone.verify_rows)
+    side_by_side_ms = max(reading, target_ms) + min(reading, target_ms) * max(0.0, beside - 1.0)
     later_ms = max(speculate.expected_tokens - alone.expected_tokens, 0.0) / speculate.tokens_per_s * 1e3
     return side_by_side_ms + later_ms < serial_ms
 

@@ -198,15 +198,16 @@ class SpeculationPolicy:
         return choice
 
     def first(self, room: int, prompt_rows: int, company: Company = Company(),
-              known: tuple[tuple[str, int], ...] = ()) -> tuple[Choice, bool]:
+              known: tuple[tuple[str, int], ...] = (), beside: float = 1.0) -> tuple[Choice, bool]:
         """A generation's first round: its shape, and whether the model drafts should instead read
-        the prompt meanwhile (:func:`specdec.cost.prompt_first`; then the shape has no model draft)."""
+        the prompt meanwhile (:func:`specdec.cost.prompt_first`, ``beside`` the measured slow-down of
+        drafts and target running at once; then the shape has no model draft)."""
         choice = self.next(room, company, known)
         if not self.adaptive:
             return choice, False
         known = tuple((d, min(n, room)) for d, n in known if min(n, room) > 0)
         alone = choose(self.costs, self.stats, [], self.max_width, min(self.max_depth, room), self.max_nodes, company, known)
-        if prompt_first(self.costs, self.drafts, prompt_rows, choice, alone):
+        if prompt_first(self.costs, self.drafts, prompt_rows, choice, alone, beside):
             return alone, True
         return choice, False
 

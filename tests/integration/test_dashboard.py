@@ -248,9 +248,12 @@ def test_dashboard_in_a_real_browser(dashboard_server, browser, cluster_logs, tm
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
+    from selenium.common.exceptions import StaleElementReferenceException
+
     url, log_dir = dashboard_server
     browser.get(url)
-    wait = WebDriverWait(browser, 120, poll_frequency=0.5)
+    # The page re-renders when logs change: an element found a moment before may be gone; look again.
+    wait = WebDriverWait(browser, 120, poll_frequency=0.5, ignored_exceptions=(StaleElementReferenceException,))
     view = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".sd-generation .sd-tok"))
     assert view
     accepted = browser.find_elements(By.CSS_SELECTOR, f".sd-generation .{dashboard.ACCEPTED}")

@@ -388,6 +388,8 @@ def test_a_long_prompt_is_read_by_draft_and_target_side_by_side():
     assert prompt_first(costs, ["draft-0"], 300, speculate, alone)
     assert not prompt_first(costs, ["draft-0"], 4, speculate, alone)  # a short prompt: draft as usual
     assert not prompt_first(costs, ["draft-0"], 300, alone, alone)  # nothing to draft anyway
+    # On two shared CPU cores each runs half as fast beside the other: side by side gains nothing.
+    assert not prompt_first(costs, ["draft-0"], 300, speculate, alone, beside=2.0)
 
 
 def test_a_far_verify_service_earns_deeper_rounds_and_its_link_is_priced_apart():

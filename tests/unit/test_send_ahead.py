@@ -169,3 +169,29 @@ def test_a_pass_slowed_by_drafting_beside_it_is_priced():
     with devices of their own (ratio 1) the same round is sent."""
     assert ahead_pays(0.9, 4.0, 100.0, 5.0, 116.0)
     assert not ahead_pays(0.9, 4.0, 100.0, 5.0, 116.0, verifying_beside=2.5)
+
+
+class SlowPass(LocalVerify):
+    """A verify pass that takes ``pass_s``, several times what its curve says: as a pass does while
+    the next round is drafted beside it on the same two cores."""
+
+    def __init__(self, model, pass_s: float) -> None:
+        super().__init__(model)
+        self.pass_s = pass_s
+
+    def verify(self, *args, **kwargs):
+        time.sleep(self.pass_s)
+        return super().verify(*args, **kwargs)
+
+
+def test_the_slow_down_of_a_pass_with_drafting_beside_it_is_measured(target, drafts):
+    def costs():
+        return RoundCosts(verify=CostCurve.of([(1, 40.0), (64, 50.0)]))
+
+    c = controller(target, drafts, ["self"], send_ahead="on", verify=SlowPass(target, 0.12), costs=costs())
+    result = c.generate(params(PROMPTS[0], 16, "sequential", draft_length=3))
+    assert any(r.sent_ahead for r in result.rounds)
+    assert c.verifying_beside.seen and c.verifying_beside.ratio > 2, c.verifying_beside.ratio
+    alone = controller(target, drafts, ["self"], send_ahead="off", verify=SlowPass(target, 0.12), costs=costs())
+    alone.generate(params(PROMPTS[0], 16, "sequential", draft_length=3))
+    assert not alone.verifying_beside.seen  # nothing drafted beside a pass: nothing to learn
