@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import logging
 
 from specdec import config, precision
 from specdec.errors import InvalidRequest, check_range, check_token_ids
 from specdec.rpc.convert import processing_of, sampling_params
 from specdec.grammar import Grammars
-from specdec.gguf_weights import model_gguf
+from specdec.gguf_weights import GgufError, model_gguf
 from specdec.model_store import resolve_model
 from specdec.quantize import MODEL_DTYPES, quantize_model
 from specdec.sampling import MAX_TOP_LOGPROBS
@@ -18,6 +19,7 @@ from specdec.tree import TokenTree, validate_parents
 from specdec.v1 import verify_pb2, verify_pb2_grpc
 from specdec.verify_service.verifier import TreeVerifier
 
+log = logging.getLogger("specdec")
 SERVICE_NAME = verify_pb2.DESCRIPTOR.services_by_name["VerifyService"].full_name
 
 
@@ -111,7 +113,14 @@ def target_gguf(name: str, settings):
     int4 or auto, on a CPU); None otherwise."""
     if settings.target_quantize not in ("int4", "auto") or settings.device != "cpu":
         return None
-    return model_gguf(resolve_model(name))
+    try:
+        return model_gguf(resolve_model(name))
+    except GgufError as exc:
+        if settings.target_quantize == "int4":
+            raise
+        # auto only offers int4 beside the dtypes: a directory it cannot tell the file in keeps the floats.
+        log.warning("int4 engine not measured: %s", exc)
+        return None
 
 
 def target_engines(settings, gguf) -> dict[str, tuple[str, str]]:

@@ -145,3 +145,18 @@ def test_target_quantize_auto_measures_int4_only_beside_a_gguf(gguf_dir):
     assert target_engines(settings(dtype="float32"), gguf) == {"float32": ("float32", "none"), "int4": ("bfloat16", "int4")}
     assert target_engines(settings(target_quantize="int4"), gguf) == {"int4": ("bfloat16", "int4")}
     assert target_engines(settings(target_quantize="w8a8"), gguf) == {"w8a8": ("float32", "w8a8")}
+
+
+def test_auto_keeps_the_floats_where_the_gguf_is_ambiguous_and_int4_says_why(gguf_dir, tmp_path):
+    import shutil
+
+    from specdec.verify_service.server import target_gguf
+
+    several = tmp_path / "several"
+    shutil.copytree(gguf_dir, several)
+    shutil.copy(model_gguf(gguf_dir), several / "other.gguf")
+    settings = SimpleNamespace(target_quantize="auto", device="cpu")
+    assert target_gguf(str(gguf_dir), settings) == model_gguf(gguf_dir)
+    assert target_gguf(str(several), settings) is None
+    with pytest.raises(GgufError, match="several GGUF files"):
+        target_gguf(str(several), SimpleNamespace(target_quantize="int4", device="cpu"))
