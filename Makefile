@@ -8,7 +8,7 @@ PROTOS := $(wildcard protos/specdec/v1/*.proto)
 STUBS  := specdec/v1/.generated
 DEMO_PROMPT ?= def quicksort(arr):
 
-.PHONY: setup protos models demo test test-fast bench clean up down image base-image test-containers compose-cli certs chromium node-example grpcurl loadtest gpu-check llama-cpp docs
+.PHONY: setup protos models demo test test-fast bench clean up down image base-image test-containers compose-cli stack-up stack-down certs chromium node-example grpcurl loadtest gpu-check llama-cpp docs
 
 setup: $(VENV)/.installed $(STUBS)
 
@@ -154,6 +154,18 @@ up: image
 # VOLUMES=1 also deletes the models volume (the downloaded weights).
 down:
 	$(COMPOSE) --profile telemetry --profile gpu --profile cpu down --remove-orphans $(if $(filter 1,$(VOLUMES)),-v)
+
+# The same services as a Docker Swarm stack (compose/stack.yml; GPU=1 adds compose/stack.gpu.yml),
+# from a swarm manager whose nodes carry the labels specdec.verify / specdec.draft, with the
+# certificates and token of $(CERTS_DIR) as swarm secrets. Swarm does not build: `make image` first
+# (on every node, or push it to your registry and set SPECDEC_IMAGE).
+stack-up:
+	SPECDEC_CERTS_DIR=$(abspath $(CERTS_DIR)) docker stack deploy --detach=true -c compose/stack.yml \
+	  $(if $(GPU),-c compose/stack.gpu.yml) specdec
+	@echo "specdec is starting; 'docker service ls' shows each service's tasks, running once healthy"
+
+stack-down:
+	docker stack rm specdec
 
 # The cpu profile for real, in a Docker engine (not part of `make test`; minutes to an hour): starts
 # dockerd where none answers (as root; Debian's docker.io installed where missing), builds the base

@@ -139,12 +139,13 @@ SERVER, TOOLS = "server", "tools"
 NEEDS = {
     "serve": (SERVER,), "cluster": (SERVER,), "models": (SERVER,), "certs": (SERVER,), "loadtest": (SERVER,),
     "linkbench": (SERVER, TOOLS),  # its plot
+    "enginebench": (SERVER, TOOLS),  # its plot
     "bench": (SERVER, TOOLS),  # a sweep ends with its plot
     "dashboard": (TOOLS,),
     "analyze": (), "traces": (),
 }
 # The subcommands the tools register themselves, each in the module of its name.
-TOOL_COMMANDS = ("bench", "analyze", "traces", "dashboard", "loadtest", "linkbench")
+TOOL_COMMANDS = ("bench", "analyze", "traces", "dashboard", "loadtest", "linkbench", "enginebench")
 
 
 def import_tool(name: str):
@@ -158,6 +159,8 @@ def import_tool(name: str):
         from specdec.tools import dashboard as tool
     elif name == "linkbench":
         from specdec.tools import linkbench as tool
+    elif name == "enginebench":
+        from specdec.tools import enginebench as tool
     else:
         from specdec.tools import loadtest as tool
     return tool

@@ -30,9 +30,13 @@ def server_options(max_message_mb: int) -> list[tuple[str, int]]:
 def client_options(max_message_mb: int) -> list[tuple[str, int]]:
     """Channel options for the orchestrator's internal clients: a restarted service is reconnected
     within about 2 s (gRPC's own default backs off up to 2 minutes), and a connection whose peer
-    vanished without closing it (a host or link lost) is found dead by keepalive within ~15 s."""
+    vanished without closing it (a host or link lost) is found dead by keepalive within ~15 s, and
+    a name that resolves to tasks or pods by DNS (a Swarm service with ``endpoint_mode: dnsrr``, a
+    headless Kubernetes Service) is looked up again within ~2 s of losing its address (gRPC's
+    default waits 30 s), so a replaced task's new address is found as soon as it serves."""
     return [
         *message_options(max_message_mb),
+        ("grpc.dns_min_time_between_resolutions_ms", 2000),
         ("grpc.initial_reconnect_backoff_ms", 200),
         ("grpc.min_reconnect_backoff_ms", 200),
         ("grpc.max_reconnect_backoff_ms", 2000),

@@ -19,9 +19,15 @@ Steps, each timed and printed, results also written to logs/container_check.json
    image's history nor `docker inspect` carries the CA certificate or a secret;
 8. the TLS overlay (compose/docker-compose.tls.yml) with fresh certificates: healthy, a client with
    the client certificate and token generates, one without is refused;
-9. `make down` (the models volume stays unless --remove-volumes).
+9. `make down` (the models volume stays unless --remove-volumes);
+10. the Docker Swarm stack (compose/stack.yml) on a one-node swarm of its own (`docker swarm init`,
+    left again at the end): node labels for placement, TLS material and token as
+    swarm secrets, two draft replicas; healthy, outputs equal the target's alone; `docker kill` of
+    the draft task the orchestrator is connected to and of the verify task, each mid-generation:
+    same output, and Swarm replaces each killed task with a new healthy one; `make stack-down`.
+    Skipped where the engine is in a swarm already.
 
-    python tests/containers/check.py [--skip-tls] [--skip-faults] [--remove-volumes] ...
+    python tests/containers/check.py [--skip-tls] [--skip-faults] [--skip-swarm] [--remove-volumes] ...
 """
 
 from __future__ import annotations
@@ -160,9 +166,9 @@ def generate(prompt: str, max_tokens: int, mode: str, extra=(), local=False, che
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def generate_with_fault(prompt: str, max_tokens: int, mode: str, fault, delay: float) -> dict:
+def generate_with_fault(prompt: str, max_tokens: int, mode: str, fault, delay: float, extra=()) -> dict:
     cmd = [SPECDEC, "generate", "--prompt", prompt, "--max-tokens", str(max_tokens), "--mode", mode,
-           "--json", "--orchestrator", "127.0.0.1:50051"]
+           "--json", "--orchestrator", "127.0.0.1:50051", *extra]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     time.sleep(delay)
     if proc.poll() is not None:
@@ -209,6 +215,16 @@ def check_hardening(ca_cert: str | None) -> None:
     log("hardening: " + results["hardening"])
 
 
+def client_flags(certs: Path) -> list[str]:
+    """`specdec generate` flags for a client with the certificate and token of ``certs`` (copies this
+    user may read: the service files belong to uid 10001)."""
+    client = Path(tempfile.mkdtemp(prefix="specdec-client-"))
+    for f in ("ca.pem", "client.pem", "client.key", "token"):
+        shutil.copy(certs / f, client / f)
+    return ["--tls-ca", str(client / "ca.pem"), "--tls-client-cert", str(client / "client.pem"),
+            "--tls-client-key", str(client / "client.key"), "--auth-token-file", str(client / "token")]
+
+
 def tls_check(compose: list[str], env: dict, prompt: str, reference: list[int], max_tokens: int) -> None:
     certs = Path(tempfile.mkdtemp(prefix="specdec-certs-"))
     run([SPECDEC, "certs", str(certs)], capture=True)
@@ -226,12 +242,7 @@ def tls_check(compose: list[str], env: dict, prompt: str, reference: list[int], 
         wait_healthy(3600)
         results["tls_up_to_healthy_s"] = round(time.monotonic() - t0, 1)
         log(f"TLS overlay healthy after {results['tls_up_to_healthy_s']}s")
-        # The client reads its files as this (root) user: copies it may read.
-        client = Path(tempfile.mkdtemp(prefix="specdec-client-"))
-        for f in ("ca.pem", "client.pem", "client.key", "token"):
-            shutil.copy(certs / f, client / f)
-        good = ["--tls-ca", str(client / "ca.pem"), "--tls-client-cert", str(client / "client.pem"),
-                "--tls-client-key", str(client / "client.key"), "--auth-token-file", str(client / "token")]
+        good = client_flags(certs)
         out = generate(prompt, max_tokens, "tree", extra=good)
         assert list(out["token_ids"]) == reference, "TLS: output differs from the target's"
         no_token = generate(prompt, 4, "tree", extra=good[:6], check=False)
@@ -241,10 +252,118 @@ def tls_check(compose: list[str], env: dict, prompt: str, reference: list[int], 
         results["tls"] = "healthy; client with certificate and token generated the reference output; " \
                          "without token and plaintext refused"
         log("TLS: " + results["tls"])
-        shutil.rmtree(client, ignore_errors=True)
+        shutil.rmtree(Path(good[1]).parent, ignore_errors=True)
     finally:
         run([*tls, "--profile", "telemetry", "down", "--remove-orphans"], env=tls_env, check=False, timeout=600)
         shutil.rmtree(certs, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- swarm
+
+STACK = "specdec"  # the Makefile's stack name (`make stack-up` / `make stack-down`)
+STACK_REPLICAS = {"verify": 1, "draft-0": 2, "orchestrator": 1}
+
+
+def stack_tasks(service: str) -> list[dict]:
+    """The running containers of one of the stack's services: id, state and health."""
+    ids = docker("ps", "-q", "--filter", f"label=com.docker.swarm.service.name={STACK}_{service}").split()
+    return [json.loads(docker("inspect", "--format", "{{json .}}", c)) for c in ids]
+
+
+def wait_stack_healthy(timeout: float, replicas: dict = STACK_REPLICAS) -> None:
+    """Until each service has its replicas' containers running and healthy."""
+    t0 = time.monotonic()
+    while True:
+        counts = {s: sum(t["State"].get("Health", {}).get("Status") == "healthy" for t in stack_tasks(s)) for s in replicas}
+        if all(counts[s] >= n for s, n in replicas.items()):
+            return
+        if time.monotonic() - t0 > timeout:
+            raise SystemExit(f"stack not healthy after {timeout:.0f}s: {counts}\n" + docker("service", "ls"))
+        time.sleep(5)
+
+
+def connected_task(service: str, port: int) -> dict:
+    """The task of ``service`` that the orchestrator holds an open connection to on ``port`` (its
+    /proc/net/tcp: the remote address of an established socket), so the fault hits the replica in use."""
+    orchestrator = stack_tasks("orchestrator")[0]["Id"]
+    remote = set()
+    for line in docker("exec", orchestrator, "cat", "/proc/net/tcp").splitlines()[1:]:
+        fields = line.split()
+        address, state = fields[2], fields[3]
+        ip_hex, port_hex = address.split(":")
+        if state == "01" and int(port_hex, 16) == port:  # 01: ESTABLISHED
+            remote.add(".".join(str(b) for b in reversed(bytes.fromhex(ip_hex))))
+    for task in stack_tasks(service):
+        ips = {n["IPAddress"] for n in task["NetworkSettings"]["Networks"].values()}
+        if ips & remote:
+            return task
+    raise SystemExit(f"the orchestrator holds no connection to a {service} task ({sorted(remote)})")
+
+
+def kill_and_replace(service: str, port: int, prompt: str, max_tokens: int, extra: list[str], reference: list[int]) -> str:
+    """`docker kill` the task of ``service`` in use mid-generation: the output must stay the
+    reference, and Swarm must start a new task that becomes healthy."""
+    victim = connected_task(service, port)["Id"]
+    killed_at = []
+
+    def fault() -> None:
+        killed_at.append(time.monotonic())
+        docker("kill", victim)
+
+    out = generate_with_fault(prompt, max_tokens, "tree", fault, delay=4, extra=extra)
+    assert out["token_ids"] == reference, f"{service} task killed: output changed"
+    generation_s = time.monotonic() - killed_at[0]
+    t0 = killed_at[0]
+    while True:
+        fresh = [t for t in stack_tasks(service) if t["Id"] != victim
+                 and t["State"].get("Health", {}).get("Status") == "healthy"]
+        if len(fresh) >= STACK_REPLICAS[service] and victim not in [t["Id"] for t in stack_tasks(service)]:
+            break
+        assert time.monotonic() - t0 < 1800, f"the killed {service} task was not replaced"
+        time.sleep(3)
+    return (f"same output (the generation ended {generation_s:.0f}s after the kill); Swarm replaced the task, "
+            f"healthy {time.monotonic() - t0:.0f}s after the kill")
+
+
+def swarm_check(env: dict, prompt: str, fault_tokens: int, skip_faults: bool) -> None:
+    """The stack on a one-node swarm (step 10 of this module's steps)."""
+    if docker("info", "--format", "{{.Swarm.LocalNodeState}}") != "inactive":
+        results["swarm"] = "skipped: this engine is in a swarm already (a test stack is deployed only on a swarm of its own)"
+        log(results["swarm"])
+        return
+    # Heartbeats every 20 s instead of 5: on a small node whose cores the model services saturate
+    # while they load, a missed 5 s heartbeat makes the swarm restart every task of the node.
+    docker("swarm", "init", "--advertise-addr", "127.0.0.1", "--dispatcher-heartbeat", "20s")
+    node = docker("info", "--format", "{{.Swarm.NodeID}}")
+    docker("node", "update", "--label-add", "specdec.verify=true", "--label-add", "specdec.draft=true", node)
+    certs = Path(tempfile.mkdtemp(prefix="specdec-swarm-certs-"))
+    run([SPECDEC, "certs", str(certs)], capture=True)
+    client = client_flags(certs)
+    try:
+        t0 = time.monotonic()
+        run(["make", "stack-up", f"CERTS_DIR={certs}"], env=env, timeout=600)
+        wait_stack_healthy(3600)
+        results["swarm_up_to_healthy_s"] = round(time.monotonic() - t0, 1)
+        log(f"stack healthy after {results['swarm_up_to_healthy_s']}s: " + docker("service", "ls", "--format",
+                                                                                  "{{.Name}} {{.Replicas}}").replace("\n", ", "))
+        reference = generate(prompt, fault_tokens, "autoregressive", extra=client)["token_ids"]
+        tree = generate(prompt, fault_tokens, "tree", extra=client)
+        assert tree["token_ids"] == reference, "swarm: tree output differs from the target alone"
+        assert generate(prompt, 4, "tree", extra=client[:6], check=False).returncode != 0, "swarm: served without the token"
+        results["swarm"] = "healthy (1 verify, 2 drafts, orchestrator); tree == autoregressive; no token refused"
+        if not skip_faults:
+            results["swarm_draft_kill"] = kill_and_replace("draft-0", 50053, prompt, fault_tokens, client, reference)
+            log("swarm, draft task killed: " + results["swarm_draft_kill"])
+            results["swarm_verify_kill"] = kill_and_replace("verify", 50052, prompt, fault_tokens, client, reference)
+            log("swarm, verify task killed: " + results["swarm_verify_kill"])
+    finally:
+        run(["make", "stack-down"], env=env, check=False, timeout=300)
+        t0 = time.monotonic()  # the stack's network goes once its containers have
+        while docker("network", "ls", "-q", "--filter", f"name={STACK}_default", check=False) and time.monotonic() - t0 < 120:
+            time.sleep(2)
+        docker("swarm", "leave", "--force", check=False)
+        shutil.rmtree(certs, ignore_errors=True)
+        shutil.rmtree(Path(client[1]).parent, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- main
@@ -260,6 +379,8 @@ def main() -> int:
     ap.add_argument("--fault-tokens", type=int, default=48, help="tokens for the fault runs (long enough to hit mid-way)")
     ap.add_argument("--skip-faults", action="store_true")
     ap.add_argument("--skip-tls", action="store_true")
+    ap.add_argument("--skip-swarm", action="store_true", help="no Docker Swarm stack step")
+    ap.add_argument("--only-swarm", action="store_true", help="the images and the Swarm stack step alone")
     ap.add_argument("--skip-local", action="store_true", help="no `specdec generate --local` reference on the host")
     ap.add_argument("--remove-volumes", action="store_true", help="`make down VOLUMES=1`: delete the fetched models too")
     ap.add_argument("--healthy-timeout", type=float, default=3600)
@@ -295,6 +416,9 @@ def main() -> int:
         results["image_size_mb"] = round(size / 1e6)
         results["base_size_mb"] = round(int(docker("image", "inspect", "-f", "{{.Size}}", base)) / 1e6)
         log(f"specdec:cpu is {results['image_size_mb']} MB (base {results['base_size_mb']} MB)")
+        if args.only_swarm:
+            swarm_check(env, args.prompt, args.fault_tokens, args.skip_faults)
+            return 0
 
         # ---- a host reference, before the containers take the cores and memory
         local_ref = None
@@ -376,6 +500,8 @@ def main() -> int:
         up = False
         if not args.skip_tls:
             tls_check(compose, env, args.prompt, tree["token_ids"], args.max_tokens)
+        if not args.skip_swarm:
+            swarm_check(env, args.prompt, args.fault_tokens, args.skip_faults)
     finally:
         if up:
             run(["make", "down", *make_vars], env=env, check=False, timeout=600)

@@ -374,6 +374,98 @@ def test_edge_topology_keeps_the_target_far_and_every_hop_secured(tmp_path):
     assert res.returncode != 0 and "SPECDEC_FAR_VERIFY" in res.stderr, "the edge refuses to start without its far verify service"
 
 
+STACK_FILE = COMPOSE_DIR / "stack.yml"
+STACK_GPU_FILE = COMPOSE_DIR / "stack.gpu.yml"
+DEFAULTED = re.compile(r"\$\{(\w+):-([^}]*)\}")
+#: compose's settings the stack leaves out: its doors are always behind TLS and the token (no open
+#: door, no Host allow-list for a tokenless HTTP door), and traces go nowhere until a collector is named.
+COMPOSE_ONLY = {"SPECDEC_ALLOW_OPEN", "SPECDEC_HTTP_ALLOWED_HOSTS", "OTEL_TRACES_EXPORTER"}
+
+
+def render_stack(*files: Path) -> dict:
+    """A Swarm stack file as `docker stack deploy` reads it with no variables set: YAML anchors and
+    merge keys resolved, ``${VAR:-default}`` replaced by its default; later files merged over earlier
+    ones (services' mappings key by key, as the Docker CLI merges them). `docker stack config`
+    renders the same where the Docker CLI is installed (checked below)."""
+    merged: dict = {}
+    for path in files:
+        loaded = yaml.safe_load(DEFAULTED.sub(lambda m: m.group(2), path.read_text()))
+        _merge(merged, {k: v for k, v in loaded.items() if not k.startswith("x-")})
+    return merged
+
+
+def _merge(into: dict, other: dict) -> None:
+    for key, value in other.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
+
+
+def test_swarm_stack_runs_the_compose_services_secured_and_replaceable(services, tmp_path):
+    """compose/stack.yml: the cpu profile's services as a Swarm stack, with the compose file's
+    settings (TLS and token as in the TLS overlay, from swarm secrets), placed by node labels,
+    drafts replicated, every service reachable by DNS round robin, health-gated rolling updates
+    that roll back, killed tasks replaced. `make test-containers` deploys it on a one-node swarm."""
+    from specdec.tools.certs import make_dev_certs
+
+    stack = render_stack(STACK_FILE)
+    tls = render_compose(ENV_EXAMPLE, COMPOSE_DIR / "docker-compose.tls.yml")["services"]
+    make_dev_certs(str(tmp_path), (), 1)
+    assert {Path(s["file"]).name for s in stack["secrets"].values()} <= {p.name for p in tmp_path.iterdir()}
+    of_compose = {"verify": "verify-cpu", "draft-0": "draft-cpu", "orchestrator": "orchestrator-cpu"}
+    serving = {n: s for n, s in stack["services"].items() if role(s)}
+    assert set(serving) == set(of_compose)
+    for name, service in serving.items():
+        counterpart = services[of_compose[name]]
+        expected = {k: v.replace("/certs/", "/run/secrets/") for k, v in environment(tls[of_compose[name]]).items()}
+        env = environment(service)
+        for key in COMPOSE_ONLY:
+            expected.pop(key, None), env.pop(key, None)
+        assert env == expected, f"{name}: the stack's settings drifted from the compose file's"
+        assert service["image"] == counterpart["image"] and service["command"] == counterpart["command"], name
+        assert service["healthcheck"]["test"] == counterpart["healthcheck"]["test"], name
+        assert service["read_only"] is True and ("models", MODEL_MOUNT) in mounts(service), name
+        secrets = {s["source"]: s for s in service["secrets"]}
+        for key, path in env.items():
+            if path.startswith("/run/secrets/"):
+                secret = secrets[path.removeprefix("/run/secrets/")]  # every file it reads is mounted
+                assert secret["uid"] == "10001", (name, secret)
+                assert secret["mode"] == (0o400 if path.endswith((".key", "token")) else 0o444), (name, secret)
+        deploy = service["deploy"]
+        assert deploy["endpoint_mode"] == "dnsrr", f"{name}: DNS round robin, each connection sticks to a task"
+        assert deploy["restart_policy"]["condition"] == "any", f"{name}: a killed task is replaced"
+        assert deploy["update_config"]["failure_action"] == "rollback" and deploy["update_config"]["parallelism"] == 1
+        assert "SPECDEC_ALLOW_OPEN" not in environment(service)
+    assert serving["verify"]["deploy"]["placement"]["constraints"] == ["node.labels.specdec.verify == true"]
+    assert serving["draft-0"]["deploy"]["placement"]["constraints"] == ["node.labels.specdec.draft == true"]
+    assert serving["verify"]["deploy"]["update_config"]["order"] == "stop-first", "one target per GPU"
+    assert int(serving["draft-0"]["deploy"]["replicas"]) >= 2
+    orchestrator = environment(serving["orchestrator"])
+    assert addressed_service(orchestrator["SPECDEC_VERIFY_ADDRESS"], serving)[0] == "verify"
+    assert addressed_service(orchestrator["SPECDEC_DRAFT_ADDRESSES"], serving)[0] == "draft-0"
+    assert {(p["published"], p["target"], p["mode"]) for p in serving["orchestrator"]["ports"]} == \
+        {("50051", 50051, "host"), ("8000", 8000, "host")}
+    models = stack["services"]["models"]
+    assert models["command"] == ["models", "fetch"] and models["deploy"]["mode"] == "global-job"
+
+    gpu = render_stack(STACK_FILE, STACK_GPU_FILE)["services"]
+    for name in ("verify", "draft-0"):
+        reserved = gpu[name]["deploy"]["resources"]["reservations"]["generic_resources"]
+        assert reserved == [{"discrete_resource_spec": {"kind": "NVIDIA-GPU", "value": 1}}], name
+        assert environment(gpu[name])["SPECDEC_DEVICE"] == "cuda" and gpu[name]["image"] == "specdec:cuda", name
+        assert gpu[name]["deploy"]["placement"] == serving[name]["deploy"]["placement"], "the overlay keeps the placement"
+
+    docker = shutil.which("docker")
+    if docker and subprocess.run([docker, "stack", "config", "--help"], capture_output=True).returncode == 0:
+        res = subprocess.run([docker, "stack", "config", "-c", str(STACK_FILE), "-c", str(STACK_GPU_FILE)], cwd=ROOT,
+                             capture_output=True, text=True, timeout=60, env={**compose_env(), "SPECDEC_CERTS_DIR": str(tmp_path)})
+        assert res.returncode == 0, f"docker stack config refused the stack files:\n{res.stderr}"
+        rendered = yaml.safe_load(res.stdout)["services"]
+        assert environment(rendered["orchestrator"]) == environment(gpu["orchestrator"])
+        assert rendered["verify"]["deploy"]["resources"] == gpu["verify"]["deploy"]["resources"]
+
+
 def addressed_service(address: str, candidates: dict[str, dict]) -> tuple[str, dict]:
     """The one service that host:port reaches, by name or alias and its SPECDEC_PORT."""
     host, port = host_port(address)
