@@ -44,7 +44,7 @@ from typing import Callable, Iterator, Protocol
 
 from specdec.config import SpeculationLimits
 from specdec import telemetry
-from specdec.cost import AcceptanceStats, Choice, Contention, EarlyStop, RoundCosts, Traffic, ahead_pays
+from specdec.cost import SHARED_SLOWDOWN, AcceptanceStats, Choice, Contention, EarlyStop, RoundCosts, Traffic, ahead_pays
 from specdec.detokenize import TextStream
 from specdec.errors import InvalidRequest, Unavailable, check_range, check_token_ids
 from specdec.generation import CallContext, GenerationParams, GenerationState
@@ -144,8 +144,10 @@ class SpeculativeController:
         # Rounds sent ahead of the verdict on the round before (config: send_ahead): auto, on, off;
         # and how much slower drafting runs beside a pass than alone, measured on the rounds drafted
         # ahead and on those drafted right after a round sent ahead was dropped.
-        self.send_ahead, self.drafting_ahead, self.contention = send_ahead, Contention(), Contention()
-        self.verifying_beside = Contention()  # a verify pass while the next round is drafted beside it
+        # Before the first measurement: shared processors (RoundCosts.shared_device) at SHARED_SLOWDOWN.
+        prior = SHARED_SLOWDOWN if self.costs.shared_device else 1.0
+        self.send_ahead, self.drafting_ahead, self.contention = send_ahead, Contention(prior=prior), Contention(prior=prior)
+        self.verifying_beside = Contention(prior=prior)  # a verify pass while the next round is drafted beside it
         # The verify client's measured link (GrpcVerifyClient.link) prices every round (RoundCosts.link).
         if getattr(verifier, "link", None) is not None:
             self.costs.link = verifier.link

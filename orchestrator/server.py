@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from specdec import config
-from specdec.cost import RoundCosts
+from specdec.cost import SHARED_SLOWDOWN, RoundCosts, shares_device
 from specdec.errors import InvalidRequest, NotReady
 from specdec.generation import GenerationParams
 from specdec.orchestrator.calls import Call, Stall
@@ -156,7 +156,12 @@ def build_generations(settings: config.OrchestratorSettings, startup_timeout_s: 
     for client, info in zip(draft_clients, draft_infos.values()):
         client.model = info.model  # a field of its own (DraftStats.model), never part of the name
     # What each service measured its forwards to cost: the cost model prices every round with them.
-    costs = RoundCosts(cost_curve(target_info), {c.name: cost_curve(i) for c, i in zip(draft_clients, draft_infos.values())})
+    costs = RoundCosts(cost_curve(target_info), {c.name: cost_curve(i) for c, i in zip(draft_clients, draft_infos.values())},
+                       shared_device=shares_device(target_info.host, target_info.device,
+                                                   [(i.host, i.device) for i in draft_infos.values()]))
+    if costs.shared_device:
+        log.info("a draft shares the verify service's host and device: work side by side there is priced "
+                 "%.1fx slower until measured", SHARED_SLOWDOWN)
     log.info("forward costs, ms by rows: verify %s; %s", costs.verify.points,
              "; ".join(f"{name} {curve.points}" for name, curve in costs.drafts.items()))
     return Generations(settings, tokenizer, verify_client, draft_clients, target_info, metrics, costs)

@@ -149,6 +149,9 @@ class RoundCosts:
     overhead_ms: float = 0.0  # per round: merging, accepting
     corrections: Corrections = field(default_factory=Corrections)
     link: Link = field(default_factory=Link)  # the verify calls' time outside the service (the verify client's)
+    # Whether a draft service runs on the verify service's host and device (their GetInfo says):
+    # work side by side there starts priced at SHARED_SLOWDOWN until it is measured (Contention).
+    shared_device: bool = False
 
     def round_ms(self, rows: int) -> float:
         """A round's fixed and verify costs: its verify pass over ``rows`` rows, the link (milliseconds:
@@ -518,6 +521,19 @@ def ahead_pays(hit: float, tokens: float, draft_ms: float, link_ms: float, verif
     return (tokens - hit) / (hit * held + (1 - hit) * (alone + late)) > tokens / alone
 
 
+#: What work side by side on one device is priced at before it has been measured: two processes
+#: that each keep all of a device's processors busy get about half of them each while both run, so
+#: each takes about twice as long. Only a prior (the first measurement replaces it), and only where
+#: the services say they share a host and device; elsewhere the prior is 1.
+SHARED_SLOWDOWN = 2.0
+
+
+def shares_device(target_host: str, target_device: str, drafts: list[tuple[str, str]]) -> bool:
+    """Whether any draft, given as (host, device) from its GetInfo, runs on the verify service's own
+    host and device (an empty host, from a service that does not say, shares nothing)."""
+    return bool(target_host) and any(host == target_host and device == target_device for host, device in drafts)
+
+
 class Contention:
     """How much slower the drafts run while the verify service works on a pass of the same
     generation than their curves say they do alone (a round drafted ahead, beside the pass of the
@@ -527,8 +543,9 @@ class Contention:
     and more where they share two CPU cores. A running mean of the ratio; safe to share between
     threads."""
 
-    def __init__(self, weight: float = 0.3) -> None:
-        self.weight, self.ratio, self.seen = weight, 1.0, 0
+    def __init__(self, weight: float = 0.3, prior: float = 1.0) -> None:
+        # ``prior``: the ratio until the first measurement, which replaces it.
+        self.weight, self.ratio, self.seen = weight, prior, 0
 
     def observe(self, overlapped_ms: float, alone_ms: float) -> None:
         if alone_ms <= 0 or overlapped_ms <= 0:

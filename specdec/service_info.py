@@ -20,6 +20,22 @@ class ModelDescription:
     version: str = __version__
     forward_costs: list[tuple[int, float]] = field(default_factory=list)  # (rows, ms) from the start-up calibration
     precision: str = ""  # with --dtype auto: what was measured and why this dtype (specdec.precision)
+    host: str = field(default_factory=lambda: host_id())  # the machine (GetInfo.host)
+
+
+def host_id() -> str:
+    """An opaque id of this machine: a hash of the kernel's boot id, which every process and
+    container of one machine reads alike (its host name differs per container), else of the host
+    name."""
+    import hashlib
+    import socket
+
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            source = f.read().strip()
+    except OSError:
+        source = socket.gethostname()
+    return hashlib.sha256(source.encode()).hexdigest()[:16]
 
 
 def describe_model(service: str, name: str, model, tokenizer) -> ModelDescription:

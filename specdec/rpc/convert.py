@@ -59,4 +59,5 @@ def model_info_pb(info: ModelDescription, store) -> common_pb2.ModelInfo:
         version=info.version,
         forward_costs=[common_pb2.ForwardCost(rows=rows, ms=ms) for rows, ms in info.forward_costs],
         precision=info.precision,
+        host=info.host,
     )

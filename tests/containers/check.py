@@ -171,8 +171,9 @@ def generate_with_fault(prompt: str, max_tokens: int, mode: str, fault, delay: f
            "--json", "--orchestrator", "127.0.0.1:50051", *extra]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     time.sleep(delay)
-    if proc.poll() is not None:
-        log("warning: the generation ended before the fault was injected")
+    if proc.poll() is not None:  # a fault after the end checks nothing: raise --fault-tokens
+        raise SystemExit(f"the generation of {max_tokens} tokens ended before the fault was injected ({delay}s in); "
+                         "give it more with --fault-tokens")
     fault()
     out, err = proc.communicate(timeout=1800)
     if proc.returncode != 0:
@@ -376,7 +377,7 @@ def main() -> int:
     ap.add_argument("--no-host-pip", action="store_true", help="do not pass this machine's pip configuration to the build")
     ap.add_argument("--prompt", default="def fibonacci(n):")
     ap.add_argument("--max-tokens", type=int, default=32)
-    ap.add_argument("--fault-tokens", type=int, default=48, help="tokens for the fault runs (long enough to hit mid-way)")
+    ap.add_argument("--fault-tokens", type=int, default=128, help="tokens for the fault runs (long enough to hit mid-way)")
     ap.add_argument("--skip-faults", action="store_true")
     ap.add_argument("--skip-tls", action="store_true")
     ap.add_argument("--skip-swarm", action="store_true", help="no Docker Swarm stack step")

@@ -99,3 +99,35 @@ def test_the_check_catches_a_model_that_is_not_batch_invariant():
 def test_a_draft_takes_float32_on_a_cpu_and_bfloat16_elsewhere():
     assert precision.default_dtype("cpu") == "float32"
     assert precision.default_dtype("cuda:0") == "bfloat16"
+
+
+def test_at_most_two_models_are_held_and_a_re_ranked_winner_is_loaded_again(monkeypatch):
+    """Three candidates: b ranks first once a and b are measured, so a is let go; c's cheaper
+    one-row pass then prices the draft lower and a ranks first over all three: a is loaded again,
+    checked again and returned. Never more than two candidates' models are alive."""
+    import gc
+    import weakref
+
+    from specdec.cost import fastest_curve
+
+    rows = (1, 2, 4, 8, 16, 32, 64)
+    ms = {"a": [174, 176, 180, 187, 201, 229, 284], "b": [138, 152, 180, 235, 345, 566, 1008],
+          "c": [116, 175, 291, 524, 989, 1920, 3782]}
+    pinned = {name: CostCurve.of(zip(rows, points)) for name, points in ms.items()}
+    assert fastest_curve({k: pinned[k] for k in "ab"})[0] == "b" and fastest_curve(pinned)[0] == "a"  # the scenario
+    alive, peak, loads = weakref.WeakSet(), [0], []
+
+    def load_named(name):
+        gc.collect()
+        model = load("float32")
+        model.candidate = name
+        alive.add(model)
+        peak[0] = max(peak[0], len(alive))
+        loads.append(name)
+        return model
+
+    monkeypatch.setattr(precision, "calibrate_forward", lambda model, *args: pinned[model.candidate])
+    model, choice = precision.choose_precision(load_named, dtypes=("a", "b", "c"), rows=rows)
+    assert choice.dtype == "a" and model.candidate == "a" and loads == ["a", "b", "c", "a"]
+    assert peak[0] <= 2, peak[0]
+    assert precision.tree_matches_steps(model, model.config.vocab_size, seed=5)  # made batch-invariant again

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from local_clients import LocalDraft, LocalVerify, local_controller, params
-from specdec.cost import Contention, CostCurve, Link, RoundCosts, ahead_pays
+from specdec.cost import SHARED_SLOWDOWN, Contention, CostCurve, Link, RoundCosts, ahead_pays, shares_device
 from specdec.processors import Processing
 from specdec.sampling import SamplingParams
 from specdec.speculation import Proposal, SpeculationPolicy
@@ -195,3 +195,23 @@ def test_the_slow_down_of_a_pass_with_drafting_beside_it_is_measured(target, dra
     alone = controller(target, drafts, ["self"], send_ahead="off", verify=SlowPass(target, 0.12), costs=costs())
     alone.generate(params(PROMPTS[0], 16, "sequential", draft_length=3))
     assert not alone.verifying_beside.seen  # nothing drafted beside a pass: nothing to learn
+
+
+def test_drafts_on_the_verify_services_host_and_device_start_priced_as_sharing_it(target, drafts):
+    """Before anything was drafted beside a pass, a draft that reports the verify service's host and
+    device (GetInfo) prices work side by side at SHARED_SLOWDOWN: on two shared CPU cores the first
+    generation then keeps its rounds one after the other, as measuring would soon tell it; drafts
+    elsewhere start at 1. The first measurement replaces the prior."""
+    assert shares_device("h1", "cpu", [("h2", "cpu"), ("h1", "cpu")])
+    assert not shares_device("h1", "cuda:0", [("h1", "cuda:1"), ("h2", "cuda:0")])  # a GPU each, or another host
+    assert not shares_device("", "cpu", [("", "cpu")])  # services that do not say share nothing
+    shared = controller(target, drafts, ["self"], send_ahead="auto", costs=RoundCosts(shared_device=True))
+    apart = controller(target, drafts, ["self"], send_ahead="auto", costs=RoundCosts())
+    for c, ratio in ((shared, SHARED_SLOWDOWN), (apart, 1.0)):
+        assert c.contention.ratio == c.drafting_ahead.ratio == c.verifying_beside.ratio == ratio
+    # (hit, tokens a round, draft, link, verify): code on two CPU cores, the verify service next door.
+    assert ahead_pays(0.95, 6.0, 66.0, 2.0, 220.0)
+    assert not ahead_pays(0.95, 6.0, 66.0, 2.0, 220.0, beside=SHARED_SLOWDOWN, verifying_beside=SHARED_SLOWDOWN)
+    measured = Contention(prior=SHARED_SLOWDOWN)
+    measured.observe(70.0, 66.0)  # drafting beside a pass took about its time alone: a device of its own after all
+    assert measured.ratio < 1.1 and measured.seen == 1
