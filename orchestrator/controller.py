@@ -44,7 +44,8 @@ from typing import Callable, Iterator, Protocol
 
 from specdec.config import SpeculationLimits
 from specdec import telemetry
-from specdec.cost import SHARED_SLOWDOWN, AcceptanceStats, Choice, Contention, EarlyStop, RoundCosts, Traffic, ahead_pays
+from specdec.cost import (SHARED_SLOWDOWN, AcceptanceStats, Choice, Contention, EarlyStop, RoundCosts, Traffic, ahead_pays,
+                          side_by_side_prior)
 from specdec.detokenize import TextStream
 from specdec.errors import InvalidRequest, Unavailable, check_range, check_token_ids
 from specdec.generation import CallContext, GenerationParams, GenerationState
@@ -144,10 +145,10 @@ class SpeculativeController:
         # Rounds sent ahead of the verdict on the round before (config: send_ahead): auto, on, off;
         # and how much slower drafting runs beside a pass than alone, measured on the rounds drafted
         # ahead and on those drafted right after a round sent ahead was dropped.
-        # Before the first measurement: shared processors (RoundCosts.shared_device) at SHARED_SLOWDOWN.
-        prior = SHARED_SLOWDOWN if self.costs.shared_device else 1.0
-        self.send_ahead, self.drafting_ahead, self.contention = send_ahead, Contention(prior=prior), Contention(prior=prior)
-        self.verifying_beside = Contention(prior=prior)  # a verify pass while the next round is drafted beside it
+        # Until measured, each is priced from where the services run (RoundCosts.shared_device,
+        # specdec.cost.side_by_side_prior).
+        self.send_ahead, self.drafting_ahead, self.contention = send_ahead, Contention(), Contention()
+        self.verifying_beside = Contention()  # a verify pass while the next round is drafted beside it
         # The verify client's measured link (GrpcVerifyClient.link) prices every round (RoundCosts.link).
         if getattr(verifier, "link", None) is not None:
             self.costs.link = verifier.link
@@ -257,8 +258,9 @@ class SpeculativeController:
         if not first or params.mode == DecodingMode.AUTOREGRESSIVE:
             choice = policy.next(room, company, known)
         else:
+            prior = SHARED_SLOWDOWN if self.costs.shared_device else 1.0  # reading the prompt side by side overlaps whole
             choice, reading = policy.first(room, len(context), company, known,
-                                           beside=max(self.contention.ratio, self.verifying_beside.ratio))
+                                           beside=max(self.contention.or_prior(prior), self.verifying_beside.or_prior(prior)))
             if reading:  # the drafts read the prompt while the target does
                 g.warming = self._read_prompt(g.session_id, context, draft_timeout_s)
         if not first and g.warming:  # the drafts have read the prompt before the session's next call
@@ -295,9 +297,11 @@ class SpeculativeController:
             return True
         if not self.costs.verify:
             return False  # no measured curve: nothing to weigh the link against
-        return ahead_pays(flight.hit, flight.choice.expected_tokens, self._draft_ms(flight.choice, flight.proposals),
-                          self.costs.link.ms, self.costs.verify_ms(1 + len(flight.merged.tree)), self.contention.ratio,
-                          self.drafting_ahead.ratio, self.verifying_beside.ratio)
+        draft_ms, verify_ms = self._draft_ms(flight.choice, flight.proposals), self.costs.verify_ms(1 + len(flight.merged.tree))
+        beside, verifying = side_by_side_prior(self.costs.shared_device, draft_ms, verify_ms, self.costs.link.ms)
+        return ahead_pays(flight.hit, flight.choice.expected_tokens, draft_ms, self.costs.link.ms, verify_ms,
+                          self.contention.or_prior(beside), self.drafting_ahead.or_prior(beside),
+                          self.verifying_beside.or_prior(verifying))
 
     def _draft_ms(self, choice: Choice, proposals: list[Proposal]) -> float:
         """What the round's model drafts cost alone, as priced (the slowest; 0 with none)."""

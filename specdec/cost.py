@@ -150,7 +150,7 @@ class RoundCosts:
     corrections: Corrections = field(default_factory=Corrections)
     link: Link = field(default_factory=Link)  # the verify calls' time outside the service (the verify client's)
     # Whether a draft service runs on the verify service's host and device (their GetInfo says):
-    # work side by side there starts priced at SHARED_SLOWDOWN until it is measured (Contention).
+    # work side by side there is priced by side_by_side_prior until it is measured (Contention).
     shared_device: bool = False
 
     def round_ms(self, rows: int) -> float:
@@ -528,6 +528,18 @@ def ahead_pays(hit: float, tokens: float, draft_ms: float, link_ms: float, verif
 SHARED_SLOWDOWN = 2.0
 
 
+def side_by_side_prior(shared: bool, draft_ms: float, verify_ms: float, link_ms: float = 0.0) -> tuple[float, float]:
+    """Before anything was measured, how much slower (drafting beside a pass, the pass beside that
+    drafting) run than alone: on a shared device, ``SHARED_SLOWDOWN`` for the time they overlap.
+    A round drafted ahead starts as the round before is sent; that round's pass starts half a
+    link's round trip later, so only drafting that outlasts the way there meets the pass. (1, 1)
+    on devices of their own."""
+    if not shared or draft_ms <= 0 or verify_ms <= 0:
+        return 1.0, 1.0
+    overlap = max(0.0, min(draft_ms - link_ms / 2, verify_ms))
+    return 1 + (SHARED_SLOWDOWN - 1) * overlap / draft_ms, 1 + (SHARED_SLOWDOWN - 1) * overlap / verify_ms
+
+
 def shares_device(target_host: str, target_device: str, drafts: list[tuple[str, str]]) -> bool:
     """Whether any draft, given as (host, device) from its GetInfo, runs on the verify service's own
     host and device (an empty host, from a service that does not say, shares nothing)."""
@@ -543,9 +555,12 @@ class Contention:
     and more where they share two CPU cores. A running mean of the ratio; safe to share between
     threads."""
 
-    def __init__(self, weight: float = 0.3, prior: float = 1.0) -> None:
-        # ``prior``: the ratio until the first measurement, which replaces it.
-        self.weight, self.ratio, self.seen = weight, prior, 0
+    def __init__(self, weight: float = 0.3) -> None:
+        self.weight, self.ratio, self.seen = weight, 1.0, 0
+
+    def or_prior(self, prior: float) -> float:
+        """The measured ratio, or ``prior`` until there is one (:func:`side_by_side_prior`)."""
+        return self.ratio if self.seen else prior
 
     def observe(self, overlapped_ms: float, alone_ms: float) -> None:
         if alone_ms <= 0 or overlapped_ms <= 0:

@@ -9,7 +9,8 @@ import time
 import pytest
 
 from local_clients import LocalDraft, LocalVerify, local_controller, params
-from specdec.cost import SHARED_SLOWDOWN, Contention, CostCurve, Link, RoundCosts, ahead_pays, shares_device
+from specdec.cost import (SHARED_SLOWDOWN, Contention, CostCurve, Link, RoundCosts, ahead_pays, shares_device,
+                          side_by_side_prior)
 from specdec.processors import Processing
 from specdec.sampling import SamplingParams
 from specdec.speculation import Proposal, SpeculationPolicy
@@ -197,21 +198,29 @@ def test_the_slow_down_of_a_pass_with_drafting_beside_it_is_measured(target, dra
     assert not alone.verifying_beside.seen  # nothing drafted beside a pass: nothing to learn
 
 
-def test_drafts_on_the_verify_services_host_and_device_start_priced_as_sharing_it(target, drafts):
+def test_drafts_on_the_verify_services_host_and_device_start_priced_as_sharing_it():
     """Before anything was drafted beside a pass, a draft that reports the verify service's host and
-    device (GetInfo) prices work side by side at SHARED_SLOWDOWN: on two shared CPU cores the first
-    generation then keeps its rounds one after the other, as measuring would soon tell it; drafts
-    elsewhere start at 1. The first measurement replaces the prior."""
+    device (GetInfo) prices work side by side at SHARED_SLOWDOWN for the time it overlaps the pass:
+    next to the verify service all of it, so on two shared CPU cores the first generation keeps its
+    rounds one after the other, as measuring would soon tell it; behind a link the drafting meets
+    the pass less, and not at all when half the round trip outlasts it. The first measurement
+    replaces the prior."""
     assert shares_device("h1", "cpu", [("h2", "cpu"), ("h1", "cpu")])
     assert not shares_device("h1", "cuda:0", [("h1", "cuda:1"), ("h2", "cuda:0")])  # a GPU each, or another host
     assert not shares_device("", "cpu", [("", "cpu")])  # services that do not say share nothing
-    shared = controller(target, drafts, ["self"], send_ahead="auto", costs=RoundCosts(shared_device=True))
-    apart = controller(target, drafts, ["self"], send_ahead="auto", costs=RoundCosts())
-    for c, ratio in ((shared, SHARED_SLOWDOWN), (apart, 1.0)):
-        assert c.contention.ratio == c.drafting_ahead.ratio == c.verifying_beside.ratio == ratio
+    assert side_by_side_prior(False, 100.0, 116.0) == (1.0, 1.0)
+    beside, verifying = side_by_side_prior(True, 100.0, 116.0)
+    assert beside == SHARED_SLOWDOWN and 1.8 < verifying < SHARED_SLOWDOWN  # the drafting ends before the pass does
+    assert 1.0 < side_by_side_prior(True, 100.0, 116.0, link_ms=100.0)[0] < beside
+    assert side_by_side_prior(True, 100.0, 116.0, link_ms=200.0) == (1.0, 1.0)  # drafted while the round travels
     # (hit, tokens a round, draft, link, verify): code on two CPU cores, the verify service next door.
-    assert ahead_pays(0.95, 6.0, 66.0, 2.0, 220.0)
-    assert not ahead_pays(0.95, 6.0, 66.0, 2.0, 220.0, beside=SHARED_SLOWDOWN, verifying_beside=SHARED_SLOWDOWN)
-    measured = Contention(prior=SHARED_SLOWDOWN)
+    def priced(hit, tokens, draft, link, verify, shared=True):  # as the controller prices it before measuring
+        beside, verifying = side_by_side_prior(shared, draft, verify, link)
+        return ahead_pays(hit, tokens, draft, link, verify, contention=beside, beside=beside, verifying_beside=verifying)
+
+    assert priced(0.95, 6.0, 66.0, 2.0, 220.0, shared=False) and not priced(0.95, 6.0, 66.0, 2.0, 220.0)
+    assert priced(0.9, 4.0, 100.0, 200.0, 116.0)  # far: the drafting happens while the round travels
+    measured = Contention()
+    assert measured.or_prior(SHARED_SLOWDOWN) == SHARED_SLOWDOWN
     measured.observe(70.0, 66.0)  # drafting beside a pass took about its time alone: a device of its own after all
-    assert measured.ratio < 1.1 and measured.seen == 1
+    assert measured.or_prior(SHARED_SLOWDOWN) < 1.1 and measured.seen == 1
