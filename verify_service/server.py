@@ -129,7 +129,9 @@ def target_engines(settings, gguf) -> dict[str, tuple[str, str]]:
     ``--target-quantize auto`` adds the int4 engine only for a target converted from a 4-bit GGUF (the
     embedded models): those are its stored weights, so int4 changes nothing a user chose, while
     quantizing a float checkpoint to 4 bits would be another, lossier model; that stays a choice
-    (``int4``). A quantized engine runs the rest of the model in the dtype its kernel takes."""
+    (``int4``). A quantized engine runs the rest of the model in the dtype its kernel takes.
+    Smallest first (int4, bfloat16, float32): the start-up selection keeps the fastest so far while
+    it measures the next, so the peak is the largest beside a small one."""
     quantize = "none" if settings.target_quantize == "auto" else settings.target_quantize
     if settings.dtype != "auto":
         dtypes = (settings.dtype,)
@@ -137,7 +139,7 @@ def target_engines(settings, gguf) -> dict[str, tuple[str, str]]:
         dtypes = precision.CANDIDATES if quantize == "none" else MODEL_DTYPES[quantize][:1]
     engines = {dtype if quantize == "none" else quantize: (dtype, quantize) for dtype in dtypes}
     if settings.target_quantize == "auto" and gguf is not None and "int4" not in engines:
-        engines["int4"] = (MODEL_DTYPES["int4"][0], "int4")
+        engines = {"int4": (MODEL_DTYPES["int4"][0], "int4"), **engines}
     return engines
 
 

@@ -141,6 +141,7 @@ def test_target_quantize_auto_measures_int4_only_beside_a_gguf(gguf_dir):
     gguf = model_gguf(gguf_dir)
     assert target_engines(settings(), gguf) == {"bfloat16": ("bfloat16", "none"), "float32": ("float32", "none"),
                                                 "int4": ("bfloat16", "int4")}
+    assert list(target_engines(settings(), gguf)) == ["int4", "bfloat16", "float32"]  # smallest first: a lower peak
     assert target_engines(settings(), None) == {"bfloat16": ("bfloat16", "none"), "float32": ("float32", "none")}
     assert target_engines(settings(dtype="float32"), gguf) == {"float32": ("float32", "none"), "int4": ("bfloat16", "int4")}
     assert target_engines(settings(target_quantize="int4"), gguf) == {"int4": ("bfloat16", "int4")}
