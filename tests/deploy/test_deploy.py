@@ -14,7 +14,8 @@ object is also validated against the Kubernetes API's own schemas by a maintaine
 
 The last test runs `make test-containers`' script (tests/containers/check.py) when a Docker engine
 answers: the image built, the cpu profile up and generating the target's own output, faults,
-hardening and TLS; with no engine it skips.
+hardening, TLS and the Swarm stack (on a one-node swarm of its own; skipped by the script where
+the engine is in a swarm already); with no engine it skips.
 """
 
 from __future__ import annotations
@@ -920,7 +921,8 @@ def _docker_client():
 @pytest.mark.timeout(3 * 3600)
 def test_cpu_profile_in_docker():
     """`make test-containers`' path (tests/containers/check.py) against the reachable engine: the
-    image built, `make up PROFILE=cpu` healthy, output equal to the target's, faults, hardening, TLS."""
+    image built, `make up PROFILE=cpu` healthy, output equal to the target's, faults, hardening, TLS,
+    the Swarm stack with a draft and a verify task killed."""
     _docker_client()
     if compose_cli() is None:
         pytest.skip("no compose implementation found")
